@@ -1,0 +1,23 @@
+"""fusedopt: GPU-fused optimizer kernels over flat parameter buffers, Keras 3 semantics.
+
+    flat = fusedopt.FlatBuffer.from_arrays([w1, b1, w2, b2])
+    grads = flat.zeros_like()
+    opt = fusedopt.Adam(learning_rate=1e-3, clipnorm=1.0)
+    opt.apply(grads, flat)
+
+NumPy buffers take the NumPy reference path; CuPy buffers take the fused CUDA path.
+"""
+
+from . import schedules
+from .flat import FlatBuffer, Layout
+from .optimizer import FusedOptimizer, available, get
+from .optimizers import (SGD, Adadelta, Adagrad, Adam, Adamax, AdamW, Ftrl, Lion, Nadam,
+                         RMSprop)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FlatBuffer", "Layout", "FusedOptimizer", "get", "available", "schedules",
+    "SGD", "RMSprop", "Adagrad", "Adadelta", "Adam", "AdamW", "Adamax", "Nadam", "Ftrl",
+    "Lion",
+]

@@ -1,0 +1,675 @@
+"""FusedOptimizer: validation, the update pipeline, the step counter, state and config.
+
+The pipeline, in Keras 3's order, lives here and nowhere else:
+
+    unscale (1/loss_scale_factor) -> clip (clipnorm per segment | global_clipnorm |
+    clipvalue) -> decoupled weight decay (p -= p*wd*lr) -> the rule -> iterations += 1
+
+A subclass says only what its rule needs: its hyperparameters, its state slots and
+the per-step scalars its rule reads (`_rule_scalars`). The rule's math lives in
+`reference.<rule>` (NumPy, the CPU path) and `kernels/<rule>.cuh` (the GPU path).
+Which path runs is decided by where the buffers are.
+"""
+
+import math
+import numbers
+import warnings
+
+import numpy as np
+
+from . import _validate as check
+from . import cuda, reference, schedules
+from .flat import FlatBuffer, Layout
+
+# Elements processed per NumPy call: bounds the temporaries a rule creates and keeps
+# them in cache; large enough that the per-chunk Python overhead is negligible.
+CHUNK = 1 << 16
+
+KERAS_DEFAULT_EPSILON = 1e-7
+
+_REGISTRY = {}
+
+
+class FusedOptimizer:
+    """Base class of every fusedopt optimizer.
+
+    Common arguments (Keras 3 names and defaults):
+        learning_rate: a number >= 0, a callable of no arguments, or a
+            `fusedopt.schedules.LearningRateSchedule` (called with the iteration
+            count before the step, 0 on the first step).
+        weight_decay: decoupled weight decay, p <- p - p*weight_decay*lr before the rule.
+        clipnorm: clip each variable's (segment's) gradient to this L2 norm.
+        global_clipnorm: clip all gradients together to this global L2 norm.
+        clipvalue: clip each gradient element to [-clipvalue, clipvalue].
+            At most one of clipnorm, global_clipnorm and clipvalue may be set.
+        loss_scale_factor: gradients are divided by it before anything else.
+        skip_nonfinite: if True, a step whose gradients hold inf or NaN changes
+            nothing (params, state and iterations stay as they were) and is counted
+            in `skipped_steps`. Default False: NaN propagates, as in Keras.
+        name: a name for the optimizer.
+    Keras 2 spellings are accepted: `lr=` (alias of learning_rate) and `decay=`
+    (inverse-time decay, lr / (1 + decay * iterations)), with a DeprecationWarning.
+    """
+
+    rule = None  # the rule's name: kernels/<rule>.cuh and reference.<rule>
+    _hyperparameters = ()  # constructor arguments that go into get_config()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.rule is not None:
+            _REGISTRY[cls.__name__.lower()] = cls
+
+    def __init__(
+        self,
+        learning_rate,
+        weight_decay=None,
+        clipnorm=None,
+        clipvalue=None,
+        global_clipnorm=None,
+        use_ema=False,
+        ema_momentum=0.99,
+        ema_overwrite_frequency=None,
+        loss_scale_factor=None,
+        gradient_accumulation_steps=None,
+        name=None,
+        skip_nonfinite=False,
+        **kwargs,
+    ):
+        learning_rate = self._keras2_learning_rate(learning_rate, kwargs)
+        self._decay = self._keras2_decay(kwargs)
+        if kwargs:
+            raise ValueError(
+                f"{type(self).__name__} got unknown argument(s) {sorted(kwargs)}; "
+                f"valid arguments: {', '.join(self._argument_names())}"
+            )
+        self._learning_rate = _check_learning_rate(learning_rate)
+        self.weight_decay = check.optional_real("weight_decay", weight_decay, low=0.0)
+        self.clipnorm = check.optional_real("clipnorm", clipnorm, low=0.0)
+        self.clipvalue = check.optional_real("clipvalue", clipvalue, low=0.0)
+        self.global_clipnorm = check.optional_real("global_clipnorm", global_clipnorm, low=0.0)
+        clip_options = [n for n in ("clipnorm", "clipvalue", "global_clipnorm")
+                        if getattr(self, n) is not None]
+        if len(clip_options) > 1:
+            raise ValueError(
+                "Only one of `clipnorm`, `clipvalue` and `global_clipnorm` can be set; "
+                f"got {', '.join(clip_options)}"
+            )
+        self.loss_scale_factor = check.optional_real(
+            "loss_scale_factor", loss_scale_factor, low=0.0, low_open=True)
+        self.skip_nonfinite = check.boolean("skip_nonfinite", skip_nonfinite)
+        _check_unsupported_keras_options(use_ema, ema_momentum, ema_overwrite_frequency,
+                                         gradient_accumulation_steps)
+        if name is not None and not isinstance(name, str):
+            raise TypeError(f"`name` must be a string, got {type(name).__name__}")
+        self.name = name if name is not None else _snake_case(type(self).__name__)
+        self._iterations = 0
+        self._skipped_steps = 0
+        self._last_step_skipped = False
+        self._layout = None   # set by build(): the layout every buffer must have
+        self._device = None
+        self._slots = None    # rule-ordered list: a 1-D array per slot, None where absent
+        self._pending_state = None
+        self._gpu = None      # cuda.StepPlan once built on a GPU
+
+    # ---------------------------------------------------------------- subclass API
+    def _slot_specs(self):
+        """The rule's state slots, in rule order: (name, initial value), or None
+        for a slot this configuration does not create."""
+        raise NotImplementedError
+
+    def _rule_scalars(self, lr, t):
+        """The rule's per-step scalars, in the order reference.<rule> takes them.
+        `lr` is this step's learning rate and `t = iterations + 1`."""
+        raise NotImplementedError
+
+    def _check_learning_rate_value(self, lr):
+        """Rule-specific limits on this step's learning rate (Ftrl divides by it)."""
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def iterations(self):
+        """Completed (not skipped) steps: Keras' `optimizer.iterations`."""
+        if self._gpu is not None and self.skip_nonfinite:
+            self._sync_counters_from_gpu()
+        return self._iterations
+
+    @property
+    def skipped_steps(self):
+        """Steps skipped for non-finite gradients (only with skip_nonfinite=True)."""
+        if self._gpu is not None and self.skip_nonfinite:
+            self._sync_counters_from_gpu()
+        return self._skipped_steps
+
+    @property
+    def last_step_skipped(self):
+        """Whether the most recent call to apply() was skipped for non-finite gradients."""
+        if self._gpu is not None and self.skip_nonfinite:
+            self._sync_counters_from_gpu()
+        return self._last_step_skipped
+
+    @property
+    def learning_rate(self):
+        """The learning rate the next step will use."""
+        return self._learning_rate_at(self.iterations)
+
+    @learning_rate.setter
+    def learning_rate(self, value):
+        if isinstance(self._learning_rate, schedules.LearningRateSchedule):
+            raise TypeError(
+                "This optimizer was created with a learning-rate schedule; "
+                "its learning rate cannot be set to a number"
+            )
+        self._learning_rate = _check_learning_rate(value)
+
+    @property
+    def built(self):
+        return self._layout is not None
+
+    @property
+    def slot_names(self):
+        """Names of the state slots this configuration keeps, in rule order."""
+        return tuple(spec[0] for spec in self._slot_specs() if spec is not None)
+
+    def slots(self):
+        """{slot name: the 1-D state buffer} (live buffers, not copies)."""
+        if not self.built:
+            return {}
+        specs = [s for s in self._slot_specs()]
+        return {spec[0]: buf for spec, buf in zip(specs, self._slots) if spec is not None}
+
+    # ----------------------------------------------------------------------- build
+    def build(self, params):
+        """Allocate the state slots for `params` (a FlatBuffer) on its device.
+
+        apply() builds on first use; call build() to allocate ahead of time.
+        """
+        params = _as_params(params)
+        if self.built:
+            self._check_same_layout(params.layout, params.device, "params")
+            return
+        slots = []
+        pending = self._pending_state
+        if pending is not None and pending["layout"] != params.layout:
+            raise ValueError(
+                "the loaded state_dict does not match `params`: "
+                + pending["layout"].describe_difference(params.layout)
+            )
+        with cuda.on_device(params.device):
+            for spec in self._slot_specs():
+                if spec is None:
+                    slots.append(None)
+                elif pending is not None:
+                    slots.append(_copy_to(pending["slots"][spec[0]], params.device, params.dtype))
+                else:
+                    slots.append(params.xp.full(params.size, spec[1], dtype=params.dtype))
+        self._slots = slots
+        self._layout = params.layout
+        self._device = params.device
+        self._pending_state = None
+        if params.device != "cpu":
+            self._gpu = cuda.StepPlan(self, params)
+
+    # ----------------------------------------------------------------------- apply
+    def apply(self, grads, params):
+        """One update of every variable in `params` from `grads`; iterations += 1.
+
+        `params` is a FlatBuffer (or a contiguous 1-D array, one segment); `grads` is a
+        FlatBuffer of the same layout or a 1-D array of the same size, dtype and device.
+        Every argument is checked before anything changes.
+        """
+        params = _as_params(params)
+        grads = self._check_grads(grads, params)
+        if self.built:
+            self._check_same_layout(params.layout, params.device, "params")
+        _check_no_overlap(grads, params.data, self._slots or ())
+        if len(params) == 0:
+            return  # Keras: no variables, no update, no increment
+        on_gpu = params.device != "cpu"
+        # With skip_nonfinite on a GPU only the device knows how many steps were
+        # skipped; the host computes the scalars of the newest possible iteration and
+        # the device picks the row of its own count (see cuda.StepPlan).
+        it = self._gpu.next_row if (self._gpu is not None and self.skip_nonfinite) else self._iterations
+        lr, scalars = self._step_scalars(it)
+        self.build(params)
+        if on_gpu:
+            self._gpu.step(grads, params.data, self._slots, lr, scalars)
+            if not self.skip_nonfinite:
+                self._iterations += 1
+            return
+        if self.skip_nonfinite and not _all_finite(grads):
+            self._skipped_steps += 1
+            self._last_step_skipped = True
+            return
+        self._numpy_pipeline(params, grads, lr, scalars)
+        self._last_step_skipped = False
+        self._iterations += 1
+
+    # Per-step scalars are computed here, once per step, for both paths.
+    def _step_scalars(self, it):
+        lr = self._learning_rate_at(it)
+        return lr, tuple(float(x) for x in self._rule_scalars(lr, it + 1))
+
+    def _learning_rate_at(self, it):
+        lr = self._learning_rate
+        if isinstance(lr, schedules.LearningRateSchedule):
+            value, source = lr(it), f"the schedule {type(lr).__name__} at step {it}"
+        elif callable(lr):
+            value, source = lr(), "the learning_rate callable"
+        else:
+            value, source = lr, "learning_rate"
+        try:
+            value = float(value)
+        except (TypeError, ValueError) as e:
+            raise TypeError(f"{source} returned {value!r}, which is not a number") from e
+        if self._decay:
+            value = value / (1.0 + self._decay * it)
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"`learning_rate` must be finite and >= 0; {source} gave {value!r}")
+        self._check_learning_rate_value(value)
+        return value
+
+    def _numpy_pipeline(self, params, grads, lr, scalars):
+        p_all, g_all = params.data, grads
+        dt = p_all.dtype.type
+        c = tuple(dt(x) for x in scalars)
+        lr_t, wd = dt(lr), (dt(self.weight_decay) if self.weight_decay else None)
+        unscale = dt(1.0 / self.loss_scale_factor) if self.loss_scale_factor else None
+        clipvalue = dt(self.clipvalue) if self.clipvalue else None
+        factors = self._clip_factors(g_all, params.offsets, unscale)
+        rule = getattr(reference, self.rule)
+        scratch = np.empty(min(CHUNK, p_all.size), dtype=p_all.dtype)
+        for start, stop, segment in _chunks(params.offsets, per_segment=bool(self.clipnorm)):
+            g = g_all[start:stop]
+            if unscale is not None or factors is not None or clipvalue is not None:
+                g = _copy_into(scratch, g)
+                if unscale is not None:
+                    g *= unscale
+                if factors is not None:
+                    g *= dt(factors[segment if self.clipnorm else 0])
+                if clipvalue is not None:
+                    np.clip(g, -clipvalue, clipvalue, out=g)
+            p = p_all[start:stop]
+            if wd is not None:
+                p -= p * wd * lr_t
+            slots = [s[start:stop] if s is not None else None for s in self._slots]
+            rule(p, g, *slots, *c)
+
+    def _clip_factors(self, g, offsets, unscale):
+        """Multipliers for the unscaled gradient: one per segment (clipnorm), one for
+        all (global_clipnorm), or None. Norms are summed in float64."""
+        if self.clipnorm:
+            sums = [_sum_of_squares(g[a:b], unscale) for a, b in zip(offsets[:-1], offsets[1:])]
+            return [clipnorm_factor(s, self.clipnorm) for s in sums]
+        if self.global_clipnorm:
+            return [global_clipnorm_factor(_sum_of_squares(g, unscale), self.global_clipnorm)]
+        return None
+
+    # ---------------------------------------------------------------------- checks
+    def _check_grads(self, grads, params):
+        if isinstance(grads, FlatBuffer):
+            if grads.device != params.device:
+                raise ValueError(f"`grads` live on {grads.device} but `params` on {params.device}")
+            if grads.dtype != params.dtype:
+                raise ValueError(f"`grads` dtype {grads.dtype} differs from `params` dtype {params.dtype}")
+            if grads.layout != params.layout:
+                raise ValueError(
+                    "`grads` layout differs from `params`: "
+                    + params.layout.describe_difference(grads.layout)
+                )
+            return grads.data
+        if not (isinstance(grads, np.ndarray) or cuda.is_gpu_array(grads)):
+            raise TypeError(
+                f"`grads` must be a FlatBuffer or a 1-D array, got {type(grads).__name__}"
+            )
+        if cuda.device_of(grads) != params.device:
+            raise ValueError(
+                f"`grads` live on {cuda.device_of(grads)} but `params` on {params.device}"
+            )
+        if np.dtype(grads.dtype) != params.dtype:
+            raise ValueError(f"`grads` dtype {grads.dtype} differs from `params` dtype {params.dtype}")
+        if grads.ndim != 1 or grads.size != params.size:
+            raise ValueError(
+                f"`grads` must be 1-D with {params.size} elements like `params`, "
+                f"got shape {tuple(grads.shape)}"
+            )
+        if not grads.flags.c_contiguous:
+            raise ValueError("`grads` must be contiguous")
+        return grads
+
+    def _check_same_layout(self, layout, device, what):
+        if layout != self._layout:
+            raise ValueError(
+                f"`{what}` do not match the layout this optimizer was built for: "
+                + self._layout.describe_difference(layout)
+            )
+        if device != self._device:
+            raise ValueError(
+                f"`{what}` live on {device} but this optimizer's state lives on "
+                f"{self._device}; move it with load_state_dict(state_dict()) on a new optimizer"
+            )
+
+    # ----------------------------------------------------------------------- state
+    def state_dict(self):
+        """Everything needed to resume exactly: iterations, layout and slot copies.
+
+        Slot arrays are copies on the optimizer's device (NumPy or CuPy);
+        `load_state_dict` accepts either, so a state moves between CPU and GPU.
+        """
+        if not self.built and self._pending_state is None:
+            raise ValueError(
+                "this optimizer has no state yet: call build(params) or apply() first"
+            )
+        if self.built:
+            layout = self._layout
+            slots = {name: buf.copy() for name, buf in self.slots().items()}
+        else:
+            layout = self._pending_state["layout"]
+            slots = {k: v.copy() for k, v in self._pending_state["slots"].items()}
+        state = {
+            "optimizer": type(self).__name__.lower(),
+            "iterations": self.iterations,
+            "layout": layout.to_dict(),
+            "slots": slots,
+        }
+        if self.skip_nonfinite:
+            state["skipped_steps"] = self.skipped_steps
+            state["last_step_skipped"] = self.last_step_skipped
+        return state
+
+    def load_state_dict(self, state):
+        """Restore a `state_dict()`; refused, with nothing changed, if it comes from
+        another optimizer, slot configuration, layout or dtype."""
+        parsed = self._parse_state(state)
+        if self.built:
+            if parsed["layout"] != self._layout:
+                raise ValueError(
+                    "the state_dict's layout does not match this optimizer's: "
+                    + self._layout.describe_difference(parsed["layout"])
+                )
+            with cuda.on_device(self._device):
+                for name, buf in self.slots().items():
+                    buf[...] = _copy_to(parsed["slots"][name], self._device, buf.dtype)
+            if self._gpu is not None:
+                self._gpu.reset_counters(parsed)
+        else:
+            self._pending_state = parsed
+        self._iterations = parsed["iterations"]
+        self._skipped_steps = parsed["skipped_steps"]
+        self._last_step_skipped = parsed["last_step_skipped"]
+
+    def _parse_state(self, state):
+        if not isinstance(state, dict):
+            raise TypeError(f"`state` must be a dict from state_dict(), got {type(state).__name__}")
+        missing = {"optimizer", "iterations", "layout", "slots"} - set(state)
+        if missing:
+            raise ValueError(f"`state` is missing {sorted(missing)}; is it from state_dict()?")
+        mine = type(self).__name__.lower()
+        if state["optimizer"] != mine:
+            raise ValueError(f"`state` comes from optimizer {state['optimizer']!r}, this is {mine!r}")
+        iterations = check.integer("state['iterations']", state["iterations"], low=0)
+        try:
+            layout = Layout.from_dict(state["layout"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"`state['layout']` is malformed: {e}") from e
+        slots = state["slots"]
+        if not isinstance(slots, dict) or set(slots) != set(self.slot_names):
+            got = sorted(slots) if isinstance(slots, dict) else slots
+            raise ValueError(
+                f"`state` holds slots {got}, but this {type(self).__name__} configuration "
+                f"keeps {list(self.slot_names)}"
+            )
+        for name, arr in slots.items():
+            if not (isinstance(arr, np.ndarray) or cuda.is_gpu_array(arr)):
+                raise TypeError(f"slot {name!r} must be an array, got {type(arr).__name__}")
+            if arr.ndim != 1 or arr.size != layout.size:
+                raise ValueError(
+                    f"slot {name!r} has shape {tuple(arr.shape)}, expected ({layout.size},)"
+                )
+            if np.dtype(arr.dtype).name != layout.dtype:
+                raise ValueError(f"slot {name!r} has dtype {arr.dtype}, expected {layout.dtype}")
+        skipped = check.integer("state['skipped_steps']", state.get("skipped_steps", 0), low=0)
+        last = check.boolean("state['last_step_skipped']", state.get("last_step_skipped", False))
+        return {
+            "iterations": iterations,
+            "layout": layout,
+            "slots": {k: v.copy() for k, v in slots.items()},
+            "skipped_steps": skipped,
+            "last_step_skipped": last,
+        }
+
+    def _sync_counters_from_gpu(self):
+        self._iterations, self._skipped_steps, self._last_step_skipped = self._gpu.read_counters()
+
+    # ---------------------------------------------------------------------- config
+    def get_config(self):
+        """The constructor arguments, Keras 3 keys first; `from_config` inverts it."""
+        lr = self._learning_rate
+        if isinstance(lr, schedules.LearningRateSchedule):
+            lr = schedules.serialize(lr)
+        config = {
+            "name": self.name,
+            "learning_rate": lr,
+            "weight_decay": self.weight_decay,
+            "clipnorm": self.clipnorm,
+            "global_clipnorm": self.global_clipnorm,
+            "clipvalue": self.clipvalue,
+            "use_ema": False,
+            "ema_momentum": 0.99,
+            "ema_overwrite_frequency": None,
+            "loss_scale_factor": self.loss_scale_factor,
+            "gradient_accumulation_steps": None,
+        }
+        config.update({k: getattr(self, k) for k in self._hyperparameters})
+        if self.skip_nonfinite:
+            config["skip_nonfinite"] = True
+        if self._decay:
+            config["decay"] = self._decay
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        if not isinstance(config, dict):
+            raise TypeError(f"`config` must be a dict, got {type(config).__name__}")
+        config = dict(config)
+        if isinstance(config.get("learning_rate"), dict):
+            config["learning_rate"] = schedules.deserialize(config["learning_rate"])
+        return cls(**config)
+
+    def __repr__(self):
+        hyper = ", ".join(f"{k}={getattr(self, k)!r}" for k in self._hyperparameters)
+        return f"{type(self).__name__}(learning_rate={self._learning_rate!r}, {hyper})"
+
+    # ------------------------------------------------------- Keras 2 compatibility
+    @staticmethod
+    def _keras2_learning_rate(learning_rate, kwargs):
+        if "lr" not in kwargs:
+            return learning_rate
+        warnings.warn("`lr` is deprecated (Keras 2); use `learning_rate`",
+                      DeprecationWarning, stacklevel=4)
+        return kwargs.pop("lr")
+
+    @staticmethod
+    def _keras2_decay(kwargs):
+        if "decay" not in kwargs:
+            return 0.0
+        decay = check.real("decay", kwargs.pop("decay"), low=0.0)
+        if decay:
+            warnings.warn(
+                "`decay` is Keras 2's inverse-time decay, lr / (1 + decay * iterations); "
+                "fusedopt applies it. In Keras 3 use schedules.InverseTimeDecay",
+                DeprecationWarning, stacklevel=4)
+        return decay
+
+    def _argument_names(self):
+        import inspect
+
+        names = []
+        for klass in type(self).__mro__:
+            if "__init__" in vars(klass):
+                names += [p for p in inspect.signature(klass.__init__).parameters
+                          if p not in ("self", "kwargs") and p not in names]
+        return names + ["lr", "decay"]
+
+
+# --------------------------------------------------------------- gradient clipping
+def clipnorm_factor(sum_of_squares, clipnorm):
+    """Keras' per-variable clip, g*c/max(|g|, c), as one factor; NaN propagates."""
+    norm = math.sqrt(sum_of_squares) if sum_of_squares > 0 else sum_of_squares
+    if math.isnan(norm):
+        return math.nan
+    return clipnorm / max(norm, clipnorm)
+
+
+def global_clipnorm_factor(sum_of_squares, clipnorm):
+    """Keras' clip_by_global_norm scale, c*min(1/n, 1/c); NaN when n is not finite."""
+    norm = math.sqrt(sum_of_squares)
+    if not math.isfinite(norm):
+        return math.nan
+    inverse = math.inf if norm == 0 else 1.0 / norm
+    return clipnorm * min(inverse, 1.0 / clipnorm)
+
+
+def _sum_of_squares(g, unscale):
+    total = 0.0
+    for a in range(0, g.size, CHUNK):
+        x = g[a:a + CHUNK]
+        if unscale is not None:
+            x = x * unscale
+        x = x.astype(np.float64)
+        total += float(np.dot(x, x))
+    return total
+
+
+def _copy_into(scratch, x):
+    out = scratch[: x.size]
+    np.copyto(out, x)
+    return out
+
+
+def _all_finite(g):
+    return all(np.isfinite(g[a:a + CHUNK]).all() for a in range(0, g.size, CHUNK))
+
+
+def _chunks(offsets, per_segment):
+    """(start, stop, segment) ranges of at most CHUNK elements; with per_segment they
+    never straddle a segment boundary (each segment has its own clip factor)."""
+    if per_segment:
+        for segment, (a, b) in enumerate(zip(offsets[:-1], offsets[1:])):
+            for start in range(a, b, CHUNK):
+                yield start, min(start + CHUNK, b), segment
+    else:
+        for start in range(0, offsets[-1], CHUNK):
+            yield start, min(start + CHUNK, offsets[-1]), 0
+
+
+# ---------------------------------------------------------------------- helpers
+def _as_params(params):
+    if isinstance(params, FlatBuffer):
+        return params
+    if isinstance(params, np.ndarray) or cuda.is_gpu_array(params):
+        if params.ndim != 1:
+            raise ValueError(
+                f"`params` must be a FlatBuffer or a 1-D array, got shape {tuple(params.shape)}"
+            )
+        return FlatBuffer(params, [params.shape])
+    raise TypeError(f"`params` must be a FlatBuffer or a 1-D array, got {type(params).__name__}")
+
+
+def _check_learning_rate(lr):
+    if isinstance(lr, schedules.LearningRateSchedule):
+        return lr
+    if _is_keras_schedule(lr):
+        return schedules.deserialize({"class_name": type(lr).__name__, "config": lr.get_config()})
+    if isinstance(lr, numbers.Real) and not isinstance(lr, (bool, np.bool_)):
+        return check.real("learning_rate", lr, low=0.0)
+    if callable(lr):
+        return lr
+    raise TypeError(
+        "`learning_rate` must be a number, a callable of no arguments or a "
+        f"LearningRateSchedule, got {type(lr).__name__}: {lr!r}"
+    )
+
+
+def _is_keras_schedule(obj):
+    return any(k.__module__.startswith("keras") and k.__name__ == "LearningRateSchedule"
+               for k in type(obj).__mro__)
+
+
+def _check_unsupported_keras_options(use_ema, ema_momentum, ema_overwrite_frequency,
+                                     gradient_accumulation_steps):
+    """Keras' EMA and gradient accumulation are not implemented; accept their 'off'
+    values so Keras configs load, refuse anything else rather than ignore it."""
+    if use_ema not in (False, None):
+        raise ValueError("`use_ema=True` is not supported by fusedopt (only use_ema=False)")
+    check.real("ema_momentum", ema_momentum, low=0.0, high=1.0)
+    if ema_overwrite_frequency is not None:
+        raise ValueError("`ema_overwrite_frequency` is not supported by fusedopt (EMA is not)")
+    if gradient_accumulation_steps not in (None, 0):
+        raise ValueError("`gradient_accumulation_steps` is not supported by fusedopt")
+
+
+def _check_no_overlap(grads, params_data, slots):
+    for name, other in [("params", params_data)] + [("optimizer state", s) for s in slots]:
+        if other is not None and _overlaps(grads, other):
+            raise ValueError(f"`grads` share memory with {name}; pass a separate gradient buffer")
+
+
+def _overlaps(a, b):
+    if a.size == 0 or b.size == 0 or cuda.is_gpu_array(a) != cuda.is_gpu_array(b):
+        return False
+    pa, pb = _address(a), _address(b)
+    return pa < pb + b.nbytes and pb < pa + a.nbytes
+
+
+def _address(a):
+    return a.data.ptr if cuda.is_gpu_array(a) else a.__array_interface__["data"][0]
+
+
+def _copy_to(array, device, dtype):
+    if device == "cpu":
+        return np.array(cuda.to_device(array, "cpu"), dtype=dtype)
+    return cuda.to_device(array, device).astype(dtype, copy=False)
+
+
+def _snake_case(name):
+    out = []
+    for i, ch in enumerate(name):
+        if ch.isupper() and i and not name[i - 1].isupper():
+            out.append("_")
+        out.append(ch.lower())
+    return "".join(out)
+
+
+def get(identifier):
+    """An optimizer from a name ("adam", any case), a config dict
+    ({"class_name": "Adam", "config": {...}}), a Keras optimizer, or an instance."""
+    if isinstance(identifier, FusedOptimizer):
+        return identifier
+    if isinstance(identifier, str):
+        return _lookup(identifier)()
+    if isinstance(identifier, dict):
+        if "class_name" not in identifier:
+            raise ValueError(f"an optimizer config needs 'class_name', got keys {sorted(identifier)}")
+        return _lookup(identifier["class_name"]).from_config(identifier.get("config", {}))
+    if hasattr(identifier, "get_config") and type(identifier).__name__.lower() in _REGISTRY:
+        return _lookup(type(identifier).__name__).from_config(identifier.get_config())
+    raise TypeError(
+        "`identifier` must be an optimizer name, a config dict or an optimizer, "
+        f"got {type(identifier).__name__}"
+    )
+
+
+def _lookup(name):
+    if not isinstance(name, str):
+        raise TypeError(f"an optimizer name must be a string, got {type(name).__name__}")
+    cls = _REGISTRY.get(name.lower())
+    if cls is None:
+        raise ValueError(
+            f"Unknown optimizer {name!r}; valid names: {', '.join(sorted(_REGISTRY))}"
+        )
+    return cls
+
+
+def available():
+    """The names `get` accepts."""
+    return sorted(_REGISTRY)

@@ -1,0 +1,307 @@
+"""One small class per rule: Keras 3 arguments and defaults, slots, per-step scalars.
+
+Each class names its rule (`rule`, the file kernels/<rule>.cuh and the function
+reference.<rule>), lists its state slots with their initial values, and computes
+the per-step scalars its rule reads, in the rule's argument order. Everything else
+(validation of the common options, the pipeline, state, config) is FusedOptimizer's.
+"""
+
+import math
+
+from . import _validate as check
+from .optimizer import KERAS_DEFAULT_EPSILON, FusedOptimizer
+
+__all__ = ["SGD", "RMSprop", "Adagrad", "Adadelta", "Adam", "AdamW", "Adamax", "Nadam",
+           "Ftrl", "Lion"]
+
+
+def _epsilon(value):
+    """Keras 2's epsilon=None means the backend epsilon, 1e-7."""
+    return KERAS_DEFAULT_EPSILON if value is None else check.non_negative("epsilon", value)
+
+
+class SGD(FusedOptimizer):
+    """Gradient descent with optional momentum and Nesterov momentum.
+
+    momentum == 0:  p <- p - lr*g
+    otherwise:      m <- momentum*m - lr*g;  p <- p + m
+    nesterov:       p <- p + momentum*m - lr*g   (with the new m)
+    """
+
+    rule = "sgd"
+    _hyperparameters = ("momentum", "nesterov")
+
+    def __init__(self, learning_rate=0.01, momentum=0.0, nesterov=False, **kwargs):
+        super().__init__(learning_rate, **kwargs)
+        self.momentum = check.real("momentum", momentum, low=0.0, high=1.0)
+        self.nesterov = check.boolean("nesterov", nesterov)
+
+    def _slot_specs(self):
+        return (("momentum", 0.0) if self.momentum != 0 else None,)
+
+    def _rule_scalars(self, lr, t):
+        return lr, self.momentum, float(self.nesterov)
+
+
+class RMSprop(FusedOptimizer):
+    """RMSprop, epsilon inside the square root (Keras 3).
+
+    v <- rho*v + (1-rho)*g^2;  centered: a <- rho*a + (1-rho)*g, d = v - a^2 + eps,
+    else d = v + eps;  inc = lr*g/sqrt(d);  p <- p - inc, or with momentum
+    mom <- momentum*mom + inc, p <- p - mom.
+    """
+
+    rule = "rmsprop"
+    _hyperparameters = ("rho", "momentum", "epsilon", "centered")
+
+    def __init__(self, learning_rate=0.001, rho=0.9, momentum=0.0, epsilon=1e-7,
+                 centered=False, **kwargs):
+        super().__init__(learning_rate, **kwargs)
+        self.rho = check.beta("rho", rho)
+        self.momentum = check.real("momentum", momentum, low=0.0, high=1.0)
+        self.epsilon = _epsilon(epsilon)
+        self.centered = check.boolean("centered", centered)
+
+    def _slot_specs(self):
+        return (
+            ("velocity", 0.0),
+            ("momentum", 0.0) if self.momentum > 0 else None,
+            ("average_gradient", 0.0) if self.centered else None,
+        )
+
+    def _rule_scalars(self, lr, t):
+        return lr, self.rho, 1 - self.rho, self.epsilon, self.momentum, float(self.centered)
+
+
+class Adagrad(FusedOptimizer):
+    """Adagrad, epsilon inside the square root (Keras 3).
+
+    acc <- acc + g^2  (acc starts at initial_accumulator_value);
+    p <- p - lr*g/sqrt(acc + eps)
+    """
+
+    rule = "adagrad"
+    _hyperparameters = ("initial_accumulator_value", "epsilon")
+
+    def __init__(self, learning_rate=0.001, initial_accumulator_value=0.1, epsilon=1e-7,
+                 **kwargs):
+        super().__init__(learning_rate, **kwargs)
+        self.initial_accumulator_value = check.non_negative(
+            "initial_accumulator_value", initial_accumulator_value)
+        self.epsilon = _epsilon(epsilon)
+
+    def _slot_specs(self):
+        return (("accumulator", self.initial_accumulator_value),)
+
+    def _rule_scalars(self, lr, t):
+        return lr, self.epsilon
+
+
+class Adadelta(FusedOptimizer):
+    """Adadelta. With Keras' default learning_rate=0.001 it moves slowly; the paper's
+    form is learning_rate=1.0.
+
+    eg <- rho*eg + (1-rho)*g^2;  delta = -sqrt(ed + eps)*g/sqrt(eg + eps);
+    ed <- rho*ed + (1-rho)*delta^2;  p <- p + lr*delta
+    """
+
+    rule = "adadelta"
+    _hyperparameters = ("rho", "epsilon")
+
+    def __init__(self, learning_rate=0.001, rho=0.95, epsilon=1e-7, **kwargs):
+        super().__init__(learning_rate, **kwargs)
+        self.rho = check.beta("rho", rho)
+        self.epsilon = _epsilon(epsilon)
+
+    def _slot_specs(self):
+        return ("accumulated_grad", 0.0), ("accumulated_delta_var", 0.0)
+
+    def _rule_scalars(self, lr, t):
+        return lr, self.rho, 1 - self.rho, self.epsilon
+
+
+class Adam(FusedOptimizer):
+    """Adam (Kingma & Ba, 2015), optionally AMSGrad; epsilon outside the square root.
+
+    alpha = lr*sqrt(1-beta_2^t)/(1-beta_1^t);  m <- m + (g-m)(1-beta_1);
+    v <- v + (g^2-v)(1-beta_2);  amsgrad: vhat <- max(vhat, v) and v := vhat;
+    p <- p - m*alpha/(sqrt(v) + eps)
+    """
+
+    rule = "adam"
+    _hyperparameters = ("beta_1", "beta_2", "epsilon", "amsgrad")
+
+    def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7,
+                 amsgrad=False, **kwargs):
+        super().__init__(learning_rate, **kwargs)
+        self.beta_1 = check.beta("beta_1", beta_1)
+        self.beta_2 = check.beta("beta_2", beta_2)
+        self.epsilon = _epsilon(epsilon)
+        self.amsgrad = check.boolean("amsgrad", amsgrad)
+
+    def _slot_specs(self):
+        return (
+            ("momentum", 0.0),
+            ("velocity", 0.0),
+            ("velocity_hat", 0.0) if self.amsgrad else None,
+        )
+
+    def _rule_scalars(self, lr, t):
+        alpha = lr * math.sqrt(1 - self.beta_2 ** t) / (1 - self.beta_1 ** t)
+        return alpha, 1 - self.beta_1, 1 - self.beta_2, self.epsilon, float(self.amsgrad)
+
+
+class AdamW(Adam):
+    """Adam with decoupled weight decay (Loshchilov & Hutter, 2019), Keras 3's AdamW:
+    p <- p - p*weight_decay*lr before the Adam step. weight_decay defaults to 0.004."""
+
+    def __init__(self, learning_rate=0.001, weight_decay=0.004, beta_1=0.9, beta_2=0.999,
+                 epsilon=1e-7, amsgrad=False, **kwargs):
+        if weight_decay is None:
+            raise ValueError("`weight_decay` must be a number for AdamW, got None")
+        super().__init__(learning_rate, beta_1, beta_2, epsilon, amsgrad,
+                         weight_decay=weight_decay, **kwargs)
+
+
+class Adamax(FusedOptimizer):
+    """Adamax, Adam with the infinity norm (Kingma & Ba, 2015, section 7).
+
+    m <- m + (g-m)(1-beta_1);  u <- max(beta_2*u, |g|);
+    p <- p - lr*m/((1-beta_1^t)*(u + eps))
+    """
+
+    rule = "adamax"
+    _hyperparameters = ("beta_1", "beta_2", "epsilon")
+
+    def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7, **kwargs):
+        super().__init__(learning_rate, **kwargs)
+        self.beta_1 = check.beta("beta_1", beta_1)
+        self.beta_2 = check.beta("beta_2", beta_2)
+        self.epsilon = _epsilon(epsilon)
+
+    def _slot_specs(self):
+        return ("momentum", 0.0), ("norm", 0.0)
+
+    def _rule_scalars(self, lr, t):
+        return lr, 1 - self.beta_1, self.beta_2, 1 - self.beta_1 ** t, self.epsilon
+
+
+class Nadam(FusedOptimizer):
+    """Nadam (Dozat, 2016) with Keras 3's momentum schedule.
+
+    u_t = beta_1*(1 - 0.5*0.96^t), u_product_t = u_1*...*u_t;
+    m <- m + (g-m)(1-beta_1);  v <- v + (g^2-v)(1-beta_2);
+    m_hat = u_{t+1}*m/(1 - u_product_t*u_{t+1}) + (1-u_t)*g/(1 - u_product_t);
+    p <- p - lr*m_hat/(sqrt(v/(1-beta_2^t)) + eps)
+    Keras 2's `schedule_decay=s`, when given, uses 0.96^(s*t) instead of 0.96^t.
+    """
+
+    rule = "nadam"
+    _hyperparameters = ("beta_1", "beta_2", "epsilon")
+
+    def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7,
+                 schedule_decay=None, **kwargs):
+        super().__init__(learning_rate, **kwargs)
+        self.beta_1 = check.beta("beta_1", beta_1)
+        self.beta_2 = check.beta("beta_2", beta_2)
+        self.epsilon = _epsilon(epsilon)
+        self.schedule_decay = check.optional_real("schedule_decay", schedule_decay, low=0.0)
+        self._u_product_memo = (0, 1.0)  # (t, u_product after t steps)
+
+    def get_config(self):
+        config = super().get_config()
+        if self.schedule_decay is not None:
+            config["schedule_decay"] = self.schedule_decay
+        return config
+
+    def _slot_specs(self):
+        return ("momentum", 0.0), ("velocity", 0.0)
+
+    def _u(self, t):
+        exponent = t if self.schedule_decay is None else self.schedule_decay * t
+        return 1.0 - 0.5 * 0.96 ** exponent
+
+    def _u_product(self, t):
+        # Keras keeps u_product as a variable multiplied once per step, in this
+        # order. It is a pure function of t: replaying the same products from 1.0
+        # gives the same bits, so it needs no place in the state. Memoised forward.
+        k, product = self._u_product_memo if self._u_product_memo[0] <= t else (0, 1.0)
+        while k < t:
+            k += 1
+            product = product * self.beta_1 * self._u(k)
+        self._u_product_memo = (k, product)
+        return product
+
+    def _rule_scalars(self, lr, t):
+        u_t = self.beta_1 * self._u(t)
+        u_t1 = self.beta_1 * self._u(t + 1)
+        u_product_t = self._u_product(t)
+        u_product_t1 = u_product_t * u_t1
+        return (lr, 1 - self.beta_1, 1 - self.beta_2, u_t1, 1 - u_t, 1 - u_product_t,
+                1 - u_product_t1, 1 - self.beta_2 ** t, self.epsilon)
+
+
+class Ftrl(FusedOptimizer):
+    """FTRL-proximal (McMahan et al., 2013), Keras 3's form with l2_eff = l2 + beta/(2*lr):
+
+    g~ = g + 2*l2_shrinkage*p;  n' = n + g^2;
+    z <- z + g~ - ((n'^-lrp - n^-lrp)/lr)*p;
+    p <- (clip(z, -l1, l1) - z)/(n'^-lrp/lr + 2*l2_eff);  n <- n'
+    """
+
+    rule = "ftrl"
+    _hyperparameters = ("learning_rate_power", "initial_accumulator_value",
+                        "l1_regularization_strength", "l2_regularization_strength",
+                        "l2_shrinkage_regularization_strength", "beta")
+
+    def __init__(self, learning_rate=0.001, learning_rate_power=-0.5,
+                 initial_accumulator_value=0.1, l1_regularization_strength=0.0,
+                 l2_regularization_strength=0.0, l2_shrinkage_regularization_strength=0.0,
+                 beta=0.0, **kwargs):
+        super().__init__(learning_rate, **kwargs)
+        self.learning_rate_power = check.real("learning_rate_power", learning_rate_power, high=0.0)
+        self.initial_accumulator_value = check.non_negative(
+            "initial_accumulator_value", initial_accumulator_value)
+        self.l1_regularization_strength = check.non_negative(
+            "l1_regularization_strength", l1_regularization_strength)
+        self.l2_regularization_strength = check.non_negative(
+            "l2_regularization_strength", l2_regularization_strength)
+        self.l2_shrinkage_regularization_strength = check.non_negative(
+            "l2_shrinkage_regularization_strength", l2_shrinkage_regularization_strength)
+        self.beta = check.non_negative("beta", beta)
+        if not callable(self._learning_rate):
+            self._check_learning_rate_value(self._learning_rate)
+
+    def _check_learning_rate_value(self, lr):
+        if lr <= 0:
+            raise ValueError(f"Ftrl divides by the learning rate: `learning_rate` must be > 0, got {lr!r}")
+
+    def _slot_specs(self):
+        return ("accumulator", self.initial_accumulator_value), ("linear", 0.0)
+
+    def _rule_scalars(self, lr, t):
+        l2_eff = self.l2_regularization_strength + self.beta / (2.0 * lr)
+        return (lr, self.learning_rate_power, self.l1_regularization_strength, l2_eff,
+                2 * self.l2_shrinkage_regularization_strength)
+
+
+class Lion(FusedOptimizer):
+    """Lion (Chen et al., 2023): the sign of an interpolated momentum.
+
+    p <- p - lr*sign(beta_1*m + (1-beta_1)*g);  m <- beta_2*m + (1-beta_2)*g
+    """
+
+    rule = "lion"
+    _hyperparameters = ("beta_1", "beta_2")
+
+    def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.99, **kwargs):
+        super().__init__(learning_rate, **kwargs)
+        # Keras refuses beta_1 = 0 (Lion degenerates to signSGD); betas are < 1 here.
+        self.beta_1 = check.real("beta_1", beta_1, low=0.0, high=1.0, low_open=True, high_open=True)
+        self.beta_2 = check.beta("beta_2", beta_2)
+
+    def _slot_specs(self):
+        return (("momentum", 0.0),)
+
+    def _rule_scalars(self, lr, t):
+        return lr, self.beta_1, 1 - self.beta_1, self.beta_2, 1 - self.beta_2

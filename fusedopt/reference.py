@@ -1,0 +1,126 @@
+"""The update rules in plain NumPy: the specification in code.
+
+Each function applies one rule to a stretch of the flat buffers, in place, in the
+order Keras 3 writes it (KERAS_RULES.md section 2), so float64 results match Keras
+to rounding. It takes the parameter `p`, the gradient `g` (already unscaled,
+clipped and with weight decay applied to `p` by the pipeline), the rule's state
+slots (None for a slot the configuration does not create), then its per-step
+scalars, in exactly the order the CUDA rule in kernels/<name>.cuh reads them.
+
+The functions use only operators and ufuncs, so they also run on CuPy arrays (the
+"unfused CuPy" baseline of the benchmarks). Scalars arrive already cast to the
+buffer's dtype, so float32 buffers are updated in float32 arithmetic.
+"""
+
+import numpy as np
+
+
+def sgd(p, g, m, lr, momentum, nesterov):
+    """SGD with optional (Nesterov) momentum; the velocity m is in units of lr.
+
+    m <- momentum*m - lr*g;  p <- p + momentum*m - lr*g (nesterov)  or  p <- p + m
+    Without momentum (m is None): p <- p - lr*g.
+    """
+    if m is None:
+        p -= g * lr
+        return
+    m[...] = m * momentum - g * lr
+    if nesterov:
+        p += m * momentum - g * lr
+    else:
+        p += m
+
+
+def rmsprop(p, g, v, mom, a, lr, rho, one_minus_rho, epsilon, momentum, centered):
+    """RMSprop, epsilon inside the sqrt (Keras 3).
+
+    v <- rho*v + (1-rho)*g^2;  centered: a <- rho*a + (1-rho)*g, d = v - a^2 + eps
+    (else d = v + eps);  inc = lr*g/sqrt(d);  momentum > 0: mom <- momentum*mom + inc,
+    p <- p - mom;  else p <- p - inc.
+    """
+    v[...] = rho * v + one_minus_rho * (g * g)
+    if centered:
+        a[...] = rho * a + one_minus_rho * g
+        denominator = v - a * a + epsilon
+    else:
+        denominator = v + epsilon
+    increment = lr * g / np.sqrt(denominator)
+    if momentum > 0:
+        mom[...] = momentum * mom + increment
+        p -= mom
+    else:
+        p -= increment
+
+
+def adagrad(p, g, acc, lr, epsilon):
+    """Adagrad, epsilon inside the sqrt: acc <- acc + g^2;  p <- p - lr*g/sqrt(acc + eps)."""
+    acc += g * g
+    p -= lr * g / np.sqrt(acc + epsilon)
+
+
+def adadelta(p, g, eg, ed, lr, rho, one_minus_rho, epsilon):
+    """Adadelta: eg <- rho*eg + (1-rho)*g^2;  delta = -sqrt(ed+eps)*g/sqrt(eg+eps);
+    ed <- rho*ed + (1-rho)*delta^2;  p <- p + lr*delta  (delta uses the old ed)."""
+    eg[...] = rho * eg + one_minus_rho * (g * g)
+    delta = -(np.sqrt(ed + epsilon) * g) / np.sqrt(eg + epsilon)
+    ed[...] = rho * ed + one_minus_rho * (delta * delta)
+    p += lr * delta
+
+
+def adam(p, g, m, v, vhat, alpha, one_minus_beta_1, one_minus_beta_2, epsilon, amsgrad):
+    """Adam / AMSGrad with the bias corrections folded into alpha, epsilon outside the sqrt.
+
+    alpha = lr*sqrt(1-beta_2^t)/(1-beta_1^t);  m <- m + (g-m)(1-beta_1);
+    v <- v + (g^2-v)(1-beta_2);  amsgrad: vhat <- max(vhat, v), use vhat;
+    p <- p - m*alpha/(sqrt(v) + eps).
+    """
+    m += (g - m) * one_minus_beta_1
+    v += (g * g - v) * one_minus_beta_2
+    if amsgrad:
+        np.maximum(vhat, v, out=vhat)
+        v = vhat
+    p -= (m * alpha) / (np.sqrt(v) + epsilon)
+
+
+def adamax(p, g, m, u, lr, one_minus_beta_1, beta_2, one_minus_beta_1_power, epsilon):
+    """Adamax (infinity norm): m <- m + (g-m)(1-beta_1);  u <- max(beta_2*u, |g|);
+    p <- p - lr*m/((1-beta_1^t)*(u + eps))."""
+    m += (g - m) * one_minus_beta_1
+    np.maximum(beta_2 * u, np.abs(g), out=u)
+    p -= (lr * m) / (one_minus_beta_1_power * (u + epsilon))
+
+
+def nadam(p, g, m, v, lr, one_minus_beta_1, one_minus_beta_2, u_t1, one_minus_u_t,
+          one_minus_u_product_t, one_minus_u_product_t1, one_minus_beta_2_power, epsilon):
+    """Nadam with Keras 3's momentum schedule u_t = beta_1*(1 - 0.5*0.96^t) and
+    u_product_t = u_1*...*u_t:
+    m <- m + (g-m)(1-beta_1);  v <- v + (g^2-v)(1-beta_2);
+    m_hat = u_{t+1}*m/(1-u_product_t*u_{t+1}) + (1-u_t)*g/(1-u_product_t);
+    v_hat = v/(1-beta_2^t);  p <- p - m_hat*lr/(sqrt(v_hat) + eps).
+    """
+    m += (g - m) * one_minus_beta_1
+    v += (g * g - v) * one_minus_beta_2
+    m_hat = (u_t1 * m) / one_minus_u_product_t1 + (one_minus_u_t * g) / one_minus_u_product_t
+    v_hat = v / one_minus_beta_2_power
+    p -= (m_hat * lr) / (np.sqrt(v_hat) + epsilon)
+
+
+def ftrl(p, g, n, z, lr, learning_rate_power, l1, l2_eff, two_l2_shrinkage):
+    """FTRL-proximal (Keras 3), with l2_eff = l2 + beta/(2*lr):
+    g~ = g + 2*s*p;  n' = n + g^2;  z <- z + g~ - ((n'^-lrp - n^-lrp)/lr)*p;
+    p <- (clip(z, -l1, l1) - z)/(n'^-lrp/lr + 2*l2_eff);  n <- n'.
+    The parameter is overwritten in closed form; the accumulator uses the raw g.
+    """
+    g_tilde = g + two_l2_shrinkage * p
+    n_new = n + g * g
+    z += g_tilde - ((n_new ** -learning_rate_power - n ** -learning_rate_power) / lr) * p
+    quadratic = n_new ** -learning_rate_power / lr + 2 * l2_eff
+    p[...] = (np.clip(z, -l1, l1) - z) / quadratic
+    n[...] = n_new
+
+
+def lion(p, g, m, lr, beta_1, one_minus_beta_1, beta_2, one_minus_beta_2):
+    """Lion (Chen et al. 2023): p <- p - lr*sign(beta_1*m + (1-beta_1)*g), then
+    m <- beta_2*m + (1-beta_2)*g  (the parameter update uses the old m)."""
+    p -= lr * np.sign(m * beta_1 + g * one_minus_beta_1)
+    m[...] = m * beta_2 + g * one_minus_beta_2

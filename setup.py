@@ -1,0 +1,41 @@
+"""fusedopt: fused optimizer kernels over flat buffers (CUDA via CuPy, NumPy fallback)."""
+
+from pathlib import Path
+
+from setuptools import setup
+
+HERE = Path(__file__).parent
+
+TEST = ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6",
+        # NVRTC from PyPI compiles the kernels without a GPU (the CI compile check).
+        "cuda-bindings>=12.8", "nvidia-cuda-nvrtc>=13"]
+
+setup(
+    name="fusedopt",
+    version="0.1.0",
+    description="GPU-fused optimizer kernels (Keras 3 semantics) over flat parameter buffers",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.9",
+    packages=["fusedopt", "fusedopt.kernels"],
+    # The CUDA sources live in kernels/ at the top of the repository and ship inside
+    # the package as fusedopt/kernels, where fusedopt.cuda reads them at run time.
+    package_dir={"fusedopt": "fusedopt", "fusedopt.kernels": "kernels"},
+    package_data={"fusedopt.kernels": ["*.cuh", "*.cu"]},
+    install_requires=["numpy>=1.22"],
+    extras_require={
+        "cuda12": ["cupy-cuda12x>=13"],
+        "cuda13": ["cupy-cuda13x>=14"],
+        "test": TEST,
+        "keras": ["keras>=3", "jax"],
+        "train": ["scikit-learn>=1.0", "matplotlib>=3.5"],
+        "bench": ["pytest-benchmark>=4", "matplotlib>=3.5"],
+    },
+    entry_points={"console_scripts": ["fusedopt=fusedopt.__main__:main"]},
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Environment :: GPU :: NVIDIA CUDA",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)

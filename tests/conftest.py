@@ -1,0 +1,101 @@
+"""Shared test data: one CASES list that every parity test runs over, and tolerances.
+
+A case is (id, optimizer class name, constructor kwargs). RULE_CASES covers every
+rule and its variants; OPTION_CASES adds each pipeline option to every optimizer.
+"""
+
+import os
+
+import numpy as np
+import pytest
+
+# Tolerances, stated once (ARCHITECTURE.md, "Testing").
+RTOL = {np.float64: 1e-12, np.float32: 1e-5}
+ATOL = {np.float64: 1e-14, np.float32: 1e-6}
+
+RULE_CASES = [
+    ("sgd", "SGD", {}),
+    ("sgd-momentum", "SGD", {"learning_rate": 0.05, "momentum": 0.9}),
+    ("sgd-nesterov", "SGD", {"learning_rate": 0.05, "momentum": 0.9, "nesterov": True}),
+    ("rmsprop", "RMSprop", {}),
+    ("rmsprop-momentum", "RMSprop", {"momentum": 0.9}),
+    ("rmsprop-centered", "RMSprop", {"centered": True}),
+    ("rmsprop-centered-momentum-eps", "RMSprop",
+     {"centered": True, "momentum": 0.5, "rho": 0.8, "epsilon": 0.3}),
+    ("adagrad", "Adagrad", {}),
+    ("adagrad-init-eps", "Adagrad", {"initial_accumulator_value": 0.5, "epsilon": 0.3}),
+    ("adadelta", "Adadelta", {}),
+    ("adadelta-paper", "Adadelta", {"learning_rate": 1.0, "rho": 0.9}),
+    ("adam", "Adam", {}),
+    ("adam-amsgrad", "Adam", {"amsgrad": True, "learning_rate": 0.01}),
+    ("adam-eps", "Adam", {"epsilon": 0.3, "beta_1": 0.5, "beta_2": 0.7}),
+    ("adamw", "AdamW", {}),
+    ("adamw-amsgrad", "AdamW", {"weight_decay": 0.1, "amsgrad": True, "learning_rate": 0.01}),
+    ("adamax", "Adamax", {}),
+    ("adamax-eps", "Adamax", {"epsilon": 0.3, "beta_1": 0.5}),
+    ("nadam", "Nadam", {}),
+    ("nadam-betas", "Nadam", {"beta_1": 0.8, "beta_2": 0.9, "epsilon": 0.3}),
+    ("ftrl", "Ftrl", {}),
+    ("ftrl-all", "Ftrl", {"learning_rate": 0.1, "learning_rate_power": -0.7,
+                          "initial_accumulator_value": 0.2, "l1_regularization_strength": 0.01,
+                          "l2_regularization_strength": 0.02,
+                          "l2_shrinkage_regularization_strength": 0.03, "beta": 0.5}),
+    ("ftrl-power0", "Ftrl", {"learning_rate": 0.1, "learning_rate_power": 0.0}),
+    ("lion", "Lion", {}),
+    ("lion-betas", "Lion", {"beta_1": 0.5, "beta_2": 0.7}),
+]
+
+OPTIONS = {
+    "clipnorm": {"clipnorm": 1.0},
+    "global_clipnorm": {"global_clipnorm": 2.0},
+    "clipvalue": {"clipvalue": 0.5},
+    "weight_decay": {"weight_decay": 0.1},
+    "loss_scale": {"loss_scale_factor": 4.0},
+}
+
+OPTIMIZER_NAMES = sorted({cls for _, cls, _ in RULE_CASES})
+
+OPTION_CASES = [
+    (f"{cls.lower()}+{opt}", cls, dict(kwargs))
+    for cls in OPTIMIZER_NAMES
+    for opt, kwargs in OPTIONS.items()
+]
+
+CASES = RULE_CASES + OPTION_CASES
+
+# Layouts used across tests: segment shapes, including (), (0,), (1,) and odd sizes.
+LAYOUTS = {
+    "mixed": [(3, 4), (5,), (), (0,), (1,), (2, 1, 3)],
+    "single": [(37,)],
+    "odd": [(7,), (1,), (13, 3), (0,), (129,)],
+}
+
+
+def case_ids(cases):
+    return [c[0] for c in cases]
+
+
+def random_params(layout, dtype, seed):
+    rng = np.random.default_rng(seed)
+    return [rng.normal(size=s).astype(dtype) for s in layout]
+
+
+def random_grads(layout, dtype, seed, steps, scale=1.0):
+    """Per-step gradient lists; segment norms vary so clipping bites on some only."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(steps):
+        out.append([(rng.normal(size=s) * scale * rng.uniform(0.1, 2.0)).astype(dtype)
+                    for s in layout])
+    return out
+
+
+def running_in_ci():
+    return bool(os.environ.get("CI"))
+
+
+def require_in_ci(reason):
+    """Skip here, but fail in CI: some checks must run there (ARCHITECTURE.md)."""
+    if running_in_ci():
+        pytest.fail(f"required in CI but unavailable: {reason}")
+    pytest.skip(reason)
