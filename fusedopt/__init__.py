@@ -9,6 +9,7 @@ NumPy buffers take the NumPy reference path; CuPy buffers take the fused CUDA pa
 """
 
 from . import schedules
+from .checkpoint import load, save
 from .flat import FlatBuffer, Layout
 from .optimizer import FusedOptimizer, available, get
 from .optimizers import (SGD, Adadelta, Adagrad, Adam, Adamax, AdamW, Ftrl, Lion, Nadam,
@@ -17,7 +18,7 @@ from .optimizers import (SGD, Adadelta, Adagrad, Adam, Adamax, AdamW, Ftrl, Lion
 __version__ = "0.1.0"
 
 __all__ = [
-    "FlatBuffer", "Layout", "FusedOptimizer", "get", "available", "schedules",
+    "FlatBuffer", "Layout", "FusedOptimizer", "get", "available", "schedules", "save", "load",
     "SGD", "RMSprop", "Adagrad", "Adadelta", "Adam", "AdamW", "Adamax", "Nadam", "Ftrl",
     "Lion",
 ]

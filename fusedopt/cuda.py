@@ -72,3 +72,188 @@ def gpu_available():
         return _cupy().cuda.runtime.getDeviceCount() > 0
     except Exception:  # no CuPy, no driver, no device: all mean "no GPU here"
         return False
+
+
+# ------------------------------------------------------------------ compilation
+class CupyBackend:
+    """Arrays and compiled kernels on one CUDA device, through CuPy.
+
+    Each kernel module (a rule for one dtype, or the reductions for one dtype) is
+    compiled by NVRTC once per process and device; CuPy also caches it on disk. The
+    sources are read from the installed package (fusedopt/kernels).
+    """
+
+    _functions = {}
+
+    def __init__(self, device):
+        self.device = device
+        self.xp = _cupy()
+        self.device_id = int(device.split(":")[1])
+        with on_device(device):
+            self.sm_count = self.xp.cuda.Device().attributes["MultiProcessorCount"]
+
+    def function(self, rule, dtype, name):
+        key = (self.device_id, rule, np.dtype(dtype).name, name)
+        if key not in self._functions:
+            from . import _kernels
+
+            source = (_kernels.reduce_source(dtype) if rule is None
+                      else _kernels.rule_source(rule, dtype))
+            with on_device(self.device):
+                module = self.xp.RawModule(code=source, options=_kernels.NVRTC_OPTIONS)
+                self._functions[key] = module.get_function(name)
+        return self._functions[key]
+
+    def on_device(self):
+        return on_device(self.device)
+
+    def to_host(self, array):
+        return self.xp.asnumpy(array)
+
+
+# ---------------------------------------------------------------------- a step
+class StepPlan:
+    """The device side of one optimizer on one layout: tables, scratch buffers and the
+    launch sequence of a step. Built once (FusedOptimizer.build); a step allocates
+    nothing and never waits for the host, so it can also be captured in a CUDA graph.
+
+    A step launches, in order, only what its options need:
+      fusedopt_sumsq         (norm clipping or skip_nonfinite) per-tile sums of squares
+      fusedopt_clip_factors  (clipnorm or global_clipnorm) the factors the update reads
+      fusedopt_skip_check    (skip_nonfinite) count the step or the skip on the device
+      fusedopt_<rule>        the fused update: every element read once, written once
+    """
+
+    MAX_TABLE_ROWS = 1 << 20  # beyond this a skip_nonfinite step syncs once to compact
+
+    def __init__(self, optimizer, params, backend=None):
+        from . import _kernels
+
+        self._k = _kernels
+        self.optimizer = optimizer
+        self.backend = backend or CupyBackend(params.device)
+        self.dtype = params.dtype
+        self.offsets = params.offsets
+        self.size = params.size
+        self._tables_key = None
+        self._counters = None
+        self.next_row = optimizer._iterations
+        with self.backend.on_device():
+            self._build_tables()
+            if optimizer.skip_nonfinite:
+                self._build_counters(optimizer._iterations, optimizer._skipped_steps,
+                                     optimizer._last_step_skipped)
+
+    # The tables depend on the clip mode; rebuilt if the options change after build.
+    def _clip_mode(self):
+        opt = self.optimizer
+        if opt.clipnorm:
+            return "segment", opt.clipnorm
+        if opt.global_clipnorm:
+            return "global", opt.global_clipnorm
+        return None, None
+
+    def _build_tables(self):
+        xp, k = self.backend.xp, self._k
+        mode, _ = self._clip_mode()
+        tiles = k.TileTable(self.offsets, per_segment=(mode == "segment"),
+                            sm_count=self.backend.sm_count)
+        self.tiles = tiles
+        self.grid = tiles.grid(self.backend.sm_count)
+        self.tile_start = xp.asarray(tiles.start)
+        self.tile_segment = xp.asarray(tiles.segment)
+        self.segment_tiles = xp.asarray(tiles.segment_tiles)
+        self.nsegments = len(tiles.segment_tiles) - 1
+        self.partial = xp.zeros(tiles.count, dtype=np.float64)
+        self.tile_nonfinite = xp.zeros(tiles.count, dtype=np.int32)
+        self.factors = xp.ones(max(1, self.nsegments), dtype=self.dtype)
+        self._tables_key = (mode, self.optimizer.skip_nonfinite)
+
+    def _build_counters(self, iterations, skipped, last_skipped):
+        xp = self.backend.xp
+        self.row_bytes = self._k.step_scalars_dtype(self.dtype).itemsize
+        self.table_rows = 1024
+        self.table = xp.zeros(self.table_rows * self.row_bytes, dtype=np.uint8)
+        # [iterations, skipped steps, last step skipped, iteration of the table's row 0]
+        self._counters = xp.asarray(
+            np.array([iterations, skipped, int(last_skipped), iterations], dtype=np.int64))
+        self._base = iterations
+        self.next_row = iterations
+
+    # ----------------------------------------------------------------- the step
+    def step(self, grads, params_data, slots, lr, scalars):
+        """Launch one step. `lr`/`scalars` are for iteration `optimizer.iterations`, or,
+        with skip_nonfinite, for `next_row` (the newest iteration the device can be at)."""
+        opt, k = self.optimizer, self._k
+        mode, clipnorm = self._clip_mode()
+        with self.backend.on_device():
+            if self._tables_key != (mode, opt.skip_nonfinite):
+                self._build_tables()
+            skip = opt.skip_nonfinite
+            st = k.pack_step_scalars(self.dtype, lr, scalars)
+            pro = k.pack_prologue(self.dtype, opt.loss_scale_factor, opt.clipvalue,
+                                  opt.weight_decay)
+            if mode is not None or skip:
+                self._launch(None, "fusedopt_sumsq", self.grid, (
+                    grads, self.tile_start, np.int64(self.tiles.count),
+                    pro["unscale"][0], self.partial, self.tile_nonfinite if skip else None))
+            if mode is not None:
+                grid = 1 if mode == "global" else max(1, min(self.nsegments, self.grid))
+                self._launch(None, "fusedopt_clip_factors", grid, (
+                    self.partial, self.segment_tiles, np.int64(self.nsegments),
+                    np.float64(clipnorm), np.int32(mode == "global"), self.factors))
+            if skip:
+                self._record_row(st)
+            s = list(slots) + [None] * (3 - len(slots))
+            self._launch(opt.rule, f"fusedopt_{opt.rule}", self.grid, (
+                params_data, grads, s[0], s[1], s[2],
+                self.tile_start, self.tile_segment, np.int64(self.tiles.count), pro, st,
+                self.factors if mode is not None else None,
+                np.int32(1 if mode == "global" else self.nsegments),
+                self.table if skip else None, self._counters if skip else None))
+
+    def _launch(self, rule, name, grid, args):
+        fn = self.backend.function(rule, self.dtype, name)
+        fn((int(grid),), (self._k.BLOCK,), args)
+
+    def _record_row(self, st):
+        row_index = self.next_row - self._base
+        if row_index >= self.table_rows:
+            row_index = self._make_room(row_index)
+        self._launch(None, "fusedopt_skip_check", 1, (
+            self.tile_nonfinite, np.int64(self.tiles.count), self._counters, st,
+            np.int64(row_index), self.table))
+        self.next_row += 1
+
+    # ------------------------------------------------------- skip_nonfinite rows
+    # Row r of the table holds the scalars of iteration base + r; the device reads the
+    # row of its own iteration count. Rows below that count are dead, but the host
+    # learns the count only by reading it (a sync), so it compacts the table then.
+    def _make_room(self, row_index):
+        if self.table_rows * 2 > self.MAX_TABLE_ROWS:
+            self.read_counters()  # one sync per MAX_TABLE_ROWS steps at most
+            row_index = self.next_row - self._base
+        if row_index >= self.table_rows:
+            grown = self.backend.xp.zeros(self.table_rows * 2 * self.row_bytes, dtype=np.uint8)
+            grown[: self.table.size] = self.table
+            self.table, self.table_rows = grown, self.table_rows * 2
+        return row_index
+
+    def read_counters(self):
+        """(iterations, skipped steps, last step skipped), read from the device: a sync."""
+        with self.backend.on_device():
+            it, skipped, last, base = (int(x) for x in self.backend.to_host(self._counters))
+            if it > base:
+                start, live = (it - base) * self.row_bytes, (self.next_row - it) * self.row_bytes
+                self.table[:live] = self.table[start:start + live].copy()
+                self._counters[3:4] = it
+                self._base = it
+        return it, skipped, bool(last)
+
+    def reset_counters(self, state):
+        """After load_state_dict: the device counters take the loaded values."""
+        with self.backend.on_device():
+            if self._counters is not None:
+                self._build_counters(state["iterations"], state["skipped_steps"],
+                                     state["last_step_skipped"])
+            self.next_row = state["iterations"]

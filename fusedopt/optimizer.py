@@ -96,7 +96,7 @@ class FusedOptimizer:
             )
         self.loss_scale_factor = check.optional_real(
             "loss_scale_factor", loss_scale_factor, low=0.0, low_open=True)
-        self.skip_nonfinite = check.boolean("skip_nonfinite", skip_nonfinite)
+        self._skip_nonfinite = check.boolean("skip_nonfinite", skip_nonfinite)
         _check_unsupported_keras_options(use_ema, ema_momentum, ema_overwrite_frequency,
                                          gradient_accumulation_steps)
         if name is not None and not isinstance(name, str):
@@ -126,6 +126,11 @@ class FusedOptimizer:
         """Rule-specific limits on this step's learning rate (Ftrl divides by it)."""
 
     # ------------------------------------------------------------------ properties
+    @property
+    def skip_nonfinite(self):
+        """Fixed at construction: it decides where the step counter lives."""
+        return self._skip_nonfinite
+
     @property
     def iterations(self):
         """Completed (not skipped) steps: Keras' `optimizer.iterations`."""
@@ -224,14 +229,13 @@ class FusedOptimizer:
         _check_no_overlap(grads, params.data, self._slots or ())
         if len(params) == 0:
             return  # Keras: no variables, no update, no increment
-        on_gpu = params.device != "cpu"
         # With skip_nonfinite on a GPU only the device knows how many steps were
         # skipped; the host computes the scalars of the newest possible iteration and
         # the device picks the row of its own count (see cuda.StepPlan).
         it = self._gpu.next_row if (self._gpu is not None and self.skip_nonfinite) else self._iterations
         lr, scalars = self._step_scalars(it)
         self.build(params)
-        if on_gpu:
+        if self._gpu is not None:
             self._gpu.step(grads, params.data, self._slots, lr, scalars)
             if not self.skip_nonfinite:
                 self._iterations += 1
@@ -240,7 +244,10 @@ class FusedOptimizer:
             self._skipped_steps += 1
             self._last_step_skipped = True
             return
-        self._numpy_pipeline(params, grads, lr, scalars)
+        # Non-finite gradients propagate as in Keras (or are skipped above); NumPy's
+        # warnings about them would only repeat that.
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            self._numpy_pipeline(params, grads, lr, scalars)
         self._last_step_skipped = False
         self._iterations += 1
 

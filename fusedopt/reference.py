@@ -113,10 +113,17 @@ def ftrl(p, g, n, z, lr, learning_rate_power, l1, l2_eff, two_l2_shrinkage):
     """
     g_tilde = g + two_l2_shrinkage * p
     n_new = n + g * g
-    z += g_tilde - ((n_new ** -learning_rate_power - n ** -learning_rate_power) / lr) * p
-    quadratic = n_new ** -learning_rate_power / lr + 2 * l2_eff
+    n_new_power = _power(n_new, -learning_rate_power)
+    z += g_tilde - ((n_new_power - _power(n, -learning_rate_power)) / lr) * p
+    quadratic = n_new_power / lr + 2 * l2_eff
     p[...] = (np.clip(z, -l1, l1) - z) / quadratic
     n[...] = n_new
+
+
+def _power(x, exponent):
+    """x**exponent, with the default exponent 0.5 as a correctly rounded sqrt (as TF
+    does) so the difference n'^0.5 - n^0.5, which cancels, rounds the same everywhere."""
+    return np.sqrt(x) if exponent == 0.5 else x ** exponent
 
 
 def lion(p, g, m, lr, beta_1, one_minus_beta_1, beta_2, one_minus_beta_2):

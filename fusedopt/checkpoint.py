@@ -1,0 +1,174 @@
+"""Checkpoints: an optimizer and its parameters in one .npz file, written atomically.
+
+    fusedopt.save("run.ckpt.npz", opt, params)
+    opt, params = fusedopt.load("run.ckpt.npz", device="gpu")
+
+The file holds the parameter buffer, every state slot, the layout, the optimizer's
+config, its iteration and skip counters, and a SHA-256 of every array. It is
+written to a temporary file in the same directory, flushed to disk and renamed over
+the target, so a crash mid-save leaves the previous checkpoint intact. Loading
+checks everything before building or changing anything: a truncated, corrupt or
+mismatched file is refused with a ValueError.
+"""
+
+import hashlib
+import json
+import os
+import tempfile
+
+import numpy as np
+
+from . import cuda, schedules
+from .flat import FlatBuffer, Layout
+from .optimizer import FusedOptimizer, _lookup
+
+FORMAT = "fusedopt-checkpoint"
+VERSION = 1
+
+
+def save(path, optimizer, params):
+    """Write `optimizer` (its config and state) and `params` to `path` atomically."""
+    if not isinstance(optimizer, FusedOptimizer):
+        raise TypeError(f"`optimizer` must be a FusedOptimizer, got {type(optimizer).__name__}")
+    if not isinstance(params, FlatBuffer):
+        raise TypeError(f"`params` must be a FlatBuffer, got {type(params).__name__}")
+    config = optimizer.get_config()
+    if callable(config["learning_rate"]):
+        raise ValueError("a callable `learning_rate` cannot be saved; use a number or a "
+                         "fusedopt.schedules schedule")
+    optimizer.build(params)  # refuses params of another layout or device
+    state = optimizer.state_dict()
+    arrays = {"params": cuda.to_device(params.data, "cpu")}
+    arrays.update({f"slot.{k}": cuda.to_device(v, "cpu") for k, v in state["slots"].items()})
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "optimizer": state["optimizer"],
+        "config": config,
+        "iterations": state["iterations"],
+        "skipped_steps": state.get("skipped_steps", 0),
+        "last_step_skipped": state.get("last_step_skipped", False),
+        "layout": state["layout"],
+        "sha256": {k: _digest(v) for k, v in arrays.items()},
+    }
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    _write_atomically(os.fspath(path), arrays)
+
+
+def load(path, device="cpu", optimizer=None, params=None):
+    """Read a checkpoint; return (optimizer, params) on `device` ("cpu", "gpu", "gpu:N").
+
+    By default a new optimizer is built from the saved config and a new FlatBuffer
+    holds the parameters. Pass `optimizer` and/or `params` to restore into existing
+    objects instead: the file must then match them (same optimizer and slots, same
+    layout and dtype), and they are changed only once everything has been checked.
+    """
+    device = cuda.normalize_device(device) if params is None else params.device
+    meta, arrays = _read(os.fspath(path))
+    layout = Layout.from_dict(meta["layout"])
+    if optimizer is None:
+        config = dict(meta["config"])
+        if isinstance(config.get("learning_rate"), dict):
+            config["learning_rate"] = schedules.deserialize(config["learning_rate"])
+        optimizer = _lookup(meta["optimizer"])(**config)
+    state = {
+        "optimizer": meta["optimizer"],
+        "iterations": meta["iterations"],
+        "layout": meta["layout"],
+        "slots": {k[len("slot."):]: v for k, v in arrays.items() if k.startswith("slot.")},
+        "skipped_steps": meta["skipped_steps"],
+        "last_step_skipped": meta["last_step_skipped"],
+    }
+    _check_target(path, optimizer, params, layout, device, state)
+    if params is None:
+        params = FlatBuffer(cuda.to_device(arrays["params"], device), list(layout.shapes))
+    else:
+        with cuda.on_device(params.device):
+            params.data[...] = cuda.to_device(arrays["params"], params.device)
+    optimizer.load_state_dict(state)
+    optimizer.build(params)
+    return optimizer, params
+
+
+def _check_target(path, optimizer, params, layout, device, state):
+    """Every reason to refuse, checked before the optimizer or params change."""
+    if not isinstance(optimizer, FusedOptimizer):
+        raise TypeError(f"`optimizer` must be a FusedOptimizer, got {type(optimizer).__name__}")
+    if type(optimizer).__name__.lower() != state["optimizer"]:
+        raise ValueError(f"checkpoint {path!r} holds optimizer {state['optimizer']!r}, "
+                         f"not {type(optimizer).__name__.lower()!r}")
+    if params is not None:
+        if not isinstance(params, FlatBuffer):
+            raise TypeError(f"`params` must be a FlatBuffer, got {type(params).__name__}")
+        if params.layout != layout:
+            raise ValueError(f"checkpoint {path!r} does not match `params`: "
+                             + params.layout.describe_difference(layout))
+    if optimizer.built and (optimizer._layout != layout or optimizer._device != device):
+        raise ValueError(f"checkpoint {path!r} does not match the layout or device this "
+                         "optimizer was built for")
+    optimizer._parse_state(state)  # other slots, sizes or dtypes
+
+
+def _digest(array):
+    return hashlib.sha256(np.ascontiguousarray(array).view(np.uint8)).hexdigest()
+
+
+def _write_atomically(path, arrays):
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".fusedopt-", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_directory(directory)
+
+
+def _fsync_directory(directory):
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # some platforms cannot open directories; the rename still happened
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _read(path):
+    """(metadata, {name: array}) after checking format, completeness and checksums."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {name: npz[name] for name in npz.files}
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        raise
+    except Exception as e:  # zipfile, zlib, numpy format errors: all mean a damaged file
+        raise ValueError(f"checkpoint {path!r} is truncated or corrupt: {e}") from e
+    if "meta" not in arrays:
+        raise ValueError(f"{path!r} is not a fusedopt checkpoint (no metadata)")
+    try:
+        meta = json.loads(arrays.pop("meta").tobytes().decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"checkpoint {path!r} has corrupt metadata: {e}") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{path!r} is not a fusedopt checkpoint")
+    if meta.get("version") != VERSION:
+        raise ValueError(f"checkpoint {path!r} has format version {meta.get('version')!r}; "
+                         f"this fusedopt reads version {VERSION}")
+    expected = meta.get("sha256", {})
+    if set(expected) != set(arrays):
+        raise ValueError(f"checkpoint {path!r} is incomplete: arrays {sorted(arrays)}, "
+                         f"expected {sorted(expected)}")
+    for name, array in arrays.items():
+        if _digest(array) != expected[name]:
+            raise ValueError(f"checkpoint {path!r} is corrupt: {name!r} fails its checksum")
+    layout = Layout.from_dict(meta["layout"])
+    params = arrays["params"]
+    if params.ndim != 1 or params.size != layout.size or params.dtype.name != layout.dtype:
+        raise ValueError(f"checkpoint {path!r}: params do not match the saved layout")
+    return meta, arrays

@@ -1,0 +1,22 @@
+// adam.cuh: Adam (Kingma & Ba 2015) and AMSGrad (Reddi et al. 2018) as Keras 3 / TF's
+// ApplyAdam: bias corrections folded into alpha, epsilon OUTSIDE the sqrt and not
+// bias-corrected; AMSGrad keeps the max of the raw v. AdamW is this rule plus decay.
+// Scalars: alpha = lr*sqrt(1-beta_2^t)/(1-beta_1^t), 1-beta_1, 1-beta_2, epsilon, amsgrad.
+#pragma once
+#include "common.cuh"
+
+struct adam {
+    template <typename T>
+    static FO_HD void update(T& p, T g, T& m, T& v, T& vhat, const T* c) {
+        const T alpha = c[0], one_minus_beta_1 = c[1], one_minus_beta_2 = c[2];
+        const T epsilon = c[3], amsgrad = c[4];
+        m += (g - m) * one_minus_beta_1;
+        v += (g * g - v) * one_minus_beta_2;
+        T v_used = v;
+        if (amsgrad != T(0)) {
+            vhat = fo_max(vhat, v);
+            v_used = vhat;
+        }
+        p -= (m * alpha) / (fo_sqrt(v_used) + epsilon);
+    }
+};

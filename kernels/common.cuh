@@ -1,0 +1,84 @@
+// common.cuh: what every rule shares. Portability (the same code builds for the GPU
+// with NVRTC and for the host with a C++ compiler), NaN-propagating helpers matching
+// NumPy, the per-step scalar structs, and the gradient prologue of the pipeline:
+// unscale -> norm-clip factor -> clip by value -> decoupled weight decay.
+#pragma once
+
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+#define FO_HD __host__ __device__ __forceinline__
+#else
+#include <math.h>
+#define FO_HD inline
+#endif
+
+// Room for the longest rule's scalars (Nadam has 9); the Python side packs the same.
+#define FO_MAX_SCALARS 10
+
+// Constant for a run of steps: how the gradient is prepared before the rule.
+// weight_decay < 0 means "no weight decay" (Keras' None); 0 still computes p - p*0*lr.
+template <typename T>
+struct Prologue {
+    T unscale;       // 1 / loss_scale_factor (1 when unset: multiplying by 1 is exact)
+    T clipvalue;     // clip g to [-clipvalue, clipvalue] when > 0
+    T weight_decay;  // p <- p - p*weight_decay*lr before the rule, when >= 0
+};
+
+// What changes every step: the learning rate (for weight decay) and the rule's scalars
+// in the order of its reference function (fusedopt/reference.py).
+template <typename T>
+struct StepScalars {
+    T lr;
+    T c[FO_MAX_SCALARS];
+};
+
+// NumPy semantics: np.maximum and np.clip propagate NaN; np.sign(0) = 0, np.sign(nan) = nan.
+template <typename T>
+FO_HD T fo_max(T a, T b) { return (a != a) ? a : ((b != b) ? b : (a > b ? a : b)); }
+
+template <typename T>
+FO_HD T fo_min(T a, T b) { return (a != a) ? a : ((b != b) ? b : (a < b ? a : b)); }
+
+template <typename T>
+FO_HD T fo_clip(T x, T lo, T hi) { return x < lo ? lo : (x > hi ? hi : x); }
+
+template <typename T>
+FO_HD T fo_sign(T x) { return x > T(0) ? T(1) : (x < T(0) ? T(-1) : (x == x ? T(0) : x)); }
+
+FO_HD float fo_sqrt(float x) { return sqrtf(x); }
+FO_HD double fo_sqrt(double x) { return sqrt(x); }
+FO_HD float fo_abs(float x) { return fabsf(x); }
+FO_HD double fo_abs(double x) { return fabs(x); }
+FO_HD float fo_pow(float x, float y) { return powf(x, y); }
+FO_HD double fo_pow(double x, double y) { return pow(x, y); }
+
+// x - x is 0 for finite x and NaN for inf or NaN.
+template <typename T>
+FO_HD bool fo_isfinite(T x) { return (x - x) == (x - x); }
+
+// The pipeline's first stages for one element, then the rule (Keras 3 order).
+// `factor` is this element's norm-clip factor (1 when not clipping by norm).
+template <typename Rule, typename T>
+FO_HD void fused_element(T& p, T g, T& s0, T& s1, T& s2, T factor,
+                         const Prologue<T>& pro, const StepScalars<T>& st) {
+    g = g * pro.unscale;
+    g = g * factor;
+    if (pro.clipvalue > T(0)) g = fo_clip(g, -pro.clipvalue, pro.clipvalue);
+    if (pro.weight_decay >= T(0)) p = p - p * pro.weight_decay * st.lr;
+    Rule::update(p, g, s0, s1, s2, st.c);
+}
+
+// Norm-clip factors from a sum of squares, in double, as Keras computes them.
+// Per variable: g*c/max(|g|, c) (|g| = 0 leaves g unchanged; NaN propagates).
+FO_HD double clipnorm_factor(double sum_of_squares, double clipnorm) {
+    double norm = sum_of_squares > 0.0 ? sqrt(sum_of_squares) : sum_of_squares;
+    if (norm != norm) return norm;
+    return clipnorm / fo_max(norm, clipnorm);
+}
+
+// Global: g*c*min(1/n, 1/c); a norm that is not finite makes every gradient NaN.
+FO_HD double global_clipnorm_factor(double sum_of_squares, double clipnorm) {
+    double norm = sqrt(sum_of_squares);
+    if (!fo_isfinite(norm)) return norm - norm;
+    if (norm == 0.0) return clipnorm * (1.0 / clipnorm);  // min(1/0 = inf, 1/c)
+    return clipnorm * fo_min(1.0 / norm, 1.0 / clipnorm);
+}

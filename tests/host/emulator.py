@@ -1,0 +1,89 @@
+"""A fusedopt.cuda backend that runs the real kernels on the CPU (cuda_emulator.h).
+
+StepPlan launches through it exactly as through CuPy: same kernels, same argument
+lists, same launch sequence, with NumPy arrays standing in for device memory.
+"""
+
+import contextlib
+import ctypes
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+
+from fusedopt import _kernels
+
+HERE = Path(__file__).parent
+
+
+def build(out_dir):
+    """Compile one emulator library per dtype; return {dtype name: CDLL} or None."""
+    compiler = shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        return None
+    libraries = {}
+    for dtype, ctype in _kernels.CTYPES.items():
+        rules = _kernels.rule_names()
+        source = '#include "cuda_emulator.h"\n' + f"#define FUSEDOPT_T {ctype}\n"
+        source += "".join(f'#include "{r}.cuh"\n' for r in rules)
+        source += '#include "fused.cu"\n#include "reduce.cu"\n#include "emulator_entries.h"\n'
+        source += "".join(f"EMU_RULE({r})\n" for r in rules)
+        out = Path(out_dir) / f"libemulator_{dtype.name}.so"
+        cmd = [compiler, "-std=c++20", "-O1", "-pthread", "-ffp-contract=off", "-shared",
+               "-fPIC", "-Wall", "-Werror", "-Wno-unused-parameter", "-Wno-unused-variable",
+               "-Wno-maybe-uninitialized", "-Wno-unknown-pragmas", "-x", "c++", "-",
+               "-I", str(_kernels.kernel_dir()), "-I", str(HERE), "-o", str(out)]
+        subprocess.run(cmd, input=source.encode(), check=True)
+        libraries[dtype.name] = ctypes.CDLL(str(out))
+    return libraries
+
+
+def _c_argument(a):
+    if a is None:
+        return None
+    if isinstance(a, np.ndarray):
+        return ctypes.c_void_p(a.ctypes.data)
+    if isinstance(a, np.int64):
+        return ctypes.c_longlong(int(a))
+    if isinstance(a, np.int32):
+        return ctypes.c_int(int(a))
+    if isinstance(a, np.float32):
+        return ctypes.c_float(float(a))
+    if isinstance(a, np.float64):
+        return ctypes.c_double(float(a))
+    raise TypeError(f"unexpected kernel argument {type(a).__name__}")
+
+
+class EmulatedKernel:
+    def __init__(self, fn, name):
+        self.fn, self.name = fn, name
+        self.fn.restype = None
+        self.calls = 0
+
+    def __call__(self, grid, block, args):
+        self.calls += 1
+        self.fn(ctypes.c_uint(grid[0]), ctypes.c_uint(block[0]), *map(_c_argument, args))
+
+
+class EmulatorBackend:
+    """The backend interface of fusedopt.cuda.CupyBackend, on the CPU."""
+
+    xp = np
+
+    def __init__(self, libraries, sm_count=2):
+        self.libraries = libraries
+        self.sm_count = sm_count
+        self.launches = []
+
+    def function(self, rule, dtype, name):
+        fn = getattr(self.libraries[np.dtype(dtype).name], "emu_" + name)
+        kernel = EmulatedKernel(fn, name)
+        self.launches.append(name)
+        return kernel
+
+    def on_device(self):
+        return contextlib.nullcontext()
+
+    def to_host(self, array):
+        return np.array(array)

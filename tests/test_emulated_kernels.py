@@ -1,0 +1,203 @@
+"""The GPU path's kernels and launch sequence, run on the CPU by an emulator.
+
+fusedopt.cuda.StepPlan drives the real kernels of fused.cu and reduce.cu, compiled
+for the host with tests/host/cuda_emulator.h, through the same launch code it uses
+with CuPy. That covers tiling, the aligned and unaligned paths, per-segment and
+global clip factors from the block reductions, skip_nonfinite bookkeeping and the
+launch count of a step; only real-GPU effects (races, speed) are left to the GPU tests.
+"""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import fusedopt
+from conftest import CASES, case_ids, random_grads, random_params, require_in_ci
+from fusedopt.cuda import StepPlan
+
+sys.path.insert(0, str(Path(__file__).parent / "host"))
+import emulator  # noqa: E402
+
+# Segments: several tiles long, odd, empty, scalar; 2100 is not a multiple of 4.
+LAYOUT = [(2100,), (3, 7), (), (0,), (1,), (4500,), (33,)]
+STEPS = 5
+RTOL = {np.float64: 1e-12, np.float32: 2e-6}
+
+
+@pytest.fixture(scope="session")
+def libraries(tmp_path_factory):
+    libs = emulator.build(tmp_path_factory.mktemp("emulator"))
+    if libs is None:
+        require_in_ci("a C++20 compiler (g++) for the kernel emulator")
+    return libs
+
+
+def emulated(opt, params, libraries, sm_count=2):
+    """Build `opt` for `params` and route its steps through the emulated GPU path."""
+    opt.build(params)
+    backend = emulator.EmulatorBackend(libraries, sm_count=sm_count)
+    opt._gpu = StepPlan(opt, params, backend=backend)
+    return backend
+
+
+def assert_close(actual, desired, dtype, what):
+    rtol = RTOL[dtype]
+    scale = float(np.max(np.abs(desired[np.isfinite(desired)]), initial=0.0))
+    np.testing.assert_allclose(actual, desired, rtol=rtol, atol=rtol * scale, err_msg=what)
+
+
+def run_pair(cls_name, kwargs, dtype, libraries, grads_list, layout=LAYOUT, misalign=False):
+    """The same steps on the NumPy path and the emulated GPU path; compared each step."""
+    init = random_params(layout, dtype, seed=11)
+    ref_params = fusedopt.FlatBuffer.from_arrays(init)
+    gpu_params = fusedopt.FlatBuffer.from_arrays(init)
+    if misalign:  # one element in: 16-byte loads impossible, the scalar path runs
+        backing = np.zeros(gpu_params.size + 1, dtype=dtype)
+        backing[1:] = gpu_params.data
+        gpu_params = fusedopt.FlatBuffer(backing[1:], gpu_params.shapes)
+    ref = getattr(fusedopt, cls_name)(**kwargs)
+    gpu = getattr(fusedopt, cls_name)(**kwargs)
+    backend = emulated(gpu, gpu_params, libraries)
+    for step, grads in enumerate(grads_list):
+        g = fusedopt.FlatBuffer.from_arrays(grads).data
+        ref.apply(g, ref_params)
+        gpu.apply(g.copy(), gpu_params)
+        assert_close(gpu_params.data, ref_params.data, dtype, f"params, step {step}")
+        for name in ref.slot_names:
+            assert_close(gpu.slots()[name], ref.slots()[name], dtype, f"{name}, step {step}")
+        assert gpu.iterations == ref.iterations
+    return ref, gpu, backend, gpu_params
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("case", CASES, ids=case_ids(CASES))
+def test_emulated_gpu_path_matches_numpy(libraries, case, dtype):
+    _, cls_name, kwargs = case
+    grads = random_grads(LAYOUT, dtype, seed=12, steps=STEPS, scale=0.8)
+    run_pair(cls_name, kwargs, dtype, libraries, grads)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("kwargs", [{}, {"clipnorm": 0.5}, {"global_clipnorm": 1.0}],
+                         ids=["plain", "clipnorm", "global"])
+def test_unaligned_buffers_take_the_scalar_path_with_the_same_bits(libraries, kwargs, dtype):
+    grads = random_grads(LAYOUT, dtype, seed=13, steps=3)
+    *_, aligned = run_pair("Adam", kwargs, dtype, libraries, grads)
+    *_, unaligned = run_pair("Adam", kwargs, dtype, libraries, grads, misalign=True)
+    np.testing.assert_array_equal(aligned.data, unaligned.data)
+
+
+@pytest.mark.parametrize("kwargs,launches", [
+    ({}, ["fusedopt_adam"]),
+    ({"clipvalue": 0.1, "weight_decay": 0.1, "loss_scale_factor": 8.0}, ["fusedopt_adam"]),
+    ({"clipnorm": 1.0}, ["fusedopt_sumsq", "fusedopt_clip_factors", "fusedopt_adam"]),
+    ({"global_clipnorm": 1.0}, ["fusedopt_sumsq", "fusedopt_clip_factors", "fusedopt_adam"]),
+    ({"skip_nonfinite": True}, ["fusedopt_sumsq", "fusedopt_skip_check", "fusedopt_adam"]),
+    ({"skip_nonfinite": True, "clipnorm": 1.0},
+     ["fusedopt_sumsq", "fusedopt_clip_factors", "fusedopt_skip_check", "fusedopt_adam"]),
+])
+def test_one_update_launch_per_step(libraries, kwargs, launches):
+    """The update is one kernel; reductions run only when an option needs them."""
+    params = fusedopt.FlatBuffer.from_arrays(random_params(LAYOUT, np.float32, seed=1))
+    opt = fusedopt.Adam(**kwargs)
+    backend = emulated(opt, params, libraries)
+    opt.apply(params.zeros_like().data + 0.5, params)
+    assert backend.launches == launches
+
+
+def test_per_segment_factors_follow_their_tiles(libraries):
+    """A large-norm segment is clipped, a small-norm one is not, even when both
+    span several tiles and the blocks stride over them."""
+    layout = [(9000,), (7000,)]
+    params = fusedopt.FlatBuffer.from_arrays([np.zeros(s) for s in layout])
+    opt = fusedopt.SGD(learning_rate=1.0, clipnorm=1.0)
+    emulated(opt, params, libraries, sm_count=1)
+    assert opt._gpu.tiles.count > 4 and opt._gpu.grid < opt._gpu.tiles.count
+    g = np.concatenate([np.full(9000, 1.0), np.full(7000, 1e-4)])  # norms 94.9 and 0.0084
+    opt.apply(g, params)
+    np.testing.assert_allclose(params.data[:9000], -1.0 / np.sqrt(9000), rtol=1e-13)
+    np.testing.assert_allclose(params.data[9000:], -1e-4, rtol=1e-13)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("cls_name,kwargs", [
+    ("Adam", {"skip_nonfinite": True}),
+    ("Nadam", {"skip_nonfinite": True, "global_clipnorm": 1.0}),
+    ("SGD", {"skip_nonfinite": True, "momentum": 0.9, "clipnorm": 0.3,
+             "learning_rate": fusedopt.schedules.ExponentialDecay(0.1, 2, 0.5)}),
+], ids=["adam", "nadam-global", "sgd-clipnorm-schedule"])
+def test_skip_nonfinite_on_the_device_matches_numpy(libraries, cls_name, kwargs, dtype):
+    """Skipped steps leave everything bitwise unchanged and later steps use the
+    scalars of the device's own iteration count (bias corrections, schedules)."""
+    grads = random_grads(LAYOUT, dtype, seed=14, steps=8)
+    grads[2][0].flat[5] = np.nan
+    grads[3][5].flat[100] = np.inf
+    grads[5][1].flat[0] = -np.inf
+    init = random_params(LAYOUT, dtype, seed=15)
+    ref_params = fusedopt.FlatBuffer.from_arrays(init)
+    gpu_params = fusedopt.FlatBuffer.from_arrays(init)
+    ref = getattr(fusedopt, cls_name)(**kwargs)
+    gpu = getattr(fusedopt, cls_name)(**kwargs)
+    emulated(gpu, gpu_params, libraries)
+    for step, step_grads in enumerate(grads):
+        before = [gpu_params.data.copy()] + [s.copy() for s in gpu.slots().values()]
+        g = fusedopt.FlatBuffer.from_arrays(step_grads).data
+        ref.apply(g, ref_params)
+        gpu.apply(g, gpu_params)
+        skipped = step in (2, 3, 5)
+        assert gpu.last_step_skipped == ref.last_step_skipped == skipped
+        if skipped:
+            after = [gpu_params.data] + list(gpu.slots().values())
+            for a, b in zip(before, after):
+                np.testing.assert_array_equal(a, b)
+        assert_close(gpu_params.data, ref_params.data, dtype, f"params, step {step}")
+    assert gpu.iterations == ref.iterations == 5
+    assert gpu.skipped_steps == ref.skipped_steps == 3
+
+
+def test_skip_table_grows_and_compacts(libraries):
+    """Rows of iterations the device has passed are dropped when the host reads the
+    counters; the table grows when the device falls behind by many skips."""
+    params = fusedopt.FlatBuffer.from_arrays([np.ones(8)])
+    opt = fusedopt.Adam(skip_nonfinite=True)
+    emulated(opt, params, libraries)
+    plan = opt._gpu
+    plan.table = plan.table[: 4 * plan.row_bytes]  # a small table to exercise growth
+    plan.table_rows = 4
+    bad = np.full(8, np.nan)
+    for step in range(10):
+        opt.apply(bad if step % 2 else np.full(8, 0.1), params)
+    assert plan.table_rows >= 10 - plan._base
+    assert (opt.iterations, opt.skipped_steps) == (5, 5)  # reads: compacts to base 5
+    assert plan._base == 5
+    ref = fusedopt.Adam()
+    ref_params = fusedopt.FlatBuffer.from_arrays([np.ones(8)])
+    for _ in range(6):
+        ref.apply(np.full(8, 0.1), ref_params)
+    opt.apply(np.full(8, 0.1), params)
+    np.testing.assert_allclose(params.data, ref_params.data, rtol=1e-14)
+
+
+def test_emulated_steps_are_deterministic(libraries):
+    grads = random_grads(LAYOUT, np.float32, seed=16, steps=4)
+    results = []
+    for _ in range(2):
+        *_, params = run_pair("Adam", {"global_clipnorm": 0.7}, np.float32, libraries, grads)
+        results.append(params.data.copy())
+    np.testing.assert_array_equal(results[0], results[1])
+
+
+def test_state_dict_round_trip_through_the_device_counters(libraries):
+    params = fusedopt.FlatBuffer.from_arrays([np.linspace(-1, 1, 50)])
+    opt = fusedopt.Adam(skip_nonfinite=True)
+    emulated(opt, params, libraries)
+    opt.apply(np.full(50, 0.2), params)
+    opt.apply(np.full(50, np.nan), params)
+    state = opt.state_dict()
+    assert (state["iterations"], state["skipped_steps"], state["last_step_skipped"]) == (1, 1, True)
+    opt.apply(np.full(50, 0.2), params)
+    opt.load_state_dict(state)
+    assert (opt.iterations, opt.skipped_steps, opt.last_step_skipped) == (1, 1, True)
+    assert opt._gpu.next_row == 1

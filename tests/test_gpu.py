@@ -1,0 +1,213 @@
+"""The CUDA path on a real GPU against the NumPy reference (skipped without a GPU).
+
+For every case of CASES, float32 and float64, several sizes and segment layouts:
+params and every slot after every one of 20 steps, starting from random state.
+Buffers sit between guard regions filled with a sentinel bit pattern, checked after
+the steps, so an out-of-bounds write cannot go unnoticed. Also: bitwise determinism,
+no host synchronisation in a step (a step is captured into a CUDA graph, which CUDA
+refuses when anything synchronises), state moving between CPU and GPU, and a buffer
+of more than 2**31 elements where the device has the memory.
+"""
+
+import numpy as np
+import pytest
+
+import fusedopt
+from conftest import CASES, case_ids
+from fusedopt import cuda
+
+pytestmark = pytest.mark.skipif(not cuda.gpu_available(), reason="no CUDA GPU")
+
+SIZES = [0, 1, 31, 4097, 2**20 + 3]
+STEPS = 20
+GUARD = 64
+RTOL = {np.float64: 1e-12, np.float32: 2e-5}
+
+
+def layouts_for(n):
+    """Segment layouts of n elements: one segment, uneven pieces, many small ones."""
+    out = [[(n,)]]
+    if n >= 31:
+        out.append([(n - 20,), (7,), (0,), (1,), (12,)])
+    if n >= 4097:
+        pieces = [n // 200] * 199
+        out.append([(p,) for p in pieces] + [(n - sum(pieces),)])
+    return out
+
+
+def guarded(cp, array):
+    """`array` copied into the middle of a buffer whose ends hold a sentinel pattern."""
+    backing = cp.empty(array.size + 2 * GUARD, dtype=array.dtype)
+    backing.view(np.uint8).fill(0xA5)
+    backing[GUARD:GUARD + array.size] = cp.asarray(array)
+    return backing, backing[GUARD:GUARD + array.size]
+
+
+def assert_guards_intact(cp, backing, n):
+    raw = backing.view(np.uint8)
+    itemsize = backing.dtype.itemsize
+    head, tail = raw[: GUARD * itemsize], raw[(GUARD + n) * itemsize:]
+    assert bool((head == 0xA5).all()) and bool((tail == 0xA5).all()), "write outside the buffer"
+
+
+def assert_close(actual, desired, dtype, what):
+    rtol = RTOL[dtype]
+    finite = desired[np.isfinite(desired)]
+    scale = float(np.max(np.abs(finite), initial=0.0))
+    np.testing.assert_allclose(actual, desired, rtol=rtol, atol=rtol * scale, err_msg=what)
+
+
+def random_state(opt, size, dtype, rng):
+    """A state_dict with random (non-zero, valid) slots so every element must change."""
+    slots = {}
+    for name in opt.slot_names:
+        values = rng.uniform(0.01, 1.0, size)
+        if name in ("momentum", "linear", "average_gradient"):
+            values *= rng.choice([-1.0, 1.0], size)
+        slots[name] = values.astype(dtype)
+    return slots
+
+
+def gpu_cases():
+    for n in SIZES:
+        for layout in layouts_for(n):
+            yield n, layout
+
+
+LAYOUT_CASES = list(gpu_cases())
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("layout", LAYOUT_CASES,
+                         ids=[f"n{n}-seg{len(lay)}" for n, lay in LAYOUT_CASES])
+@pytest.mark.parametrize("case", CASES, ids=case_ids(CASES))
+def test_gpu_matches_numpy_every_step(case, layout, dtype):
+    import cupy as cp
+
+    n, shapes = layout
+    _, cls_name, kwargs = case
+    rng = np.random.default_rng(n + len(shapes))
+    init = rng.normal(size=n).astype(dtype)
+    cpu_params = fusedopt.FlatBuffer(init.copy(), shapes)
+    backing, gpu_data = guarded(cp, init)
+    gpu_params = fusedopt.FlatBuffer(gpu_data, shapes)
+    cpu_opt = getattr(fusedopt, cls_name)(**kwargs)
+    gpu_opt = getattr(fusedopt, cls_name)(**kwargs)
+    cpu_opt.build(cpu_params)
+    state = cpu_opt.state_dict()
+    state["slots"] = random_state(cpu_opt, n, dtype, rng)
+    cpu_opt.load_state_dict(state)
+    gpu_opt.load_state_dict(state)
+    for step in range(STEPS):
+        g = (rng.normal(size=n) * rng.uniform(0.1, 3.0)).astype(dtype)
+        cpu_opt.apply(g, cpu_params)
+        gpu_opt.apply(cp.asarray(g), gpu_params)
+        assert_close(cp.asnumpy(gpu_params.data), cpu_params.data, dtype, f"params, step {step}")
+        for name in cpu_opt.slot_names:
+            assert_close(cp.asnumpy(gpu_opt.slots()[name]), cpu_opt.slots()[name], dtype,
+                         f"{name}, step {step}")
+    assert gpu_opt.iterations == cpu_opt.iterations == STEPS
+    assert_guards_intact(cp, backing, n)
+
+
+def run_gpu(cp, cls_name, kwargs, n, shapes, steps, seed):
+    rng = np.random.default_rng(seed)
+    params = fusedopt.FlatBuffer(cp.asarray(rng.normal(size=n).astype(np.float32)), shapes)
+    opt = getattr(fusedopt, cls_name)(**kwargs)
+    for _ in range(steps):
+        opt.apply(cp.asarray(rng.normal(size=n).astype(np.float32)), params)
+    return [cp.asnumpy(params.data)] + [cp.asnumpy(s) for s in opt.slots().values()]
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"clipnorm": 0.5}, {"global_clipnorm": 1.0},
+                                    {"skip_nonfinite": True, "global_clipnorm": 1.0}],
+                         ids=["plain", "clipnorm", "global", "skip-global"])
+def test_gpu_runs_are_bitwise_identical(kwargs):
+    import cupy as cp
+
+    n = 3 * 2**20 + 5
+    shapes = [(n // 3,), (n // 3,), (n - 2 * (n // 3),)]
+    first = run_gpu(cp, "Adam", kwargs, n, shapes, steps=10, seed=7)
+    second = run_gpu(cp, "Adam", kwargs, n, shapes, steps=10, seed=7)
+    for a, b in zip(first, second):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {}, {"clipnorm": 1.0}, {"global_clipnorm": 1.0}, {"clipvalue": 0.1, "weight_decay": 0.01},
+    {"skip_nonfinite": True}, {"skip_nonfinite": True, "clipnorm": 1.0, "loss_scale_factor": 128.0},
+    {"learning_rate": fusedopt.schedules.CosineDecay(1e-3, 100)},
+], ids=["plain", "clipnorm", "global", "clipvalue-decay", "skip", "skip-clipnorm-scale", "schedule"])
+def test_gpu_step_never_synchronises(kwargs):
+    """A step captured into a CUDA graph: capture fails on any device-to-host copy or
+    synchronisation. The captured graph, replayed, then performs a real step."""
+    import cupy as cp
+
+    n = 100_003
+    shapes = [(50_000,), (3,), (50_000,)]
+    params = fusedopt.FlatBuffer(cp.asarray(np.linspace(-1, 1, n, dtype=np.float32)), shapes)
+    grads = cp.asarray(np.random.default_rng(0).normal(size=n).astype(np.float32))
+    opt = fusedopt.Adam(**kwargs)
+    opt.apply(grads, params)  # build and compile outside the capture
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture()
+        opt.apply(grads, params)
+        graph = stream.end_capture()
+    before = cp.asnumpy(params.data)
+    graph.launch(stream)
+    stream.synchronize()
+    assert not np.array_equal(before, cp.asnumpy(params.data))
+
+
+@pytest.mark.parametrize("cls_name,kwargs", [("Adam", {"amsgrad": True}), ("Nadam", {}),
+                                             ("Ftrl", {"l1_regularization_strength": 0.01})])
+def test_state_moves_between_cpu_and_gpu(cls_name, kwargs):
+    import cupy as cp
+
+    rng = np.random.default_rng(3)
+    shapes = [(100,), (7, 3)]
+    init = rng.normal(size=121)
+    grads = [rng.normal(size=121) for _ in range(12)]
+    ref_params = fusedopt.FlatBuffer(init.copy(), shapes)
+    ref = getattr(fusedopt, cls_name)(**kwargs)
+    for g in grads:
+        ref.apply(g, ref_params)
+    # 4 steps on the CPU, 4 on the GPU, 4 on the CPU again.
+    params = fusedopt.FlatBuffer(init.copy(), shapes)
+    opt = getattr(fusedopt, cls_name)(**kwargs)
+    for g in grads[:4]:
+        opt.apply(g, params)
+    gpu_params, gpu_opt = params.to("gpu"), getattr(fusedopt, cls_name)(**kwargs)
+    gpu_opt.load_state_dict(opt.state_dict())
+    for g in grads[4:8]:
+        gpu_opt.apply(cp.asarray(g), gpu_params)
+    cpu_params, cpu_opt = gpu_params.to("cpu"), getattr(fusedopt, cls_name)(**kwargs)
+    cpu_opt.load_state_dict(gpu_opt.state_dict())
+    for g in grads[8:]:
+        cpu_opt.apply(g, cpu_params)
+    np.testing.assert_allclose(cpu_params.data, ref_params.data, rtol=1e-12)
+    assert cpu_opt.iterations == 12
+
+
+def test_more_than_2_to_the_31_elements():
+    """64-bit indexing end to end, global clipping included: elements past 2**31 are
+    updated with the factor computed from all of them."""
+    import cupy as cp
+
+    n = 2**31 + 4099
+    free, _ = cp.cuda.runtime.memGetInfo()
+    if free < 3 * n * 4 + 2**30:
+        pytest.skip(f"needs {3 * n * 4 / 2**30:.1f} GiB of free GPU memory")
+    params = fusedopt.FlatBuffer(cp.zeros(n, dtype=np.float32), [(2**31,), (4099,)])
+    grads = cp.ones(n, dtype=np.float32)
+    grads[-1] = 3.0
+    opt = fusedopt.SGD(learning_rate=1.0, global_clipnorm=1.0)
+    opt.apply(grads, params)
+    norm = np.sqrt(float(n - 1) + 9.0)
+    tail = cp.asnumpy(params.data[-3:])
+    np.testing.assert_allclose(tail, [-1 / norm, -1 / norm, -3 / norm], rtol=1e-5)
+    np.testing.assert_allclose(float(params.data[0]), -1 / norm, rtol=1e-5)
+    np.testing.assert_allclose(float(params.data[2**31 + 17]), -1 / norm, rtol=1e-5)
+    del params, grads
+    cp.get_default_memory_pool().free_all_blocks()
