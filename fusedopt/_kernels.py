@@ -25,6 +25,7 @@ NVRTC_OPTIONS = (
 CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.M)
+_PRAGMA_ONCE = re.compile(r"^\s*#\s*pragma\s+once\s*$", re.M)
 
 
 def kernel_dir():
@@ -50,7 +51,10 @@ def expand_includes(text, seen=None):
         if name in seen:
             return ""
         seen.add(name)
-        return f"// ---- {name}\n" + expand_includes(read_source(name), seen)
+        # Each file is inlined once, so its include guard is redundant (and nvcc
+        # warns about "#pragma once in main file").
+        body = _PRAGMA_ONCE.sub("", read_source(name))
+        return f"// ---- {name}\n" + expand_includes(body, seen)
 
     return _INCLUDE.sub(inline, text)
 

@@ -543,7 +543,9 @@ def _sum_of_squares(g, unscale):
         if unscale is not None:
             x = x * unscale
         x = x.astype(np.float64)
-        total += float(np.dot(x, x))
+        # einsum, not np.dot: BLAS threads on a busy machine can stall a dot for
+        # milliseconds, and a single-threaded loop sums in the same order every time.
+        total += float(np.einsum("i,i->", x, x))
     return total
 
 

@@ -1,0 +1,645 @@
+"""`python -m fusedopt bench`: optimizer-step throughput against the copy ceiling and peers.
+
+In one run on one device it measures:
+  - the ceiling: device-to-device copy bandwidth (bytes read + written) at each size;
+  - fusedopt's step for every optimizer at sizes 2^16 ... 2^28 (float32) and the bytes
+    it must move per element (ARCHITECTURE.md, "Performance model");
+  - peers on the same sizes: the NumPy reference applied to CuPy arrays (unfused
+    CuPy), torch.optim with fused=True and foreach=True on one flat tensor and on ~200
+    tensors, optax's jitted adam with and without clip_by_global_norm, and torch's
+    clip_grad_norm_ + fused Adam against fusedopt Adam with global_clipnorm;
+  - host overhead: microseconds per step for a 1M-parameter, 100-tensor model.
+A peer that is not installed is reported as missing. On a machine without a GPU the
+same command compares the NumPy path with torch's CPU optimizers.
+
+Timing on a GPU: CUDA events around each step, after warm-up; a spin kernel runs
+first so the host has queued the whole step before the start event fires (device
+time, not launch latency); the median of the repeats; buffer sets rotated so that
+the working set exceeds twice the L2 cache. optax is timed by the host clock around
+a blocking call (JAX hides its streams), so it includes one dispatch per step.
+"""
+
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import _kernels, cuda, reference
+from .optimizer import get
+
+IMPLS = ("fusedopt", "cupy-unfused", "torch-fused", "torch-foreach", "optax",
+         "torch-clip+fused", "optax-clip", "copy")
+# Benchmarked configurations: Keras defaults, except SGD with the usual momentum.
+CONFIGS = {"sgd": {"momentum": 0.9}}
+TORCH_PEERS = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD", "adagrad": "Adagrad"}
+CLIP_NORM = 1.0
+
+
+def add_arguments(parser):
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"],
+                        help="where to measure (auto: the GPU when there is one)")
+    parser.add_argument("--sizes", default=None,
+                        help="log2 sizes, e.g. 16-28 or 20,24 (default: 16-28 step 2 on "
+                             "a GPU, 16-22 on the CPU)")
+    parser.add_argument("--optimizers", default="all",
+                        help="comma-separated names (default: every optimizer)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed steps per point")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--no-peers", action="store_true", help="measure fusedopt only")
+    parser.add_argument("--tests", default=None, metavar="JSON",
+                        help="a test-count record {passed, failed, skipped} to embed")
+    parser.add_argument("--out", default="bench/results", help="directory for the record")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args):
+    device = args.device
+    if device == "auto":
+        device = "gpu" if cuda.gpu_available() else "cpu"
+    if device == "gpu" and not cuda.gpu_available():
+        print("error: --device gpu but no CUDA GPU is available", file=sys.stderr)
+        return 2
+    try:
+        sizes = parse_sizes(args.sizes, device)
+        optimizers = parse_optimizers(args.optimizers)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    ctx = GpuContext() if device == "gpu" else CpuContext()
+    repeats = args.repeats or (30 if device == "gpu" else 7)
+    plan = build_plan(ctx, sizes, optimizers, peers=not args.no_peers)
+    progress = Progress(len(plan), quiet=args.quiet)
+    rows = []
+    for label, measure in plan:
+        progress.update(label)
+        rows.extend(measure(ctx, warmup=args.warmup, repeats=repeats))
+    progress.done()
+    record = make_record(ctx, rows, tests=load_tests(args.tests))
+    paths = write_record(record, Path(args.out))
+    print(markdown_table(record))
+    print("\nwrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+# ------------------------------------------------------------------ arguments
+def parse_sizes(text, device):
+    if text is None:
+        return [2**k for k in (range(16, 29, 2) if device == "gpu" else range(16, 23, 2))]
+    out = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        if not lo.strip().isdigit() or (hi and not hi.strip().isdigit()):
+            raise ValueError(f"--sizes takes log2 sizes like 16-28 or 20,24, got {text!r}")
+        lo, hi = int(lo), int(hi or lo)
+        out += [2**k for k in range(lo, hi + 1, 2 if hi - lo >= 4 else 1)]
+    return sorted(set(out))
+
+
+def parse_optimizers(text):
+    from .optimizer import available
+
+    names = available() if text == "all" else [t.strip().lower() for t in text.split(",")]
+    for name in names:
+        get(name)  # raises ValueError naming the valid ones
+    return names
+
+
+def step_bytes(name, itemsize, clip=False):
+    """Bytes a fused step must move per element: read p and g, write p, read and write
+    every state slot; global clipping reads g once more."""
+    slots = len(make_optimizer(name).slot_names)
+    return itemsize * (3 + 2 * slots + (1 if clip else 0))
+
+
+def make_optimizer(name, **extra):
+    opt = get(name)
+    return type(opt)(**{**CONFIGS.get(name, {}), **extra})
+
+
+def model_like_shapes(n, count=200, seed=0):
+    """~`count` tensors of mixed sizes (log-uniform) adding up to n elements."""
+    rng = np.random.default_rng(seed)
+    weights = np.exp(rng.uniform(0, np.log(4096), count))
+    sizes = np.maximum(1, np.floor(weights / weights.sum() * n)).astype(np.int64)
+    sizes[np.argmax(sizes)] += n - sizes.sum()
+    return [(int(s),) for s in sizes]
+
+
+# ------------------------------------------------------------------- contexts
+class CpuContext:
+    """NumPy buffers, host clock."""
+
+    device = "cpu"
+    xp = np
+
+    def __init__(self):
+        self.name = cpu_name()
+        self.l2_bytes = 32 << 20  # generous: rotation is cheap insurance on the CPU
+
+    def rand(self, n, seed):
+        return np.random.default_rng(seed).standard_normal(n, dtype=np.float32)
+
+    def time(self, step, sets, warmup, repeats):
+        for i in range(warmup):
+            step(i % sets)
+        times = []
+        for r in range(repeats):
+            t0 = time.perf_counter()
+            step(r % sets)
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+
+    def sync(self):
+        pass
+
+    def free(self):
+        pass
+
+
+class GpuContext:
+    """CuPy buffers on the current GPU, CUDA events."""
+
+    device = "gpu"
+
+    def __init__(self):
+        import cupy as cp
+
+        self.cp = self.xp = cp
+        props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
+        self.name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
+        self.l2_bytes = cp.cuda.Device().attributes["L2CacheSize"]
+        self.clock_khz = props["clockRate"]
+        self._spin = cp.RawKernel(
+            'extern "C" __global__ void spin(long long cycles) {'
+            "  long long t0 = clock64(); while (clock64() - t0 < cycles) {} }", "spin")
+
+    def rand(self, n, seed):
+        return self.cp.random.default_rng(seed).standard_normal(n, dtype=np.float32)
+
+    def spin(self, microseconds):
+        """Keep the GPU busy so the host queues the timed work before it starts."""
+        cycles = int(microseconds * self.clock_khz / 1e3)
+        self._spin((1,), (1,), (np.int64(cycles),))
+
+    def time(self, step, sets, warmup, repeats, events=None):
+        cp = self.cp
+        host = 0.0
+        for i in range(warmup):
+            t0 = time.perf_counter()
+            step(i % sets)
+            host = max(host, time.perf_counter() - t0)
+        self.sync()
+        make_event = events or cp.cuda.Event
+        start, end = make_event(), make_event()
+        times = []
+        for r in range(repeats):
+            # Longer than it takes the host to queue a step (measured in the warm-up).
+            self.spin(100 + 2e6 * host)
+            start.record()
+            step(r % sets)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) if events else cp.cuda.get_elapsed_time(start, end))
+        return statistics.median(times)
+
+    def sync(self):
+        self.cp.cuda.runtime.deviceSynchronize()
+
+    def free(self):
+        self.sync()
+        self.cp.get_default_memory_pool().free_all_blocks()
+
+
+def rotation(ctx, bytes_per_set):
+    """How many buffer sets to cycle through so the working set exceeds 2x L2."""
+    return int(min(64, max(1, math.ceil(2 * ctx.l2_bytes / max(1, bytes_per_set)))))
+
+
+# ----------------------------------------------------------------------- plan
+def build_plan(ctx, sizes, optimizers, peers):
+    """[(label, measure(ctx, warmup, repeats) -> rows)] in a memory-friendly order."""
+    plan = []
+    for n in sizes:
+        plan.append((f"copy n=2^{n.bit_length() - 1}", _bind(measure_copy, n)))
+        for name in optimizers:
+            plan.append((f"fusedopt {name} n=2^{n.bit_length() - 1}",
+                         _bind(measure_fusedopt, name, n, "flat", None)))
+        if "adam" in optimizers:
+            plan.append((f"fusedopt adam 200-tensors n=2^{n.bit_length() - 1}",
+                         _bind(measure_fusedopt, "adam", n, "200-tensors", None)))
+            plan.append((f"fusedopt adam clip n=2^{n.bit_length() - 1}",
+                         _bind(measure_fusedopt, "adam", n, "flat", "global")))
+        if not peers:
+            continue
+        if ctx.device == "gpu":
+            for name in optimizers:
+                plan.append((f"cupy-unfused {name} n=2^{n.bit_length() - 1}",
+                             _bind(measure_cupy_unfused, name, n)))
+        for name in [o for o in optimizers if o in TORCH_PEERS]:
+            for layout in ("flat", "200-tensors"):
+                plan.append((f"torch {name} {layout} n=2^{n.bit_length() - 1}",
+                             _bind(measure_torch, name, n, layout)))
+        if "adam" in optimizers:
+            plan.append((f"torch clip+fused n=2^{n.bit_length() - 1}",
+                         _bind(measure_torch_clip, n)))
+            plan.append((f"optax n=2^{n.bit_length() - 1}", _bind(measure_optax, n)))
+    plan.append(("host overhead", measure_host_overhead))
+    return plan
+
+
+def _bind(fn, *args):
+    return lambda ctx, warmup, repeats: fn(ctx, *args, warmup=warmup, repeats=repeats)
+
+
+def row(optimizer, impl, n, layout, clip, median_ms, nbytes, dtype="float32", note=None):
+    gbps = None if median_ms is None or median_ms <= 0 else nbytes / (median_ms * 1e6)
+    out = {"optimizer": optimizer, "impl": impl, "n": int(n), "dtype": dtype,
+           "layout": layout, "clip": clip, "median_ms": median_ms, "bytes": int(nbytes),
+           "gbps": gbps}
+    if note:
+        out["note"] = note
+    return out
+
+
+def missing(optimizer, impl, n, layout, clip, why):
+    return [row(optimizer, impl, n, layout, clip, None, 0, note=f"missing: {why}")]
+
+
+# ---------------------------------------------------------------- measurements
+def measure_copy(ctx, n, warmup, repeats):
+    nbytes = 2 * 4 * n  # read + write
+    sets = rotation(ctx, nbytes)
+    src = [ctx.rand(n, i) for i in range(sets)]
+    dst = [ctx.xp.empty_like(s) for s in src]
+    ms = ctx.time(lambda i: ctx.xp.copyto(dst[i], src[i]), sets, warmup, repeats)
+    ctx.free()
+    return [row(None, "copy", n, "flat", None, ms, nbytes)]
+
+
+def _fusedopt_sets(ctx, name, n, layout, clip):
+    from .flat import FlatBuffer
+
+    shapes = [(n,)] if layout == "flat" else model_like_shapes(n)
+    nbytes = step_bytes(name, 4, clip=bool(clip)) * n
+    sets = rotation(ctx, nbytes)
+    out = []
+    for i in range(sets):
+        params = FlatBuffer(ctx.rand(n, 2 * i), shapes)
+        grads = ctx.rand(n, 2 * i + 1) * 1e-2
+        opt = make_optimizer(name, **({"global_clipnorm": CLIP_NORM} if clip else {}))
+        opt.build(params)
+        out.append((opt, params, grads))
+    return out, nbytes
+
+
+def measure_fusedopt(ctx, name, n, layout, clip, warmup, repeats):
+    sets, nbytes = _fusedopt_sets(ctx, name, n, layout, clip)
+
+    def step(i):
+        opt, params, grads = sets[i]
+        opt.apply(grads, params)
+
+    ms = ctx.time(step, len(sets), warmup, repeats)
+    del sets
+    ctx.free()
+    return [row(name, "fusedopt", n, layout, clip, ms, nbytes)]
+
+
+def measure_cupy_unfused(ctx, name, n, warmup, repeats):
+    """The NumPy reference rule applied to CuPy arrays: one CuPy kernel per operation."""
+    sets, nbytes = _fusedopt_sets(ctx, name, n, "flat", None)
+    rule = getattr(reference, sets[0][0].rule)
+
+    def step(i):
+        opt, params, grads = sets[i]
+        lr, scalars = opt._step_scalars(opt._iterations)
+        c = tuple(np.float32(x) for x in scalars)
+        rule(params.data, grads, *opt._slots, *c)
+        opt._iterations += 1
+
+    ms = ctx.time(step, len(sets), warmup, repeats)
+    del sets
+    ctx.free()
+    return [row(name, "cupy-unfused", n, "flat", None, ms, nbytes)]
+
+
+def _torch(ctx):
+    try:
+        import torch
+    except ImportError:
+        return None, "torch is not installed"
+    if ctx.device == "gpu" and not torch.cuda.is_available():
+        return None, "torch has no CUDA"
+    return torch, None
+
+
+def _torch_sets(ctx, torch, n, layout, sets):
+    dev = "cuda" if ctx.device == "gpu" else "cpu"
+    shapes = [(n,)] if layout == "flat" else model_like_shapes(n)
+    out = []
+    for i in range(sets):
+        gen = torch.Generator(device=dev).manual_seed(i)
+        params = [torch.randn(s, device=dev, generator=gen, requires_grad=True) for s in shapes]
+        for p in params:
+            p.grad = torch.randn(p.shape, device=dev, generator=gen) * 1e-2
+        out.append(params)
+    return out
+
+
+def _torch_time(ctx, torch, step, sets, warmup, repeats):
+    if ctx.device == "gpu":
+        return ctx.time(step, sets, warmup, repeats,
+                        events=lambda: torch.cuda.Event(enable_timing=True))
+    return ctx.time(step, sets, warmup, repeats)
+
+
+def measure_torch(ctx, name, n, layout, warmup, repeats):
+    torch, why = _torch(ctx)
+    impls = ("torch-fused", "torch-foreach")
+    if torch is None:
+        return [r for impl in impls for r in missing(name, impl, n, layout, None, why)]
+    nbytes = step_bytes(name, 4) * n
+    kwargs = {"momentum": 0.9} if name == "sgd" else {}
+    rows = []
+    for impl in impls:
+        sets = _torch_sets(ctx, torch, n, layout, rotation(ctx, nbytes))
+        flag = {"fused": True} if impl == "torch-fused" else {"foreach": True}
+        try:
+            opts = [getattr(torch.optim, TORCH_PEERS[name])(p, lr=1e-3, **kwargs, **flag)
+                    for p in sets]
+            ms = _torch_time(ctx, torch, lambda i: opts[i].step(), len(sets), warmup, repeats)
+            rows.append(row(name, impl, n, layout, None, ms, nbytes))
+        except (RuntimeError, TypeError, ValueError) as e:  # e.g. no fused kernel here
+            rows += missing(name, impl, n, layout, None, str(e).splitlines()[0][:120])
+        del sets
+        if ctx.device == "gpu":
+            torch.cuda.empty_cache()
+    ctx.free()
+    return rows
+
+
+def measure_torch_clip(ctx, n, warmup, repeats):
+    torch, why = _torch(ctx)
+    if torch is None:
+        return missing("adam", "torch-clip+fused", n, "flat", "global", why)
+    nbytes = step_bytes("adam", 4, clip=True) * n
+    sets = _torch_sets(ctx, torch, n, "flat", rotation(ctx, nbytes))
+    try:
+        opts = [torch.optim.Adam(p, lr=1e-3, fused=True) for p in sets]
+    except (RuntimeError, TypeError, ValueError) as e:
+        return missing("adam", "torch-clip+fused", n, "flat", "global", str(e)[:120])
+
+    def step(i):
+        torch.nn.utils.clip_grad_norm_(sets[i], CLIP_NORM)
+        opts[i].step()
+
+    ms = _torch_time(ctx, torch, step, len(sets), warmup, repeats)
+    del sets, opts
+    if ctx.device == "gpu":
+        torch.cuda.empty_cache()
+    return [row("adam", "torch-clip+fused", n, "flat", "global", ms, nbytes)]
+
+
+def measure_optax(ctx, n, warmup, repeats):
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    try:
+        import jax
+        import optax
+    except ImportError:
+        return (missing("adam", "optax", n, "flat", None, "jax/optax not installed")
+                + missing("adam", "optax-clip", n, "flat", "global", "jax/optax not installed"))
+    platform_name = "gpu" if ctx.device == "gpu" else "cpu"
+    try:
+        device = jax.devices(platform_name)[0]
+    except RuntimeError:
+        why = f"jax has no {platform_name} backend"
+        return (missing("adam", "optax", n, "flat", None, why)
+                + missing("adam", "optax-clip", n, "flat", "global", why))
+    rows = []
+    for impl, clip in (("optax", None), ("optax-clip", "global")):
+        tx = optax.adam(1e-3, eps=1e-7)
+        if clip:
+            tx = optax.chain(optax.clip_by_global_norm(CLIP_NORM), tx)
+
+        def update(params, grads, state, tx=tx):
+            updates, state = tx.update(grads, state, params)
+            return optax.apply_updates(params, updates), state
+
+        # Donating params and state lets XLA update them in place, as the others do.
+        step_fn = jax.jit(update, donate_argnums=(0, 2))
+        nbytes = step_bytes("adam", 4, clip=bool(clip)) * n
+        sets = []
+        for i in range(rotation(ctx, nbytes)):
+            key = jax.random.PRNGKey(i)
+            p = jax.device_put(jax.random.normal(key, (n,), dtype="float32"), device)
+            g = jax.device_put(jax.random.normal(key, (n,), dtype="float32") * 1e-2, device)
+            sets.append([p, g, tx.init(p)])
+
+        def step(i):
+            p, g, state = sets[i]
+            p, state = step_fn(p, g, state)
+            jax.block_until_ready(p)
+            sets[i][0], sets[i][2] = p, state
+
+        times = []
+        for i in range(warmup):
+            step(i % len(sets))
+        for r in range(repeats):
+            t0 = time.perf_counter()
+            step(r % len(sets))
+            times.append((time.perf_counter() - t0) * 1e3)
+        rows.append(row("adam", impl, n, "flat", clip, statistics.median(times), nbytes,
+                        note="host clock around a blocking jitted call"))
+        del sets
+    return rows
+
+
+def measure_host_overhead(ctx, warmup, repeats, steps=200):
+    """Microseconds per step for a small model (1M parameters in 100 tensors), steps
+    issued back to back: host-bound, so this is the cost of the Python call."""
+    from .flat import FlatBuffer
+
+    n, count = 1 << 20, 100
+    shapes = model_like_shapes(n, count=count, seed=1)
+    nbytes = step_bytes("adam", 4) * n
+    params = FlatBuffer(ctx.rand(n, 0), shapes)
+    grads = ctx.rand(n, 1) * 1e-2
+    opt = make_optimizer("adam")
+    rows = [row("adam", "fusedopt", n, "small-model", None,
+                _per_step_ms(ctx, lambda: opt.apply(grads, params), steps, warmup), nbytes)]
+    torch, why = _torch(ctx)
+    if torch is None:
+        return rows + missing("adam", "torch-fused", n, "small-model", None, why)
+    dev = "cuda" if ctx.device == "gpu" else "cpu"
+    tparams = [torch.randn(s, device=dev, requires_grad=True) for s in shapes]
+    for p in tparams:
+        p.grad = torch.randn_like(p) * 1e-2
+    try:
+        topt = torch.optim.Adam(tparams, lr=1e-3, fused=True)
+    except (RuntimeError, TypeError, ValueError) as e:
+        return rows + missing("adam", "torch-fused", n, "small-model", None, str(e)[:120])
+    sync = torch.cuda.synchronize if ctx.device == "gpu" else (lambda: None)
+    rows.append(row("adam", "torch-fused", n, "small-model", None,
+                    _per_step_ms(ctx, topt.step, steps, warmup, sync=sync), nbytes))
+    return rows
+
+
+def _per_step_ms(ctx, step, steps, warmup, sync=None):
+    sync = sync or ctx.sync
+    for _ in range(warmup):
+        step()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    return (time.perf_counter() - t0) * 1e3 / steps
+
+
+# ---------------------------------------------------------------------- output
+def make_record(ctx, rows, tests=None):
+    copy = [r["gbps"] for r in rows if r["impl"] == "copy" and r["gbps"]]
+    return {
+        "device": ctx.name,
+        "date": datetime.date.today().isoformat(),
+        "versions": versions(ctx),
+        "copy_gbps": max(copy) if copy else None,
+        "tests": tests,
+        "rows": rows,
+    }
+
+
+def versions(ctx):
+    from . import __version__
+
+    out = {"fusedopt": __version__, "kernels": _kernels.sources_digest(),
+           "python": platform.python_version(), "numpy": np.__version__}
+    for name in ("cupy", "torch", "jax", "optax"):
+        module = sys.modules.get(name)
+        if module is not None:
+            out[name] = getattr(module, "__version__", "?")
+    if ctx.device == "gpu":
+        rt = ctx.cp.cuda.runtime
+        out["cuda_runtime"] = rt.runtimeGetVersion()
+        out["cuda_driver"] = rt.driverGetVersion()
+    return out
+
+
+def load_tests(path):
+    if path is None:
+        return None
+    with open(path) as f:
+        counts = json.load(f)
+    return {k: int(counts.get(k, 0)) for k in ("passed", "failed", "skipped")}
+
+
+def slug(text):
+    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-").replace("--", "-")
+
+
+def write_record(record, out_dir):
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"{record['date']}-{slug(record['device'])}"
+    paths = [stem.with_suffix(".json"), stem.with_suffix(".md")]
+    paths[0].write_text(json.dumps(record, indent=1) + "\n")
+    paths[1].write_text(markdown_table(record) + "\n")
+    png = plot(record, stem.with_suffix(".png"))
+    return paths + ([png] if png else [])
+
+
+def markdown_table(record):
+    copy = record["copy_gbps"]
+    lines = [f"## {record['device']} — {record['date']}", "",
+             f"Copy ceiling: {copy:.0f} GB/s (bytes read + written)." if copy else "",
+             "", "| optimizer | impl | layout | clip | n | median ms | GB/s | of copy |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in record["rows"]:
+        if r["median_ms"] is None:
+            lines.append(f"| {r['optimizer']} | {r['impl']} | {r['layout']} | {r['clip'] or ''} "
+                         f"| {r['n']} | — | — | {r.get('note', '')} |")
+            continue
+        share = f"{r['gbps'] / copy:.0%}" if copy and r["gbps"] else ""
+        lines.append(f"| {r['optimizer'] or ''} | {r['impl']} | {r['layout']} | {r['clip'] or ''} "
+                     f"| {r['n']} | {r['median_ms']:.4f} | {r['gbps']:.1f} | {share} |")
+    return "\n".join(lines)
+
+
+def plot(record, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    rows = [r for r in record["rows"] if r["gbps"] and r["layout"] != "small-model"]
+    fig, (ax_adam, ax_all) = plt.subplots(1, 2, figsize=(14, 5.5), sharey=True)
+    copy = sorted((r["n"], r["gbps"]) for r in rows if r["impl"] == "copy")
+    for ax in (ax_adam, ax_all):
+        if copy:
+            ax.plot(*zip(*copy), "k--", lw=2, label="copy ceiling")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("elements (float32)")
+        ax.grid(True, which="both", alpha=0.3)
+    adam = [r for r in rows if r["optimizer"] == "adam" and r["impl"] != "copy"]
+    for key in sorted({(r["impl"], r["layout"], r["clip"] or "") for r in adam}):
+        impl, layout, clip = key
+        pts = sorted((r["n"], r["gbps"]) for r in adam
+                     if (r["impl"], r["layout"], r["clip"] or "") == key)
+        style = "-o" if layout == "flat" else ":s"
+        label = f"{impl}{' + global clip' if clip and 'clip' not in impl else ''} ({layout})"
+        ax_adam.plot(*zip(*pts), style, label=label, ms=4)
+    for name in sorted({r["optimizer"] for r in rows if r["impl"] == "fusedopt"}):
+        pts = sorted((r["n"], r["gbps"]) for r in rows if r["impl"] == "fusedopt"
+                     and r["optimizer"] == name and r["layout"] == "flat" and r["clip"] is None)
+        ax_all.plot(*zip(*pts), "-o", label=name, ms=4)
+    ax_adam.set_title("Adam step: fusedopt and peers")
+    ax_all.set_title("fusedopt: every optimizer (flat buffer)")
+    ax_adam.set_ylabel("achieved GB/s (bytes a fused step must move)")
+    ax_adam.legend(fontsize=7)
+    ax_all.legend(fontsize=7, ncol=2)
+    fig.suptitle(f"{record['device']} — {record['date']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+class Progress:
+    """A one-line progress bar on stderr."""
+
+    def __init__(self, total, quiet=False):
+        self.total, self.count, self.quiet = total, 0, quiet
+        self.tty = sys.stderr.isatty()
+
+    def update(self, label):
+        if self.quiet:
+            return
+        self.count += 1
+        width = 30
+        filled = int(width * self.count / max(1, self.total))
+        line = f"[{'#' * filled}{'-' * (width - filled)}] {self.count}/{self.total} {label}"
+        end = "\r" if self.tty else "\n"
+        print(line.ljust(100)[:100], end=end, file=sys.stderr, flush=True)
+
+    def done(self):
+        if not self.quiet and self.tty:
+            print(file=sys.stderr)
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
