@@ -1,0 +1,88 @@
+"""The benchmark command on the CPU: record format, performance model, missing peers."""
+
+import builtins
+import json
+
+import pytest
+
+from fusedopt import __main__ as cli
+from fusedopt import bench
+
+ROW_KEYS = {"optimizer", "impl", "n", "dtype", "layout", "clip", "median_ms", "bytes", "gbps"}
+
+
+@pytest.mark.parametrize("name,kwargs,clip,expected", [
+    ("sgd", {"momentum": 0.0}, False, 12), ("sgd", {"momentum": 0.9}, False, 20),
+    ("adagrad", {}, False, 20),
+    ("rmsprop", {}, False, 20), ("adam", {}, False, 28), ("nadam", {}, False, 28),
+    ("adamax", {}, False, 28), ("adadelta", {}, False, 28), ("ftrl", {}, False, 28),
+    ("lion", {}, False, 20), ("adam", {}, True, 32), ("adam", {"amsgrad": True}, False, 36),
+])
+def test_bytes_per_element_follow_the_performance_model(monkeypatch, name, kwargs, clip, expected):
+    """ARCHITECTURE.md: SGD 12, SGD+momentum 20, Adagrad/RMSprop 20, Adam/Nadam/Adamax 28,
+    AMSGrad 36, Adadelta 28, Ftrl 28; global clipping reads g once more (+4)."""
+    monkeypatch.setitem(bench.CONFIGS, name, kwargs)
+    assert bench.step_bytes(name, 4, clip=clip) == expected
+
+
+def test_sizes_and_optimizer_arguments():
+    assert bench.parse_sizes("16-22", "cpu") == [2**16, 2**18, 2**20, 2**22]
+    assert bench.parse_sizes("20,24", "gpu") == [2**20, 2**24]
+    assert bench.parse_sizes(None, "gpu") == [2**k for k in range(16, 29, 2)]
+    with pytest.raises(ValueError, match="--sizes"):
+        bench.parse_sizes("big", "cpu")
+    with pytest.raises(ValueError, match="nosuch"):
+        bench.parse_optimizers("adam,nosuch")
+
+
+def test_model_like_layout_adds_up():
+    shapes = bench.model_like_shapes(2**20)
+    assert len(shapes) == 200 and sum(s[0] for s in shapes) == 2**20
+    assert min(s[0] for s in shapes) >= 1 and len({s for s in shapes}) > 50
+
+
+def test_bench_command_writes_the_record(tmp_path, capsys):
+    code = cli.main(["bench", "--device", "cpu", "--sizes", "12,14", "--optimizers", "adam,lion",
+                     "--repeats", "2", "--warmup", "1", "--no-peers", "--quiet",
+                     "--out", str(tmp_path)])
+    assert code == 0
+    record_path = next(tmp_path.glob("*.json"))
+    record = json.loads(record_path.read_text())
+    assert set(record) == {"device", "date", "versions", "copy_gbps", "tests", "rows"}
+    assert record["copy_gbps"] > 0 and record["versions"]["fusedopt"]
+    for r in record["rows"]:
+        assert ROW_KEYS <= set(r)
+        assert r["impl"] in bench.IMPLS and r["layout"] in ("flat", "200-tensors", "small-model")
+        assert r["clip"] in (None, "global")
+        assert r["median_ms"] > 0 and r["gbps"] == pytest.approx(r["bytes"] / (r["median_ms"] * 1e6))
+    impls = {(r["impl"], r["optimizer"], r["n"], r["layout"], r["clip"]) for r in record["rows"]}
+    assert ("fusedopt", "lion", 2**14, "flat", None) in impls
+    assert ("fusedopt", "adam", 2**12, "flat", "global") in impls
+    assert ("copy", None, 2**14, "flat", None) in impls
+    assert record_path.with_suffix(".md").read_text().startswith("## ")
+    png = record_path.with_suffix(".png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert "| adam | fusedopt |" in capsys.readouterr().out
+
+
+def test_missing_peers_are_reported_not_faked(monkeypatch):
+    real_import = builtins.__import__
+
+    def no_peers(name, *args, **kwargs):
+        if name.split(".")[0] in ("torch", "jax", "optax"):
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_peers)
+    ctx = bench.CpuContext()
+    rows = (bench.measure_torch(ctx, "adam", 1024, "flat", warmup=1, repeats=1)
+            + bench.measure_optax(ctx, 1024, warmup=1, repeats=1))
+    assert {r["impl"] for r in rows} == {"torch-fused", "torch-foreach", "optax", "optax-clip"}
+    for r in rows:
+        assert r["median_ms"] is None and r["gbps"] is None and r["note"].startswith("missing")
+
+
+def test_bench_refuses_a_gpu_it_does_not_have(monkeypatch, capsys):
+    monkeypatch.setattr(bench.cuda, "gpu_available", lambda: False)
+    assert cli.main(["bench", "--device", "gpu"]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
