@@ -5,9 +5,20 @@ rule and its variants; OPTION_CASES adds each pipeline option to every optimizer
 """
 
 import os
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import settings
+
+sys.path.insert(0, str(Path(__file__).parent / "host"))  # the emulator's Python side
+
+# CI explores the same examples on every run, so a red run is reproducible; developer
+# runs draw fresh ones (and keep failures in .hypothesis/).
+settings.register_profile("ci", derandomize=True, database=None)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 # Tolerances, stated once (ARCHITECTURE.md, "Testing").
 RTOL = {np.float64: 1e-12, np.float32: 1e-5}
@@ -99,3 +110,14 @@ def require_in_ci(reason):
     if running_in_ci():
         pytest.fail(f"required in CI but unavailable: {reason}")
     pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def emulator_libraries(tmp_path_factory):
+    """The real kernels compiled for the host (tests/host/emulator.py), per dtype."""
+    import emulator
+
+    libs = emulator.build(tmp_path_factory.mktemp("emulator"))
+    if libs is None:
+        require_in_ci("a C++20 compiler (g++) for the kernel emulator")
+    return libs

@@ -7,18 +7,12 @@ global clip factors from the block reductions, skip_nonfinite bookkeeping and th
 launch count of a step; only real-GPU effects (races, speed) are left to the GPU tests.
 """
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 import fusedopt
-from conftest import CASES, case_ids, random_grads, random_params, require_in_ci
-from fusedopt.cuda import StepPlan
-
-sys.path.insert(0, str(Path(__file__).parent / "host"))
-import emulator  # noqa: E402
+from conftest import CASES, case_ids, random_grads, random_params
+from emulator import emulate
 
 # Segments: several tiles long, odd, empty, scalar; 2100 is not a multiple of 4.
 LAYOUT = [(2100,), (3, 7), (), (0,), (1,), (4500,), (33,)]
@@ -26,20 +20,12 @@ STEPS = 5
 RTOL = {np.float64: 1e-12, np.float32: 2e-6}
 
 
-@pytest.fixture(scope="session")
-def libraries(tmp_path_factory):
-    libs = emulator.build(tmp_path_factory.mktemp("emulator"))
-    if libs is None:
-        require_in_ci("a C++20 compiler (g++) for the kernel emulator")
-    return libs
+@pytest.fixture
+def libraries(emulator_libraries):
+    return emulator_libraries
 
 
-def emulated(opt, params, libraries, sm_count=2):
-    """Build `opt` for `params` and route its steps through the emulated GPU path."""
-    opt.build(params)
-    backend = emulator.EmulatorBackend(libraries, sm_count=sm_count)
-    opt._gpu = StepPlan(opt, params, backend=backend)
-    return backend
+emulated = emulate
 
 
 def assert_close(actual, desired, dtype, what):

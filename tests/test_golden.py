@@ -175,9 +175,9 @@ RULES = dict(SGD=sgd, RMSprop=rmsprop, Adagrad=adagrad, Adadelta=adadelta, Adam=
 
 
 # ------------------------------------------------------ the oracle: the pipeline (§1)
-def segments(flat):
+def segments(flat, sizes=SIZES):
     start = 0
-    for size in SIZES:
+    for size in sizes:
         yield flat[start:start + size]
         start += size
 
@@ -187,12 +187,12 @@ def shrink_to_norm(xs, c):
     return [x * c / norm for x in xs] if norm > c else xs
 
 
-def preprocess(g, h):
+def preprocess(g, h, sizes=SIZES):
     """Unscale, then clip: loss_scale_factor -> clipnorm | global_clipnorm | clipvalue."""
     if h["loss_scale_factor"]:
         g = [x / h["loss_scale_factor"] for x in g]
     if h["clipnorm"]:
-        g = [x for seg in segments(g) for x in shrink_to_norm(seg, h["clipnorm"])]
+        g = [x for seg in segments(g, sizes) for x in shrink_to_norm(seg, h["clipnorm"])]
     elif h["global_clipnorm"]:
         g = shrink_to_norm(g, h["global_clipnorm"])
     elif h["clipvalue"]:
@@ -200,20 +200,21 @@ def preprocess(g, h):
     return g
 
 
-def golden(cls_name, kwargs, lr_at=None):
-    """Yield (params, {slot: values}) after each step, as flat lists of floats."""
+def golden(cls_name, kwargs, lr_at=None, sizes=SIZES, p0=P0, grads=G):
+    """Yield (params, {slot: values}) after each step, as flat lists of floats, for a
+    layout of segment `sizes`, initial params `p0` and one flat gradient list per step."""
     h = {**COMMON, **DEFAULTS[cls_name], **kwargs}
     lr0, decay = h.pop("lr", h["learning_rate"]), h.pop("decay", 0.0)
     lr_at = lr_at or (lambda it: lr0)
-    state = [initial_slots(cls_name, h) for _ in P0]
-    p = list(P0)
-    for it, g in enumerate(G):
+    state = [initial_slots(cls_name, h) for _ in p0]
+    p = list(p0)
+    for it, g in enumerate(grads):
         lr = lr_at(it) / (1 + decay * it)
-        g = preprocess(g, h)
+        g = preprocess(g, h, sizes)
         if h["weight_decay"]:
             p = [x * (1 - h["weight_decay"] * lr) for x in p]
         p = [RULES[cls_name](h, s, x, gx, lr, it + 1) for s, x, gx in zip(state, p, g)]
-        yield p, {name: [s[name] for s in state] for name in state[0]}
+        yield p, {name: [s[name] for s in state] for name in initial_slots(cls_name, h)}
 
 
 # -------------------------------------------------------------------- test helpers

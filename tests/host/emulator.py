@@ -87,3 +87,14 @@ class EmulatorBackend:
 
     def to_host(self, array):
         return np.array(array)
+
+
+def emulate(optimizer, params, libraries, sm_count=2):
+    """Build `optimizer` for `params` (NumPy) and route its steps through the emulated
+    GPU path: fusedopt.cuda.StepPlan with this backend. Returns the backend."""
+    from fusedopt.cuda import StepPlan
+
+    optimizer.build(params)
+    backend = EmulatorBackend(libraries, sm_count=sm_count)
+    optimizer._gpu = StepPlan(optimizer, params, backend=backend)
+    return backend
