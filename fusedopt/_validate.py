@@ -22,7 +22,9 @@ def real(name, value, *, low=None, high=None, low_open=False, high_open=False):
         )
     value = float(value)
     if not math.isfinite(value):
-        raise ValueError(f"`{name}` must be finite, got {value!r}")
+        where = "" if low is None and high is None else \
+            f" and in {_interval(low, high, low_open, high_open)}"
+        raise ValueError(f"`{name}` must be finite{where}, got {value!r}")
     if low is not None and (value <= low if low_open else value < low):
         raise ValueError(f"`{name}` must be in {_interval(low, high, low_open, high_open)}, got {value!r}")
     if high is not None and (value >= high if high_open else value > high):

@@ -169,9 +169,7 @@ class GpuContext:
     device = "gpu"
 
     def __init__(self):
-        import cupy as cp
-
-        self.cp = self.xp = cp
+        cp = self.cp = self.xp = cuda._cupy()
         props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
         self.name = props["name"].decode() if isinstance(props["name"], bytes) else props["name"]
         self.l2_bytes = cp.cuda.Device().attributes["L2CacheSize"]
@@ -533,8 +531,20 @@ def versions(ctx):
 
 
 def load_tests(path):
+    """Test counts to embed in the record, from pytest's --junitxml file or a JSON
+    {passed, failed, skipped}."""
     if path is None:
         return None
+    if str(path).endswith(".xml"):
+        import xml.etree.ElementTree as ET
+
+        root = ET.parse(path).getroot()
+        suites = [root] if root.tag == "testsuite" else root.findall("testsuite")
+        total = {k: sum(int(s.get(k, 0)) for s in suites)
+                 for k in ("tests", "failures", "errors", "skipped")}
+        failed = total["failures"] + total["errors"]
+        return {"passed": total["tests"] - failed - total["skipped"], "failed": failed,
+                "skipped": total["skipped"]}
     with open(path) as f:
         counts = json.load(f)
     return {k: int(counts.get(k, 0)) for k in ("passed", "failed", "skipped")}

@@ -164,7 +164,10 @@ class FusedOptimizer:
                 "This optimizer was created with a learning-rate schedule; "
                 "its learning rate cannot be set to a number"
             )
-        self._learning_rate = _check_learning_rate(value)
+        value = _check_learning_rate(value)
+        if not callable(value):
+            self._check_learning_rate_value(value)
+        self._learning_rate = value
 
     @property
     def built(self):
@@ -226,6 +229,7 @@ class FusedOptimizer:
         grads = self._check_grads(grads, params)
         if self.built:
             self._check_same_layout(params.layout, params.device, "params")
+        _check_writable(params.data)
         _check_no_overlap(grads, params.data, self._slots or ())
         if len(params) == 0:
             return  # Keras: no variables, no update, no increment
@@ -259,15 +263,22 @@ class FusedOptimizer:
     def _learning_rate_at(self, it):
         lr = self._learning_rate
         if isinstance(lr, schedules.LearningRateSchedule):
-            value, source = lr(it), f"the schedule {type(lr).__name__} at step {it}"
+            source = f"the schedule {type(lr).__name__} at step {it}"
+            try:
+                value = lr(it)
+            except (ArithmeticError, ValueError) as e:
+                raise ValueError(f"`learning_rate`: {source} failed: {e}") from e
         elif callable(lr):
             value, source = lr(), "the learning_rate callable"
         else:
             value, source = lr, "learning_rate"
+        if isinstance(value, (str, bytes, bool, np.bool_)):
+            raise TypeError(f"`learning_rate`: {source} returned {value!r}, which is not a number")
         try:
             value = float(value)
         except (TypeError, ValueError) as e:
-            raise TypeError(f"{source} returned {value!r}, which is not a number") from e
+            raise TypeError(f"`learning_rate`: {source} returned {value!r}, which is not a "
+                            "number") from e
         if self._decay:
             value = value / (1.0 + self._decay * it)
         if not math.isfinite(value) or value < 0:
@@ -487,10 +498,14 @@ class FusedOptimizer:
         return f"{type(self).__name__}(learning_rate={self._learning_rate!r}, {hyper})"
 
     # ------------------------------------------------------- Keras 2 compatibility
-    @staticmethod
-    def _keras2_learning_rate(learning_rate, kwargs):
+    def _keras2_learning_rate(self, learning_rate, kwargs):
         if "lr" not in kwargs:
             return learning_rate
+        import inspect
+
+        default = inspect.signature(type(self).__init__).parameters["learning_rate"].default
+        if learning_rate is not default and learning_rate != default:
+            raise ValueError("pass either `learning_rate` or its Keras 2 alias `lr`, not both")
         warnings.warn("`lr` is deprecated (Keras 2); use `learning_rate`",
                       DeprecationWarning, stacklevel=4)
         return kwargs.pop("lr")
@@ -511,10 +526,12 @@ class FusedOptimizer:
         import inspect
 
         names = []
-        for klass in type(self).__mro__:
+        for klass in type(self).__mro__[:-1]:  # not object
             if "__init__" in vars(klass):
-                names += [p for p in inspect.signature(klass.__init__).parameters
-                          if p not in ("self", "kwargs") and p not in names]
+                for p in inspect.signature(klass.__init__).parameters.values():
+                    if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) \
+                            and p.name != "self" and p.name not in names:
+                        names.append(p.name)
         return names + ["lr", "decay"]
 
 
@@ -617,10 +634,21 @@ def _check_unsupported_keras_options(use_ema, ema_momentum, ema_overwrite_freque
         raise ValueError("`gradient_accumulation_steps` is not supported by fusedopt")
 
 
+def _check_writable(data):
+    if isinstance(data, np.ndarray) and not data.flags.writeable:
+        raise ValueError("`params` are read-only; the optimizer updates them in place")
+
+
 def _check_no_overlap(grads, params_data, slots):
-    for name, other in [("params", params_data)] + [("optimizer state", s) for s in slots]:
-        if other is not None and _overlaps(grads, other):
+    """The fused step reads and writes every buffer once: they must be distinct."""
+    state = [s for s in slots if s is not None]
+    for other in [params_data] + state:
+        if _overlaps(grads, other):
+            name = "params" if other is params_data else "optimizer state"
             raise ValueError(f"`grads` share memory with {name}; pass a separate gradient buffer")
+    for other in state:
+        if _overlaps(params_data, other):
+            raise ValueError("`params` share memory with this optimizer's state")
 
 
 def _overlaps(a, b):

@@ -59,7 +59,8 @@ class ExponentialDecay(LearningRateSchedule):
                  name="ExponentialDecay"):
         self.initial_learning_rate = check.real("initial_learning_rate", initial_learning_rate)
         self.decay_steps = _decay_steps("decay_steps", decay_steps)
-        self.decay_rate = check.real("decay_rate", decay_rate)
+        # A negative rate would give complex learning rates at fractional exponents.
+        self.decay_rate = check.real("decay_rate", decay_rate, low=0.0)
         self.staircase = check.boolean("staircase", staircase)
         self.name = name
 
@@ -86,7 +87,8 @@ class InverseTimeDecay(LearningRateSchedule):
                  name="InverseTimeDecay"):
         self.initial_learning_rate = check.real("initial_learning_rate", initial_learning_rate)
         self.decay_steps = _decay_steps("decay_steps", decay_steps)
-        self.decay_rate = check.real("decay_rate", decay_rate)
+        # A negative rate divides by zero, then flips the sign, as steps go by.
+        self.decay_rate = check.real("decay_rate", decay_rate, low=0.0)
         self.staircase = check.boolean("staircase", staircase)
         self.name = name
 
@@ -146,7 +148,8 @@ class PolynomialDecay(LearningRateSchedule):
         self.initial_learning_rate = check.real("initial_learning_rate", initial_learning_rate)
         self.decay_steps = _decay_steps("decay_steps", decay_steps)
         self.end_learning_rate = check.real("end_learning_rate", end_learning_rate)
-        self.power = check.real("power", power)
+        # (1 - p)**power with p = 1 at the end of the decay: a negative power divides by 0.
+        self.power = check.real("power", power, low=0.0)
         self.cycle = check.boolean("cycle", cycle)
         self.name = name
 
@@ -219,7 +222,9 @@ class CosineDecayRestarts(LearningRateSchedule):
                  alpha=0.0, name="SGDRDecay"):
         self.initial_learning_rate = check.real("initial_learning_rate", initial_learning_rate)
         self.first_decay_steps = _decay_steps("first_decay_steps", first_decay_steps)
-        self._t_mul = check.real("t_mul", t_mul, low=0.0, low_open=True)
+        # Periods that shrink (t_mul < 1) add up to a finite time, after which the
+        # restart index is undefined.
+        self._t_mul = check.real("t_mul", t_mul, low=1.0)
         self._m_mul = check.real("m_mul", m_mul)
         self.alpha = check.real("alpha", alpha)
         self.name = name
@@ -232,7 +237,14 @@ class CosineDecayRestarts(LearningRateSchedule):
             fraction -= i_restart
         else:
             i_restart = math.floor(math.log(1.0 - fraction * (1.0 - t_mul)) / math.log(t_mul))
-            sum_r = (1.0 - t_mul ** i_restart) / (1.0 - t_mul)
+            # The ratio of logs can land a hair under an integer exactly at a restart
+            # (log(243)/log(3) = 4.999...): make i the last period that has started.
+            periods = lambda i: (1.0 - t_mul ** i) / (1.0 - t_mul)  # noqa: E731
+            if periods(i_restart + 1) <= fraction:
+                i_restart += 1
+            elif periods(i_restart) > fraction:
+                i_restart -= 1
+            sum_r = periods(i_restart)
             fraction = (fraction - sum_r) / t_mul ** i_restart
         m_fac = self._m_mul ** i_restart
         cosine = 0.5 * m_fac * (1.0 + math.cos(math.pi * fraction))
