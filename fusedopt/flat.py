@@ -48,6 +48,10 @@ class FlatBuffer:
         self._data = data
         self._shapes = shapes
         self._offsets = tuple(int(x) for x in np.concatenate(([0], np.cumsum(sizes, dtype=np.int64))))
+        # Fixed for the buffer's life; compared on every optimizer step.
+        self._layout = Layout(shapes, np.dtype(data.dtype).name)
+        self._device = cuda.device_of(data)
+        self._span = _span(data)
 
     # ------------------------------------------------------------------ creation
     @classmethod
@@ -139,7 +143,12 @@ class FlatBuffer:
     @property
     def device(self):
         """"cpu" for NumPy buffers, "gpu:N" for CuPy buffers on device N."""
-        return cuda.device_of(self._data)
+        return self._device
+
+    @property
+    def span(self):
+        """(device, first byte, end byte) of `data`, for aliasing checks."""
+        return self._span
 
     @property
     def xp(self):
@@ -149,7 +158,7 @@ class FlatBuffer:
     @property
     def layout(self):
         """What must match between params, grads and optimizer state: shapes and dtype."""
-        return Layout(self._shapes, self.dtype.name)
+        return self._layout
 
     # -------------------------------------------------------------------- access
     def views(self):
@@ -237,6 +246,15 @@ class Layout(tuple):
     @classmethod
     def from_dict(cls, d):
         return cls([tuple(int(x) for x in s) for s in d["shapes"]], d["dtype"])
+
+
+def _span(a):
+    if a.size == 0:
+        return (None, 0, 0)  # an empty buffer overlaps nothing
+    if cuda.is_gpu_array(a):
+        return (cuda.device_of(a), a.data.ptr, a.data.ptr + a.nbytes)
+    start = a.__array_interface__["data"][0]
+    return ("cpu", start, start + a.nbytes)
 
 
 def _is_array(a):

@@ -19,7 +19,7 @@ import numpy as np
 
 from . import _validate as check
 from . import cuda, reference, schedules
-from .flat import FlatBuffer, Layout
+from .flat import FlatBuffer, Layout, _span
 
 # Elements processed per NumPy call: bounds the temporaries a rule creates and keeps
 # them in cache; large enough that the per-chunk Python overhead is negligible.
@@ -211,6 +211,7 @@ class FusedOptimizer:
                 else:
                     slots.append(params.xp.full(params.size, spec[1], dtype=params.dtype))
         self._slots = slots
+        self._slot_spans = [_span(s) for s in slots if s is not None and s.size]
         self._layout = params.layout
         self._device = params.device
         self._pending_state = None
@@ -230,7 +231,7 @@ class FusedOptimizer:
         if self.built:
             self._check_same_layout(params.layout, params.device, "params")
         _check_writable(params.data)
-        _check_no_overlap(grads, params.data, self._slots or ())
+        _check_no_overlap(grads, params, self._slot_spans if self.built else ())
         if len(params) == 0:
             return  # Keras: no variables, no update, no increment
         # With skip_nonfinite on a GPU only the device knows how many steps were
@@ -639,27 +640,24 @@ def _check_writable(data):
         raise ValueError("`params` are read-only; the optimizer updates them in place")
 
 
-def _check_no_overlap(grads, params_data, slots):
-    """The fused step reads and writes every buffer once: they must be distinct."""
-    state = [s for s in slots if s is not None]
-    for other in [params_data] + state:
-        if _overlaps(grads, other):
-            name = "params" if other is params_data else "optimizer state"
-            raise ValueError(f"`grads` share memory with {name}; pass a separate gradient buffer")
-    for other in state:
-        if _overlaps(params_data, other):
+def _check_no_overlap(grads, params, slot_spans):
+    """The fused step reads and writes every buffer once: they must be distinct.
+    Spans of params and state are computed once (FlatBuffer, build); only the
+    gradient's is taken per step."""
+    g = _span(grads)
+    p = params.span
+    if _spans_overlap(g, p):
+        raise ValueError("`grads` share memory with params; pass a separate gradient buffer")
+    for s in slot_spans:
+        if _spans_overlap(g, s):
+            raise ValueError("`grads` share memory with optimizer state; pass a separate "
+                             "gradient buffer")
+        if _spans_overlap(p, s):
             raise ValueError("`params` share memory with this optimizer's state")
 
 
-def _overlaps(a, b):
-    if a.size == 0 or b.size == 0 or cuda.is_gpu_array(a) != cuda.is_gpu_array(b):
-        return False
-    pa, pb = _address(a), _address(b)
-    return pa < pb + b.nbytes and pb < pa + a.nbytes
-
-
-def _address(a):
-    return a.data.ptr if cuda.is_gpu_array(a) else a.__array_interface__["data"][0]
+def _spans_overlap(a, b):
+    return a[0] is not None and a[0] == b[0] and a[1] < b[2] and b[1] < a[2]
 
 
 def _copy_to(array, device, dtype):
