@@ -248,7 +248,7 @@ def build_plan(ctx, sizes, optimizers, peers):
             plan.append((f"torch clip+fused n=2^{n.bit_length() - 1}",
                          _bind(measure_torch_clip, n)))
             plan.append((f"optax n=2^{n.bit_length() - 1}", _bind(measure_optax, n)))
-    plan.append(("host overhead", measure_host_overhead))
+    plan.append(("host overhead", _bind(measure_host_overhead, peers)))
     return plan
 
 
@@ -459,7 +459,7 @@ def measure_optax(ctx, n, warmup, repeats):
     return rows
 
 
-def measure_host_overhead(ctx, warmup, repeats, steps=200):
+def measure_host_overhead(ctx, peers, warmup, repeats, steps=200):
     """Microseconds per step for a small model (1M parameters in 100 tensors), steps
     issued back to back: host-bound, so this is the cost of the Python call."""
     from .flat import FlatBuffer
@@ -472,6 +472,8 @@ def measure_host_overhead(ctx, warmup, repeats, steps=200):
     opt = make_optimizer("adam")
     rows = [row("adam", "fusedopt", n, "small-model", None,
                 _per_step_ms(ctx, lambda: opt.apply(grads, params), steps, warmup), nbytes)]
+    if not peers:
+        return rows
     torch, why = _torch(ctx)
     if torch is None:
         return rows + missing("adam", "torch-fused", n, "small-model", None, why)
