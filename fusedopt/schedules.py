@@ -52,60 +52,52 @@ def _decay_steps(name, value):
     return value
 
 
-class ExponentialDecay(LearningRateSchedule):
+class _RateDecay(LearningRateSchedule):
+    """Shared by the two schedules driven by decay_rate and step / decay_steps."""
+
+    def __init__(self, initial_learning_rate, decay_steps, decay_rate, staircase, name):
+        self.initial_learning_rate = check.real("initial_learning_rate", initial_learning_rate)
+        self.decay_steps = _decay_steps("decay_steps", decay_steps)
+        # A negative rate gives complex rates (exponential) or a pole (inverse time).
+        self.decay_rate = check.real("decay_rate", decay_rate, low=0.0)
+        self.staircase = check.boolean("staircase", staircase)
+        self.name = name
+
+    def _progress(self, step):
+        """step / decay_steps, floored if staircase."""
+        p = float(step) / float(self.decay_steps)
+        return math.floor(p) if self.staircase else p
+
+    def get_config(self):
+        return {
+            "initial_learning_rate": self.initial_learning_rate,
+            "decay_steps": self.decay_steps,
+            "decay_rate": self.decay_rate,
+            "staircase": self.staircase,
+            "name": self.name,
+        }
+
+
+class ExponentialDecay(_RateDecay):
     """lr0 * decay_rate ** (step / decay_steps), the exponent floored if staircase."""
 
     def __init__(self, initial_learning_rate, decay_steps, decay_rate, staircase=False,
                  name="ExponentialDecay"):
-        self.initial_learning_rate = check.real("initial_learning_rate", initial_learning_rate)
-        self.decay_steps = _decay_steps("decay_steps", decay_steps)
-        # A negative rate would give complex learning rates at fractional exponents.
-        self.decay_rate = check.real("decay_rate", decay_rate, low=0.0)
-        self.staircase = check.boolean("staircase", staircase)
-        self.name = name
+        super().__init__(initial_learning_rate, decay_steps, decay_rate, staircase, name)
 
     def __call__(self, step):
-        p = float(step) / float(self.decay_steps)
-        if self.staircase:
-            p = math.floor(p)
-        return self.initial_learning_rate * float(self.decay_rate) ** p
-
-    def get_config(self):
-        return {
-            "initial_learning_rate": self.initial_learning_rate,
-            "decay_steps": self.decay_steps,
-            "decay_rate": self.decay_rate,
-            "staircase": self.staircase,
-            "name": self.name,
-        }
+        return self.initial_learning_rate * float(self.decay_rate) ** self._progress(step)
 
 
-class InverseTimeDecay(LearningRateSchedule):
+class InverseTimeDecay(_RateDecay):
     """lr0 / (1 + decay_rate * step / decay_steps), the ratio floored if staircase."""
 
     def __init__(self, initial_learning_rate, decay_steps, decay_rate, staircase=False,
                  name="InverseTimeDecay"):
-        self.initial_learning_rate = check.real("initial_learning_rate", initial_learning_rate)
-        self.decay_steps = _decay_steps("decay_steps", decay_steps)
-        # A negative rate divides by zero, then flips the sign, as steps go by.
-        self.decay_rate = check.real("decay_rate", decay_rate, low=0.0)
-        self.staircase = check.boolean("staircase", staircase)
-        self.name = name
+        super().__init__(initial_learning_rate, decay_steps, decay_rate, staircase, name)
 
     def __call__(self, step):
-        p = float(step) / float(self.decay_steps)
-        if self.staircase:
-            p = math.floor(p)
-        return self.initial_learning_rate / (1.0 + float(self.decay_rate) * p)
-
-    def get_config(self):
-        return {
-            "initial_learning_rate": self.initial_learning_rate,
-            "decay_steps": self.decay_steps,
-            "decay_rate": self.decay_rate,
-            "staircase": self.staircase,
-            "name": self.name,
-        }
+        return self.initial_learning_rate / (1.0 + float(self.decay_rate) * self._progress(step))
 
 
 class PiecewiseConstantDecay(LearningRateSchedule):
