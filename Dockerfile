@@ -17,7 +17,6 @@ ENV DEBIAN_FRONTEND=noninteractive \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH
 
-# The runtime image already holds libnvrtc, which CuPy compiles the kernels with.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3=3.12.* python3-venv=3.12.* \
     && rm -rf /var/lib/apt/lists/*
@@ -27,6 +26,7 @@ COPY setup.py pyproject.toml README.md ./
 COPY bench/constraints.txt ./bench/
 COPY fusedopt ./fusedopt
 COPY kernels ./kernels
+# The cuda12/cuda13 extra brings NVRTC and the CUDA runtime headers CuPy compiles with.
 RUN python3 -m venv "$VIRTUAL_ENV" \
     && pip install -c bench/constraints.txt ".[${CUPY_EXTRA},test,bench]"
 COPY tests ./tests

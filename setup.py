@@ -27,8 +27,10 @@ setup(
     package_data={"fusedopt.kernels": ["*.cuh", "*.cu"]},
     install_requires=["numpy>=1.22"],
     extras_require={
-        "cuda12": ["cupy-cuda12x>=13"],
-        "cuda13": ["cupy-cuda13x>=14"],
+        # CuPy compiles the kernels with NVRTC and needs the CUDA runtime headers; NVIDIA's
+        # pip components bring both, so only the driver is needed on the machine.
+        "cuda12": ["cupy-cuda12x>=14", "cuda-toolkit[cudart,nvrtc]==12.*"],
+        "cuda13": ["cupy-cuda13x>=14", "cuda-toolkit[cudart,nvrtc]==13.*"],
         "test": TEST,
         "keras": ["keras>=3", "jax"],
         "train": ["scikit-learn>=1.0", "matplotlib>=3.5"],

@@ -211,3 +211,59 @@ def test_more_than_2_to_the_31_elements():
     np.testing.assert_allclose(float(params.data[2**31 + 17]), -1 / norm, rtol=1e-5)
     del params, grads
     cp.get_default_memory_pool().free_all_blocks()
+
+
+def _gpu_run(cp, opt, params, grads):
+    for g in grads:
+        opt.apply(cp.asarray(g), params)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"global_clipnorm": 1.0, "skip_nonfinite": True}],
+                         ids=["plain", "skip-global"])
+def test_gpu_checkpoint_resume_is_bitwise_identical(tmp_path, kwargs):
+    import cupy as cp
+
+    rng = np.random.default_rng(5)
+    shapes = [(3000,), (17,), (0,)]
+    init = rng.normal(size=3017).astype(np.float32)
+    grads = [rng.normal(size=3017).astype(np.float32) for _ in range(10)]
+    grads[3][5] = np.nan  # skipped with skip_nonfinite, propagates otherwise
+    straight = fusedopt.FlatBuffer(cp.asarray(init), shapes)
+    straight_opt = fusedopt.Adam(**kwargs)
+    _gpu_run(cp, straight_opt, straight, grads)
+    params = fusedopt.FlatBuffer(cp.asarray(init), shapes)
+    opt = fusedopt.Adam(**kwargs)
+    _gpu_run(cp, opt, params, grads[:5])
+    fusedopt.save(tmp_path / "c.npz", opt, params)
+    # GPU -> CPU -> GPU: load on the CPU, save again, load on the GPU.
+    cpu_opt, cpu_params = fusedopt.load(tmp_path / "c.npz", device="cpu")
+    fusedopt.save(tmp_path / "c2.npz", cpu_opt, cpu_params)
+    opt, params = fusedopt.load(tmp_path / "c2.npz", device="gpu")
+    assert params.device.startswith("gpu")
+    _gpu_run(cp, opt, params, grads[5:])
+    np.testing.assert_array_equal(cp.asnumpy(params.data), cp.asnumpy(straight.data))
+    for name in opt.slot_names:
+        np.testing.assert_array_equal(cp.asnumpy(opt.slots()[name]),
+                                      cp.asnumpy(straight_opt.slots()[name]))
+    assert opt.iterations == straight_opt.iterations
+    assert opt.skipped_steps == straight_opt.skipped_steps
+
+
+@pytest.mark.parametrize("cls_name", ["Adam", "Nadam", "SGD", "Ftrl"])
+def test_gpu_skipped_step_changes_nothing(cls_name):
+    import cupy as cp
+
+    rng = np.random.default_rng(6)
+    params = fusedopt.FlatBuffer(cp.asarray(rng.normal(size=5000)), [(4000,), (1000,)])
+    opt = getattr(fusedopt, cls_name)(skip_nonfinite=True, clipnorm=1.0)
+    opt.apply(cp.asarray(rng.normal(size=5000)), params)
+    before = [cp.asnumpy(params.data)] + [cp.asnumpy(s) for s in opt.slots().values()]
+    for bad in (np.nan, np.inf, -np.inf):
+        g = rng.normal(size=5000)
+        g[4321] = bad
+        opt.apply(cp.asarray(g), params)
+        assert opt.last_step_skipped
+    after = [cp.asnumpy(params.data)] + [cp.asnumpy(s) for s in opt.slots().values()]
+    for a, b in zip(before, after):
+        np.testing.assert_array_equal(a, b)
+    assert (opt.iterations, opt.skipped_steps) == (1, 3)
