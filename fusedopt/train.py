@@ -726,24 +726,22 @@ def _json_safe(value):
 
 
 # argparse types: a ValueError/ArgumentTypeError here becomes a usage error (exit 2).
-def _positive_int_arg(text):
+def _int_arg(text, low, description):
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected {description}, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"expected {description}, got {text!r}")
     return value
+
+
+def _positive_int_arg(text):
+    return _int_arg(text, 1, "a positive integer")
 
 
 def _seed_arg(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
+    return _int_arg(text, 0, "an integer >= 0")
 
 
 def _hidden_arg(text):
