@@ -134,8 +134,7 @@ class StepPlan:
         self.backend = backend or CupyBackend(params.device)
         self.dtype = params.dtype
         self.offsets = params.offsets
-        self.size = params.size
-        self._tables_key = None
+        self._tables_mode = None
         self._counters = None
         self.next_row = optimizer._iterations
         with self.backend.on_device():
@@ -165,9 +164,10 @@ class StepPlan:
         self.segment_tiles = xp.asarray(tiles.segment_tiles)
         self.nsegments = len(tiles.segment_tiles) - 1
         self.partial = xp.zeros(tiles.count, dtype=np.float64)
-        self.tile_nonfinite = xp.zeros(tiles.count, dtype=np.int32)
+        self.tile_nonfinite = (xp.zeros(tiles.count, dtype=np.int32)
+                               if self.optimizer.skip_nonfinite else None)
         self.factors = xp.ones(max(1, self.nsegments), dtype=self.dtype)
-        self._tables_key = (mode, self.optimizer.skip_nonfinite)
+        self._tables_mode = mode
 
     def _build_counters(self, iterations, skipped, last_skipped):
         xp = self.backend.xp
@@ -187,7 +187,7 @@ class StepPlan:
         opt, k = self.optimizer, self._k
         mode, clipnorm = self._clip_mode()
         with self.backend.on_device():
-            if self._tables_key != (mode, opt.skip_nonfinite):
+            if self._tables_mode != mode:  # clip options changed after build
                 self._build_tables()
             skip = opt.skip_nonfinite
             st = k.pack_step_scalars(self.dtype, lr, scalars)
@@ -196,7 +196,7 @@ class StepPlan:
             if mode is not None or skip:
                 self._launch(None, "fusedopt_sumsq", self.grid, (
                     grads, self.tile_start, np.int64(self.tiles.count),
-                    pro["unscale"][0], self.partial, self.tile_nonfinite if skip else None))
+                    pro["unscale"][0], self.partial, self.tile_nonfinite))
             if mode is not None:
                 grid = 1 if mode == "global" else max(1, min(self.nsegments, self.grid))
                 self._launch(None, "fusedopt_clip_factors", grid, (
