@@ -26,7 +26,8 @@ COPY setup.py pyproject.toml README.md ./
 COPY bench/constraints.txt ./bench/
 COPY fusedopt ./fusedopt
 COPY kernels ./kernels
-# The cuda12/cuda13 extra brings NVRTC and the CUDA runtime headers CuPy compiles with.
+# The cuda12/cuda13 extra brings NVRTC with cuda-bindings (fusedopt compiles its
+# kernels with them) and the CUDA runtime headers CuPy's own kernels need.
 RUN python3 -m venv "$VIRTUAL_ENV" \
     && pip install -c bench/constraints.txt ".[${CUPY_EXTRA},test,bench]"
 COPY tests ./tests

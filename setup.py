@@ -27,10 +27,14 @@ setup(
     package_data={"fusedopt.kernels": ["*.cuh", "*.cu"]},
     install_requires=["numpy>=1.22"],
     extras_require={
-        # CuPy compiles the kernels with NVRTC and needs the CUDA runtime headers; NVIDIA's
-        # pip components bring both, so only the driver is needed on the machine.
-        "cuda12": ["cupy-cuda12x>=14", "cuda-toolkit[cudart,nvrtc]==12.*"],
-        "cuda13": ["cupy-cuda13x>=14", "cuda-toolkit[cudart,nvrtc]==13.*"],
+        # fusedopt compiles its kernels with NVRTC through cuda-bindings (its own flags:
+        # no flush-to-zero); CuPy runs them and compiles its own kernels against the
+        # CUDA runtime headers. NVIDIA's pip components bring all of it, so only the
+        # driver is needed on the machine. Each extra stays within one CUDA major.
+        "cuda12": ["cupy-cuda12x>=14", "cuda-toolkit[cudart,nvrtc]==12.*",
+                   "cuda-bindings>=12.8,<13"],
+        "cuda13": ["cupy-cuda13x>=14", "cuda-toolkit[cudart,nvrtc]==13.*",
+                   "cuda-bindings>=13,<14"],
         "test": TEST,
         "keras": ["keras>=3", "jax"],
         "train": ["scikit-learn>=1.0", "matplotlib>=3.5"],

@@ -5,7 +5,9 @@ the CI compile check and the host build of the rules use the same sources.
 
 import hashlib
 import math
+import os
 import re
+import tempfile
 from importlib import resources
 from pathlib import Path
 
@@ -16,11 +18,19 @@ MAX_SCALARS = 10       # FO_MAX_SCALARS in common.cuh
 BLOCKS_PER_SM = 8      # 8 x 256 threads fill an SM (2048 resident threads)
 MIN_TILE = 2048        # elements; tiles are powers of two between these bounds,
 MAX_TILE = 16384       # small enough to give every SM work, large enough to amortise
+# The flags every kernel is built with, in production and in the CI compile check
+# (both go through compile_cubin below). Each one keeps the GPU rounding like the
+# NumPy reference; the step is memory bound, so none of them costs time that matters.
 NVRTC_OPTIONS = (
     "--std=c++17",
-    # No fused multiply-add contraction: the GPU then rounds like the NumPy reference
-    # (e.g. RMSprop's v - a*a in a cancellation); the step is memory bound anyway.
+    # No fused multiply-add contraction (e.g. RMSprop's v - a*a cancels).
     "--fmad=false",
+    # Keep subnormals: v of a rarely-updated embedding row lives there. This is why
+    # the kernels are not compiled by CuPy, which appends -ftz=true to every build.
+    "--ftz=false",
+    # IEEE division and square root (NVRTC's defaults, stated so nobody drops them).
+    "--prec-div=true",
+    "--prec-sqrt=true",
 )
 CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 
@@ -100,6 +110,100 @@ def sources_digest():
         if entry.name.endswith((".cu", ".cuh")):
             h.update(entry.name.encode() + entry.read_bytes())
     return h.hexdigest()[:16]
+
+
+# ------------------------------------------------------------------ compilation
+class CompileError(RuntimeError):
+    """NVRTC refused a kernel source; the message holds its log."""
+
+
+def _nvrtc():
+    try:
+        from cuda.bindings import nvrtc
+    except ImportError as e:
+        raise RuntimeError(
+            "compiling fusedopt's kernels needs NVRTC from NVIDIA's cuda-bindings: "
+            "pip install 'fusedopt[cuda12]' or 'fusedopt[cuda13]'") from e
+    return nvrtc
+
+
+def _check(nvrtc, result, what):
+    err = result[0] if isinstance(result, tuple) else result
+    if err != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+        raise CompileError(f"NVRTC {what} failed: {err}")
+    return result[1] if isinstance(result, tuple) and len(result) > 1 else None
+
+
+def _nvrtc_output(nvrtc, program, get_size, get):
+    size = _check(nvrtc, get_size(program), get.__name__)
+    buffer = b" " * size
+    _check(nvrtc, get(program, buffer), get.__name__)
+    return buffer.rstrip(b"\x00")
+
+
+def compile_cubin(source, arch, name="fusedopt.cu"):
+    """Compile one translation unit with NVRTC and NVRTC_OPTIONS for `arch` ("sm_90").
+
+    Returns (cubin bytes, PTX text, compiler log). This is the only way fusedopt
+    compiles a kernel: CupyBackend loads the cubin, the CI check inspects the PTX.
+    """
+    nvrtc = _nvrtc()
+    program = _check(nvrtc, nvrtc.nvrtcCreateProgram(source.encode(), name.encode(), 0, [], []),
+                     "nvrtcCreateProgram")
+    try:
+        options = [o.encode() for o in NVRTC_OPTIONS] + [f"--gpu-architecture={arch}".encode()]
+        (result,) = nvrtc.nvrtcCompileProgram(program, len(options), options)
+        log = _nvrtc_output(nvrtc, program, nvrtc.nvrtcGetProgramLogSize,
+                            nvrtc.nvrtcGetProgramLog).decode(errors="replace").strip()
+        if result != nvrtc.nvrtcResult.NVRTC_SUCCESS:
+            raise CompileError(f"{name} does not compile for {arch}:\n{log}")
+        cubin = _nvrtc_output(nvrtc, program, nvrtc.nvrtcGetCUBINSize, nvrtc.nvrtcGetCUBIN)
+        ptx = _nvrtc_output(nvrtc, program, nvrtc.nvrtcGetPTXSize, nvrtc.nvrtcGetPTX)
+    finally:
+        nvrtc.nvrtcDestroyProgram(program)
+    return cubin, ptx.decode(errors="replace"), log
+
+
+def nvrtc_version():
+    """(major, minor) of the NVRTC library in use."""
+    nvrtc = _nvrtc()
+    err, major, minor = nvrtc.nvrtcVersion()
+    _check(nvrtc, err, "nvrtcVersion")
+    return major, minor
+
+
+def cache_dir():
+    """Where compiled kernels are kept between processes: $FUSEDOPT_CACHE_DIR, else
+    $XDG_CACHE_HOME/fusedopt, else ~/.cache/fusedopt."""
+    explicit = os.environ.get("FUSEDOPT_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "fusedopt"
+
+
+def cached_cubin(source, arch, name="fusedopt.cu"):
+    """The path of the cubin for `source` on `arch`, compiled once per machine.
+
+    Keyed on the source, the options, the architecture and the NVRTC version, so a
+    changed kernel or compiler never loads a stale binary. Written atomically:
+    concurrent processes may both compile, never read half a file.
+    """
+    key = hashlib.sha256("\0".join(
+        [source, *NVRTC_OPTIONS, arch, repr(nvrtc_version())]).encode()).hexdigest()[:32]
+    path = cache_dir() / "cubin" / f"{key}.cubin"
+    if not path.is_file():
+        cubin, _, _ = compile_cubin(source, arch, name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(cubin)
+            os.replace(tmp, path)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+    return path
 
 
 # --------------------------------------------------------------- argument structs

@@ -79,8 +79,10 @@ class CupyBackend:
     """Arrays and compiled kernels on one CUDA device, through CuPy.
 
     Each kernel module (a rule for one dtype, or the reductions for one dtype) is
-    compiled by NVRTC once per process and device; CuPy also caches it on disk. The
-    sources are read from the installed package (fusedopt/kernels).
+    compiled by `_kernels.compile_cubin` (NVRTC with fusedopt's own flags: CuPy's
+    compiler would add -ftz=true), cached on disk per machine, and loaded through
+    CuPy once per process and device. The sources are read from the installed
+    package (fusedopt/kernels).
     """
 
     _functions = {}
@@ -91,6 +93,7 @@ class CupyBackend:
         self.device_id = int(device.split(":")[1])
         with on_device(device):
             self.sm_count = self.xp.cuda.Device().attributes["MultiProcessorCount"]
+            self.arch = f"sm_{self.xp.cuda.Device().compute_capability}"
 
     def function(self, rule, dtype, name):
         key = (self.device_id, rule, np.dtype(dtype).name, name)
@@ -99,8 +102,9 @@ class CupyBackend:
 
             source = (_kernels.reduce_source(dtype) if rule is None
                       else _kernels.rule_source(rule, dtype))
+            cubin = _kernels.cached_cubin(source, self.arch, f"{rule or 'reduce'}.cu")
             with on_device(self.device):
-                module = self.xp.RawModule(code=source, options=_kernels.NVRTC_OPTIONS)
+                module = self.xp.RawModule(path=str(cubin))
                 self._functions[key] = module.get_function(name)
         return self._functions[key]
 
