@@ -12,6 +12,8 @@ The functions use only operators and ufuncs, so they also run on CuPy arrays (th
 buffer's dtype, so float32 buffers are updated in float32 arithmetic.
 """
 
+import math
+
 import numpy as np
 
 
@@ -131,3 +133,164 @@ def lion(p, g, m, lr, beta_1, one_minus_beta_1, beta_2, one_minus_beta_2):
     m <- beta_2*m + (1-beta_2)*g  (the parameter update uses the old m)."""
     p -= lr * np.sign(m * beta_1 + g * one_minus_beta_1)
     m[...] = m * beta_2 + g * one_minus_beta_2
+
+
+def schedule_free_adamw(p, g, z, v, lr, beta_1, one_minus_beta_1, one_minus_beta_2,
+                        one_minus_beta_2_power, epsilon, weight, one_minus_weight):
+    """Schedule-Free AdamW (Defazio et al., 2024) as Keras 3 writes it. `p` holds y,
+    the interpolation the gradient is taken at; `z` (Keras' "momentum" slot, started
+    at a copy of the params) is the SGD sequence; x, the average, is not stored: it is
+    recovered from y and the old z. lr already carries the warmup factor min(t/W, 1),
+    weight = 1/t.
+
+    v <- v + (g^2 - v)(1-beta_2);  z' = z - lr*g/(sqrt(v/(1-beta_2^t)) + eps);
+    x = (y - (1-beta_1)*z)/beta_1;  x' = (1-weight)*x + weight*z';
+    y <- (1-beta_1)*z' + beta_1*x'
+    """
+    x = (p - one_minus_beta_1 * z) / beta_1  # from the old y and z, before z moves
+    v += (g * g - v) * one_minus_beta_2
+    z -= (lr * g) / (np.sqrt(v / one_minus_beta_2_power) + epsilon)
+    x = one_minus_weight * x + weight * z
+    p[...] = one_minus_beta_1 * z + beta_1 * x
+
+
+# ------------------------------------------------------------ whole-variable rules
+# These read reductions over a whole variable (a segment of the flat buffer), so they
+# run once per segment and take its `shape` first. Their float64 sums are the
+# reductions the kernels compute on the device, per segment.
+
+def lamb(shape, p, g, m, v, lr, one_minus_beta_1, one_minus_beta_2, one_minus_beta_1_power,
+         one_minus_beta_2_power, epsilon):
+    """LAMB (You et al., 2020) as Keras 3 writes it: an Adam direction r, scaled per
+    variable by the trust ratio ||p||/||r|| (1 when either norm is 0 or NaN). There is
+    no weight-decay term inside r: decoupled decay has already been applied to p.
+
+    m <- m + (g-m)(1-beta_1);  v <- v + (g^2-v)(1-beta_2);
+    r = (m/(1-beta_1^t)) / (sqrt(v/(1-beta_2^t)) + eps);  p <- p - ratio*lr*r
+    """
+    m += (g - m) * one_minus_beta_1
+    v += (g * g - v) * one_minus_beta_2
+    r = (m / one_minus_beta_1_power) / (np.sqrt(v / one_minus_beta_2_power) + epsilon)
+    ratio = trust_ratio(sum_of_squares(p), sum_of_squares(r))
+    p -= (p.dtype.type(ratio) * lr) * r
+
+
+def trust_ratio(p_sum_of_squares, r_sum_of_squares):
+    """Keras' Lamb ratio ||p||/||r||, or 1 unless both norms are > 0 (NaN gives 1)."""
+    p_norm, r_norm = math.sqrt(p_sum_of_squares), math.sqrt(r_sum_of_squares)
+    return p_norm / r_norm if p_norm > 0 and r_norm > 0 else 1.0
+
+
+def sum_of_squares(x):
+    """sum(x^2) in float64, whatever x's dtype: the per-segment reduction."""
+    x = np.asarray(x, dtype=np.float64).ravel()
+    return float(np.dot(x, x)) if x.size else 0.0
+
+
+def factored_shapes(shape):
+    """The shapes of Adafactor's row and column statistics for a variable of `shape`:
+    shape[:-1] and shape[:-2] + shape[-1:] for rank >= 2 (Keras factors the last two
+    axes); (0,) and (0,) below rank 2, which keep the full second moment instead."""
+    shape = tuple(shape)
+    if len(shape) < 2:
+        return (0,), (0,)
+    return shape[:-1], shape[:-2] + shape[-1:]
+
+
+def adafactor(shape, p, g, r, c, v, rho, beta_2, one_minus_beta_2, epsilon_1, epsilon_2,
+              clip_threshold):
+    """Adafactor (Shazeer & Stern, 2018) as Keras 3 writes it, on one variable.
+
+    `r` and `c` are the variable's row and column statistics (factored_shapes; empty
+    below rank 2), `v` the full-size second moment, which for rank >= 2 is rebuilt
+    from r and c every step, as Keras does. rho = min(lr, 1/sqrt(t)) and
+    beta_2 = 1 - t^beta_2_decay are this step's scalars; rms(x) = sqrt(mean(x^2)).
+
+    alpha = max(eps_2, rms(p))*rho;  G = g^2 + eps_1;
+    rank >= 2: r <- beta_2*r + (1-beta_2)*mean(G, -1);  c <- beta_2*c + (1-beta_2)*mean(G, -2);
+               v = r/mean(r, -1) (outer) c,  per leading index
+    else:      v <- beta_2*v + (1-beta_2)*G
+    u = g/sqrt(v);  p <- p - alpha * u/max(1, rms(u)/clip_threshold)
+    """
+    shape = tuple(shape)
+    p_, g_, v_ = p.reshape(shape), g.reshape(shape), v.reshape(shape)
+    dt = p.dtype.type
+    alpha = np.maximum(epsilon_2, _rms(p)) * rho
+    regulated = g_ * g_ + epsilon_1
+    if len(shape) >= 2:
+        r_, c_ = (s.reshape(t) for s, t in zip((r, c), factored_shapes(shape)))
+        r_[...] = beta_2 * r_ + one_minus_beta_2 * _mean(regulated, -1)
+        c_[...] = beta_2 * c_ + one_minus_beta_2 * _mean(regulated, -2)
+        v_[...] = (r_ / _mean(r_, -1, keepdims=True))[..., None] * c_[..., None, :]
+    else:
+        v_[...] = beta_2 * v_ + one_minus_beta_2 * regulated
+    u = g_ / np.sqrt(v_)
+    u_hat = u / np.maximum(dt(1), _rms(u) / clip_threshold)
+    p_ -= alpha * u_hat
+
+
+def _mean(x, axis=None, keepdims=False):
+    """np.mean's own arithmetic (a sum, then one division by the count), but a mean
+    over nothing is a quiet NaN, as in Keras."""
+    count = x.size if axis is None else x.shape[axis]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.sum(x, axis=axis, keepdims=keepdims) / x.dtype.type(count)
+
+
+def _rms(x):
+    return np.sqrt(_mean(x * x))
+
+
+def muon(shape, p, g, m, v, use_adamw, lr, momentum, nesterov, ns_steps, muon_a, muon_b,
+         muon_c, rms_scale, alpha, one_minus_beta_1, one_minus_beta_2, epsilon):
+    """Muon (Jordan et al., 2024) as Keras 3 writes it, on one variable.
+
+    A variable Muon does not handle (use_adamw: not 2-D, or excluded) takes the Adam
+    step with alpha = lr*adam_lr_ratio*sqrt(1-beta_2^t)/(1-beta_1^t); `v` is used only
+    there. A 2-D variable takes the Muon step, with `rms_scale` =
+    sqrt(max(rows, cols))*rms_rate (1 when rms_rate is None):
+
+    m <- m + (g + m*(momentum-1));  d = g + momentum*m (nesterov) or m;
+    p <- p - lr*newton_schulz(d)*rms_scale
+    """
+    if use_adamw:
+        adam(p, g, m, v, None, alpha, one_minus_beta_1, one_minus_beta_2, epsilon, False)
+        return
+    m += g + m * (momentum - 1)
+    d = g + momentum * m if nesterov else m
+    update = newton_schulz(d.reshape(shape), int(ns_steps), muon_a, muon_b, muon_c)
+    p -= ((lr * update) * rms_scale).ravel()
+
+
+def newton_schulz(x, steps, a, b, c):
+    """The quintic Newton-Schulz iteration of Keras' Muon, an approximate UV^T of x's
+    SVD: x/(||x||_F + 1e-7), then `steps` times A = XX^T, X <- aX + (bA + cA^2)X,
+    working on the wide orientation (x transposed when it has more rows than columns)."""
+    tall = x.shape[-2] > x.shape[-1]
+    if tall:
+        x = np.swapaxes(x, -1, -2)
+    x = x / (np.sqrt(np.sum(x * x, axis=(-2, -1), keepdims=True)) + x.dtype.type(1e-7))
+    for _ in range(steps):
+        gram = x @ np.swapaxes(x, -1, -2)
+        x = a * x + (b * gram + (c * gram) @ gram) @ x
+    return np.swapaxes(x, -1, -2) if tall else x
+
+
+# ------------------------------------------------- options around every rule (§1)
+
+def ema(average, p, momentum):
+    """Keras' moving average of the weights, after the step: average <- mom*average +
+    (1-mom)*p, with mom = 0 on the first update (the average starts as p) and
+    ema_momentum afterwards; 1-mom is taken in the buffer's dtype, as Keras does."""
+    average[...] = momentum * average + (1 - momentum) * p
+
+
+def loss_scale_update(scale, counter, finite, growth_steps):
+    """Keras' dynamic loss scale after one step: (new scale, new counter).
+    Non-finite gradients halve the scale and reset the counter (the step is skipped);
+    `growth_steps` finite steps in a row double it."""
+    if not finite:
+        return scale * 0.5, 0
+    if counter == growth_steps - 1:
+        return scale * 2.0, 0
+    return scale, counter + 1
