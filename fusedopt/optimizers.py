@@ -9,10 +9,10 @@ the per-step scalars its rule reads, in the rule's argument order. Everything el
 import math
 
 from . import _validate as check
-from .optimizer import KERAS_DEFAULT_EPSILON, FusedOptimizer
+from .optimizer import COLUMNS, KERAS_DEFAULT_EPSILON, PARAMS, ROWS, FusedOptimizer
 
 __all__ = ["SGD", "RMSprop", "Adagrad", "Adadelta", "Adam", "AdamW", "Adamax", "Nadam",
-           "Ftrl", "Lion"]
+           "Ftrl", "Lion", "ScheduleFreeAdamW", "Lamb", "Adafactor"]
 
 
 def _epsilon(value):
@@ -305,3 +305,100 @@ class Lion(FusedOptimizer):
 
     def _rule_scalars(self, lr, t):
         return lr, self.beta_1, 1 - self.beta_1, self.beta_2, 1 - self.beta_2
+
+
+class ScheduleFreeAdamW(FusedOptimizer):
+    """Schedule-Free AdamW (Defazio et al., 2024), Keras 3's form. The params hold y,
+    the point gradients are taken at; the `momentum` slot is the SGD sequence z and
+    starts as a copy of the params; the average x = (y - (1-beta_1)*z)/beta_1 is not
+    stored. With t = iterations + 1 and lr' = lr*min(t/warmup_steps, 1):
+
+    v <- v + (g^2-v)(1-beta_2);  z' = z - lr'*g/(sqrt(v/(1-beta_2^t)) + eps);
+    x' = (1-1/t)*x + z'/t;  y <- (1-beta_1)*z' + beta_1*x'
+    """
+
+    rule = "schedule_free_adamw"
+    _hyperparameters = ("beta_1", "beta_2", "epsilon", "warmup_steps")
+
+    def __init__(self, learning_rate=0.0025, beta_1=0.9, beta_2=0.999, epsilon=1e-8,
+                 warmup_steps=0, **kwargs):
+        super().__init__(learning_rate, **kwargs)
+        # x is recovered from y by dividing by beta_1: Keras gives NaN at beta_1 = 0.
+        self.beta_1 = check.real("beta_1", beta_1, low=0.0, high=1.0, low_open=True,
+                                 high_open=True)
+        self.beta_2 = check.beta("beta_2", beta_2)
+        self.epsilon = check.non_negative("epsilon", epsilon)
+        self.warmup_steps = check.integer("warmup_steps", warmup_steps, low=0)
+
+    def _slot_specs(self):
+        return ("momentum", PARAMS), ("velocity", 0.0)
+
+    def _rule_scalars(self, lr, t):
+        if self.warmup_steps:
+            lr = lr * min(t / self.warmup_steps, 1.0)
+        weight = 1.0 / t
+        return (lr, self.beta_1, 1 - self.beta_1, 1 - self.beta_2, 1 - self.beta_2 ** t,
+                self.epsilon, weight, 1 - weight)
+
+
+class Lamb(FusedOptimizer):
+    """LAMB (You et al., 2020), Keras 3's form: Adam's direction scaled per variable
+    (per segment) by the trust ratio ||p||/||r||, 1 unless both norms are > 0.
+
+    m <- m + (g-m)(1-beta_1);  v <- v + (g^2-v)(1-beta_2);
+    r = (m/(1-beta_1^t))/(sqrt(v/(1-beta_2^t)) + eps);  p <- p - ratio*lr*r
+    """
+
+    rule = "lamb"
+    whole_variable = True
+    _hyperparameters = ("beta_1", "beta_2", "epsilon")
+
+    def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7, **kwargs):
+        super().__init__(learning_rate, **kwargs)
+        self.beta_1 = check.beta("beta_1", beta_1)
+        self.beta_2 = check.beta("beta_2", beta_2)
+        self.epsilon = _epsilon(epsilon)
+
+    def _slot_specs(self):
+        return ("momentum", 0.0), ("velocity", 0.0)
+
+    def _rule_scalars(self, lr, t):
+        return (lr, 1 - self.beta_1, 1 - self.beta_2, 1 - self.beta_1 ** t,
+                1 - self.beta_2 ** t, self.epsilon)
+
+
+class Adafactor(FusedOptimizer):
+    """Adafactor (Shazeer & Stern, 2018), Keras 3's form. Variables of rank >= 2 keep
+    row and column statistics of their last two axes (slots `r` and `c`, which are
+    not the size of the params: see reference.factored_shapes) and rebuild the full
+    second moment `velocity` from them each step; smaller ones keep `velocity` only.
+
+    rho = min(lr, 1/sqrt(t));  alpha = max(epsilon_2, rms(p))*rho;
+    beta = 1 - t^beta_2_decay;  u = g/sqrt(v);  p <- p - alpha*u/max(1, rms(u)/clip_threshold)
+    `relative_step` is kept for Keras' config: Keras applies min(lr, 1/sqrt(t)) in
+    rho whether it is set or not.
+    """
+
+    rule = "adafactor"
+    whole_variable = True
+    _hyperparameters = ("beta_2_decay", "epsilon_1", "epsilon_2", "clip_threshold",
+                        "relative_step")
+
+    def __init__(self, learning_rate=0.001, beta_2_decay=-0.8, epsilon_1=1e-30, epsilon_2=1e-3,
+                 clip_threshold=1.0, relative_step=True, **kwargs):
+        super().__init__(learning_rate, **kwargs)
+        # beta_2_decay > 0 would make 1 - t^decay negative from t = 2 on.
+        self.beta_2_decay = check.real("beta_2_decay", beta_2_decay, high=0.0)
+        self.epsilon_1 = check.non_negative("epsilon_1", epsilon_1)
+        self.epsilon_2 = check.non_negative("epsilon_2", epsilon_2)
+        self.clip_threshold = check.real("clip_threshold", clip_threshold, low=0.0,
+                                         low_open=True)
+        self.relative_step = check.boolean("relative_step", relative_step)
+
+    def _slot_specs(self):
+        return ("r", 0.0, ROWS), ("c", 0.0, COLUMNS), ("velocity", 0.0)
+
+    def _rule_scalars(self, lr, t):
+        beta = 1 - t ** self.beta_2_decay
+        return (min(lr, 1 / math.sqrt(t)), beta, 1 - beta, self.epsilon_1, self.epsilon_2,
+                self.clip_threshold)
