@@ -19,7 +19,7 @@ import pytest
 import fusedopt
 from conftest import CASES, case_ids, random_grads, random_params, require_in_ci
 from fusedopt import _kernels
-from fusedopt.optimizer import clipnorm_factor, global_clipnorm_factor
+from fusedopt.reference import clip_factors, clipnorm_factor, global_clipnorm_factor
 
 HERE = Path(__file__).parent
 LAYOUT = [(5000,), (3, 7), (), (0,), (1,), (2100,), (33,)]  # multi-tile segments too
@@ -62,7 +62,7 @@ def host_step(lib, opt, params, g, slots, lr, scalars):
     would prepare them (tile table, clip factors, packed prologue and scalars)."""
     dtype = params.dtype
     unscale = dtype.type(1.0 / opt.loss_scale_factor) if opt.loss_scale_factor else None
-    factors = opt._clip_factors(g, params.offsets, unscale)
+    factors = clip_factors(opt, g, params.offsets, unscale)
     factors = None if factors is None else np.array(factors, dtype=dtype)
     tiles = _kernels.TileTable(params.offsets, per_segment=bool(opt.clipnorm), sm_count=2)
     pro = _kernels.pack_prologue(dtype, opt.loss_scale_factor, opt.clipvalue, opt.weight_decay)

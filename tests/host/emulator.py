@@ -94,7 +94,9 @@ def emulate(optimizer, params, libraries, sm_count=2):
     GPU path: fusedopt.cuda.StepPlan with this backend. Returns the backend."""
     from fusedopt.cuda import StepPlan
 
+    if not optimizer.built:
+        optimizer.executor = "numpy"  # a CPU plan is built first, then replaced
     optimizer.build(params)
     backend = EmulatorBackend(libraries, sm_count=sm_count)
-    optimizer._gpu = StepPlan(optimizer, params, backend=backend)
+    optimizer._plan = StepPlan(optimizer, params, backend=backend)
     return backend
