@@ -55,6 +55,10 @@ class HostBuildError(RuntimeError):
     """The host library cannot be built here (no compiler, or the build failed)."""
 
 
+class CompilerNotFound(HostBuildError):
+    """No C++ compiler on this machine (or $CXX names one that does not run)."""
+
+
 class HostBuildWarning(UserWarning):
     """CPU steps fall back to the NumPy reference: the host library cannot be built."""
 
@@ -79,8 +83,8 @@ def find_compiler():
         family = "clang" if "clang" in out.lower() else "gcc" if _is_gcc(out) else "other"
         return path, version, family
     if requested:
-        raise HostBuildError(f"the C++ compiler CXX={requested!r} was not found or does not run")
-    raise HostBuildError(f"no C++ compiler found (looked for {', '.join(COMPILERS)} on PATH; "
+        raise CompilerNotFound(f"the C++ compiler CXX={requested!r} was not found or does not run")
+    raise CompilerNotFound(f"no C++ compiler found (looked for {', '.join(COMPILERS)} on PATH; "
                          "set CXX to use another)")
 
 
@@ -241,6 +245,7 @@ class _Plan(ctypes.Structure):
         ("partial", ctypes.c_void_p),
         ("nonfinite", ctypes.c_void_p),
         ("num_threads", ctypes.c_int),
+        ("threads_used", ctypes.c_int),
     ]
 
 
@@ -317,6 +322,11 @@ class HostPlan:
         self.fn(params_data.ctypes.data, grads.ctypes.data, s[0], s[1], s[2],
                 ctypes.addressof(self._plan), ctypes.addressof(pro), ctypes.addressof(st),
                 self.counters.ctypes.data)
+
+    @property
+    def threads_used(self):
+        """How many threads the last step ran on (small buffers run on one)."""
+        return self._plan.threads_used
 
     def read_counters(self):
         it, skipped, last = (int(x) for x in self.counters)

@@ -211,6 +211,7 @@ struct HostPlan {
     double* partial;                 // scratch: per-tile sums of squares (ntiles)
     int* nonfinite;                  // scratch: per-tile non-finite flags (ntiles)
     int num_threads;                 // > 0
+    int threads_used;                // out: threads the last step ran on
 };
 
 // Thread t's tiles: contiguous, split where the element count is closest to t/n of
@@ -290,7 +291,7 @@ static void thread_step(int t, int n, T* p, const T* g, T* const slots[3], const
 // advanced here, as the GPU's are on the device. Returns 1 if the step was applied, 0
 // if skip_nonfinite skipped it (then no buffer was written).
 template <typename Rule, typename T>
-static int host_step(T* p, const T* g, T* s0, T* s1, T* s2, const HostPlan* plan,
+static int host_step(T* p, const T* g, T* s0, T* s1, T* s2, HostPlan* plan,
                      const Prologue<T>* pro, const StepScalars<T>* st, long long* counters) {
     T* const slots[3] = {s0, s1, s2};
     std::atomic<int> any_nonfinite(0);
@@ -298,6 +299,7 @@ static int host_step(T* p, const T* g, T* s0, T* s1, T* s2, const HostPlan* plan
     long long n = plan->num_threads;
     if (n > plan->ntiles) n = plan->ntiles;
     if (size < FO_MIN_PARALLEL || n < 1) n = 1;
+    plan->threads_used = (int)n;
     if (n == 1) {
         thread_step<Rule, T>(0, 1, p, g, slots, *plan, *pro, *st, nullptr, &any_nonfinite);
     } else {
@@ -319,7 +321,7 @@ static int host_step(T* p, const T* g, T* s0, T* s1, T* s2, const HostPlan* plan
 
 #ifdef FUSEDOPT_RULE
 extern "C" int fusedopt_host_step(FUSEDOPT_T* p, const FUSEDOPT_T* g, FUSEDOPT_T* s0,
-                                  FUSEDOPT_T* s1, FUSEDOPT_T* s2, const HostPlan* plan,
+                                  FUSEDOPT_T* s1, FUSEDOPT_T* s2, HostPlan* plan,
                                   const Prologue<FUSEDOPT_T>* pro,
                                   const StepScalars<FUSEDOPT_T>* st, long long* counters) {
     return host_step<FUSEDOPT_RULE, FUSEDOPT_T>(p, g, s0, s1, s2, plan, pro, st, counters);

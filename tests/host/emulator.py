@@ -6,22 +6,22 @@ lists, same launch sequence, with NumPy arrays standing in for device memory.
 
 import contextlib
 import ctypes
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
 
-from fusedopt import _kernels
+from fusedopt import _kernels, host
 
 HERE = Path(__file__).parent
 
 
-def build(out_dir):
-    """Compile one emulator library per dtype; return {dtype name: CDLL} or None."""
-    compiler = shutil.which("g++") or shutil.which("c++")
-    if compiler is None:
-        return None
+def build():
+    """Compile one emulator library per dtype with the host executor's build machinery
+    (compiler discovery, on-disk cache); return {dtype name: CDLL}, or None when there
+    is no C++ compiler."""
+    flags = ["-std=c++20", "-O1", "-pthread", "-ffp-contract=off", "-shared", "-fPIC",
+             "-Wall", "-Werror", "-Wno-unused-parameter", "-Wno-unused-variable",
+             "-Wno-maybe-uninitialized", "-Wno-unknown-pragmas"]
     libraries = {}
     for dtype, ctype in _kernels.CTYPES.items():
         rules = _kernels.rule_names()
@@ -29,13 +29,12 @@ def build(out_dir):
         source += "".join(f'#include "{r}.cuh"\n' for r in rules)
         source += '#include "fused.cu"\n#include "reduce.cu"\n#include "emulator_entries.h"\n'
         source += "".join(f"EMU_RULE({r})\n" for r in rules)
-        out = Path(out_dir) / f"libemulator_{dtype.name}.so"
-        cmd = [compiler, "-std=c++20", "-O1", "-pthread", "-ffp-contract=off", "-shared",
-               "-fPIC", "-Wall", "-Werror", "-Wno-unused-parameter", "-Wno-unused-variable",
-               "-Wno-maybe-uninitialized", "-Wno-unknown-pragmas", "-x", "c++", "-",
-               "-I", str(_kernels.kernel_dir()), "-I", str(HERE), "-o", str(out)]
-        subprocess.run(cmd, input=source.encode(), check=True)
-        libraries[dtype.name] = ctypes.CDLL(str(out))
+        try:
+            path = host.compile_library(source, f"emulator_{dtype.name}", flags=flags,
+                                        include_dirs=[_kernels.kernel_dir(), HERE])
+        except host.CompilerNotFound:
+            return None
+        libraries[dtype.name] = ctypes.CDLL(str(path))
     return libraries
 
 
