@@ -161,7 +161,7 @@ class StepPlan:
         tiles = k.TileTable(self.offsets, per_segment=(mode == "segment"),
                             sm_count=self.backend.sm_count)
         self.tiles = tiles
-        self.grid = tiles.grid(self.backend.sm_count)
+        self.grid = tiles.grid(self.backend.sm_count, 8)  # the occupancy API comes next
         self.tile_start = xp.asarray(tiles.start)
         self.tile_segment = xp.asarray(tiles.segment)
         self.segment_tiles = xp.asarray(tiles.segment_tiles)

@@ -137,6 +137,26 @@ class FusedOptimizer:
     def _check_learning_rate_value(self, lr):
         """Rule-specific limits on this step's learning rate (Ftrl divides by it)."""
 
+    # What the kernels' step state reads (kernels/step.cuh): the rule's hyperparameters
+    # in the order of `_hyperparameters` (booleans as 0/1), and a running product the
+    # rule keeps over completed steps (Nadam's), as a function of the step count.
+    def _device_hyperparameters(self):
+        return tuple(float(getattr(self, name)) for name in self._hyperparameters)
+
+    def _running_product(self, iterations):
+        return 1.0
+
+    def _learning_rate_spec(self):
+        """The learning rate as the kernels' step state holds it: a number, (schedule
+        class name, config) for fusedopt's own schedules, or None for what only the
+        host can evaluate (a callable, or a schedule of another class)."""
+        lr = self._learning_rate
+        if isinstance(lr, schedules.LearningRateSchedule):
+            if type(lr) in schedules.BUILTIN:
+                return type(lr).__name__, lr.get_config()
+            return None
+        return None if callable(lr) else lr
+
     # ------------------------------------------------------------------ properties
     @property
     def skip_nonfinite(self):

@@ -55,13 +55,14 @@ def _c_argument(a):
 
 
 class EmulatedKernel:
-    def __init__(self, fn, name):
-        self.fn, self.name = fn, name
+    def __init__(self, backend, fn, name):
+        self.backend, self.fn, self.name = backend, fn, name
         self.fn.restype = None
-        self.calls = 0
 
     def __call__(self, grid, block, args):
-        self.calls += 1
+        self.backend.launch(self, grid, block, args)
+
+    def run(self, grid, block, args):
         self.fn(ctypes.c_uint(grid[0]), ctypes.c_uint(block[0]), *map(_c_argument, args))
 
 
@@ -74,12 +75,33 @@ class EmulatorBackend:
         self.libraries = libraries
         self.sm_count = sm_count
         self.launches = []
+        self._recording = None
 
     def function(self, rule, dtype, name):
         fn = getattr(self.libraries[np.dtype(dtype).name], "emu_" + name)
-        kernel = EmulatedKernel(fn, name)
-        self.launches.append(name)
-        return kernel
+        return EmulatedKernel(self, fn, name)
+
+    def launch(self, kernel, grid, block, args):
+        self.launches.append(kernel.name)
+        if self._recording is not None:  # like stream capture: recorded, not run
+            self._recording.append((kernel, grid, block, args))
+        else:
+            kernel.run(grid, block, args)
+
+    @contextlib.contextmanager
+    def capture(self):
+        """Record the launches made inside the block, as CUDA stream capture does;
+        the yielded list holds (kernel, grid, block, args) to replay."""
+        self._recording = recorded = []
+        try:
+            yield recorded
+        finally:
+            self._recording = None
+
+    @staticmethod
+    def replay(recorded):
+        for kernel, grid, block, args in recorded:
+            kernel.run(grid, block, args)
 
     def on_device(self):
         return contextlib.nullcontext()
