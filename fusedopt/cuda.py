@@ -129,6 +129,7 @@ class StepPlan:
     """
 
     MAX_TABLE_ROWS = 1 << 20  # beyond this a skip_nonfinite step syncs once to compact
+    name = "cuda"  # the executor interface: fusedopt/executor.py
 
     def __init__(self, optimizer, params, backend=None):
         from . import _kernels
@@ -141,6 +142,8 @@ class StepPlan:
         self._tables_mode = None
         self._counters = None
         self.next_row = optimizer._iterations
+        # Without skip_nonfinite every step counts, so the host knows the count.
+        self._host_iterations = optimizer._iterations
         with self.backend.on_device():
             self._build_tables()
             if optimizer.skip_nonfinite:
@@ -162,7 +165,7 @@ class StepPlan:
         tiles = k.TileTable(self.offsets, per_segment=(mode == "segment"),
                             sm_count=self.backend.sm_count)
         self.tiles = tiles
-        self.grid = tiles.grid(self.backend.sm_count)
+        self.grid = tiles.grid(self.backend.sm_count, 8)  # the occupancy API comes next
         self.tile_start = xp.asarray(tiles.start)
         self.tile_segment = xp.asarray(tiles.segment)
         self.segment_tiles = xp.asarray(tiles.segment_tiles)
@@ -183,6 +186,12 @@ class StepPlan:
             np.array([iterations, skipped, int(last_skipped), iterations], dtype=np.int64))
         self._base = iterations
         self.next_row = iterations
+
+    @property
+    def next_iteration(self):
+        """The iteration whose scalars the next step needs (with skip_nonfinite, the
+        newest the device can be at)."""
+        return self.next_row if self.optimizer.skip_nonfinite else self._host_iterations
 
     # ----------------------------------------------------------------- the step
     def step(self, grads, params_data, slots, lr, scalars):
@@ -215,6 +224,8 @@ class StepPlan:
                 self.factors if mode is not None else None,
                 np.int32(1 if mode == "global" else self.nsegments),
                 self.table if skip else None, self._counters if skip else None))
+            if not skip:
+                self._host_iterations += 1
 
     def _launch(self, rule, name, grid, args):
         fn = self.backend.function(rule, self.dtype, name)
@@ -245,6 +256,8 @@ class StepPlan:
 
     def read_counters(self):
         """(iterations, skipped steps, last step skipped), read from the device: a sync."""
+        if self._counters is None:
+            return self._host_iterations, 0, False
         with self.backend.on_device():
             it, skipped, last, base = (int(x) for x in self.backend.to_host(self._counters))
             if it > base:
@@ -261,3 +274,4 @@ class StepPlan:
                 self._build_counters(state["iterations"], state["skipped_steps"],
                                      state["last_step_skipped"])
             self.next_row = state["iterations"]
+            self._host_iterations = state["iterations"]

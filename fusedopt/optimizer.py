@@ -7,23 +7,23 @@ The pipeline, in Keras 3's order, lives here and nowhere else:
 
 A subclass says only what its rule needs: its hyperparameters, its state slots and
 the per-step scalars its rule reads (`_rule_scalars`). The rule's math lives in
-`reference.<rule>` (NumPy, the CPU path) and `kernels/<rule>.cuh` (the GPU path).
-Which path runs is decided by where the buffers are.
+`kernels/<rule>.cuh` (run by the CUDA and host executors) and `reference.<rule>`
+(NumPy, the oracle). Which executor runs a step (fusedopt.executor) is decided by
+where the buffers are and what this machine can build; this module holds no
+array-library code of its own.
 """
 
 import math
 import numbers
 import warnings
+from typing import NamedTuple
 
 import numpy as np
 
 from . import _validate as check
-from . import cuda, reference, schedules
+from . import cuda, schedules
+from . import executor as executors
 from .flat import FlatBuffer, Layout, _span
-
-# Elements processed per NumPy call: bounds the temporaries a rule creates and keeps
-# them in cache; large enough that the per-chunk Python overhead is negligible.
-CHUNK = 1 << 16
 
 KERAS_DEFAULT_EPSILON = 1e-7
 
@@ -47,6 +47,13 @@ class FusedOptimizer:
             nothing (params, state and iterations stay as they were) and is counted
             in `skipped_steps`. Default False: NaN propagates, as in Keras.
         name: a name for the optimizer.
+        executor: who runs the steps on CPU buffers (fusedopt.executor): "auto"
+            (default: the kernels compiled for this CPU, "host", when a C++ compiler
+            can build them, else the NumPy reference), "host", or "numpy" (the
+            reference). CuPy buffers always run the CUDA kernels ("auto" or "cuda").
+        num_threads: threads of the host executor; None (default) uses every core
+            this process may run on. Results do not depend on it.
+    executor and num_threads are not hyperparameters: they are not in get_config().
     Keras 2 spellings are accepted: `lr=` (alias of learning_rate) and `decay=`
     (inverse-time decay, lr / (1 + decay * iterations)), with a DeprecationWarning.
     """
@@ -73,6 +80,8 @@ class FusedOptimizer:
         gradient_accumulation_steps=None,
         name=None,
         skip_nonfinite=False,
+        executor="auto",
+        num_threads=None,
         **kwargs,
     ):
         learning_rate = self._keras2_learning_rate(learning_rate, kwargs)
@@ -97,11 +106,14 @@ class FusedOptimizer:
         self.loss_scale_factor = check.optional_real(
             "loss_scale_factor", loss_scale_factor, low=0.0, low_open=True)
         self._skip_nonfinite = check.boolean("skip_nonfinite", skip_nonfinite)
+        self._executor = executors.check_executor(executor)
+        self._num_threads = _check_num_threads(num_threads)
         _check_unsupported_keras_options(use_ema, ema_momentum, ema_overwrite_frequency,
                                          gradient_accumulation_steps)
         if name is not None and not isinstance(name, str):
             raise TypeError(f"`name` must be a string, got {type(name).__name__}")
         self.name = name if name is not None else _snake_case(type(self).__name__)
+        # The step counters until build(); then the plan holds them.
         self._iterations = 0
         self._skipped_steps = 0
         self._last_step_skipped = False
@@ -109,7 +121,7 @@ class FusedOptimizer:
         self._device = None
         self._slots = None    # rule-ordered list: a 1-D array per slot, None where absent
         self._pending_state = None
-        self._gpu = None      # cuda.StepPlan once built on a GPU
+        self._plan = None     # the executor's plan (fusedopt.executor) once built
 
     # ---------------------------------------------------------------- subclass API
     def _slot_specs(self):
@@ -125,6 +137,26 @@ class FusedOptimizer:
     def _check_learning_rate_value(self, lr):
         """Rule-specific limits on this step's learning rate (Ftrl divides by it)."""
 
+    # What the kernels' step state reads (kernels/step.cuh): the rule's hyperparameters
+    # in the order of `_hyperparameters` (booleans as 0/1), and a running product the
+    # rule keeps over completed steps (Nadam's), as a function of the step count.
+    def _device_hyperparameters(self):
+        return tuple(float(getattr(self, name)) for name in self._hyperparameters)
+
+    def _running_product(self, iterations):
+        return 1.0
+
+    def _learning_rate_spec(self):
+        """The learning rate as the kernels' step state holds it: a number, (schedule
+        class name, config) for fusedopt's own schedules, or None for what only the
+        host can evaluate (a callable, or a schedule of another class)."""
+        lr = self._learning_rate
+        if isinstance(lr, schedules.LearningRateSchedule):
+            if type(lr) in schedules.BUILTIN:
+                return type(lr).__name__, lr.get_config()
+            return None
+        return None if callable(lr) else lr
+
     # ------------------------------------------------------------------ properties
     @property
     def skip_nonfinite(self):
@@ -134,23 +166,60 @@ class FusedOptimizer:
     @property
     def iterations(self):
         """Completed (not skipped) steps: Keras' `optimizer.iterations`."""
-        if self._gpu is not None and self.skip_nonfinite:
-            self._sync_counters_from_gpu()
-        return self._iterations
+        return self._counters()[0]
 
     @property
     def skipped_steps(self):
         """Steps skipped for non-finite gradients (only with skip_nonfinite=True)."""
-        if self._gpu is not None and self.skip_nonfinite:
-            self._sync_counters_from_gpu()
-        return self._skipped_steps
+        return self._counters()[1]
 
     @property
     def last_step_skipped(self):
         """Whether the most recent call to apply() was skipped for non-finite gradients."""
-        if self._gpu is not None and self.skip_nonfinite:
-            self._sync_counters_from_gpu()
-        return self._last_step_skipped
+        return self._counters()[2]
+
+    def _counters(self):
+        """(iterations, skipped steps, last step skipped), from where the step's state
+        lives: the plan once built (a GPU read synchronises), else this object."""
+        if self._plan is not None:
+            return self._plan.read_counters()
+        return self._iterations, self._skipped_steps, self._last_step_skipped
+
+    @property
+    def executor(self):
+        """The executor asked for: "auto", "host", "numpy" or "cuda". Assigning one
+        after build() moves the step to it (counters and state carry over)."""
+        return self._executor
+
+    @executor.setter
+    def executor(self, value):
+        value = executors.check_executor(value)
+        if self._plan is None:
+            self._executor = value
+            return
+        previous = self._executor
+        self._iterations, self._skipped_steps, self._last_step_skipped = self._counters()
+        self._executor = value
+        try:
+            self._plan = executors.plan_for(self, self._buffers)
+        except Exception:
+            self._executor = previous
+            raise
+
+    @property
+    def executor_name(self):
+        """The executor that runs this optimizer's steps ("host", "numpy" or "cuda"),
+        or None before build()."""
+        return None if self._plan is None else self._plan.name
+
+    @property
+    def num_threads(self):
+        """Threads of the host executor (None: every core available)."""
+        return self._num_threads
+
+    @num_threads.setter
+    def num_threads(self, value):
+        self._num_threads = _check_num_threads(value)
 
     @property
     def learning_rate(self):
@@ -202,6 +271,8 @@ class FusedOptimizer:
                 "the loaded state_dict does not match `params`: "
                 + pending["layout"].describe_difference(params.layout)
             )
+        buffers = BufferInfo(params.offsets, params.dtype, params.device)
+        plan = executors.plan_for(self, buffers)  # may refuse; nothing is changed yet
         with cuda.on_device(params.device):
             for spec in self._slot_specs():
                 if spec is None:
@@ -215,8 +286,8 @@ class FusedOptimizer:
         self._layout = params.layout
         self._device = params.device
         self._pending_state = None
-        if params.device != "cpu":
-            self._gpu = cuda.StepPlan(self, params)
+        self._plan = plan
+        self._buffers = buffers
 
     # ----------------------------------------------------------------------- apply
     def apply(self, grads, params):
@@ -235,28 +306,14 @@ class FusedOptimizer:
         if len(params) == 0:
             return  # Keras: no variables, no update, no increment
         # With skip_nonfinite on a GPU only the device knows how many steps were
-        # skipped; the host computes the scalars of the newest possible iteration and
-        # the device picks the row of its own count (see cuda.StepPlan).
-        it = self._gpu.next_row if (self._gpu is not None and self.skip_nonfinite) else self._iterations
+        # skipped; the plan names the iteration whose scalars the step needs (there,
+        # the newest the device can be at; see cuda.StepPlan).
+        it = self._plan.next_iteration if self._plan is not None else self._iterations
         lr, scalars = self._step_scalars(it)
         self.build(params)
-        if self._gpu is not None:
-            self._gpu.step(grads, params.data, self._slots, lr, scalars)
-            if not self.skip_nonfinite:
-                self._iterations += 1
-            return
-        if self.skip_nonfinite and not _all_finite(grads):
-            self._skipped_steps += 1
-            self._last_step_skipped = True
-            return
-        # Non-finite gradients propagate as in Keras (or are skipped above); NumPy's
-        # warnings about them would only repeat that.
-        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            self._numpy_pipeline(params, grads, lr, scalars)
-        self._last_step_skipped = False
-        self._iterations += 1
+        self._plan.step(grads, params.data, self._slots, lr, scalars)
 
-    # Per-step scalars are computed here, once per step, for both paths.
+    # Per-step scalars are computed here, once per step, for every executor.
     def _step_scalars(self, it):
         lr = self._learning_rate_at(it)
         return lr, tuple(float(x) for x in self._rule_scalars(lr, it + 1))
@@ -286,42 +343,6 @@ class FusedOptimizer:
             raise ValueError(f"`learning_rate` must be finite and >= 0; {source} gave {value!r}")
         self._check_learning_rate_value(value)
         return value
-
-    def _numpy_pipeline(self, params, grads, lr, scalars):
-        p_all, g_all = params.data, grads
-        dt = p_all.dtype.type
-        c = tuple(dt(x) for x in scalars)
-        lr_t, wd = dt(lr), (dt(self.weight_decay) if self.weight_decay else None)
-        unscale = dt(1.0 / self.loss_scale_factor) if self.loss_scale_factor else None
-        clipvalue = dt(self.clipvalue) if self.clipvalue else None
-        factors = self._clip_factors(g_all, params.offsets, unscale)
-        rule = getattr(reference, self.rule)
-        scratch = np.empty(min(CHUNK, p_all.size), dtype=p_all.dtype)
-        for start, stop, segment in _chunks(params.offsets, per_segment=bool(self.clipnorm)):
-            g = g_all[start:stop]
-            if unscale is not None or factors is not None or clipvalue is not None:
-                g = _copy_into(scratch, g)
-                if unscale is not None:
-                    g *= unscale
-                if factors is not None:
-                    g *= dt(factors[segment if self.clipnorm else 0])
-                if clipvalue is not None:
-                    np.clip(g, -clipvalue, clipvalue, out=g)
-            p = p_all[start:stop]
-            if wd is not None:
-                p -= p * wd * lr_t
-            slots = [s[start:stop] if s is not None else None for s in self._slots]
-            rule(p, g, *slots, *c)
-
-    def _clip_factors(self, g, offsets, unscale):
-        """Multipliers for the unscaled gradient: one per segment (clipnorm), one for
-        all (global_clipnorm), or None. Norms are summed in float64."""
-        if self.clipnorm:
-            sums = [_sum_of_squares(g[a:b], unscale) for a, b in zip(offsets[:-1], offsets[1:])]
-            return [clipnorm_factor(s, self.clipnorm) for s in sums]
-        if self.global_clipnorm:
-            return [global_clipnorm_factor(_sum_of_squares(g, unscale), self.global_clipnorm)]
-        return None
 
     # ---------------------------------------------------------------------- checks
     def _check_grads(self, grads, params):
@@ -408,8 +429,7 @@ class FusedOptimizer:
             with cuda.on_device(self._device):
                 for name, buf in self.slots().items():
                     buf[...] = _copy_to(parsed["slots"][name], self._device, buf.dtype)
-            if self._gpu is not None:
-                self._gpu.reset_counters(parsed)
+            self._plan.reset_counters(parsed)
         else:
             self._pending_state = parsed
         self._iterations = parsed["iterations"]
@@ -455,9 +475,6 @@ class FusedOptimizer:
             "skipped_steps": skipped,
             "last_step_skipped": last,
         }
-
-    def _sync_counters_from_gpu(self):
-        self._iterations, self._skipped_steps, self._last_step_skipped = self._gpu.read_counters()
 
     # ---------------------------------------------------------------------- config
     def get_config(self):
@@ -536,60 +553,15 @@ class FusedOptimizer:
         return names + ["lr", "decay"]
 
 
-# --------------------------------------------------------------- gradient clipping
-def clipnorm_factor(sum_of_squares, clipnorm):
-    """Keras' per-variable clip, g*c/max(|g|, c), as one factor; NaN propagates."""
-    norm = math.sqrt(sum_of_squares) if sum_of_squares > 0 else sum_of_squares
-    if math.isnan(norm):
-        return math.nan
-    return clipnorm / max(norm, clipnorm)
-
-
-def global_clipnorm_factor(sum_of_squares, clipnorm):
-    """Keras' clip_by_global_norm scale, c*min(1/n, 1/c); NaN when n is not finite."""
-    norm = math.sqrt(sum_of_squares)
-    if not math.isfinite(norm):
-        return math.nan
-    inverse = math.inf if norm == 0 else 1.0 / norm
-    return clipnorm * min(inverse, 1.0 / clipnorm)
-
-
-def _sum_of_squares(g, unscale):
-    total = 0.0
-    for a in range(0, g.size, CHUNK):
-        x = g[a:a + CHUNK]
-        if unscale is not None:
-            x = x * unscale
-        x = x.astype(np.float64)
-        # einsum, not np.dot: BLAS threads on a busy machine can stall a dot for
-        # milliseconds, and a single-threaded loop sums in the same order every time.
-        total += float(np.einsum("i,i->", x, x))
-    return total
-
-
-def _copy_into(scratch, x):
-    out = scratch[: x.size]
-    np.copyto(out, x)
-    return out
-
-
-def _all_finite(g):
-    return all(np.isfinite(g[a:a + CHUNK]).all() for a in range(0, g.size, CHUNK))
-
-
-def _chunks(offsets, per_segment):
-    """(start, stop, segment) ranges of at most CHUNK elements; with per_segment they
-    never straddle a segment boundary (each segment has its own clip factor)."""
-    if per_segment:
-        for segment, (a, b) in enumerate(zip(offsets[:-1], offsets[1:])):
-            for start in range(a, b, CHUNK):
-                yield start, min(start + CHUNK, b), segment
-    else:
-        for start in range(0, offsets[-1], CHUNK):
-            yield start, min(start + CHUNK, offsets[-1]), 0
-
-
 # ---------------------------------------------------------------------- helpers
+class BufferInfo(NamedTuple):
+    """What an executor's plan needs to know of the buffers it will update."""
+
+    offsets: tuple
+    dtype: np.dtype
+    device: str
+
+
 def _as_params(params):
     if isinstance(params, FlatBuffer):
         return params
@@ -600,6 +572,17 @@ def _as_params(params):
             )
         return FlatBuffer(params, [params.shape])
     raise TypeError(f"`params` must be a FlatBuffer or a 1-D array, got {type(params).__name__}")
+
+
+def _check_num_threads(value):
+    if value is None:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"`num_threads` must be a positive integer or None, "
+                        f"got {type(value).__name__}: {value!r}")
+    if value < 1:
+        raise ValueError(f"`num_threads` must be >= 1 (or None for every core), got {value!r}")
+    return int(value)
 
 
 def _check_learning_rate(lr):

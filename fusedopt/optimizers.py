@@ -232,6 +232,13 @@ class Nadam(FusedOptimizer):
         self._u_product_memo = (k, product)
         return product
 
+    def _device_hyperparameters(self):
+        sd = -1.0 if self.schedule_decay is None else self.schedule_decay
+        return super()._device_hyperparameters() + (sd,)
+
+    def _running_product(self, iterations):
+        return self._u_product(iterations)
+
     def _rule_scalars(self, lr, t):
         u_t = self.beta_1 * self._u(t)
         u_t1 = self.beta_1 * self._u(t + 1)

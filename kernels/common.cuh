@@ -11,10 +11,13 @@
 #define FO_HD inline
 #endif
 
-// Room for the longest rule's scalars (Nadam has 9); the Python side packs the same.
+// Room for the longest rule's scalars (Nadam has 9).
 #define FO_MAX_SCALARS 10
 
-// Constant for a run of steps: how the gradient is prepared before the rule.
+// Threads per block of every kernel (fusedopt/_kernels.py reads it from here).
+#define FO_BLOCK 256
+
+// How the gradient is prepared before the rule, in the math type (from Hyper, step.cuh).
 // weight_decay < 0 means "no weight decay" (Keras' None); 0 still computes p - p*0*lr.
 template <typename T>
 struct Prologue {
@@ -23,8 +26,8 @@ struct Prologue {
     T weight_decay;  // p <- p - p*weight_decay*lr before the rule, when >= 0
 };
 
-// What changes every step: the learning rate (for weight decay) and the rule's scalars
-// in the order of its reference function (fusedopt/reference.py).
+// One step's learning rate (for weight decay) and the rule's scalars in the order of its
+// reference function (fusedopt/reference.py), in the math type: step.cuh computes them.
 template <typename T>
 struct StepScalars {
     T lr;

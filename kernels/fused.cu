@@ -12,8 +12,6 @@
 #pragma once
 #include "common.cuh"
 
-#define FO_BLOCK 256
-
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)
 
 template <typename T> struct Vec16;

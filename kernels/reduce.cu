@@ -10,8 +10,6 @@
 #pragma once
 #include "common.cuh"
 
-#define FO_REDUCE_BLOCK 256
-
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)
 
 // Sum `value` and OR `flag` over the block in a fixed tree; the result is in [0].
@@ -19,7 +17,7 @@ __device__ __forceinline__ void block_reduce(double* sums, int* flags, double va
     sums[threadIdx.x] = value;
     flags[threadIdx.x] = flag;
     __syncthreads();
-    for (unsigned width = FO_REDUCE_BLOCK / 2; width > 0; width /= 2) {
+    for (unsigned width = FO_BLOCK / 2; width > 0; width /= 2) {
         if (threadIdx.x < width) {
             sums[threadIdx.x] += sums[threadIdx.x + width];
             flags[threadIdx.x] |= flags[threadIdx.x + width];
@@ -28,12 +26,12 @@ __device__ __forceinline__ void block_reduce(double* sums, int* flags, double va
     }
 }
 
-extern "C" __global__ void __launch_bounds__(FO_REDUCE_BLOCK) fusedopt_sumsq(
+extern "C" __global__ void __launch_bounds__(FO_BLOCK) fusedopt_sumsq(
         const FUSEDOPT_T* __restrict__ g, const long long* __restrict__ tile_start,
         long long ntiles, FUSEDOPT_T unscale, double* __restrict__ partial,
         int* __restrict__ tile_nonfinite) {
-    __shared__ double sums[FO_REDUCE_BLOCK];
-    __shared__ int flags[FO_REDUCE_BLOCK];
+    __shared__ double sums[FO_BLOCK];
+    __shared__ int flags[FO_BLOCK];
     for (long long k = blockIdx.x; k < ntiles; k += gridDim.x) {
         double acc = 0.0;
         int nonfinite = 0;
@@ -54,11 +52,11 @@ extern "C" __global__ void __launch_bounds__(FO_REDUCE_BLOCK) fusedopt_sumsq(
 
 // Segment s owns tiles [segment_tiles[s], segment_tiles[s + 1]); for the global norm
 // the host passes one segment spanning every tile and global_norm = 1.
-extern "C" __global__ void __launch_bounds__(FO_REDUCE_BLOCK) fusedopt_clip_factors(
+extern "C" __global__ void __launch_bounds__(FO_BLOCK) fusedopt_clip_factors(
         const double* __restrict__ partial, const long long* __restrict__ segment_tiles,
         long long nsegments, double clipnorm, int global_norm, FUSEDOPT_T* __restrict__ factors) {
-    __shared__ double sums[FO_REDUCE_BLOCK];
-    __shared__ int flags[FO_REDUCE_BLOCK];
+    __shared__ double sums[FO_BLOCK];
+    __shared__ int flags[FO_BLOCK];
     for (long long s = blockIdx.x; s < nsegments; s += gridDim.x) {
         double acc = 0.0;
         for (long long k = segment_tiles[s] + threadIdx.x; k < segment_tiles[s + 1]; k += blockDim.x)
@@ -76,11 +74,11 @@ extern "C" __global__ void __launch_bounds__(FO_REDUCE_BLOCK) fusedopt_clip_fact
 // One block. Records this attempt's scalars as the row of iteration `row_index +
 // counters[3]` (the newest iteration the device can be at), then counts the step:
 // counters = [iterations, skipped steps, last step skipped, first row's iteration].
-extern "C" __global__ void __launch_bounds__(FO_REDUCE_BLOCK) fusedopt_skip_check(
+extern "C" __global__ void __launch_bounds__(FO_BLOCK) fusedopt_skip_check(
         const int* __restrict__ tile_nonfinite, long long ntiles, long long* counters,
         StepScalars<FUSEDOPT_T> row, long long row_index, StepScalars<FUSEDOPT_T>* table) {
-    __shared__ double sums[FO_REDUCE_BLOCK];
-    __shared__ int flags[FO_REDUCE_BLOCK];
+    __shared__ double sums[FO_BLOCK];
+    __shared__ int flags[FO_BLOCK];
     int nonfinite = 0;
     for (long long k = threadIdx.x; k < ntiles; k += blockDim.x) nonfinite |= tile_nonfinite[k];
     block_reduce(sums, flags, 0.0, nonfinite);

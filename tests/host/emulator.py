@@ -6,22 +6,22 @@ lists, same launch sequence, with NumPy arrays standing in for device memory.
 
 import contextlib
 import ctypes
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
 
-from fusedopt import _kernels
+from fusedopt import _kernels, host
 
 HERE = Path(__file__).parent
 
 
-def build(out_dir):
-    """Compile one emulator library per dtype; return {dtype name: CDLL} or None."""
-    compiler = shutil.which("g++") or shutil.which("c++")
-    if compiler is None:
-        return None
+def build():
+    """Compile one emulator library per dtype with the host executor's build machinery
+    (compiler discovery, on-disk cache); return {dtype name: CDLL}, or None when there
+    is no C++ compiler."""
+    flags = ["-std=c++20", "-O1", "-pthread", "-ffp-contract=off", "-shared", "-fPIC",
+             "-Wall", "-Werror", "-Wno-unused-parameter", "-Wno-unused-variable",
+             "-Wno-maybe-uninitialized", "-Wno-unknown-pragmas"]
     libraries = {}
     for dtype, ctype in _kernels.CTYPES.items():
         rules = _kernels.rule_names()
@@ -29,13 +29,12 @@ def build(out_dir):
         source += "".join(f'#include "{r}.cuh"\n' for r in rules)
         source += '#include "fused.cu"\n#include "reduce.cu"\n#include "emulator_entries.h"\n'
         source += "".join(f"EMU_RULE({r})\n" for r in rules)
-        out = Path(out_dir) / f"libemulator_{dtype.name}.so"
-        cmd = [compiler, "-std=c++20", "-O1", "-pthread", "-ffp-contract=off", "-shared",
-               "-fPIC", "-Wall", "-Werror", "-Wno-unused-parameter", "-Wno-unused-variable",
-               "-Wno-maybe-uninitialized", "-Wno-unknown-pragmas", "-x", "c++", "-",
-               "-I", str(_kernels.kernel_dir()), "-I", str(HERE), "-o", str(out)]
-        subprocess.run(cmd, input=source.encode(), check=True)
-        libraries[dtype.name] = ctypes.CDLL(str(out))
+        try:
+            path = host.compile_library(source, f"emulator_{dtype.name}", flags=flags,
+                                        include_dirs=[_kernels.kernel_dir(), HERE])
+        except host.CompilerNotFound:
+            return None
+        libraries[dtype.name] = ctypes.CDLL(str(path))
     return libraries
 
 
@@ -56,13 +55,14 @@ def _c_argument(a):
 
 
 class EmulatedKernel:
-    def __init__(self, fn, name):
-        self.fn, self.name = fn, name
+    def __init__(self, backend, fn, name):
+        self.backend, self.fn, self.name = backend, fn, name
         self.fn.restype = None
-        self.calls = 0
 
     def __call__(self, grid, block, args):
-        self.calls += 1
+        self.backend.launch(self, grid, block, args)
+
+    def run(self, grid, block, args):
         self.fn(ctypes.c_uint(grid[0]), ctypes.c_uint(block[0]), *map(_c_argument, args))
 
 
@@ -75,12 +75,33 @@ class EmulatorBackend:
         self.libraries = libraries
         self.sm_count = sm_count
         self.launches = []
+        self._recording = None
 
     def function(self, rule, dtype, name):
         fn = getattr(self.libraries[np.dtype(dtype).name], "emu_" + name)
-        kernel = EmulatedKernel(fn, name)
-        self.launches.append(name)
-        return kernel
+        return EmulatedKernel(self, fn, name)
+
+    def launch(self, kernel, grid, block, args):
+        self.launches.append(kernel.name)
+        if self._recording is not None:  # like stream capture: recorded, not run
+            self._recording.append((kernel, grid, block, args))
+        else:
+            kernel.run(grid, block, args)
+
+    @contextlib.contextmanager
+    def capture(self):
+        """Record the launches made inside the block, as CUDA stream capture does;
+        the yielded list holds (kernel, grid, block, args) to replay."""
+        self._recording = recorded = []
+        try:
+            yield recorded
+        finally:
+            self._recording = None
+
+    @staticmethod
+    def replay(recorded):
+        for kernel, grid, block, args in recorded:
+            kernel.run(grid, block, args)
 
     def on_device(self):
         return contextlib.nullcontext()
@@ -94,7 +115,9 @@ def emulate(optimizer, params, libraries, sm_count=2):
     GPU path: fusedopt.cuda.StepPlan with this backend. Returns the backend."""
     from fusedopt.cuda import StepPlan
 
+    if not optimizer.built:
+        optimizer.executor = "numpy"  # a CPU plan is built first, then replaced
     optimizer.build(params)
     backend = EmulatorBackend(libraries, sm_count=sm_count)
-    optimizer._gpu = StepPlan(optimizer, params, backend=backend)
+    optimizer._plan = StepPlan(optimizer, params, backend=backend)
     return backend
