@@ -12,13 +12,13 @@ from . import schedules
 from .checkpoint import load, save
 from .flat import FlatBuffer, Layout
 from .optimizer import FusedOptimizer, available, get
-from .optimizers import (SGD, Adadelta, Adagrad, Adam, Adamax, AdamW, Ftrl, Lion, Nadam,
-                         RMSprop)
+from .optimizers import (SGD, Adadelta, Adafactor, Adagrad, Adam, Adamax, AdamW, Ftrl, Lamb,
+                         Lion, Nadam, RMSprop, ScheduleFreeAdamW)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FlatBuffer", "Layout", "FusedOptimizer", "get", "available", "schedules", "save", "load",
     "SGD", "RMSprop", "Adagrad", "Adadelta", "Adam", "AdamW", "Adamax", "Nadam", "Ftrl",
-    "Lion",
+    "Lion", "ScheduleFreeAdamW", "Lamb", "Adafactor",
 ]

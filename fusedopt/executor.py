@@ -38,6 +38,16 @@ def plan_for(optimizer, params):
     """A new plan for `optimizer` on `params` (a FlatBuffer). Raises, before anything
     is changed, when the requested executor cannot run these buffers here."""
     requested = optimizer.executor
+    reason = optimizer._reference_only()
+    if reason:
+        # What only the NumPy reference implements is refused by the others, never
+        # quietly run elsewhere (README, "Executors").
+        if params.device != "cpu" or requested in ("host", "cuda"):
+            where = "CuPy buffers" if params.device != "cpu" else f"executor={requested!r}"
+            raise ValueError(f"{type(optimizer).__name__} with {reason} runs only on the NumPy "
+                             f"executor so far, which {where} cannot use; use NumPy buffers "
+                             "with executor='auto' or 'numpy'")
+        return reference.ReferencePlan(optimizer, params)
     if params.device != "cpu":
         if requested not in ("auto", "cuda"):
             raise ValueError(f"`executor={requested!r}` runs on CPU buffers, but `params` "

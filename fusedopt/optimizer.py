@@ -20,10 +20,11 @@ from typing import NamedTuple
 
 import numpy as np
 
+from . import _kernels, cuda, schedules
 from . import _validate as check
-from . import cuda, schedules
 from . import executor as executors
 from .flat import FlatBuffer, Layout, _span
+from .reference import COLUMNS, PARAMS, ROWS, slot_shapes  # noqa: F401 (slot specs use them)
 
 KERAS_DEFAULT_EPSILON = 1e-7
 
@@ -108,8 +109,9 @@ class FusedOptimizer:
         self._skip_nonfinite = check.boolean("skip_nonfinite", skip_nonfinite)
         self._executor = executors.check_executor(executor)
         self._num_threads = _check_num_threads(num_threads)
-        _check_unsupported_keras_options(use_ema, ema_momentum, ema_overwrite_frequency,
-                                         gradient_accumulation_steps)
+        self.use_ema, self.ema_momentum, self.ema_overwrite_frequency = _check_ema(
+            use_ema, ema_momentum, ema_overwrite_frequency)
+        self.gradient_accumulation_steps = _check_accumulation(gradient_accumulation_steps)
         if name is not None and not isinstance(name, str):
             raise TypeError(f"`name` must be a string, got {type(name).__name__}")
         self.name = name if name is not None else _snake_case(type(self).__name__)
@@ -120,13 +122,17 @@ class FusedOptimizer:
         self._layout = None   # set by build(): the layout every buffer must have
         self._device = None
         self._slots = None    # rule-ordered list: a 1-D array per slot, None where absent
+        self._option_slots = None  # {"average": EMA, "gradient_accumulator": ...} present
+        self._ema_swapped = False  # params hold the moving average (swap_ema_weights)
         self._pending_state = None
         self._plan = None     # the executor's plan (fusedopt.executor) once built
 
     # ---------------------------------------------------------------- subclass API
     def _slot_specs(self):
         """The rule's state slots, in rule order: (name, initial value), or None
-        for a slot this configuration does not create."""
+        for a slot this configuration does not create. The initial value may be
+        PARAMS (a copy of the params). A third item, ROWS or COLUMNS, makes a slot
+        of Adafactor's factored shapes (reference.slot_shapes) instead of the params'."""
         raise NotImplementedError
 
     def _rule_scalars(self, lr, t):
@@ -136,6 +142,18 @@ class FusedOptimizer:
 
     def _check_learning_rate_value(self, lr):
         """Rule-specific limits on this step's learning rate (Ftrl divides by it)."""
+
+    # Rules that read whole variables (`whole_variable = True`) run once per segment,
+    # reference.<rule>(shape, p, g, *slots, *segment arguments, *scalars).
+    whole_variable = False
+
+    def _segment_arguments(self, index, shape):
+        """What else a whole-variable rule needs to know of segment `index`."""
+        return ()
+
+    def _segment_weight_decay(self, index, shape):
+        """The decoupled weight decay of segment `index` (Muon's differs per variable)."""
+        return self.weight_decay
 
     # What the kernels' step state reads (kernels/step.cuh): the rule's hyperparameters
     # in the order of `_hyperparameters` (booleans as 0/1), and a running product the
@@ -165,8 +183,13 @@ class FusedOptimizer:
 
     @property
     def iterations(self):
-        """Completed (not skipped) steps: Keras' `optimizer.iterations`."""
-        return self._counters()[0]
+        """Completed (not skipped) updates: Keras' `optimizer.iterations`. With
+        gradient_accumulation_steps = N it is the calls applied // N, as in Keras."""
+        return self._counters()[0] // self._accumulation
+
+    @property
+    def _accumulation(self):
+        return self.gradient_accumulation_steps or 1
 
     @property
     def skipped_steps(self):
@@ -223,8 +246,9 @@ class FusedOptimizer:
 
     @property
     def learning_rate(self):
-        """The learning rate the next step will use."""
-        return self._learning_rate_at(self.iterations)
+        """The learning rate the next step will use (schedules see the calls applied,
+        as in Keras, also under gradient accumulation)."""
+        return self._learning_rate_at(self._counters()[0])
 
     @learning_rate.setter
     def learning_rate(self, value):
@@ -244,15 +268,41 @@ class FusedOptimizer:
 
     @property
     def slot_names(self):
-        """Names of the state slots this configuration keeps, in rule order."""
-        return tuple(spec[0] for spec in self._slot_specs() if spec is not None)
+        """Names of the state slots this configuration keeps: the options' (Keras'
+        order: EMA `average`, then `gradient_accumulator`), then the rule's."""
+        return tuple(spec[0] for spec in self._all_slot_specs())
 
     def slots(self):
         """{slot name: the 1-D state buffer} (live buffers, not copies)."""
         if not self.built:
             return {}
-        specs = [s for s in self._slot_specs()]
-        return {spec[0]: buf for spec, buf in zip(specs, self._slots) if spec is not None}
+        rule = {spec[0]: buf for spec, buf in zip(self._slot_specs(), self._slots)
+                if spec is not None}
+        return {**self._option_slots, **rule}
+
+    def _option_slot_specs(self):
+        return tuple(spec for spec in (
+            ("average", 0.0) if self.use_ema else None,
+            ("gradient_accumulator", 0.0) if self.gradient_accumulation_steps else None,
+        ) if spec is not None)
+
+    def _all_slot_specs(self):
+        return self._option_slot_specs() + tuple(s for s in self._slot_specs() if s is not None)
+
+    def _slot_size(self, spec, layout):
+        kind = spec[2] if len(spec) > 2 else None
+        return sum(math.prod(s) for s in slot_shapes(kind, layout.shapes))
+
+    def _reference_only(self):
+        """Why only the NumPy executor can run this configuration ('' when any can):
+        what the kernels do not implement yet. Other executors refuse it."""
+        if self.rule not in _kernels.rule_names():
+            return f"the {type(self).__name__} rule has no kernel yet"
+        if self.use_ema:
+            return "use_ema"
+        if self.gradient_accumulation_steps:
+            return "gradient_accumulation_steps"
+        return ""
 
     # ----------------------------------------------------------------------- build
     def build(self, params):
@@ -271,23 +321,77 @@ class FusedOptimizer:
                 "the loaded state_dict does not match `params`: "
                 + pending["layout"].describe_difference(params.layout)
             )
-        buffers = BufferInfo(params.offsets, params.dtype, params.device)
+        buffers = BufferInfo(params.offsets, params.dtype, params.device, params.shapes)
         plan = executors.plan_for(self, buffers)  # may refuse; nothing is changed yet
         with cuda.on_device(params.device):
-            for spec in self._slot_specs():
-                if spec is None:
-                    slots.append(None)
-                elif pending is not None:
-                    slots.append(_copy_to(pending["slots"][spec[0]], params.device, params.dtype))
-                else:
-                    slots.append(params.xp.full(params.size, spec[1], dtype=params.dtype))
+            slots = [None if spec is None else self._new_slot(spec, params, pending)
+                     for spec in self._slot_specs()]
+            option_slots = {spec[0]: self._new_slot(spec, params, pending)
+                            for spec in self._option_slot_specs()}
         self._slots = slots
-        self._slot_spans = [_span(s) for s in slots if s is not None and s.size]
+        self._option_slots = option_slots
+        self._slot_spans = [_span(s) for s in (*slots, *option_slots.values())
+                            if s is not None and s.size]
         self._layout = params.layout
         self._device = params.device
         self._pending_state = None
         self._plan = plan
         self._buffers = buffers
+
+    def _new_slot(self, spec, params, pending):
+        if pending is not None:
+            return _copy_to(pending["slots"][spec[0]], params.device, params.dtype)
+        if spec[1] is PARAMS:
+            return params.data.copy()
+        return params.xp.full(self._slot_size(spec, params.layout), spec[1], dtype=params.dtype)
+
+    # ------------------------------------------------------------------------- EMA
+    def swap_ema_weights(self, params):
+        """Exchange the params and the EMA `average` in place, on their device (no
+        host round trip). Call it again to swap back; steps are refused meanwhile.
+        `with opt.ema_weights(params):` does both around a block (evaluation)."""
+        params = self._check_ema_params(params, "swap_ema_weights")
+        average = self._option_slots["average"]
+        with cuda.on_device(self._device):
+            saved = params.data.copy()
+            params.data[...] = average
+            average[...] = saved
+        self._ema_swapped = not self._ema_swapped
+
+    def ema_weights(self, params):
+        """A context manager: the params hold the moving average inside the block."""
+        import contextlib
+
+        @contextlib.contextmanager
+        def swapped():
+            self.swap_ema_weights(params)
+            try:
+                yield params
+            finally:
+                self.swap_ema_weights(params)
+
+        return swapped()
+
+    def finalize_variable_values(self, params):
+        """Keras' end of training: with use_ema, copy the moving average into the
+        params (the average is kept); without, nothing changes."""
+        if not self.use_ema:
+            return
+        params = self._check_ema_params(params, "finalize_variable_values")
+        if self._ema_swapped:
+            raise ValueError("`params` hold the EMA weights already (swap_ema_weights)")
+        with cuda.on_device(self._device):
+            params.data[...] = self._option_slots["average"]
+
+    def _check_ema_params(self, params, what):
+        if not self.use_ema:
+            raise ValueError(f"{what} needs an optimizer built with `use_ema=True`")
+        params = _as_params(params)
+        if not self.built:
+            raise ValueError(f"{what}: this optimizer has no moving average yet; apply() first")
+        self._check_same_layout(params.layout, params.device, "params")
+        _check_writable(params.data)
+        return params
 
     # ----------------------------------------------------------------------- apply
     def apply(self, grads, params):
@@ -303,6 +407,9 @@ class FusedOptimizer:
             self._check_same_layout(params.layout, params.device, "params")
         _check_writable(params.data)
         _check_no_overlap(grads, params, self._slot_spans if self.built else ())
+        if self._ema_swapped:
+            raise ValueError("`params` hold the EMA weights (swap_ema_weights); swap them "
+                             "back before the next step")
         if len(params) == 0:
             return  # Keras: no variables, no update, no increment
         # With skip_nonfinite on a GPU only the device knows how many steps were
@@ -313,10 +420,11 @@ class FusedOptimizer:
         self.build(params)
         self._plan.step(grads, params.data, self._slots, lr, scalars)
 
-    # Per-step scalars are computed here, once per step, for every executor.
+    # Per-step scalars are computed here, once per step, for every executor. `it` counts
+    # the calls applied: schedules see it, the rule sees t = it // N + 1 (Keras).
     def _step_scalars(self, it):
         lr = self._learning_rate_at(it)
-        return lr, tuple(float(x) for x in self._rule_scalars(lr, it + 1))
+        return lr, tuple(float(x) for x in self._rule_scalars(lr, it // self._accumulation + 1))
 
     def _learning_rate_at(self, it):
         lr = self._learning_rate
@@ -457,12 +565,14 @@ class FusedOptimizer:
                 f"`state` holds slots {got}, but this {type(self).__name__} configuration "
                 f"keeps {list(self.slot_names)}"
             )
-        for name, arr in slots.items():
+        for spec in self._all_slot_specs():
+            name, arr = spec[0], slots[spec[0]]
             if not (isinstance(arr, np.ndarray) or cuda.is_gpu_array(arr)):
                 raise TypeError(f"slot {name!r} must be an array, got {type(arr).__name__}")
-            if arr.ndim != 1 or arr.size != layout.size:
+            size = self._slot_size(spec, layout)
+            if arr.ndim != 1 or arr.size != size:
                 raise ValueError(
-                    f"slot {name!r} has shape {tuple(arr.shape)}, expected ({layout.size},)"
+                    f"slot {name!r} has shape {tuple(arr.shape)}, expected ({size},)"
                 )
             if np.dtype(arr.dtype).name != layout.dtype:
                 raise ValueError(f"slot {name!r} has dtype {arr.dtype}, expected {layout.dtype}")
@@ -489,11 +599,11 @@ class FusedOptimizer:
             "clipnorm": self.clipnorm,
             "global_clipnorm": self.global_clipnorm,
             "clipvalue": self.clipvalue,
-            "use_ema": False,
-            "ema_momentum": 0.99,
-            "ema_overwrite_frequency": None,
+            "use_ema": self.use_ema,
+            "ema_momentum": self.ema_momentum,
+            "ema_overwrite_frequency": self.ema_overwrite_frequency,
             "loss_scale_factor": self.loss_scale_factor,
-            "gradient_accumulation_steps": None,
+            "gradient_accumulation_steps": self.gradient_accumulation_steps,
         }
         config.update({k: getattr(self, k) for k in self._hyperparameters})
         if self.skip_nonfinite:
@@ -560,6 +670,7 @@ class BufferInfo(NamedTuple):
     offsets: tuple
     dtype: np.dtype
     device: str
+    shapes: tuple = ()  # the segments' shapes, for rules that read whole variables
 
 
 def _as_params(params):
@@ -605,17 +716,24 @@ def _is_keras_schedule(obj):
                for k in type(obj).__mro__)
 
 
-def _check_unsupported_keras_options(use_ema, ema_momentum, ema_overwrite_frequency,
-                                     gradient_accumulation_steps):
-    """Keras' EMA and gradient accumulation are not implemented; accept their 'off'
-    values so Keras configs load, refuse anything else rather than ignore it."""
-    if use_ema not in (False, None):
-        raise ValueError("`use_ema=True` is not supported by fusedopt (only use_ema=False)")
-    check.real("ema_momentum", ema_momentum, low=0.0, high=1.0)
+def _check_ema(use_ema, ema_momentum, ema_overwrite_frequency):
+    """Keras' EMA options, checked whether or not EMA is on (Keras checks them only
+    when it is); an overwrite frequency without EMA would silently do nothing."""
+    use_ema = False if use_ema is None else check.boolean("use_ema", use_ema)
+    ema_momentum = check.real("ema_momentum", ema_momentum, low=0.0, high=1.0)
     if ema_overwrite_frequency is not None:
-        raise ValueError("`ema_overwrite_frequency` is not supported by fusedopt (EMA is not)")
-    if gradient_accumulation_steps not in (None, 0):
-        raise ValueError("`gradient_accumulation_steps` is not supported by fusedopt")
+        ema_overwrite_frequency = check.integer("ema_overwrite_frequency",
+                                                ema_overwrite_frequency, low=1)
+        if not use_ema:
+            raise ValueError("`ema_overwrite_frequency` needs `use_ema=True`")
+    return use_ema, ema_momentum, ema_overwrite_frequency
+
+
+def _check_accumulation(steps):
+    """None (or Keras' 0) for off, else an integer >= 2, as Keras requires."""
+    if steps is None or (steps == 0 and not isinstance(steps, (bool, np.bool_))):
+        return None
+    return check.integer("gradient_accumulation_steps", steps, low=2)
 
 
 def _check_writable(data):

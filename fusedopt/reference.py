@@ -187,6 +187,22 @@ def sum_of_squares(x):
     return float(np.dot(x, x)) if x.size else 0.0
 
 
+# Slot specs (FusedOptimizer._slot_specs): the initial value "a copy of the params",
+# and the two slot shapes that are not the params' (Adafactor's row and column
+# statistics). A slot of such a shape is a flat buffer of its own, whose segment i
+# holds segment i's statistics: slot_shapes gives its segment table.
+PARAMS = "params"
+ROWS, COLUMNS = "rows", "columns"
+
+
+def slot_shapes(kind, shapes):
+    """The per-segment shapes of a slot of `kind` (None: the params' own shapes)."""
+    if kind is None:
+        return tuple(tuple(s) for s in shapes)
+    index = {ROWS: 0, COLUMNS: 1}[kind]
+    return tuple(factored_shapes(s)[index] for s in shapes)
+
+
 def factored_shapes(shape):
     """The shapes of Adafactor's row and column statistics for a variable of `shape`:
     shape[:-1] and shape[:-2] + shape[-1:] for rank >= 2 (Keras factors the last two
@@ -307,15 +323,27 @@ CHUNK = 1 << 16
 
 
 class ReferencePlan:
-    """The NumPy executor for one optimizer on one layout (fusedopt.executor):
-    unscale -> clip -> weight decay -> rule, chunk by chunk, then count the step.
-    Holds the counters [iterations, skipped steps, last step skipped]."""
+    """The NumPy executor for one optimizer on one layout (fusedopt.executor), in
+    Keras 3's order:
+
+        unscale -> [accumulate] -> clip -> weight decay -> rule -> [EMA]
+
+    chunk by chunk (or segment by segment for rules that read whole variables), then
+    count the call. Holds the counters [calls applied, skipped steps, last step
+    skipped]; with gradient accumulation Keras' `iterations` is calls // N."""
 
     name = "numpy"
 
     def __init__(self, optimizer, params):
         self.optimizer = optimizer
         self.offsets = params.offsets
+        self.shapes = params.shapes
+        # Where each rule slot's segments start: the params' offsets, or those of
+        # Adafactor's factored statistics.
+        self.slot_offsets = [
+            None if spec is None else _offsets(slot_shapes(spec[2] if len(spec) > 2 else None,
+                                                           params.shapes))
+            for spec in optimizer._slot_specs()]
         self.counters = [optimizer._iterations, optimizer._skipped_steps,
                          optimizer._last_step_skipped]
 
@@ -324,14 +352,27 @@ class ReferencePlan:
         return self.counters[0]
 
     def step(self, grads, params_data, slots, lr, scalars):
-        if self.optimizer.skip_nonfinite and not _all_finite(grads):
+        opt = self.optimizer
+        if opt.skip_nonfinite and not _all_finite(grads):
             self.counters[1] += 1
             self.counters[2] = True
             return
+        dt = params_data.dtype.type
+        unscale = dt(1.0 / opt.loss_scale_factor) if opt.loss_scale_factor else None
+        calls = self.counters[0]
         # Non-finite gradients propagate as in Keras (or are skipped above); NumPy's
         # warnings about them would only repeat that.
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            self._pipeline(params_data, grads, slots, lr, scalars)
+            accumulator = opt._option_slots.get("gradient_accumulator")
+            if accumulator is not None:
+                n = opt.gradient_accumulation_steps
+                grads = accumulate(accumulator, grads, unscale, n, (calls + 1) % n == 0)
+                unscale = None
+            if grads is not None:
+                self._pipeline(params_data, grads, slots, lr, scalars, unscale)
+            average = opt._option_slots.get("average")
+            if average is not None:
+                self._moving_average(params_data, average, calls // opt._accumulation)
         self.counters[0] += 1
         self.counters[2] = False
 
@@ -341,17 +382,27 @@ class ReferencePlan:
     def reset_counters(self, state):
         self.counters = [state["iterations"], state["skipped_steps"], state["last_step_skipped"]]
 
-    def _pipeline(self, p_all, g_all, slots, lr, scalars):
+    def _moving_average(self, p, average, iterations):
+        """Keras' EMA after the update, at `iterations` updates done before this call."""
+        opt = self.optimizer
+        ema(average, p, p.dtype.type(opt.ema_momentum if iterations else 0.0))
+        frequency = opt.ema_overwrite_frequency
+        if frequency and (iterations + 1) % frequency == 0:
+            p[...] = average
+
+    def _pipeline(self, p_all, g_all, slots, lr, scalars, unscale):
         opt = self.optimizer
         dt = p_all.dtype.type
         c = tuple(dt(x) for x in scalars)
-        lr_t, wd = dt(lr), (dt(opt.weight_decay) if opt.weight_decay is not None else None)
-        unscale = dt(1.0 / opt.loss_scale_factor) if opt.loss_scale_factor else None
+        lr_t = dt(lr)
         clipvalue = dt(opt.clipvalue) if opt.clipvalue else None
         factors = clip_factors(opt, g_all, self.offsets, unscale)
         rule = globals()[opt.rule]
-        scratch = np.empty(min(CHUNK, p_all.size), dtype=p_all.dtype)
-        for start, stop, segment in _chunks(self.offsets, per_segment=bool(opt.clipnorm)):
+        whole = getattr(opt, "whole_variable", False)
+        scratch = np.empty(min(CHUNK, p_all.size) if not whole else p_all.size, p_all.dtype)
+        chunks = _segments(self.offsets) if whole else \
+            _chunks(self.offsets, per_segment=bool(opt.clipnorm))
+        for start, stop, segment in chunks:
             g = g_all[start:stop]
             if unscale is not None or factors is not None or clipvalue is not None:
                 g = _copy_into(scratch, g)
@@ -362,9 +413,32 @@ class ReferencePlan:
                 if clipvalue is not None:
                     np.clip(g, -clipvalue, clipvalue, out=g)
             p = p_all[start:stop]
+            if not whole:
+                if opt.weight_decay is not None:
+                    p -= p * dt(opt.weight_decay) * lr_t
+                rule(p, g, *[s[start:stop] if s is not None else None for s in slots], *c)
+                continue
+            shape = self.shapes[segment]
+            wd = opt._segment_weight_decay(segment, shape)
             if wd is not None:
-                p -= p * wd * lr_t
-            rule(p, g, *[s[start:stop] if s is not None else None for s in slots], *c)
+                p -= p * dt(wd) * lr_t
+            state = [None if s is None else s[o[segment]:o[segment + 1]]
+                     for s, o in zip(slots, self.slot_offsets)]
+            rule(shape, p, g, *state, *opt._segment_arguments(segment, shape), *c)
+
+
+def accumulate(accumulator, g, unscale, steps, apply):
+    """Keras' gradient accumulation on one call, with the (unscaled) gradient g: add
+    it into the accumulator and return None; or, on the call that applies, return
+    (g + accumulator)/steps and zero the accumulator."""
+    if unscale is not None:
+        g = g * unscale
+    if not apply:
+        accumulator += g
+        return None
+    mean = (g + accumulator) / accumulator.dtype.type(steps)
+    accumulator[...] = 0
+    return mean
 
 
 def clip_factors(opt, g, offsets, unscale):
@@ -416,6 +490,17 @@ def _copy_into(scratch, x):
 
 def _all_finite(g):
     return all(np.isfinite(g[a:a + CHUNK]).all() for a in range(0, g.size, CHUNK))
+
+
+def _offsets(shapes):
+    sizes = [math.prod(s) for s in shapes]
+    return tuple(int(x) for x in np.concatenate(([0], np.cumsum(sizes, dtype=np.int64))))
+
+
+def _segments(offsets):
+    """(start, stop, segment) of every segment, whole."""
+    for segment, (a, b) in enumerate(zip(offsets[:-1], offsets[1:])):
+        yield a, b, segment
 
 
 def _chunks(offsets, per_segment):

@@ -54,6 +54,16 @@ RULE_CASES = [
     ("ftrl-power0", "Ftrl", {"learning_rate": 0.1, "learning_rate_power": 0.0}),
     ("lion", "Lion", {}),
     ("lion-betas", "Lion", {"beta_1": 0.5, "beta_2": 0.7}),
+    ("schedulefreeadamw", "ScheduleFreeAdamW", {}),
+    ("schedulefreeadamw-warmup-betas", "ScheduleFreeAdamW",
+     {"learning_rate": 0.01, "warmup_steps": 10, "beta_1": 0.5, "beta_2": 0.7, "epsilon": 0.3}),
+    ("lamb", "Lamb", {}),
+    ("lamb-betas-eps", "Lamb", {"learning_rate": 0.01, "beta_1": 0.5, "beta_2": 0.7,
+                                "epsilon": 0.3}),
+    ("adafactor", "Adafactor", {}),
+    ("adafactor-all", "Adafactor", {"learning_rate": 0.05, "beta_2_decay": -0.5,
+                                    "epsilon_1": 1e-3, "epsilon_2": 0.1, "clip_threshold": 0.5,
+                                    "relative_step": False}),
 ]
 
 OPTIONS = {
@@ -62,6 +72,8 @@ OPTIONS = {
     "clipvalue": {"clipvalue": 0.5},
     "weight_decay": {"weight_decay": 0.1},
     "loss_scale": {"loss_scale_factor": 4.0},
+    "ema": {"use_ema": True, "ema_momentum": 0.9, "ema_overwrite_frequency": 4},
+    "accumulate": {"gradient_accumulation_steps": 3},
 }
 
 OPTIMIZER_NAMES = sorted({cls for _, cls, _ in RULE_CASES})
@@ -73,6 +85,20 @@ OPTION_CASES = [
 ]
 
 CASES = RULE_CASES + OPTION_CASES
+
+
+def _runs_on_kernels(case):
+    import fusedopt
+
+    _, cls_name, kwargs = case
+    return not getattr(fusedopt, cls_name)(**kwargs)._reference_only()
+
+
+# The cases the kernels implement (the host and CUDA executors, the emulator); the
+# others run only on the NumPy executor, which the other executors refuse
+# (tests/test_keras_family_classes.py).
+KERNEL_CASES = [c for c in CASES if _runs_on_kernels(c)]
+KERNEL_RULE_CASES = [c for c in RULE_CASES if _runs_on_kernels(c)]
 
 # Layouts used across tests: segment shapes, including (), (0,), (1,) and odd sizes.
 LAYOUTS = {

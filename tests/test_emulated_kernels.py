@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import fusedopt
-from conftest import CASES, case_ids, random_grads, random_params
+from conftest import KERNEL_CASES, case_ids, random_grads, random_params
 from emulator import emulate
 
 # Segments: several tiles long, odd, empty, scalar; 2100 is not a multiple of 4.
@@ -58,7 +58,7 @@ def run_pair(cls_name, kwargs, dtype, libraries, grads_list, layout=LAYOUT, misa
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("case", CASES, ids=case_ids(CASES))
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=case_ids(KERNEL_CASES))
 def test_emulated_gpu_path_matches_numpy(libraries, case, dtype):
     _, cls_name, kwargs = case
     grads = random_grads(LAYOUT, dtype, seed=12, steps=STEPS, scale=0.8)

@@ -1,6 +1,6 @@
 """The CUDA path on a real GPU against the NumPy reference (skipped without a GPU).
 
-For every case of CASES, float32 and float64, several sizes and segment layouts:
+For every case of KERNEL_CASES, float32 and float64, several sizes and segment layouts:
 params and every slot after every one of 20 steps, starting from random state.
 Buffers sit between guard regions filled with a sentinel bit pattern, checked after
 the steps, so an out-of-bounds write cannot go unnoticed. Also: bitwise determinism,
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import fusedopt
-from conftest import CASES, case_ids
+from conftest import KERNEL_CASES, case_ids
 from fusedopt import cuda
 
 pytestmark = pytest.mark.skipif(not cuda.gpu_available(), reason="no CUDA GPU")
@@ -80,7 +80,7 @@ LAYOUT_CASES = list(gpu_cases())
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("layout", LAYOUT_CASES,
                          ids=[f"n{n}-seg{len(lay)}" for n, lay in LAYOUT_CASES])
-@pytest.mark.parametrize("case", CASES, ids=case_ids(CASES))
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=case_ids(KERNEL_CASES))
 def test_gpu_matches_numpy_every_step(case, layout, dtype):
     import cupy as cp
 

@@ -1,7 +1,7 @@
 """The CUDA rules' arithmetic, built for the host with the C++ compiler, against NumPy.
 
 kernels/common.cuh, kernels/<rule>.cuh and tests/host/harness.h are compiled into a
-shared library (no GPU, no CUDA toolkit). For every case of CASES, float32 and
+shared library (no GPU, no CUDA toolkit). For every case of KERNEL_CASES, float32 and
 float64, each of 20 steps starts both sides from the same state and compares params
 and every slot: float64 to 1e-13 relative, float32 to 1e-6 (see assert_close). The norm-clip factor
 formulas are compared with the NumPy path's too. Without a C++ compiler the test
@@ -16,7 +16,7 @@ import pytest
 
 import fusedopt
 from fusedopt import schedules as S
-from conftest import CASES, RULE_CASES, case_ids, random_grads, random_params, require_in_ci
+from conftest import KERNEL_CASES, KERNEL_RULE_CASES, case_ids, random_grads, random_params, require_in_ci
 from fusedopt import _kernels, host
 from fusedopt.reference import clip_factors, clipnorm_factor, global_clipnorm_factor
 
@@ -75,7 +75,7 @@ def host_step(lib, opt, params, g, slots, lr, scalars):
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("case", CASES, ids=case_ids(CASES))
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=case_ids(KERNEL_CASES))
 def test_host_rule_matches_numpy(host_library, case, dtype):
     _, cls_name, kwargs = case
     opt = getattr(fusedopt, cls_name)(**kwargs)
@@ -166,7 +166,7 @@ def assert_values_equal(got, want, what):
 
 
 @pytest.mark.parametrize("schedule", list(SCHEDULES), ids=list(SCHEDULES))
-@pytest.mark.parametrize("case", RULE_CASES, ids=case_ids(RULE_CASES))
+@pytest.mark.parametrize("case", KERNEL_RULE_CASES, ids=case_ids(KERNEL_RULE_CASES))
 def test_step_values_match_python(host_library, case, schedule):
     """Learning rate, every scalar and Nadam's running product, over many steps."""
     _, cls_name, kwargs = case
