@@ -515,7 +515,9 @@ class FusedOptimizer:
             slots = {k: v.copy() for k, v in self._pending_state["slots"].items()}
         state = {
             "optimizer": type(self).__name__.lower(),
-            "iterations": self.iterations,
+            # Keras' raw counter (`_iterations`): the calls applied, which under
+            # gradient accumulation is N times `iterations`.
+            "iterations": self._counters()[0],
             "layout": layout.to_dict(),
             "slots": slots,
         }

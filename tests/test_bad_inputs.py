@@ -292,23 +292,33 @@ def test_ftrl_power_zero_and_negative_accepted():
     assert fusedopt.Ftrl(learning_rate_power=-2).learning_rate_power == -2.0
 
 
-UNSUPPORTED = [
-    ("use_ema", True), ("use_ema", 1), ("ema_overwrite_frequency", 2),
-    ("gradient_accumulation_steps", 2), ("gradient_accumulation_steps", 4),
-    ("gradient_accumulation_steps", 1),
+BAD_KERAS_OPTIONS = [
+    ({"gradient_accumulation_steps": 1}, ValueError, "gradient_accumulation_steps"),
+    ({"gradient_accumulation_steps": -2}, ValueError, "gradient_accumulation_steps"),
+    ({"gradient_accumulation_steps": 2.0}, TypeError, "gradient_accumulation_steps"),
+    ({"gradient_accumulation_steps": True}, TypeError, "gradient_accumulation_steps"),
+    ({"use_ema": 1}, TypeError, "use_ema"),
+    ({"use_ema": "yes"}, TypeError, "use_ema"),
+    ({"ema_overwrite_frequency": 2}, ValueError, "use_ema"),  # would do nothing
+    ({"use_ema": True, "ema_overwrite_frequency": 0}, ValueError, "ema_overwrite_frequency"),
+    ({"use_ema": True, "ema_overwrite_frequency": 1.5}, TypeError, "ema_overwrite_frequency"),
 ]
 
 
-@pytest.mark.parametrize("arg,value", UNSUPPORTED, ids=[f"{a}={v}" for a, v in UNSUPPORTED])
-def test_unsupported_keras_options_refused(arg, value):
-    with pytest.raises(ValueError, match=arg):
-        fusedopt.Adam(**{arg: value})
+@pytest.mark.parametrize("kwargs,error,match", BAD_KERAS_OPTIONS,
+                         ids=[",".join(f"{k}={v}" for k, v in c[0].items())
+                              for c in BAD_KERAS_OPTIONS])
+def test_bad_ema_and_accumulation_options_refused(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        fusedopt.Adam(**kwargs)
 
 
-def test_unsupported_keras_options_accept_their_off_values():
+def test_ema_and_accumulation_off_values_accepted():
+    """Keras' defaults, and its 0 for 'no accumulation', load from a Keras config."""
     opt = fusedopt.Adam(use_ema=False, ema_momentum=0.99, ema_overwrite_frequency=None,
-                        gradient_accumulation_steps=None)
-    assert opt.get_config()["use_ema"] is False
+                        gradient_accumulation_steps=0)
+    config = opt.get_config()
+    assert config["use_ema"] is False and config["gradient_accumulation_steps"] is None
 
 
 @pytest.mark.parametrize("value", [-0.1, 1.5, math.nan], ids=["neg", "1.5", "nan"])
@@ -775,7 +785,7 @@ def test_get_unknown_name_lists_valid_names():
         assert name in str(info.value)
 
 
-@pytest.mark.parametrize("name", ["lamb", "adafactor", "fusedoptimizer", "", " adam"])
+@pytest.mark.parametrize("name", ["multioptimizer", "fusedoptimizer", "", " adam"])
 def test_get_names_that_are_not_fusedopt_optimizers(name):
     with pytest.raises(ValueError, match="Unknown optimizer"):
         fusedopt.get(name)

@@ -13,11 +13,12 @@ from conftest import CASES, LAYOUTS, RULE_CASES, case_ids, random_grads, random_
 from fusedopt import FlatBuffer, schedules
 
 LAYOUT = LAYOUTS["odd"]
-ALL_NAMES = ["adadelta", "adagrad", "adam", "adamax", "adamw", "ftrl", "lion", "nadam",
-             "rmsprop", "sgd"]
-CLASS_OF = {"adadelta": "Adadelta", "adagrad": "Adagrad", "adam": "Adam", "adamax": "Adamax",
-            "adamw": "AdamW", "ftrl": "Ftrl", "lion": "Lion", "nadam": "Nadam",
-            "rmsprop": "RMSprop", "sgd": "SGD"}
+ALL_NAMES = ["adadelta", "adafactor", "adagrad", "adam", "adamax", "adamw", "ftrl", "lamb",
+             "lion", "nadam", "rmsprop", "schedulefreeadamw", "sgd"]
+CLASS_OF = {"adadelta": "Adadelta", "adafactor": "Adafactor", "adagrad": "Adagrad",
+            "adam": "Adam", "adamax": "Adamax", "adamw": "AdamW", "ftrl": "Ftrl",
+            "lamb": "Lamb", "lion": "Lion", "nadam": "Nadam", "rmsprop": "RMSprop",
+            "schedulefreeadamw": "ScheduleFreeAdamW", "sgd": "SGD"}
 KERAS3_BASE_KEYS = {"name", "learning_rate", "weight_decay", "clipnorm", "global_clipnorm",
                     "clipvalue", "use_ema", "ema_momentum", "ema_overwrite_frequency",
                     "loss_scale_factor", "gradient_accumulation_steps"}
@@ -139,7 +140,7 @@ def test_get_by_instance_returns_the_same_object():
     assert fusedopt.get(opt) is opt
 
 
-def test_available_lists_all_ten():
+def test_available_lists_every_optimizer():
     assert fusedopt.available() == ALL_NAMES
     for name in fusedopt.available():
         assert isinstance(fusedopt.get(name), fusedopt.FusedOptimizer)

@@ -46,9 +46,8 @@ def rosenbrock(x, y):
     return (1 - x) ** 2 + 100 * (y - x * x) ** 2
 
 
-def minimize_rosenbrock(opt, steps):
-    flat = fusedopt.FlatBuffer.from_arrays([np.array(ROSENBROCK_START[0]),
-                                            np.array([ROSENBROCK_START[1]])])
+def minimize_rosenbrock(opt, steps, shapes=((), (1,))):
+    flat = fusedopt.FlatBuffer(np.array(ROSENBROCK_START), shapes)
     grads = flat.zeros_like()
     for _ in range(steps):
         x, y = flat.data
@@ -71,6 +70,10 @@ QUADRATIC = [
     ("Nadam", lambda: fusedopt.Nadam(0.01), 1500),
     ("Ftrl", lambda: fusedopt.Ftrl(0.5), 1000),
     ("Lion", lambda: fusedopt.Lion(ExponentialDecay(0.01, 200, 0.5)), 1500),
+    ("ScheduleFreeAdamW", lambda: fusedopt.ScheduleFreeAdamW(0.05), 1500),
+    # Lamb's and Adafactor's steps are relative to the params, which shrink to 0 here.
+    ("Lamb", lambda: fusedopt.Lamb(0.02), 1500),
+    ("Adafactor", lambda: fusedopt.Adafactor(0.5), 1500),
 ]
 
 ROSENBROCK = [
@@ -86,7 +89,15 @@ ROSENBROCK = [
     ("Nadam", lambda: fusedopt.Nadam(0.01), 5000),
     ("Ftrl", lambda: fusedopt.Ftrl(0.5), 10000),
     ("Lion", lambda: fusedopt.Lion(ExponentialDecay(0.01, 200, 0.5)), 3000),
+    # The params hold y, which keeps moving with z at a fixed lr: anneal it to stop.
+    ("ScheduleFreeAdamW", lambda: fusedopt.ScheduleFreeAdamW(CosineDecay(0.01, 10000),
+                                                             beta_2=0.99), 10000),
+    # A scalar variable's trust ratio |p|/|r| keeps a Lamb step shorter than |p|, so x
+    # could never cross 0 from -1.2: Lamb gets (x, y) as one variable (ROSENBROCK_SHAPES).
+    ("Lamb", lambda: fusedopt.Lamb(CosineDecay(0.01, 5000)), 5000),
+    ("Adafactor", lambda: fusedopt.Adafactor(ExponentialDecay(0.1, 1000, 0.5)), 10000),
 ]
+ROSENBROCK_SHAPES = {"Lamb": [(2,)]}
 
 
 def ids(configs):
@@ -109,6 +120,7 @@ def test_quadratic(name, make, steps, dtype):
 
 @pytest.mark.parametrize("name, make, steps", ROSENBROCK, ids=ids(ROSENBROCK))
 def test_rosenbrock(name, make, steps):
-    x, y = minimize_rosenbrock(make(), steps)
+    x, y = minimize_rosenbrock(make(), steps, *[ROSENBROCK_SHAPES[n] for n in [name]
+                                                 if n in ROSENBROCK_SHAPES])
     assert rosenbrock(x, y) < 1e-5  # from 24.2 at the start
     assert math.hypot(x - 1, y - 1) < 1e-2

@@ -34,7 +34,8 @@ G = [  # one row per step, flat in LAYOUT order; signs and magnitudes vary per s
 
 # ------------------------------------------------------- the oracle: defaults (§8)
 COMMON = dict(weight_decay=None, clipnorm=None, global_clipnorm=None, clipvalue=None,
-              loss_scale_factor=None)
+              loss_scale_factor=None, use_ema=False, ema_momentum=0.99,
+              ema_overwrite_frequency=None, gradient_accumulation_steps=None)
 DEFAULTS = {
     "SGD": dict(learning_rate=0.01, momentum=0.0, nesterov=False),
     "RMSprop": dict(learning_rate=0.001, rho=0.9, momentum=0.0, epsilon=1e-7, centered=False),
@@ -50,11 +51,17 @@ DEFAULTS = {
                  l1_regularization_strength=0.0, l2_regularization_strength=0.0,
                  l2_shrinkage_regularization_strength=0.0, beta=0.0),
     "Lion": dict(learning_rate=0.001, beta_1=0.9, beta_2=0.99),
+    "ScheduleFreeAdamW": dict(learning_rate=0.0025, beta_1=0.9, beta_2=0.999, epsilon=1e-8,
+                              warmup_steps=0),
+    "Lamb": dict(learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7),
+    "Adafactor": dict(learning_rate=0.001, beta_2_decay=-0.8, epsilon_1=1e-30, epsilon_2=1e-3,
+                      clip_threshold=1.0, relative_step=True),
 }
 
 
-def initial_slots(name, h):
-    """{slot: initial value} for the slots this configuration keeps (§8)."""
+def initial_slots(name, h, p=None):
+    """{slot: initial value} for the slots this configuration keeps (§8), for an
+    element whose param is p."""
     if name == "SGD":
         return {"momentum": 0.0} if h["momentum"] else {}
     if name == "RMSprop":
@@ -72,6 +79,10 @@ def initial_slots(name, h):
         return {"momentum": 0.0, "velocity": 0.0}
     if name == "Ftrl":
         return {"accumulator": h["initial_accumulator_value"], "linear": 0.0}
+    if name == "ScheduleFreeAdamW":
+        return {"momentum": p, "velocity": 0.0}  # z starts at the params
+    if name == "Lamb":
+        return {"momentum": 0.0, "velocity": 0.0}
     return {"momentum": 0.0}  # Lion
 
 
@@ -170,8 +181,105 @@ def lion(h, s, p, g, lr, t):
     return p - lr * ((c > 0) - (c < 0))  # sign(0) = 0
 
 
+def schedule_free_adamw(h, s, p, g, lr, t):
+    """Defazio et al.'s form: x is the average of the z iterates (x <- x + (z - x)/t),
+    y = b1*x + (1-b1)*z is what the params hold; Keras recovers x from y and z."""
+    b1, b2 = h["beta_1"], h["beta_2"]
+    if h["warmup_steps"]:
+        lr = lr * min(t / h["warmup_steps"], 1.0)
+    x = (p - (1 - b1) * s["momentum"]) / b1
+    s["velocity"] = b2 * s["velocity"] + (1 - b2) * g * g
+    s["momentum"] -= lr * g / (math.sqrt(s["velocity"] / (1 - b2 ** t)) + h["epsilon"])
+    x += (s["momentum"] - x) / t
+    return b1 * x + (1 - b1) * s["momentum"]
+
+
 RULES = dict(SGD=sgd, RMSprop=rmsprop, Adagrad=adagrad, Adadelta=adadelta, Adam=adam,
-             AdamW=adam, Adamax=adamax, Nadam=nadam, Ftrl=ftrl, Lion=lion)
+             AdamW=adam, Adamax=adamax, Nadam=nadam, Ftrl=ftrl, Lion=lion,
+             ScheduleFreeAdamW=schedule_free_adamw)
+
+
+# Rules of whole variables: (h, the elements' states, the segment's params, grads and
+# shape, lr, t) -> the segment's new params.
+def lamb(h, states, ps, gs, shape, lr, t):
+    b1, b2 = h["beta_1"], h["beta_2"]
+    r = []
+    for s, g in zip(states, gs):
+        s["momentum"] = b1 * s["momentum"] + (1 - b1) * g
+        s["velocity"] = b2 * s["velocity"] + (1 - b2) * g * g
+        m_hat, v_hat = s["momentum"] / (1 - b1 ** t), s["velocity"] / (1 - b2 ** t)
+        r.append(m_hat / (math.sqrt(v_hat) + h["epsilon"]))
+    p_norm, r_norm = math.hypot(*ps), math.hypot(*r)
+    ratio = p_norm / r_norm if p_norm > 0 and r_norm > 0 else 1.0
+    return [p - ratio * lr * x for p, x in zip(ps, r)]
+
+
+def rms(xs):
+    return math.sqrt(sum(x * x for x in xs) / len(xs)) if xs else math.nan
+
+
+def adafactor(h, states, ps, gs, shape, lr, t):
+    """Factored over the last two axes: the statistics are a row vector (mean over
+    columns) and a column vector (mean over rows) per leading index, kept in
+    states[0]["r"] and ["c"] for the whole segment."""
+    rho = min(lr, 1 / math.sqrt(t))
+    alpha = max(h["epsilon_2"], rms(ps)) * rho
+    beta = 1 - t ** h["beta_2_decay"]
+    sq = [g * g + h["epsilon_1"] for g in gs]
+    if len(shape) >= 2:
+        rows, cols = shape[-2], shape[-1]
+        lead = math.prod(shape[:-2])
+        r, c = states[0]["r"], states[0]["c"]
+        for k in range(lead):
+            block = [sq[k * rows * cols + i * cols:k * rows * cols + (i + 1) * cols]
+                     for i in range(rows)]
+            for i in range(rows):
+                r[k * rows + i] = beta * r[k * rows + i] + (1 - beta) * sum(block[i]) / cols
+            for j in range(cols):
+                c[k * cols + j] = (beta * c[k * cols + j]
+                                   + (1 - beta) * sum(row[j] for row in block) / rows)
+            r_mean = sum(r[k * rows:(k + 1) * rows]) / rows
+            for i in range(rows):
+                for j in range(cols):
+                    states[k * rows * cols + i * cols + j]["velocity"] = (
+                        r[k * rows + i] / r_mean * c[k * cols + j])
+    else:
+        for s, x in zip(states, sq):
+            s["velocity"] = beta * s["velocity"] + (1 - beta) * x
+    u = [g / math.sqrt(s["velocity"]) for s, g in zip(states, gs)]
+    scale = max(1.0, rms(u) / h["clip_threshold"])
+    return [p - alpha * x / scale for p, x in zip(ps, u)]
+
+
+SEGMENT_RULES = dict(Lamb=lamb, Adafactor=adafactor)
+
+
+def segment_state(name, h, shape):
+    """Per-element states of a segment, and the names of the slots they hold."""
+    size = math.prod(shape)
+    if name == "Adafactor":
+        states = [{"velocity": 0.0} for _ in range(size)]
+        if states:
+            rows = math.prod(shape[:-1]) if len(shape) >= 2 else 0
+            cols = math.prod(shape[:-2]) * shape[-1] if len(shape) >= 2 else 0
+            states[0].update(r=[0.0] * rows, c=[0.0] * cols)
+        return states
+    return [initial_slots(name, h) for _ in range(size)]
+
+
+def slot_values(name, h, state, shapes):
+    """{slot: flat values} in fusedopt's layout: Adafactor's r and c are per segment."""
+    if name != "Adafactor":
+        return {k: [s[k] for s in state] for k in initial_slots(name, h, 0.0)}
+    out = {"r": [], "c": [], "velocity": [s["velocity"] for s in state]}
+    start = 0
+    for shape in shapes:
+        size = math.prod(shape)
+        if size and len(shape) >= 2:
+            out["r"] += state[start]["r"]
+            out["c"] += state[start]["c"]
+        start += size
+    return out
 
 
 # ------------------------------------------------------ the oracle: the pipeline (§1)
@@ -187,10 +295,8 @@ def shrink_to_norm(xs, c):
     return [x * c / norm for x in xs] if norm > c else xs
 
 
-def preprocess(g, h, sizes=SIZES):
-    """Unscale, then clip: loss_scale_factor -> clipnorm | global_clipnorm | clipvalue."""
-    if h["loss_scale_factor"]:
-        g = [x / h["loss_scale_factor"] for x in g]
+def clip(g, h, sizes=SIZES):
+    """clipnorm | global_clipnorm | clipvalue, on the unscaled gradient."""
     if h["clipnorm"]:
         g = [x for seg in segments(g, sizes) for x in shrink_to_norm(seg, h["clipnorm"])]
     elif h["global_clipnorm"]:
@@ -200,21 +306,53 @@ def preprocess(g, h, sizes=SIZES):
     return g
 
 
-def golden(cls_name, kwargs, lr_at=None, sizes=SIZES, p0=P0, grads=G):
-    """Yield (params, {slot: values}) after each step, as flat lists of floats, for a
-    layout of segment `sizes`, initial params `p0` and one flat gradient list per step."""
+def golden(cls_name, kwargs, lr_at=None, shapes=LAYOUT, p0=P0, grads=G):
+    """Yield (params, {slot: values}) after each call, as flat lists of floats, for a
+    layout of segment `shapes`, initial params `p0` and one flat gradient list per call.
+
+    The pipeline (§1): unscale; with gradient accumulation (N) only add into the
+    accumulator on N-1 calls of N and use the mean on the N-th; clip; decay; the rule
+    at t = updates + 1; then the moving average and its overwrite."""
     h = {**COMMON, **DEFAULTS[cls_name], **kwargs}
     lr0, decay = h.pop("lr", h["learning_rate"]), h.pop("decay", 0.0)
     lr_at = lr_at or (lambda it: lr0)
-    state = [initial_slots(cls_name, h) for _ in p0]
-    p = list(p0)
-    for it, g in enumerate(grads):
-        lr = lr_at(it) / (1 + decay * it)
-        g = preprocess(g, h, sizes)
-        if h["weight_decay"]:
-            p = [x * (1 - h["weight_decay"] * lr) for x in p]
-        p = [RULES[cls_name](h, s, x, gx, lr, it + 1) for s, x, gx in zip(state, p, g)]
-        yield p, {name: [s[name] for s in state] for name in initial_slots(cls_name, h)}
+    sizes = [math.prod(s) for s in shapes]
+    whole = cls_name in SEGMENT_RULES
+    state = [x for shape in shapes for x in segment_state(cls_name, h, shape)] if whole \
+        else [initial_slots(cls_name, h, x) for x in p0]
+    n = h["gradient_accumulation_steps"] or 1
+    p, accumulator, average = list(p0), [0.0] * len(p0), [0.0] * len(p0)
+    for calls, g in enumerate(grads):
+        updates = calls // n
+        lr = lr_at(calls) / (1 + decay * calls)  # schedules see the calls
+        if h["loss_scale_factor"]:
+            g = [x / h["loss_scale_factor"] for x in g]
+        if (calls + 1) % n:
+            accumulator = [a + x for a, x in zip(accumulator, g)]
+        else:
+            g = [(x + a) / n for x, a in zip(g, accumulator)]
+            accumulator = [0.0] * len(p0)
+            g = clip(g, h, sizes)
+            if h["weight_decay"]:
+                p = [x * (1 - h["weight_decay"] * lr) for x in p]
+            if whole:
+                p = [x for ps, gs, ss, shape in zip(segments(p, sizes), segments(g, sizes),
+                                                    segments(state, sizes), shapes)
+                     for x in SEGMENT_RULES[cls_name](h, ss, ps, gs, shape, lr, updates + 1)]
+            else:
+                p = [RULES[cls_name](h, s, x, gx, lr, updates + 1)
+                     for s, x, gx in zip(state, p, g)]
+        slots = slot_values(cls_name, h, state, shapes)
+        if h["use_ema"]:
+            momentum = h["ema_momentum"] if updates else 0.0  # the first copies p
+            average = [momentum * a + (1 - momentum) * x for a, x in zip(average, p)]
+            frequency = h["ema_overwrite_frequency"]
+            if frequency and (updates + 1) % frequency == 0:
+                p = list(average)
+            slots["average"] = list(average)
+        if n > 1:
+            slots["gradient_accumulator"] = list(accumulator)
+        yield p, slots
 
 
 # -------------------------------------------------------------------- test helpers
@@ -231,7 +369,7 @@ def check_against_golden(opt, cls_name, kwargs, dtype, lr_at=None, before_step=N
             before_step(it)
         grads.data[...] = G[it]
         opt.apply(grads, flat)
-        assert opt.iterations == it + 1
+        assert opt.iterations == (it + 1) // (kwargs.get("gradient_accumulation_steps") or 1)
         assert_close(flat.data, p, dtype, f"params after step {it + 1}")
         assert set(opt.slots()) == set(slots)
         for name, values in slots.items():

@@ -51,6 +51,15 @@ HYPER = {
         "l1_regularization_strength": unit(0, 0.1), "l2_regularization_strength": unit(0, 0.1),
         "l2_shrinkage_regularization_strength": unit(0, 0.1), "beta": unit(0, 1)}),
     "Lion": st.fixed_dictionaries({"beta_1": unit(0.01, 0.99), "beta_2": unit(0, 0.999)}),
+    "ScheduleFreeAdamW": st.fixed_dictionaries({
+        "beta_1": unit(0.05, 0.99), "beta_2": unit(0, 0.999), "epsilon": unit(1e-8, 0.5),
+        "warmup_steps": st.integers(0, 5)}),
+    "Lamb": st.fixed_dictionaries({"beta_1": unit(0, 0.99), "beta_2": unit(0, 0.999),
+                                   "epsilon": unit(1e-7, 0.5)}),
+    "Adafactor": st.fixed_dictionaries({
+        "beta_2_decay": unit(-1, -0.1), "epsilon_1": unit(1e-30, 1e-3),
+        "epsilon_2": unit(0, 0.1), "clip_threshold": unit(0.1, 2),
+        "relative_step": st.booleans()}),
 }
 assert set(HYPER) == set(OPTIMIZER_NAMES)
 
@@ -59,10 +68,21 @@ CLIP = st.one_of(st.just({}), st.builds(lambda v: {"clipnorm": v}, unit(0.01, 5)
                  st.builds(lambda v: {"clipvalue": v}, unit(0.01, 5)))
 
 
+KERNEL_OPTIMIZERS = tuple(n for n in OPTIMIZER_NAMES if getattr(fusedopt, n).rule in
+                          fusedopt._kernels.rule_names())
+
+
 @st.composite
-def configurations(draw, cls_names=tuple(OPTIMIZER_NAMES)):
-    cls_name = draw(st.sampled_from(cls_names))
+def configurations(draw, kernels=False):
+    """An optimizer and valid arguments; with `kernels`, only what the kernels run
+    (no reference-only rule, EMA or gradient accumulation)."""
+    cls_name = draw(st.sampled_from(KERNEL_OPTIMIZERS if kernels else OPTIMIZER_NAMES))
     kwargs = dict(draw(HYPER[cls_name]))
+    if not kernels and draw(st.booleans()):
+        kwargs.update(use_ema=True, ema_momentum=draw(unit(0, 1)),
+                      ema_overwrite_frequency=draw(st.sampled_from([None, 1, 2])))
+    if not kernels and draw(st.booleans()):
+        kwargs["gradient_accumulation_steps"] = draw(st.integers(2, 3))
     kwargs["learning_rate"] = draw(unit(1e-3, 0.3))
     kwargs.update(draw(CLIP))
     if cls_name != "AdamW" and draw(st.booleans()):
@@ -75,7 +95,8 @@ def configurations(draw, cls_names=tuple(OPTIMIZER_NAMES)):
 # Layouts: empty segments, scalars, single elements, odd sizes, many segments.
 SHAPE = st.one_of(st.just(()), st.just((0,)), st.just((1,)),
                   st.integers(2, 9).map(lambda n: (n,)),
-                  st.tuples(st.integers(1, 4), st.integers(1, 5)))
+                  st.tuples(st.integers(1, 4), st.integers(1, 5)),
+                  st.tuples(st.integers(1, 3), st.integers(1, 3), st.integers(1, 3)))
 LAYOUTS = st.lists(SHAPE, min_size=1, max_size=12)
 
 
@@ -105,7 +126,8 @@ def test_cpu_path_equals_the_golden_formulas(config, layout, seed):
     p0, grads = values(seed, sum(sizes), steps=3)
     opt = getattr(fusedopt, cls_name)(**kwargs)
     params = fusedopt.FlatBuffer(p0.copy(), layout)
-    expected = golden(cls_name, kwargs, sizes=sizes, p0=p0.tolist(), grads=[g.tolist() for g in grads])
+    expected = golden(cls_name, kwargs, shapes=layout, p0=p0.tolist(),
+                      grads=[g.tolist() for g in grads])
     for step, (g, (p, slots)) in enumerate(zip(grads, expected)):
         opt.apply(g, params)
         assert_close(params.data, p, 1e-9, f"params, step {step}")
@@ -145,7 +167,7 @@ SKIP = st.one_of(st.just(((), False)),
 
 
 @settings(max_examples=40, **SETTINGS)
-@given(config=configurations(), layout=LAYOUTS, seed=st.integers(0, 2**32 - 1),
+@given(config=configurations(kernels=True), layout=LAYOUTS, seed=st.integers(0, 2**32 - 1),
        dtype=st.sampled_from([np.float64, np.float32]), skip=SKIP)
 def test_emulated_gpu_path_equals_the_cpu_path(emulator_libraries, config, layout, seed,
                                                dtype, skip):
@@ -162,7 +184,7 @@ def test_emulated_gpu_path_equals_the_cpu_path(emulator_libraries, config, layou
 
 @pytest.mark.skipif(not cuda.gpu_available(), reason="no CUDA GPU")
 @settings(max_examples=200, **SETTINGS)
-@given(config=configurations(), layout=LAYOUTS, seed=st.integers(0, 2**32 - 1),
+@given(config=configurations(kernels=True), layout=LAYOUTS, seed=st.integers(0, 2**32 - 1),
        dtype=st.sampled_from([np.float64, np.float32]), skip=SKIP)
 def test_gpu_path_equals_the_cpu_path(config, layout, seed, dtype, skip):
     cls_name, kwargs = config
@@ -202,6 +224,14 @@ BAD_SPECIFIC = {
              "l2_shrinkage_regularization_strength": BAD_NUMBERS,
              "initial_accumulator_value": BAD_NUMBERS, "learning_rate": st.just(0.0)},
     "Lion": {"beta_1": st.sampled_from([0.0, 1.0, -0.5, math.nan]), "beta_2": BAD_BETA},
+    "ScheduleFreeAdamW": {"beta_1": st.sampled_from([0.0, 1.0, -0.5, math.nan]),
+                          "beta_2": BAD_BETA, "epsilon": BAD_NUMBERS,
+                          "warmup_steps": st.sampled_from([-1, 2.5, "3", True])},
+    "Lamb": {"beta_1": BAD_BETA, "beta_2": BAD_BETA, "epsilon": BAD_NUMBERS},
+    "Adafactor": {"beta_2_decay": st.sampled_from([0.5, math.nan, math.inf, "x"]),
+                  "epsilon_1": BAD_NUMBERS, "epsilon_2": BAD_NUMBERS,
+                  "clip_threshold": st.one_of(BAD_NUMBERS, st.just(0.0)),
+                  "relative_step": st.sampled_from([1, "yes", None])},
 }
 
 
@@ -244,6 +274,7 @@ def test_invalid_steps_change_nothing(bad, seed):
     opt = getattr(fusedopt, cls_name)(**kwargs)
     params = fusedopt.FlatBuffer(p0.copy(), layout)
     opt.apply(grads[0], params)
+    iterations = opt.iterations
     before = [params.data.copy()] + [s.copy() for s in opt.slots().values()]
     g = grads[1]
     bad_grads = {
@@ -261,4 +292,4 @@ def test_invalid_steps_change_nothing(bad, seed):
     after = [params.data] + list(opt.slots().values())
     for a, b in zip(before, after):
         np.testing.assert_array_equal(a, b)
-    assert opt.iterations == 1
+    assert opt.iterations == iterations and opt.state_dict()["iterations"] == 1
