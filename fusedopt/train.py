@@ -55,6 +55,11 @@ TASK_DEFAULTS = {
     "nadam": {"learning_rate": 0.001},
     "rmsprop": {"learning_rate": 0.001},
     "sgd": {"learning_rate": 0.1, "momentum": 0.9},
+    "schedulefreeadamw": {"learning_rate": 0.005},
+    "lamb": {"learning_rate": 0.002},
+    # float32 with Keras' epsilon_1 = 1e-30: an all-zero row and column of gradients
+    # (always-zero pixels, dead units) make r*c underflow to 0, and 0/0 is NaN.
+    "adafactor": {"learning_rate": 0.05, "epsilon_1": 1e-12},
 }
 
 DEFAULT_OPTIMIZER = "adam"
