@@ -11,6 +11,7 @@ NumPy buffers take the NumPy reference path; CuPy buffers take the fused CUDA pa
 from . import schedules
 from .checkpoint import load, save
 from .flat import FlatBuffer, Layout
+from .loss_scale import LossScaleOptimizer
 from .optimizer import FusedOptimizer, available, get
 from .optimizers import (SGD, Adadelta, Adafactor, Adagrad, Adam, Adamax, AdamW, Ftrl, Lamb,
                          Lion, Nadam, RMSprop, ScheduleFreeAdamW)
@@ -20,5 +21,5 @@ __version__ = "0.1.0"
 __all__ = [
     "FlatBuffer", "Layout", "FusedOptimizer", "get", "available", "schedules", "save", "load",
     "SGD", "RMSprop", "Adagrad", "Adadelta", "Adam", "AdamW", "Adamax", "Nadam", "Ftrl",
-    "Lion", "ScheduleFreeAdamW", "Lamb", "Adafactor",
+    "Lion", "ScheduleFreeAdamW", "Lamb", "Adafactor", "LossScaleOptimizer",
 ]

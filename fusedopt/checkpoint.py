@@ -33,7 +33,10 @@ def save(path, optimizer, params):
     if not isinstance(params, FlatBuffer):
         raise TypeError(f"`params` must be a FlatBuffer, got {type(params).__name__}")
     config = optimizer.get_config()
-    if callable(config["learning_rate"]):
+    # A wrapper (LossScaleOptimizer) keeps the learning rate in its inner optimizer's config.
+    lr = config["learning_rate"] if "learning_rate" in config else \
+        config["inner_optimizer"]["config"]["learning_rate"]
+    if callable(lr):
         raise ValueError("a callable `learning_rate` cannot be saved; use a number or a "
                          "fusedopt.schedules schedule")
     optimizer.build(params)  # refuses params of another layout or device

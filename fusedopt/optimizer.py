@@ -29,6 +29,9 @@ from .reference import COLUMNS, PARAMS, ROWS, slot_shapes  # noqa: F401 (slot sp
 KERAS_DEFAULT_EPSILON = 1e-7
 
 _REGISTRY = {}
+# Optimizers that wrap another (LossScaleOptimizer): get() and checkpoints find them
+# by name, but they are not in available() (they cannot be built from a name alone).
+_WRAPPERS = {}
 
 
 class FusedOptimizer:
@@ -789,7 +792,8 @@ def get(identifier):
         if "class_name" not in identifier:
             raise ValueError(f"an optimizer config needs 'class_name', got keys {sorted(identifier)}")
         return _lookup(identifier["class_name"]).from_config(identifier.get("config", {}))
-    if hasattr(identifier, "get_config") and type(identifier).__name__.lower() in _REGISTRY:
+    if hasattr(identifier, "get_config") and type(identifier).__name__.lower() in {
+            **_REGISTRY, **_WRAPPERS}:
         return _lookup(type(identifier).__name__).from_config(identifier.get_config())
     raise TypeError(
         "`identifier` must be an optimizer name, a config dict or an optimizer, "
@@ -800,7 +804,7 @@ def get(identifier):
 def _lookup(name):
     if not isinstance(name, str):
         raise TypeError(f"an optimizer name must be a string, got {type(name).__name__}")
-    cls = _REGISTRY.get(name.lower())
+    cls = _REGISTRY.get(name.lower()) or _WRAPPERS.get(name.lower())
     if cls is None:
         raise ValueError(
             f"Unknown optimizer {name!r}; valid names: {', '.join(sorted(_REGISTRY))}"
