@@ -14,12 +14,12 @@ from .flat import FlatBuffer, Layout
 from .loss_scale import LossScaleOptimizer
 from .optimizer import FusedOptimizer, available, get
 from .optimizers import (SGD, Adadelta, Adafactor, Adagrad, Adam, Adamax, AdamW, Ftrl, Lamb,
-                         Lion, Nadam, RMSprop, ScheduleFreeAdamW)
+                         Lion, Muon, Nadam, RMSprop, ScheduleFreeAdamW)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FlatBuffer", "Layout", "FusedOptimizer", "get", "available", "schedules", "save", "load",
     "SGD", "RMSprop", "Adagrad", "Adadelta", "Adam", "AdamW", "Adamax", "Nadam", "Ftrl",
-    "Lion", "ScheduleFreeAdamW", "Lamb", "Adafactor", "LossScaleOptimizer",
+    "Lion", "ScheduleFreeAdamW", "Lamb", "Adafactor", "Muon", "LossScaleOptimizer",
 ]

@@ -7,12 +7,13 @@ the per-step scalars its rule reads, in the rule's argument order. Everything el
 """
 
 import math
+import re
 
 from . import _validate as check
 from .optimizer import COLUMNS, KERAS_DEFAULT_EPSILON, PARAMS, ROWS, FusedOptimizer
 
 __all__ = ["SGD", "RMSprop", "Adagrad", "Adadelta", "Adam", "AdamW", "Adamax", "Nadam",
-           "Ftrl", "Lion", "ScheduleFreeAdamW", "Lamb", "Adafactor"]
+           "Ftrl", "Lion", "ScheduleFreeAdamW", "Lamb", "Adafactor", "Muon"]
 
 
 def _epsilon(value):
@@ -409,3 +410,122 @@ class Adafactor(FusedOptimizer):
         beta = 1 - t ** self.beta_2_decay
         return (min(lr, 1 / math.sqrt(t)), beta, 1 - beta, self.epsilon_1, self.epsilon_2,
                 self.clip_threshold)
+
+
+class Muon(FusedOptimizer):
+    """Muon (Jordan et al., 2024), Keras 3's form: Newton-Schulz-orthogonalised
+    momentum for 2-D variables, AdamW for the rest. Per variable (segment):
+
+    2-D, not excluded:  m <- m + (g + m*(momentum-1));  d = g + momentum*m (nesterov) or m;
+                        p <- p - lr*NS(d)*sqrt(max(rows, cols))*rms_rate
+    otherwise:          Adam with lr*adam_lr_ratio, betas adam_beta_1/2
+    Weight decay is weight_decay on Muon variables and adam_weight_decay on AdamW ones.
+
+    Keras excludes variables by their path: "embedding" in it (exclude_embeddings) or
+    a match of a regex of exclude_layers. Flat-buffer segments have no names, so
+    `segment_names` (fusedopt's own, one name per segment, kept in the config) gives
+    them; without it no segment is excluded by name, and exclude_layers is refused.
+    """
+
+    rule = "muon"
+    whole_variable = True
+    _hyperparameters = ("adam_beta_1", "adam_beta_2", "epsilon", "exclude_layers", "muon_a",
+                        "muon_b", "muon_c", "adam_lr_ratio", "momentum", "ns_steps", "nesterov",
+                        "exclude_embeddings", "adam_weight_decay", "rms_rate")
+
+    def __init__(self, learning_rate=0.001, adam_beta_1=0.9, adam_beta_2=0.999,
+                 adam_weight_decay=0.004, epsilon=1e-7, weight_decay=0.004, exclude_layers=None,
+                 exclude_embeddings=True, muon_a=3.4445, muon_b=-4.7750, muon_c=2.0315,
+                 adam_lr_ratio=1, momentum=0.95, ns_steps=5, nesterov=True, rms_rate=0.2,
+                 segment_names=None, **kwargs):
+        super().__init__(learning_rate, weight_decay=weight_decay, **kwargs)
+        self.adam_beta_1 = check.beta("adam_beta_1", adam_beta_1)
+        self.adam_beta_2 = check.beta("adam_beta_2", adam_beta_2)
+        self.adam_weight_decay = check.optional_real("adam_weight_decay", adam_weight_decay,
+                                                     low=0.0)
+        self.epsilon = _epsilon(epsilon)
+        self.exclude_layers = _regex_list("exclude_layers", exclude_layers)
+        self.exclude_embeddings = check.boolean("exclude_embeddings", exclude_embeddings)
+        self.muon_a = check.real("muon_a", muon_a)
+        self.muon_b = check.real("muon_b", muon_b)
+        self.muon_c = check.real("muon_c", muon_c)
+        self.adam_lr_ratio = check.non_negative("adam_lr_ratio", adam_lr_ratio)
+        self.momentum = check.beta("momentum", momentum)
+        self.ns_steps = check.integer("ns_steps", ns_steps, low=0)
+        self.nesterov = check.boolean("nesterov", nesterov)
+        self.rms_rate = check.optional_real("rms_rate", rms_rate, low=0.0)
+        self.segment_names = _segment_names(segment_names)
+        if self.exclude_layers and self.segment_names is None:
+            raise ValueError("`exclude_layers` matches variable names, which flat-buffer "
+                             "segments lack: pass `segment_names` (one per segment) too")
+
+    def get_config(self):
+        config = super().get_config()
+        if self.segment_names is not None:
+            config["segment_names"] = list(self.segment_names)
+        return config
+
+    def build(self, params):
+        if self.segment_names is not None and not self.built:
+            count = len(getattr(params, "shapes", ())) if hasattr(params, "shapes") else 1
+            if count != len(self.segment_names):
+                raise ValueError(f"`segment_names` names {len(self.segment_names)} segments, "
+                                 f"but `params` has {count}")
+        super().build(params)
+
+    def uses_adamw(self, index, shape):
+        """Whether segment `index` (of `shape`) takes the AdamW step (Keras'
+        Muon._should_use_adamw, on the segment's name when it has one)."""
+        if len(shape) != 2:
+            return True
+        if self.segment_names is None:
+            return False
+        name = self.segment_names[index]
+        if self.exclude_embeddings and "embedding" in name.lower():
+            return True
+        return any(re.search(pattern, name) for pattern in self.exclude_layers)
+
+    def _segment_arguments(self, index, shape):
+        rms_scale = 1.0
+        if self.rms_rate is not None and len(shape) == 2:
+            rms_scale = math.sqrt(max(shape)) * self.rms_rate
+        return self.uses_adamw(index, shape), rms_scale
+
+    def _segment_weight_decay(self, index, shape):
+        return self.adam_weight_decay if self.uses_adamw(index, shape) else self.weight_decay
+
+    def _slot_specs(self):
+        # The velocity is read by AdamW segments only; Muon segments keep zeros there.
+        return ("momentum", 0.0), ("velocity", 0.0)
+
+    def _rule_scalars(self, lr, t):
+        b1, b2 = self.adam_beta_1, self.adam_beta_2
+        alpha = lr * self.adam_lr_ratio * math.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+        return (lr, self.momentum, float(self.nesterov), self.ns_steps, self.muon_a,
+                self.muon_b, self.muon_c, alpha, 1 - b1, 1 - b2, self.epsilon)
+
+
+def _regex_list(name, value):
+    """Keras' `exclude_layers or []`: a list of regular expressions."""
+    if value is None:
+        return []
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise TypeError(f"`{name}` must be a list of regular expressions, got "
+                        f"{type(value).__name__}: {value!r}")
+    for pattern in value:
+        if not isinstance(pattern, str):
+            raise TypeError(f"`{name}` must hold strings, got {type(pattern).__name__}")
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"`{name}`: {pattern!r} is not a regular expression: {e}") from e
+    return list(value)
+
+
+def _segment_names(value):
+    if value is None:
+        return None
+    if isinstance(value, str) or not isinstance(value, (list, tuple)) or \
+            not all(isinstance(n, str) for n in value):
+        raise TypeError(f"`segment_names` must be a list of strings, got {value!r}")
+    return tuple(value)

@@ -257,13 +257,13 @@ def _rms(x):
     return np.sqrt(_mean(x * x))
 
 
-def muon(shape, p, g, m, v, use_adamw, lr, momentum, nesterov, ns_steps, muon_a, muon_b,
-         muon_c, rms_scale, alpha, one_minus_beta_1, one_minus_beta_2, epsilon):
+def muon(shape, p, g, m, v, use_adamw, rms_scale, lr, momentum, nesterov, ns_steps, muon_a,
+         muon_b, muon_c, alpha, one_minus_beta_1, one_minus_beta_2, epsilon):
     """Muon (Jordan et al., 2024) as Keras 3 writes it, on one variable.
 
-    A variable Muon does not handle (use_adamw: not 2-D, or excluded) takes the Adam
-    step with alpha = lr*adam_lr_ratio*sqrt(1-beta_2^t)/(1-beta_1^t); `v` is used only
-    there. A 2-D variable takes the Muon step, with `rms_scale` =
+    A variable Muon does not handle (use_adamw: not 2-D, or excluded by name) takes
+    the Adam step with alpha = lr*adam_lr_ratio*sqrt(1-beta_2^t)/(1-beta_1^t); `v` is
+    used only there. A 2-D variable takes the Muon step, with `rms_scale` =
     sqrt(max(rows, cols))*rms_rate (1 when rms_rate is None):
 
     m <- m + (g + m*(momentum-1));  d = g + momentum*m (nesterov) or m;

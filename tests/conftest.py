@@ -64,6 +64,11 @@ RULE_CASES = [
     ("adafactor-all", "Adafactor", {"learning_rate": 0.05, "beta_2_decay": -0.5,
                                     "epsilon_1": 1e-3, "epsilon_2": 0.1, "clip_threshold": 0.5,
                                     "relative_step": False}),
+    ("muon", "Muon", {}),
+    ("muon-plain", "Muon", {"learning_rate": 0.01, "nesterov": False, "rms_rate": None,
+                            "momentum": 0.8, "ns_steps": 3, "adam_lr_ratio": 0.5,
+                            "adam_beta_1": 0.5, "adam_beta_2": 0.7, "epsilon": 0.3,
+                            "weight_decay": None, "adam_weight_decay": 0.1}),
 ]
 
 OPTIONS = {

@@ -14,10 +14,11 @@ from fusedopt import FlatBuffer, schedules
 
 LAYOUT = LAYOUTS["odd"]
 ALL_NAMES = ["adadelta", "adafactor", "adagrad", "adam", "adamax", "adamw", "ftrl", "lamb",
-             "lion", "nadam", "rmsprop", "schedulefreeadamw", "sgd"]
+             "lion", "muon", "nadam", "rmsprop", "schedulefreeadamw", "sgd"]
 CLASS_OF = {"adadelta": "Adadelta", "adafactor": "Adafactor", "adagrad": "Adagrad",
             "adam": "Adam", "adamax": "Adamax", "adamw": "AdamW", "ftrl": "Ftrl",
-            "lamb": "Lamb", "lion": "Lion", "nadam": "Nadam", "rmsprop": "RMSprop",
+            "lamb": "Lamb", "lion": "Lion", "muon": "Muon", "nadam": "Nadam",
+            "rmsprop": "RMSprop",
             "schedulefreeadamw": "ScheduleFreeAdamW", "sgd": "SGD"}
 KERAS3_BASE_KEYS = {"name", "learning_rate", "weight_decay", "clipnorm", "global_clipnorm",
                     "clipvalue", "use_ema", "ema_momentum", "ema_overwrite_frequency",

@@ -74,6 +74,8 @@ QUADRATIC = [
     # Lamb's and Adafactor's steps are relative to the params, which shrink to 0 here.
     ("Lamb", lambda: fusedopt.Lamb(0.02), 1500),
     ("Adafactor", lambda: fusedopt.Adafactor(0.5), 1500),
+    # The (2, 3) segment takes the Muon step, of a fixed size: the rate must decay.
+    ("Muon", lambda: fusedopt.Muon(ExponentialDecay(0.1, 200, 0.5)), 1500),
 ]
 
 ROSENBROCK = [
@@ -96,6 +98,8 @@ ROSENBROCK = [
     # could never cross 0 from -1.2: Lamb gets (x, y) as one variable (ROSENBROCK_SHAPES).
     ("Lamb", lambda: fusedopt.Lamb(CosineDecay(0.01, 5000)), 5000),
     ("Adafactor", lambda: fusedopt.Adafactor(ExponentialDecay(0.1, 1000, 0.5)), 10000),
+    # Two scalar segments: Muon's AdamW step (its weight decay would pull off (1, 1)).
+    ("Muon", lambda: fusedopt.Muon(0.01, adam_weight_decay=None), 5000),
 ]
 ROSENBROCK_SHAPES = {"Lamb": [(2,)]}
 

@@ -56,6 +56,10 @@ DEFAULTS = {
     "Lamb": dict(learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7),
     "Adafactor": dict(learning_rate=0.001, beta_2_decay=-0.8, epsilon_1=1e-30, epsilon_2=1e-3,
                       clip_threshold=1.0, relative_step=True),
+    "Muon": dict(learning_rate=0.001, adam_beta_1=0.9, adam_beta_2=0.999,
+                 adam_weight_decay=0.004, epsilon=1e-7, weight_decay=0.004, exclude_layers=[],
+                 exclude_embeddings=True, muon_a=3.4445, muon_b=-4.7750, muon_c=2.0315,
+                 adam_lr_ratio=1, momentum=0.95, ns_steps=5, nesterov=True, rms_rate=0.2),
 }
 
 
@@ -81,7 +85,7 @@ def initial_slots(name, h, p=None):
         return {"accumulator": h["initial_accumulator_value"], "linear": 0.0}
     if name == "ScheduleFreeAdamW":
         return {"momentum": p, "velocity": 0.0}  # z starts at the params
-    if name == "Lamb":
+    if name in ("Lamb", "Muon"):
         return {"momentum": 0.0, "velocity": 0.0}
     return {"momentum": 0.0}  # Lion
 
@@ -251,7 +255,56 @@ def adafactor(h, states, ps, gs, shape, lr, t):
     return [p - alpha * x / scale for p, x in zip(ps, u)]
 
 
-SEGMENT_RULES = dict(Lamb=lamb, Adafactor=adafactor)
+def matmul(x, y):
+    return [[sum(a * b for a, b in zip(row, col)) for col in zip(*y)] for row in x]
+
+
+def transpose(x):
+    return [list(col) for col in zip(*x)]
+
+
+def newton_schulz(x, steps, a, b, c):
+    """The quintic iteration on the wide orientation, in lists of rows."""
+    tall = len(x) > len(x[0])
+    if tall:
+        x = transpose(x)
+    norm = math.sqrt(sum(v * v for row in x for v in row))
+    x = [[v / (norm + 1e-7) for v in row] for row in x]
+    for _ in range(steps):
+        gram = matmul(x, transpose(x))
+        poly = [[b * u + c * w for u, w in zip(r1, r2)]
+                for r1, r2 in zip(gram, matmul(gram, gram))]
+        x = [[a * u + w for u, w in zip(r1, r2)] for r1, r2 in zip(x, matmul(poly, x))]
+    return transpose(x) if tall else x
+
+
+def muon(h, states, ps, gs, shape, lr, t):
+    """2-D segments: momentum m = mu*m + g, Newton-Schulz of g + mu*m (nesterov) or m,
+    scaled by sqrt(max(rows, cols))*rms_rate; other segments: Adam, lr*adam_lr_ratio
+    (the golden layout has no names, so none is excluded by name)."""
+    if len(shape) != 2:
+        ah = dict(beta_1=h["adam_beta_1"], beta_2=h["adam_beta_2"], epsilon=h["epsilon"],
+                  amsgrad=False)
+        return [adam(ah, s, p, g, lr * h["adam_lr_ratio"], t) for s, p, g in zip(states, ps, gs)]
+    mu = h["momentum"]
+    for s, g in zip(states, gs):
+        s["momentum"] = mu * s["momentum"] + g
+    d = [g + mu * s["momentum"] if h["nesterov"] else s["momentum"] for s, g in zip(states, gs)]
+    rows, cols = shape
+    x = newton_schulz([d[i * cols:(i + 1) * cols] for i in range(rows)], h["ns_steps"],
+                      h["muon_a"], h["muon_b"], h["muon_c"])
+    scale = 1.0 if h["rms_rate"] is None else math.sqrt(max(rows, cols)) * h["rms_rate"]
+    return [p - lr * v * scale for p, v in zip(ps, (v for row in x for v in row))]
+
+
+SEGMENT_RULES = dict(Lamb=lamb, Adafactor=adafactor, Muon=muon)
+
+
+def weight_decay(cls_name, h, shape):
+    """The decoupled weight decay of a segment: Muon's differs for its AdamW segments."""
+    if cls_name == "Muon" and len(shape) != 2:
+        return h["adam_weight_decay"]
+    return h["weight_decay"]
 
 
 def segment_state(name, h, shape):
@@ -333,8 +386,8 @@ def golden(cls_name, kwargs, lr_at=None, shapes=LAYOUT, p0=P0, grads=G):
             g = [(x + a) / n for x, a in zip(g, accumulator)]
             accumulator = [0.0] * len(p0)
             g = clip(g, h, sizes)
-            if h["weight_decay"]:
-                p = [x * (1 - h["weight_decay"] * lr) for x in p]
+            p = [x * (1 - (weight_decay(cls_name, h, shape) or 0.0) * lr)
+                 for ps, shape in zip(segments(p, sizes), shapes) for x in ps]
             if whole:
                 p = [x for ps, gs, ss, shape in zip(segments(p, sizes), segments(g, sizes),
                                                     segments(state, sizes), shapes)

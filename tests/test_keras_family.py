@@ -278,10 +278,10 @@ def test_muon(kwargs, dtype, floatx, exact_reductions):
             if h["rms_rate"] is not None and p.ndim == 2:
                 scale = math.sqrt(max(p.shape)) * h["rms_rate"]
             scalars = cast(dtype, lr, h["momentum"], h["nesterov"], h["ns_steps"], h["muon_a"],
-                           h["muon_b"], h["muon_c"], scale, alpha, 1 - b1, 1 - b2, h["epsilon"])
+                           h["muon_b"], h["muon_c"], alpha, 1 - b1, 1 - b2, h["epsilon"])
             p1, g1, m1, v1 = (x.reshape(-1) for x in (p, g, mi, vi))
             decay(p1, h["adam_weight_decay"] if use_adamw else h["weight_decay"], lr)
-            reference.muon(p.shape, p1, g1, m1, v1, use_adamw, *scalars)
+            reference.muon(p.shape, p1, g1, m1, v1, use_adamw, scale, *scalars)
         for i, (p, kv) in enumerate(zip(params, kvars)):
             assert_close(p, kv.value, dtype, f"variable {i} at step {t}")
     for i, use_adamw in enumerate(adamw):

@@ -27,7 +27,7 @@ TOL = {np.float64: dict(rtol=1e-10, atol=1e-12), np.float32: dict(rtol=2e-5, ato
 # fusedopt slot name -> Keras' attribute holding that slot's variables.
 KERAS_SLOTS = {
     "momentum": ("momentums", "_momentums", "_m"),
-    "velocity": ("_velocities", "velocities", "_v"),
+    "velocity": ("_velocities", "velocities", "_v", "adam_velocities"),
     "velocity_hat": ("_velocity_hats",), "norm": ("_u",), "accumulator": ("_accumulators",),
     "linear": ("_linears",), "accumulated_grad": ("_accumulated_grads",),
     "accumulated_delta_var": ("_accumulated_delta_vars",),
@@ -38,23 +38,30 @@ KERAS_SLOTS = {
 }
 
 
-def exact_float64_means(monkeypatch):
-    """Keras' JAX backend takes the mean of a float64 tensor in float32 (its type
-    promotion maps (float64, float32) to float32); fusedopt's Adafactor takes it in
-    float64. Make Keras' mean keep float64 so 1e-10 compares formulas, not that loss
-    (tests/test_keras_family.py shows it is the only difference)."""
+def exact_float64_reductions(monkeypatch):
+    """Keras' JAX backend takes the mean and the norm of a float64 tensor in float32
+    (its type promotion maps (float64, float32) to float32); fusedopt's Adafactor and
+    Muon take them in float64. Make Keras' keep float64 so 1e-10 compares formulas,
+    not that loss (tests/test_keras_family.py shows it is the only difference)."""
     import jax.numpy as jnp
-    from keras.src.backend.jax import numpy as knp
+    from keras.src.backend.jax import linalg, numpy as knp
 
-    original = knp.mean
+    original_mean, original_norm = knp.mean, linalg.norm
 
     def mean(x, axis=None, keepdims=False):
         x = jnp.asarray(x)
         if x.dtype == jnp.float64:
             return jnp.mean(x, axis=axis, keepdims=keepdims)
-        return original(x, axis=axis, keepdims=keepdims)
+        return original_mean(x, axis=axis, keepdims=keepdims)
+
+    def norm(x, ord=None, axis=None, keepdims=False):
+        x = jnp.asarray(x)
+        if x.dtype == jnp.float64:
+            return jnp.linalg.norm(x, ord=ord, axis=axis, keepdims=keepdims)
+        return original_norm(x, ord=ord, axis=axis, keepdims=keepdims)
 
     monkeypatch.setattr(knp, "mean", mean)
+    monkeypatch.setattr(linalg, "norm", norm)
 
 
 @pytest.fixture
@@ -83,10 +90,21 @@ def run_both(cls_name, kwargs, dtype, steps=STEPS, keras_kwargs=None):
 
 
 def compare_slots(kopt, fopt, dtype):
+    offsets = np.cumsum([0] + [int(np.prod(s)) for s in LAYOUT])
     for name, buf in fopt.slots().items():
         attrs = [a for a in KERAS_SLOTS[name] if getattr(kopt, a, None)]
         assert attrs, f"no Keras attribute found for slot {name}"
         kvars = getattr(kopt, attrs[0])
+        if isinstance(fopt, fusedopt.Muon) and name == "velocity":
+            # Keras keeps a velocity for AdamW variables only; fusedopt zeros elsewhere.
+            adamw = [fopt.uses_adamw(i, s) for i, s in enumerate(LAYOUT)]
+            assert [v is not None for v in kvars] == adamw
+            kvars = [v for v in kvars if v is not None]
+            for i, use in enumerate(adamw):
+                if not use:
+                    assert not buf[offsets[i]:offsets[i + 1]].any()
+            buf = np.concatenate([buf[offsets[i]:offsets[i + 1]]
+                                  for i, use in enumerate(adamw) if use])
         if name in ("r", "c"):  # Keras keeps a dummy scalar below rank 2; fusedopt nothing
             kvars = [v for v, shape in zip(kvars, LAYOUT) if len(shape) >= 2]
         kvals = np.concatenate([np.ravel(np.asarray(v.value)) for v in kvars])
@@ -97,8 +115,8 @@ def compare_slots(kopt, fopt, dtype):
 @pytest.mark.parametrize("case", CASES, ids=case_ids(CASES))
 def test_matches_keras(case, floatx, monkeypatch):
     _, cls_name, kwargs = case
-    if cls_name == "Adafactor":
-        exact_float64_means(monkeypatch)
+    if cls_name in ("Adafactor", "Muon"):
+        exact_float64_reductions(monkeypatch)
     kopt, fopt, _ = run_both(cls_name, kwargs, floatx)
     if cls_name != "Lion":  # Keras' Lion keeps the momentum in `_momentums` too
         compare_slots(kopt, fopt, floatx)

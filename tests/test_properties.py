@@ -60,6 +60,11 @@ HYPER = {
         "beta_2_decay": unit(-1, -0.1), "epsilon_1": unit(1e-30, 1e-3),
         "epsilon_2": unit(0, 0.1), "clip_threshold": unit(0.1, 2),
         "relative_step": st.booleans()}),
+    "Muon": st.fixed_dictionaries({
+        "adam_beta_1": unit(0, 0.99), "adam_beta_2": unit(0, 0.999), "epsilon": unit(1e-7, 0.5),
+        "adam_weight_decay": st.one_of(st.none(), unit(0, 0.3)), "momentum": unit(0, 0.99),
+        "ns_steps": st.integers(0, 5), "nesterov": st.booleans(),
+        "rms_rate": st.one_of(st.none(), unit(0, 1)), "adam_lr_ratio": unit(0, 2)}),
 }
 assert set(HYPER) == set(OPTIMIZER_NAMES)
 
@@ -232,6 +237,12 @@ BAD_SPECIFIC = {
                   "epsilon_1": BAD_NUMBERS, "epsilon_2": BAD_NUMBERS,
                   "clip_threshold": st.one_of(BAD_NUMBERS, st.just(0.0)),
                   "relative_step": st.sampled_from([1, "yes", None])},
+    "Muon": {"adam_beta_1": BAD_BETA, "adam_beta_2": BAD_BETA, "momentum": BAD_BETA,
+             "adam_weight_decay": BAD_NUMBERS, "ns_steps": st.sampled_from([-1, 2.0, "5"]),
+             "nesterov": st.sampled_from([1, "yes", None]), "rms_rate": BAD_NUMBERS,
+             "adam_lr_ratio": BAD_NUMBERS, "muon_a": st.sampled_from([math.nan, "3"]),
+             "exclude_layers": st.sampled_from(["dense", [1], ["("]]),
+             "segment_names": st.sampled_from(["a", [1], 3])},
 }
 
 
