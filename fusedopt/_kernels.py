@@ -135,10 +135,12 @@ def _check(nvrtc, result, what):
 
 
 def _nvrtc_output(nvrtc, program, get_size, get):
+    """The bytes NVRTC reports, exactly: a cubin is an ELF image whose last bytes may
+    be zeros, so only text outputs (the log, the PTX) are stripped of their NUL."""
     size = _check(nvrtc, get_size(program), get.__name__)
     buffer = b" " * size
     _check(nvrtc, get(program, buffer), get.__name__)
-    return buffer.rstrip(b"\x00")
+    return buffer
 
 
 def compile_cubin(source, arch, name="fusedopt.cu"):
@@ -154,14 +156,14 @@ def compile_cubin(source, arch, name="fusedopt.cu"):
         options = [o.encode() for o in NVRTC_OPTIONS] + [f"--gpu-architecture={arch}".encode()]
         (result,) = nvrtc.nvrtcCompileProgram(program, len(options), options)
         log = _nvrtc_output(nvrtc, program, nvrtc.nvrtcGetProgramLogSize,
-                            nvrtc.nvrtcGetProgramLog).decode(errors="replace").strip()
+                            nvrtc.nvrtcGetProgramLog).rstrip(b"\x00").decode(errors="replace").strip()
         if result != nvrtc.nvrtcResult.NVRTC_SUCCESS:
             raise CompileError(f"{name} does not compile for {arch}:\n{log}")
         cubin = _nvrtc_output(nvrtc, program, nvrtc.nvrtcGetCUBINSize, nvrtc.nvrtcGetCUBIN)
         ptx = _nvrtc_output(nvrtc, program, nvrtc.nvrtcGetPTXSize, nvrtc.nvrtcGetPTX)
     finally:
         nvrtc.nvrtcDestroyProgram(program)
-    return cubin, ptx.decode(errors="replace"), log
+    return cubin, ptx.rstrip(b"\x00").decode(errors="replace"), log
 
 
 def nvrtc_version():
