@@ -11,6 +11,8 @@ HERE = Path(__file__).parent
 BF16 = ["ml_dtypes>=0.5"]
 
 TEST = ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", *BF16,
+        # An independent reader and writer of the safetensors checkpoints.
+        "safetensors>=0.4",
         # NVRTC from PyPI compiles the kernels without a GPU (the CI compile check).
         "cuda-bindings>=12.8", "nvidia-cuda-nvrtc>=13",
         # Lints the Dockerfile (tests/test_packaging.py).
