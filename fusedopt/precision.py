@@ -245,17 +245,18 @@ def _uint64(value, argument):
     return int(value)
 
 
-def _indices(index, shape=None):
+def _indices(index, shape=None, argument="index"):
+    """Non-negative integers as uint64, broadcast to `shape` if given."""
     index = np.asarray(index)
     if index.dtype.kind not in "iu":
-        raise TypeError(f"`index` must hold integers, got {index.dtype}")
+        raise TypeError(f"`{argument}` must hold integers below 2**64, got {index.dtype}")
     if index.dtype.kind == "i" and index.size and index.min() < 0:
-        raise ValueError("`index` must be non-negative")
+        raise ValueError(f"`{argument}` must be non-negative")
     if shape is not None:
         try:
             index = np.broadcast_to(index, shape)
         except ValueError as e:
-            raise ValueError(f"`index` of shape {index.shape} does not broadcast to "
+            raise ValueError(f"`{argument}` of shape {index.shape} does not broadcast to "
                              f"`x`'s shape {shape}") from e
     return index.astype(_U64)
 
@@ -267,26 +268,37 @@ def _mix64(z):
     return z ^ (z >> np.uint64(31))
 
 
-def random_bits(seed, step, index):
-    """fo_random_bits: 32 random bits (uint32) per element index, for one seed and step."""
+def random_word(seed, step, group):
+    """fo_random_word: 64 random bits (uint64) per group of four elements (index // 4),
+    for one seed and step."""
     seed, step = _uint64(seed, "seed"), _uint64(step, "step")
-    index = _indices(index)
-    flat = index.reshape(-1)
+    group = _indices(group, argument="group")
+    flat = group.reshape(-1)
     key = _mix64(np.array([(seed + _GOLDEN) & _MASK64], dtype=_U64))
     h = _mix64(key + flat * np.uint64(_GOLDEN))
     h = _mix64(h ^ np.uint64((step * _GOLDEN) & _MASK64))
-    return (h >> np.uint64(32)).astype(_U32).reshape(index.shape)
+    return h.reshape(group.shape)
+
+
+def dither(seed, step, index):
+    """fo_dither: the 16 random bits (as uint32) that round element `index`: its
+    quarter of its group's word, the lowest for index % 4 == 0."""
+    index = _indices(index)
+    word = random_word(seed, step, index >> np.uint64(2))
+    shift = np.uint64(16) * (index & np.uint64(3))
+    return ((word >> shift) & np.uint64(0xFFFF)).astype(_U32)
 
 
 def stochastic_round_to_bf16(x, seed, step, index):
-    """fo_float_to_bf16_sr with fo_random_bits(seed, step, index): float32 -> bfloat16
-    bits, up with probability (x - lower neighbour) / gap, so E[result] = x. inf and
-    NaN as to nearest. `index` (the elements' flat positions) broadcasts to x's shape."""
+    """fo_float_to_bf16_sr with fo_dither(seed, step, index): float32 -> bfloat16 bits,
+    away from zero with probability (|x| - |lower neighbour|) / gap, so E[result] = x.
+    inf and NaN as to nearest. `index` (the elements' flat positions) broadcasts to
+    x's shape."""
     x = _float32(x, "x")
-    bits = random_bits(seed, step, _indices(index, x.shape))
+    bits = dither(seed, step, _indices(index, x.shape))
     u = x.view(_U32)
     finite = (u & 0x7FFFFFFF) < 0x7F800000
-    dithered = (u + np.where(finite, bits >> 16, np.uint32(0))) >> 16
+    dithered = (u + np.where(finite, bits, np.uint32(0))) >> 16
     return np.where(finite, dithered, round_to_bf16_nearest(x)).astype(_U16)
 
 

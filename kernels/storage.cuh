@@ -114,24 +114,39 @@ FO_HD fo_u64 fo_mix64(fo_u64 z) {
     return z ^ (z >> 31);
 }
 
-// 32 random bits for element `index` at step `step` of a run seeded `seed`. Within a
-// step the indices walk splitmix64's stream from a seed-derived start, so no two
-// elements of a step share an input; a second round mixes the step in. Pure function
-// of its arguments: any executor, any launch geometry, the same bits.
-FO_HD fo_u32 fo_random_bits(fo_u64 seed, fo_u64 step, fo_u64 index) {
-    fo_u64 h = fo_mix64(fo_mix64(seed + FO_GOLDEN) + index * FO_GOLDEN);
-    return (fo_u32)(fo_mix64(h ^ (step * FO_GOLDEN)) >> 32);
+// 64 random bits for the group of four elements 4*group .. 4*group + 3 at step `step` of
+// a run seeded `seed`. Within a step the groups walk splitmix64's stream from a
+// seed-derived start, so no two groups of a step share an input; a second round mixes
+// the step in. One word serves four elements (16 bits each) because the hash, not the
+// memory traffic, is what a stochastic store adds: about 75 integer instructions per
+// word in sm_90 code, 20 of them the seed's mix, which a grid-stride loop hoists; so
+// under 20 per element. A pure function of its arguments: any executor, any launch
+// geometry, the same bits.
+FO_HD fo_u64 fo_random_word(fo_u64 seed, fo_u64 step, fo_u64 group) {
+    fo_u64 h = fo_mix64(fo_mix64(seed + FO_GOLDEN) + group * FO_GOLDEN);
+    return fo_mix64(h ^ (step * FO_GOLDEN));
 }
 
-// Round x to one of its two bfloat16 neighbours, up with probability (distance from the
-// lower neighbour) / (gap): adding 16 uniform bits below the kept half carries into it
-// exactly that often, so E[result] = x for every finite x. Magnitudes that round above
-// the largest bfloat16 become inf (as to-nearest does from 0x7f7f8000 on). inf and NaN
-// are stored as by fo_float_to_bf16_rn.
-FO_HD fo_u16 fo_float_to_bf16_sr(float x, fo_u32 random) {
+// Element `index`'s 16 bits of its group's word (lowest quarter for index % 4 == 0).
+// A kernel handling four aligned elements computes the word once and calls this four
+// times; fo_dither does both for a lone element.
+FO_HD fo_u32 fo_dither_of(fo_u64 word, fo_u64 index) {
+    return (fo_u32)(word >> (16u * (fo_u32)(index & 3u))) & 0xffffu;
+}
+
+FO_HD fo_u32 fo_dither(fo_u64 seed, fo_u64 step, fo_u64 index) {
+    return fo_dither_of(fo_random_word(seed, step, index >> 2), index);
+}
+
+// Round x to one of its two bfloat16 neighbours, away from zero with probability
+// (distance from the neighbour nearer zero) / (gap): adding a uniform 16-bit `dither`
+// below the kept half carries into it exactly that often, so E[result] = x for every
+// finite x. Magnitudes that round above the largest bfloat16 become inf (as to-nearest
+// does from 0x7f7f8000 on). inf and NaN are stored as by fo_float_to_bf16_rn.
+FO_HD fo_u16 fo_float_to_bf16_sr(float x, fo_u32 dither) {
     fo_u32 u = fo_float_bits(x);
     if ((u & 0x7fffffffu) >= 0x7f800000u) return fo_float_to_bf16_rn(x);
-    return (fo_u16)((u + (random >> 16)) >> 16);
+    return (fo_u16)((u + (dither & 0xffffu)) >> 16);
 }
 
 // ------------------------------------------------------------ what kernels call
@@ -150,5 +165,5 @@ FO_HD void fo_store(fo_f16& dst, float x) { dst.bits = fo_float_to_f16_rn(x); }
 // `index` the element's position in the flat buffer: what the NumPy reference passes.
 FO_HD void fo_store_stochastic(fo_bf16& dst, float x, fo_u64 seed, fo_u64 step,
                                fo_u64 index) {
-    dst.bits = fo_float_to_bf16_sr(x, fo_random_bits(seed, step, index));
+    dst.bits = fo_float_to_bf16_sr(x, fo_dither(seed, step, index));
 }

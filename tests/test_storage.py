@@ -5,9 +5,11 @@ fusedopt/precision.py, against ml_dtypes (float32 -> bfloat16) and NumPy (float1
 - nearest stores: every representable value of both formats, its neighbours one float32
   ulp away, every tie between two neighbours and the float32 on either side of it, the
   overflow boundary, +-0, inf, NaNs, subnormals, and 2**20 random float32 bit patterns;
-- stochastic rounding: bit-identical host and NumPy given (seed, step, index); only the
-  two neighbours; exactly unbiased over the 2**16 dither values; the hash's bits
-  unbiased, uncorrelated from step to step, and changing with seed, step and index;
+- stochastic rounding: bit-identical host and NumPy given (seed, step, index), and
+  with a kernel that hashes once per group of four; only the two neighbours; exactly
+  unbiased over the 2**16 dither values, and in the mean over 2**16 steps and over
+  2**20 elements; the dithers uniform, uncorrelated between steps and neighbours, and
+  changing with seed, step and index;
 - the header compiles with NVRTC for sm_80 and sm_90 with production flags, no
   flush-to-zero and no hardware float conversion in the PTX.
 """
@@ -48,11 +50,23 @@ void store_bf16_stochastic(const float* in, fo_u16* out, i64 n, fo_u64 seed, fo_
     for (i64 i = 0; i < n; ++i) { fo_bf16 s; fo_store_stochastic(s, in[i], seed, step, index[i]);
                                   out[i] = s.bits; }
 }
-void bf16_sr_with_bits(const float* in, const fo_u32* random, fo_u16* out, i64 n) {
-    for (i64 i = 0; i < n; ++i) out[i] = fo_float_to_bf16_sr(in[i], random[i]);
+// What a vectorised kernel does: one word per aligned group of four elements.
+void store_bf16_stochastic_by_groups(const float* in, fo_u16* out, i64 n, fo_u64 seed,
+                                     fo_u64 step, fo_u64 first) {
+    for (i64 g = 0; g < n / 4; ++g) {
+        fo_u64 index = first + 4 * (fo_u64)g, word = fo_random_word(seed, step, index >> 2);
+        for (int k = 0; k < 4; ++k)
+            out[4 * g + k] = fo_float_to_bf16_sr(in[4 * g + k], fo_dither_of(word, index + k));
+    }
 }
-void random_bits(fo_u64 seed, fo_u64 step, const fo_u64* index, fo_u32* out, i64 n) {
-    for (i64 i = 0; i < n; ++i) out[i] = fo_random_bits(seed, step, index[i]);
+void bf16_sr_with_dither(const float* in, const fo_u32* dither, fo_u16* out, i64 n) {
+    for (i64 i = 0; i < n; ++i) out[i] = fo_float_to_bf16_sr(in[i], dither[i]);
+}
+void random_word(fo_u64 seed, fo_u64 step, const fo_u64* group, fo_u64* out, i64 n) {
+    for (i64 i = 0; i < n; ++i) out[i] = fo_random_word(seed, step, group[i]);
+}
+void dither(fo_u64 seed, fo_u64 step, const fo_u64* index, fo_u32* out, i64 n) {
+    for (i64 i = 0; i < n; ++i) out[i] = fo_dither(seed, step, index[i]);
 }
 }
 """
@@ -82,7 +96,8 @@ class HostStorage:
     def __init__(self, lib):
         self.lib = lib
         for fn in ("load_bf16", "load_f16", "store_bf16", "store_f16", "store_bf16_stochastic",
-                   "bf16_sr_with_bits", "random_bits"):
+                   "store_bf16_stochastic_by_groups", "bf16_sr_with_dither", "random_word",
+                   "dither"):
             getattr(lib, fn).restype = None
 
     def _map(self, fn, x, in_dtype, out_dtype, *extra):
@@ -108,19 +123,29 @@ class HostStorage:
         return self._map("store_bf16_stochastic", x, np.float32, np.uint16,
                          ctypes.c_uint64(seed), ctypes.c_uint64(step), ptr(index))
 
-    def bf16_sr_with_bits(self, x, random):
+    def store_bf16_stochastic_by_groups(self, x, seed, step, first):
+        return self._map("store_bf16_stochastic_by_groups", x, np.float32, np.uint16,
+                         ctypes.c_uint64(seed), ctypes.c_uint64(step), ctypes.c_uint64(first))
+
+    def bf16_sr_with_dither(self, x, dither):
         x = np.ascontiguousarray(x, dtype=np.float32)
-        random = np.ascontiguousarray(random, dtype=np.uint32)
+        dither = np.ascontiguousarray(dither, dtype=np.uint32)
         out = np.empty(x.shape, np.uint16)
-        self.lib.bf16_sr_with_bits(ptr(x), ptr(random), ptr(out), ctypes.c_longlong(x.size))
+        self.lib.bf16_sr_with_dither(ptr(x), ptr(dither), ptr(out), ctypes.c_longlong(x.size))
         return out
 
-    def random_bits(self, seed, step, index):
-        index = np.ascontiguousarray(index, dtype=np.uint64)
-        out = np.empty(index.shape, np.uint32)
-        self.lib.random_bits(ctypes.c_uint64(seed), ctypes.c_uint64(step), ptr(index), ptr(out),
-                             ctypes.c_longlong(index.size))
+    def _hash(self, fn, seed, step, counters, out_dtype):
+        counters = np.ascontiguousarray(counters, dtype=np.uint64)
+        out = np.empty(counters.shape, out_dtype)
+        getattr(self.lib, fn)(ctypes.c_uint64(seed), ctypes.c_uint64(step), ptr(counters),
+                              ptr(out), ctypes.c_longlong(counters.size))
         return out
+
+    def random_word(self, seed, step, group):
+        return self._hash("random_word", seed, step, group, np.uint64)
+
+    def dither(self, seed, step, index):
+        return self._hash("dither", seed, step, index, np.uint32)
 
 
 def f32(bits):
@@ -255,8 +280,9 @@ def test_stochastic_host_and_numpy_agree_bit_for_bit(host, seed, step):
     x = stochastic_inputs()
     index = np.random.default_rng(step % 97).integers(0, 1 << 64, size=x.size, dtype=np.uint64)
     index[:4] = [0, 1, (1 << 63), (1 << 64) - 1]
-    np.testing.assert_array_equal(host.random_bits(seed, step, index),
-                                  P.random_bits(seed, step, index))
+    np.testing.assert_array_equal(host.random_word(seed, step, index),
+                                  P.random_word(seed, step, index))
+    np.testing.assert_array_equal(host.dither(seed, step, index), P.dither(seed, step, index))
     assert_bits_equal(host.store_bf16_stochastic(x, seed, step, index),
                       P.stochastic_round_to_bf16(x, seed, step, index), u32(x),
                       "host vs NumPy stochastic bf16")
@@ -278,14 +304,23 @@ def test_stochastic_rounds_only_to_the_two_neighbours(host):
     assert 0.3 < np.mean(out[inexact] == below[inexact] + 1) < 0.7
 
 
+def test_a_kernel_using_one_word_per_four_elements_stores_the_same_bits(host):
+    x = stochastic_inputs(n=1 << 12)[: 1 << 12]
+    for first in (0, 4 * 12345, (1 << 64) - (1 << 12)):
+        np.testing.assert_array_equal(
+            host.store_bf16_stochastic_by_groups(x, 8, 9, first),
+            host.store_bf16_stochastic(x, 8, 9, np.arange(x.size, dtype=np.uint64)
+                                       + np.uint64(first)))
+
+
 def test_the_rounding_rule_is_exactly_unbiased(host):
     """Over all 2**16 dither values, the mean of the stored values is x exactly: the
     rounding rule itself has no bias; the hash then only has to be uniform."""
     x = stochastic_inputs(n=64, seed=11)
     x = x[np.isfinite(x) & (np.abs(x) < 1e38)][:40]
-    dither = (np.arange(1 << 16, dtype=np.uint32) << 16)
+    dither = np.arange(1 << 16, dtype=np.uint32)
     for value in x:
-        out = host.bf16_sr_with_bits(np.full(dither.size, value, np.float32), dither)
+        out = host.bf16_sr_with_dither(np.full(dither.size, value, np.float32), dither)
         total = P.bf16_bits_to_float32(out).astype(np.float64).sum()
         assert total == np.float64(value) * (1 << 16), f"biased at {value!r}"
 
@@ -327,31 +362,34 @@ def test_stochastic_rounding_is_unbiased_over_elements(host):
         assert abs(mean - float(value)) <= 5 * sigma, value
 
 
-def test_random_bits_are_uniform_and_uncorrelated_between_steps(host):
-    """The 16 bits that decide the rounding: each of their 16 positions is 1 half of the
-    time, and an element's bits at step t and t+1 are uncorrelated (|r| <= 5/sqrt(N))."""
+def test_dithers_are_uniform_and_uncorrelated(host):
+    """The 16 bits that decide each rounding: each bit position is 1 half of the time;
+    an element's dither at step t and t+1 are uncorrelated, and so are the dithers of
+    neighbouring elements (which share a word when in the same group of four):
+    |r| <= 5/sqrt(N)."""
     n_steps, n_elements = 4096, 64
-    bits = np.stack([host.random_bits(9, step, np.arange(n_elements) + (1 << 33))
-                     for step in range(n_steps)]) >> 16
-    N = bits.size
+    d = np.stack([host.dither(9, step, np.arange(n_elements, dtype=np.uint64) + (1 << 33))
+                  for step in range(n_steps)])
     for position in range(16):
-        ones = ((bits >> position) & 1).mean()
-        assert abs(ones - 0.5) <= 5 * 0.5 / np.sqrt(N), position
-    d = bits.astype(np.float64) / 65536 - 0.5
-    r = (d[1:] * d[:-1]).mean() / d.var()
-    assert abs(r) <= 5 / np.sqrt(d[1:].size)
+        ones = ((d >> position) & 1).mean()
+        assert abs(ones - 0.5) <= 5 * 0.5 / np.sqrt(d.size), position
+    c = d.astype(np.float64) / 65536 - 0.5
+    for a, b in [(c[1:], c[:-1]), (c[:, 1:], c[:, :-1]), (c[:, 2:], c[:, :-2])]:
+        r = (a * b).mean() / c.var()
+        assert abs(r) <= 5 / np.sqrt(a.size), r
 
 
 @pytest.mark.parametrize("change", ["seed", "step", "index"])
-def test_random_bits_depend_on_seed_step_and_index(host, change):
+def test_dithers_depend_on_seed_step_and_index(host, change):
     n = 1 << 14
     index = np.arange(n, dtype=np.uint64)
-    base = host.random_bits(1, 10, index)
-    other = {"seed": lambda: host.random_bits(2, 10, index),
-             "step": lambda: host.random_bits(1, 11, index),
-             "index": lambda: host.random_bits(1, 10, index + np.uint64(1))}[change]()
-    assert np.mean(base != other) > 0.999
-    assert len(np.unique(base)) > 0.99 * n  # no repeats within a step, beyond chance
+    base = host.dither(1, 10, index)
+    other = {"seed": lambda: host.dither(2, 10, index),
+             "step": lambda: host.dither(1, 11, index),
+             "index": lambda: host.dither(1, 10, index + np.uint64(1))}[change]()
+    assert np.mean(base != other) > 0.999  # 16-bit values: equal by chance 1 time in 65536
+    words = host.random_word(1, 10, index)
+    assert len(np.unique(words)) == n  # distinct groups, distinct words
 
 
 # ----------------------------------------------------------------------- NVRTC
@@ -360,7 +398,7 @@ PROBE = r"""
 #include "storage.cuh"
 extern "C" __global__ void storage_probe(const fo_bf16* a, const fo_f16* b, const float* x,
                                          const double* d, fo_bf16* ra, fo_f16* rb,
-                                         fo_bf16* sa, float* loaded, double* dd,
+                                         fo_bf16* sa, fo_bf16* sg, float* loaded, double* dd,
                                          unsigned long long seed, unsigned long long step,
                                          unsigned long long n) {
     unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x;
@@ -370,6 +408,11 @@ extern "C" __global__ void storage_probe(const fo_bf16* a, const fo_f16* b, cons
     fo_store(rb[i], x[i]);
     fo_store_stochastic(sa[i], x[i], seed, step, i);
     fo_store(dd[i], fo_load(d[i]));
+    if (i % 4 == 0 && i + 3 < n) {  // the one-word-per-four-elements path
+        fo_u64 word = fo_random_word(seed, step, i >> 2);
+        for (int k = 0; k < 4; ++k)
+            sg[i + k].bits = fo_float_to_bf16_sr(x[i + k], fo_dither_of(word, i + k));
+    }
 }
 """
 
