@@ -157,8 +157,10 @@ def bytes_per_element(precision, slots):
     each of `slots` state buffers read and written. The performance model's numerator."""
     if not isinstance(precision, Precision):
         raise TypeError(f"`precision` must be a Precision, got {type(precision).__name__}")
-    if isinstance(slots, bool) or not isinstance(slots, numbers.Integral) or slots < 0:
-        raise ValueError(f"`slots` must be a non-negative integer, got {slots!r}")
+    if isinstance(slots, bool) or not isinstance(slots, numbers.Integral):
+        raise TypeError(f"`slots` must be an integer, got {type(slots).__name__}")
+    if slots < 0:
+        raise ValueError(f"`slots` must be non-negative, got {slots}")
     p = itemsize(precision.param)
     params = p + 2 * itemsize(precision.master) if precision.master_weights else 2 * p
     return params + itemsize(precision.grad) + 2 * itemsize(precision.state) * int(slots)

@@ -101,6 +101,8 @@ def test_bytes_per_element_matches_the_performance_model():
     assert P.bytes_per_element(P.resolve_precision("float64"), 2) == 56
     with pytest.raises(ValueError, match="`slots`"):
         P.bytes_per_element(f32, -1)
+    with pytest.raises(TypeError, match="`slots`"):
+        P.bytes_per_element(f32, 2.0)
     with pytest.raises(TypeError, match="`precision`"):
         P.bytes_per_element("float32", 2)
 
