@@ -234,9 +234,9 @@ def test_gpu_checkpoint_resume_is_bitwise_identical(tmp_path, kwargs):
     params = fusedopt.FlatBuffer(cp.asarray(init), shapes)
     opt = fusedopt.Adam(**kwargs)
     _gpu_run(cp, opt, params, grads[:5])
-    fusedopt.save(tmp_path / "c.npz", opt, params)
-    # GPU -> CPU -> GPU: load on the CPU, save again, load on the GPU.
-    cpu_opt, cpu_params = fusedopt.load(tmp_path / "c.npz", device="cpu")
+    fusedopt.save(tmp_path / "c.safetensors", opt, params)
+    # GPU -> CPU -> GPU, through both containers: load on the CPU, save again, load on the GPU.
+    cpu_opt, cpu_params = fusedopt.load(tmp_path / "c.safetensors", device="cpu")
     fusedopt.save(tmp_path / "c2.npz", cpu_opt, cpu_params)
     opt, params = fusedopt.load(tmp_path / "c2.npz", device="gpu")
     assert params.device.startswith("gpu")
