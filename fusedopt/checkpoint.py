@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import tempfile
+import warnings
 
 import numpy as np
 
@@ -36,6 +37,7 @@ def save(path, optimizer, params):
     if callable(config["learning_rate"]):
         raise ValueError("a callable `learning_rate` cannot be saved; use a number or a "
                          "fusedopt.schedules schedule")
+    _check_loadable(optimizer, config)
     optimizer.build(params)  # refuses params of another layout or device
     state = optimizer.state_dict()
     arrays = {"params": cuda.to_device(params.data, "cpu")}
@@ -53,6 +55,21 @@ def save(path, optimizer, params):
     }
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     _write_atomically(os.fspath(path), arrays)
+
+
+def _check_loadable(optimizer, config):
+    """`load` rebuilds the optimizer from its config; a config it would refuse is
+    refused here instead, before anything is written."""
+    config = dict(config)
+    if isinstance(config["learning_rate"], dict):
+        config["learning_rate"] = schedules.deserialize(config["learning_rate"])
+    try:
+        with warnings.catch_warnings():  # Keras 2 spellings warned once already
+            warnings.simplefilter("ignore", DeprecationWarning)
+            type(optimizer)(**config)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"this optimizer's configuration cannot be loaded back, so it is "
+                         f"not saved: {e}") from e
 
 
 def load(path, device="cpu", optimizer=None, params=None):
