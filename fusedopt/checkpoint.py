@@ -11,6 +11,7 @@ checks everything before building or changing anything: a truncated, corrupt or
 mismatched file is refused with a ValueError.
 """
 
+import errno
 import hashlib
 import json
 import os
@@ -33,6 +34,8 @@ def save(path, optimizer, params):
         raise TypeError(f"`optimizer` must be a FusedOptimizer, got {type(optimizer).__name__}")
     if not isinstance(params, FlatBuffer):
         raise TypeError(f"`params` must be a FlatBuffer, got {type(params).__name__}")
+    path = os.fspath(path)
+    _check_folder_exists(path)
     config = optimizer.get_config()
     if callable(config["learning_rate"]):
         raise ValueError("a callable `learning_rate` cannot be saved; use a number or a "
@@ -54,7 +57,14 @@ def save(path, optimizer, params):
         "sha256": {k: _digest(v) for k, v in arrays.items()},
     }
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-    _write_atomically(os.fspath(path), arrays)
+    _write_atomically(path, arrays)
+
+
+def _check_folder_exists(path):
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(errno.ENOENT, f"cannot save a checkpoint: folder {folder!r} "
+                                "does not exist", path)
 
 
 def _check_loadable(optimizer, config):
@@ -132,16 +142,20 @@ def _digest(array):
 
 def _write_atomically(path, arrays):
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".fusedopt-", suffix=".tmp", dir=directory)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=".fusedopt-", suffix=".tmp", dir=directory)
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno is not None:
+            # The temporary file is ours, not the user's: report the path they gave.
+            raise type(e)(e.errno, f"cannot save a checkpoint: {e.strerror}", path) from e
         raise
     _fsync_directory(directory)
 
