@@ -20,7 +20,7 @@ import numpy as np
 
 from . import _validate as check
 from . import cuda, reference, schedules
-from .flat import FlatBuffer, Layout, _span
+from .flat import SUPPORTED_DTYPES, FlatBuffer, Layout, _span
 
 # Elements processed per NumPy call: bounds the temporaries a rule creates and keeps
 # them in cache; large enough that the per-chunk Python overhead is negligible.
@@ -714,10 +714,15 @@ def _as_params(params):
     if isinstance(params, FlatBuffer):
         return params
     if isinstance(params, np.ndarray) or cuda.is_gpu_array(params):
+        # Checked here, not left to FlatBuffer, whose messages name its own `data`.
         if params.ndim != 1:
             raise ValueError(
                 f"`params` must be a FlatBuffer or a 1-D array, got shape {tuple(params.shape)}"
             )
+        if not params.flags.c_contiguous:
+            raise ValueError("`params` must be contiguous")
+        if np.dtype(params.dtype) not in SUPPORTED_DTYPES:
+            raise ValueError(f"`params` must be float32 or float64, got {params.dtype}")
         return FlatBuffer(params, [params.shape])
     raise TypeError(f"`params` must be a FlatBuffer or a 1-D array, got {type(params).__name__}")
 
