@@ -56,11 +56,19 @@ class FlatBuffer:
     # ------------------------------------------------------------------ creation
     @classmethod
     def from_arrays(cls, arrays, dtype=None):
-        """Copy `arrays` (all NumPy or all CuPy) into one new contiguous buffer.
+        """Copy `arrays` (a list of NumPy arrays, or of CuPy arrays) into one new
+        contiguous buffer, one segment per array.
 
         `dtype` defaults to the arrays' common dtype, which must be float32 or
         float64; mixed dtypes are refused unless `dtype` says what to convert to.
         """
+        if _is_array(arrays) or isinstance(arrays, np.generic):
+            # Iterating an array yields its rows: a (3, 2) array would silently become
+            # three segments of shape (2,).
+            raise TypeError(
+                f"`arrays` must be a list of arrays, got one {type(arrays).__name__} of "
+                f"shape {tuple(arrays.shape)}; pass [array] for a single variable"
+            )
         # NumPy scalars (what rng.normal(size=()) returns) are 0-d arrays here.
         arrays = [np.asarray(a) if isinstance(a, np.generic) else a for a in arrays]
         kinds = {cuda.device_of(a) if _is_array(a) else None for a in arrays}
