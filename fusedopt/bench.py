@@ -63,8 +63,9 @@ def run(args):
     device = args.device
     if device == "auto":
         device = "gpu" if cuda.gpu_available() else "cpu"
-    if device == "gpu" and not cuda.gpu_available():
-        print("error: --device gpu but no CUDA GPU is available", file=sys.stderr)
+    problem = cuda.gpu_problem() if device == "gpu" else None
+    if problem is not None:
+        print(f"error: --device gpu: no usable GPU here: {problem}", file=sys.stderr)
         return 2
     try:
         sizes = parse_sizes(args.sizes, device)

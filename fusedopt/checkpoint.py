@@ -90,7 +90,11 @@ def load(path, device="cpu", optimizer=None, params=None):
     objects instead: the file must then match them (same optimizer and slots, same
     layout and dtype), and they are changed only once everything has been checked.
     """
-    device = cuda.normalize_device(device) if params is None else params.device
+    if params is None:
+        cuda.require_gpu(device)
+        device = cuda.normalize_device(device)
+    else:
+        device = params.device
     meta, arrays = _read(os.fspath(path))
     layout = Layout.from_dict(meta["layout"])
     if optimizer is None:

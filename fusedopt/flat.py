@@ -111,6 +111,7 @@ class FlatBuffer:
     def full(cls, shapes, value, dtype=np.float32, device="cpu"):
         dtype = _check_dtype("dtype", dtype)
         shapes = _normalize_shapes(shapes)
+        cuda.require_gpu(device)
         device = cuda.normalize_device(device)
         size = sum(math.prod(s) for s in shapes)
         with cuda.on_device(device):
@@ -209,6 +210,8 @@ class FlatBuffer:
 
     def to(self, device):
         """A copy on `device` ("cpu", "gpu", "gpu:N"); the same object if already there."""
+        if device != self.device:
+            cuda.require_gpu(device)
         device = cuda.normalize_device(device)
         if device == self.device:
             return self

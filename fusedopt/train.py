@@ -366,10 +366,10 @@ def resolve_device(device):
         device = "gpu" if cuda.gpu_available() else "cpu"
     if device == "cpu":
         return "cpu"
-    if not cuda.gpu_available():
-        raise UsageError(
-            f"--device {device}: no usable GPU here (needs CuPy and a CUDA device: "
-            "pip install 'fusedopt[cuda12]' or 'fusedopt[cuda13]'); use --device cpu or auto")
+    problem = cuda.gpu_problem()
+    if problem is not None:
+        raise UsageError(f"--device {device}: no usable GPU here: {problem}; "
+                         "use --device cpu or auto")
     device = cuda.normalize_device(device)
     count = cuda.module_for(device).cuda.runtime.getDeviceCount()
     if int(device.split(":")[1]) >= count:

@@ -83,6 +83,6 @@ def test_missing_peers_are_reported_not_faked(monkeypatch):
 
 
 def test_bench_refuses_a_gpu_it_does_not_have(monkeypatch, capsys):
-    monkeypatch.setattr(bench.cuda, "gpu_available", lambda: False)
+    monkeypatch.setattr(bench.cuda, "gpu_problem", lambda: "no GPU in this test")
     assert cli.main(["bench", "--device", "gpu"]) == 2
-    assert "no CUDA GPU" in capsys.readouterr().err
+    assert "no usable GPU here: no GPU in this test" in capsys.readouterr().err

@@ -211,7 +211,7 @@ def test_bad_arguments_exit_2_with_a_message(argv, message, capsys):
 
 def test_gpu_without_a_gpu_is_a_clear_error(monkeypatch, capsys):
     # Pretend there is no GPU, so the test means the same on every machine.
-    monkeypatch.setattr(fusedopt.cuda, "gpu_available", lambda: False)
+    monkeypatch.setattr(fusedopt.cuda, "gpu_problem", lambda: "no GPU in this test")
     code, _, err = run_cli(["--device", "gpu", "--epochs", "1"], capsys)
     assert code == 2
     assert "no usable GPU" in err and "--device cpu" in err
