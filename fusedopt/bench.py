@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from . import _kernels, cuda, reference
+from ._progress import ProgressBar
 from .optimizer import get
 
 IMPLS = ("fusedopt", "cupy-unfused", "torch-fused", "torch-foreach", "optax",
@@ -56,7 +57,8 @@ def add_arguments(parser):
     parser.add_argument("--tests", default=None, metavar="JSON",
                         help="a test-count record {passed, failed, skipped} to embed")
     parser.add_argument("--out", default="bench/results", help="directory for the record")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bar (it is drawn only on a terminal anyway)")
 
 
 def run(args):
@@ -76,12 +78,12 @@ def run(args):
     ctx = GpuContext() if device == "gpu" else CpuContext()
     repeats = args.repeats or (30 if device == "gpu" else 7)
     plan = build_plan(ctx, sizes, optimizers, peers=not args.no_peers)
-    progress = Progress(len(plan), quiet=args.quiet)
+    progress = ProgressBar(enabled=not args.quiet)
     rows = []
-    for label, measure in plan:
-        progress.update(label)
+    for done, (label, measure) in enumerate(plan):
+        progress.update("bench", done, len(plan), label)
         rows.extend(measure(ctx, warmup=args.warmup, repeats=repeats))
-    progress.done()
+    progress.clear()
     record = make_record(ctx, rows, tests=load_tests(args.tests))
     paths = write_record(record, Path(args.out))
     print(markdown_table(record))
@@ -623,28 +625,6 @@ def plot(record, path):
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-class Progress:
-    """A one-line progress bar on stderr."""
-
-    def __init__(self, total, quiet=False):
-        self.total, self.count, self.quiet = total, 0, quiet
-        self.tty = sys.stderr.isatty()
-
-    def update(self, label):
-        if self.quiet:
-            return
-        self.count += 1
-        width = 30
-        filled = int(width * self.count / max(1, self.total))
-        line = f"[{'#' * filled}{'-' * (width - filled)}] {self.count}/{self.total} {label}"
-        end = "\r" if self.tty else "\n"
-        print(line.ljust(100)[:100], end=end, file=sys.stderr, flush=True)
-
-    def done(self):
-        if not self.quiet and self.tty:
-            print(file=sys.stderr)
 
 
 def cpu_name():

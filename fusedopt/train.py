@@ -30,6 +30,7 @@ import time
 import numpy as np
 
 from . import cuda
+from ._progress import ProgressBar
 from .flat import FlatBuffer
 from .optimizer import FusedOptimizer, available, get
 
@@ -246,71 +247,6 @@ def _short(value):
     return f"{value:g}" if isinstance(value, float) else repr(value)
 
 
-# ====================================================================== progress
-class ProgressBar:
-    """A one-line progress bar with the running loss, on stderr.
-
-    On a terminal it redraws in place (\\r) a few times a second and ends each epoch
-    with a newline; otherwise (a log file, a pipe) it writes only the finished line of
-    each epoch, so logs hold one line per epoch and no control characters.
-    """
-
-    WIDTH = 24
-    REDRAW_SECONDS = 0.1
-
-    def __init__(self, stream=None, enabled=True):
-        self.stream = stream if stream is not None else sys.stderr
-        self.enabled = enabled
-        self.interactive = enabled and _is_tty(self.stream)
-        self._last_draw = 0.0
-        self._last_length = 0
-
-    def wants_update(self):
-        """Whether an update() now would be drawn (lets callers skip reading the
-        running loss from a GPU, which waits for it, when nothing would be shown)."""
-        return self.interactive and time.perf_counter() - self._last_draw >= self.REDRAW_SECONDS
-
-    def update(self, label, done, total, loss):
-        if not self.wants_update():
-            return
-        self._last_draw = time.perf_counter()
-        self._draw(self._line(label, done, total, loss), end="")
-
-    def finish(self, label, total, loss, suffix=""):
-        """The epoch's final line, always written (when enabled)."""
-        if self.enabled:
-            self._draw(self._line(label, total, total, loss) + suffix, end="\n")
-            self._last_length = 0
-
-    def message(self, text):
-        if self.enabled:
-            self.stream.write(text + "\n")
-            self.stream.flush()
-
-    def _line(self, label, done, total, loss):
-        fraction = done / total if total else 1.0
-        filled = int(round(fraction * self.WIDTH))
-        bar = "#" * filled + "-" * (self.WIDTH - filled)
-        return f"{label} [{bar}] {fraction:4.0%} loss {loss:.4f}"
-
-    def _draw(self, line, end):
-        if self.interactive:
-            # Pad with spaces so a shorter line fully covers the previous one.
-            padding = " " * max(0, self._last_length - len(line))
-            self.stream.write("\r" + line + padding + end)
-            self._last_length = len(line)
-        else:
-            self.stream.write(line + end)
-        self.stream.flush()
-
-
-def _is_tty(stream):
-    try:
-        return stream.isatty()
-    except (AttributeError, ValueError):
-        return False
-
-
 # ====================================================================== training
 @dataclasses.dataclass
 class TrainResult:
@@ -429,8 +365,7 @@ def train(optimizer=DEFAULT_OPTIMIZER, *, epochs=DEFAULT_EPOCHS, batch_size=DEFA
             apply_seconds += epoch_seconds
             loss_history.append(epoch_loss)
             accuracy_history.append(accuracy(params, x_test, y_test))
-            progress.finish(label, epoch_steps, epoch_loss,
-                            f" test acc {accuracy_history[-1]:.2%}")
+            progress.log(f"{label} loss {epoch_loss:.4f} test acc {accuracy_history[-1]:.2%}")
     return TrainResult(
         optimizer=optimizer_name(opt), settings=describe_optimizer(opt), device=device,
         dtype=dtype.name, epochs=epochs, steps=steps, loss_history=loss_history,
@@ -451,7 +386,7 @@ def _train_epoch(opt, params, grads, x, labels, batch_size, progress, label):
         loss_sum += loss_and_gradients(params, grads, x[batch], labels[batch])
         apply_seconds += _timed_apply(opt, grads, params, xp)
         if progress.wants_update():  # reading loss_sum waits for a GPU: only when drawn
-            progress.update(label, b + 1, batches, float(loss_sum) / (b + 1))
+            progress.update(label, b + 1, batches, f"loss {float(loss_sum) / (b + 1):.4f}")
     return float(loss_sum) / batches, batches, apply_seconds
 
 
@@ -495,7 +430,7 @@ def compare(optimizers=None, *, options=None, progress=None, data=None, **train_
                                    np.dtype(train_kwargs.get("dtype", "float32")))
     results = []
     for i, opt in enumerate(optimizers, 1):
-        progress.message(f"[{i}/{len(optimizers)}] {describe_optimizer(opt)}")
+        progress.log(f"[{i}/{len(optimizers)}] {describe_optimizer(opt)}")
         results.append(train(opt, progress=progress, data=data, **train_kwargs))
     return results
 
@@ -600,7 +535,7 @@ def add_arguments(parser):
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object with the results on stdout, nothing else")
     parser.add_argument("--quiet", action="store_true",
-                        help="no progress bar or per-epoch lines")
+                        help="no progress bar, header or per-epoch lines on stderr")
     parser.add_argument("--compare", action="store_true",
                         help="train with every optimizer at its setting for this task; "
                              "write a loss-curve plot and a Markdown table")
@@ -663,7 +598,7 @@ def _check_writable(path):
 
 def _run_single(args, job):
     (opt,) = job.optimizers
-    job.progress.message(_header(job, args) + f"; {describe_optimizer(opt)}")
+    job.progress.log(_header(job, args) + f"; {describe_optimizer(opt)}")
     result = train(opt, data=job.data, progress=job.progress, **job.train_options)
     if args.json:
         print(json.dumps(result.to_dict(), allow_nan=False))
@@ -673,7 +608,7 @@ def _run_single(args, job):
 
 
 def _run_compare(args, job):
-    job.progress.message(_header(job, args))
+    job.progress.log(_header(job, args))
     results = compare(job.optimizers, data=job.data, progress=job.progress,
                       **job.train_options)
     hidden = ",".join(map(str, args.hidden)) or "none"

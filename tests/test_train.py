@@ -219,31 +219,6 @@ def test_gpu_without_a_gpu_is_a_clear_error(monkeypatch, capsys):
     assert code == 0 and json.loads(out)["device"] == "cpu"
 
 
-# ------------------------------------------------------------------- progress
-class FakeTerminal:
-    def __init__(self):
-        self.text = ""
-
-    def write(self, s):
-        self.text += s
-
-    def flush(self):
-        pass
-
-    def isatty(self):
-        return True
-
-
-def test_progress_bar_redraws_in_place_on_a_terminal():
-    stream = FakeTerminal()
-    bar = tr.ProgressBar(stream=stream)
-    bar.update("epoch 1/2", 5, 10, 0.5)
-    bar.finish("epoch 1/2", 10, 0.25, " test acc 90.00%")
-    assert stream.text.startswith("\repoch 1/2 [############------------]  50% loss 0.5000")
-    assert stream.text.endswith("\repoch 1/2 [########################] 100% loss 0.2500"
-                                " test acc 90.00%\n")
-
-
 def test_json_has_no_nan():
     result = tr.TrainResult("sgd", "sgd()", "cpu", "float32", 1, 1, [math.nan], [0.1], 0.0, 1.0)
     text = json.dumps(result.to_dict(), allow_nan=False)
