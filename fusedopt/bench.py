@@ -19,6 +19,7 @@ the working set exceeds twice the L2 cache. optax is timed by the host clock aro
 a blocking call (JAX hides its streams), so it includes one dispatch per step.
 """
 
+import argparse
 import datetime
 import json
 import math
@@ -51,8 +52,10 @@ def add_arguments(parser):
                              "a GPU, 16-22 on the CPU)")
     parser.add_argument("--optimizers", default="all",
                         help="comma-separated names (default: every optimizer)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed steps per point")
-    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--repeats", type=_count_arg(1), default=None,
+                        help="timed steps per point (default 30 on a GPU, 7 on the CPU)")
+    parser.add_argument("--warmup", type=_count_arg(0), default=5,
+                        help="untimed steps before each point (default 5)")
     parser.add_argument("--no-peers", action="store_true", help="measure fusedopt only")
     parser.add_argument("--tests", default=None, metavar="JSON",
                         help="a test-count record {passed, failed, skipped} to embed")
@@ -67,15 +70,21 @@ def run(args):
         device = "gpu" if cuda.gpu_available() else "cpu"
     problem = cuda.gpu_problem() if device == "gpu" else None
     if problem is not None:
-        print(f"error: --device gpu: no usable GPU here: {problem}", file=sys.stderr)
-        return 2
+        return _error(f"--device gpu: no usable GPU here: {problem}")
+    # Every argument is checked before anything is measured: a mistake must not
+    # surface after an hour of benchmarking.
     try:
         sizes = parse_sizes(args.sizes, device)
         optimizers = parse_optimizers(args.optimizers)
+        tests = _load_tests_arg(args.tests)
+        _check_out_dir(args.out)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _error(str(e))
     ctx = GpuContext() if device == "gpu" else CpuContext()
+    try:
+        check_memory(ctx, sizes, optimizers, peers=not args.no_peers)
+    except ValueError as e:
+        return _error(str(e))
     repeats = args.repeats or (30 if device == "gpu" else 7)
     plan = build_plan(ctx, sizes, optimizers, peers=not args.no_peers)
     progress = ProgressBar(enabled=not args.quiet)
@@ -84,7 +93,7 @@ def run(args):
         progress.update("bench", done, len(plan), label)
         rows.extend(measure(ctx, warmup=args.warmup, repeats=repeats))
     progress.clear()
-    record = make_record(ctx, rows, tests=load_tests(args.tests))
+    record = make_record(ctx, rows, tests=tests)
     paths = write_record(record, Path(args.out))
     print(markdown_table(record))
     print("\nwrote " + ", ".join(str(p) for p in paths))
@@ -92,7 +101,13 @@ def run(args):
 
 
 # ------------------------------------------------------------------ arguments
+# Sizes are given as log2 of the element count. Above 2^MAX_LOG2_SIZE no machine has
+# the memory; below it, check_memory() compares the estimate with what is free.
+MAX_LOG2_SIZE = 36
+
+
 def parse_sizes(text, device):
+    """--sizes "16-28" (every other power from 16 to 28) or "20,24" -> element counts."""
     if text is None:
         return [2**k for k in (range(16, 29, 2) if device == "gpu" else range(16, 23, 2))]
     out = []
@@ -101,17 +116,109 @@ def parse_sizes(text, device):
         if not lo.strip().isdigit() or (hi and not hi.strip().isdigit()):
             raise ValueError(f"--sizes takes log2 sizes like 16-28 or 20,24, got {text!r}")
         lo, hi = int(lo), int(hi or lo)
+        if lo > hi:
+            raise ValueError(f"--sizes: the range {part.strip()!r} runs backwards; "
+                             f"write {hi}-{lo}")
+        if hi > MAX_LOG2_SIZE:
+            raise ValueError(f"--sizes are log2 element counts, at most {MAX_LOG2_SIZE} "
+                             f"(2^{MAX_LOG2_SIZE} float32 = {_format_bytes(4 << MAX_LOG2_SIZE)} "
+                             f"per buffer); got {hi}")
         out += [2**k for k in range(lo, hi + 1, 2 if hi - lo >= 4 else 1)]
     return sorted(set(out))
 
 
 def parse_optimizers(text):
+    """--optimizers "all" or "adam,sgd" -> names; unknown names are a ValueError."""
     from .optimizer import available
 
     names = available() if text == "all" else [t.strip().lower() for t in text.split(",")]
-    for name in names:
-        get(name)  # raises ValueError naming the valid ones
+    unknown = [n for n in names if n not in available()]
+    if unknown or not names:
+        raise ValueError(f"--optimizers: unknown optimizer(s) {unknown}; valid names: "
+                         f"all, or a comma-separated list of {', '.join(available())}")
     return names
+
+
+def _count_arg(low):
+    """An argparse type: an integer >= low, with a message argparse puts after the flag."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+        return value
+    return parse
+
+
+def _load_tests_arg(path):
+    try:
+        return load_tests(path)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"--tests: cannot read {path}: {e}") from e
+
+
+def _check_out_dir(path):
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"--out: {path} exists and is not a directory")
+
+
+def _error(message):
+    print(f"python -m fusedopt bench: error: {message}", file=sys.stderr)
+    return 2
+
+
+# --------------------------------------------------------------------- memory
+# float32 words per element held at once beyond params, grads and the state slots:
+# random initialisation (rand * 1e-2 makes a temporary) and the peers' unfused
+# steps (torch foreach, XLA) keep a few full-size temporaries.
+TEMPORARY_WORDS = 3
+
+
+def estimate_peak_bytes(ctx, sizes, optimizers, peers):
+    """A generous estimate of the most memory one measurement holds at once: its
+    rotated buffer sets (params, grads, every slot, temporaries) at the largest size.
+    Measurements free their buffers before the next one starts."""
+    slots = max(len(make_optimizer(name).slot_names) for name in optimizers)
+    if peers:
+        slots = max(slots, 2)  # torch's and optax's Adam keep two slots
+    bytes_per_element = 4 * (2 + slots + TEMPORARY_WORDS)
+    return max(rotation(ctx, bytes_per_element * n) * bytes_per_element * n for n in sizes)
+
+
+def check_memory(ctx, sizes, optimizers, peers):
+    """ValueError, before anything is allocated, when the run cannot fit."""
+    needed = estimate_peak_bytes(ctx, sizes, optimizers, peers)
+    available = ctx.available_bytes()
+    if available is not None and needed > available:
+        largest = max(sizes).bit_length() - 1
+        raise ValueError(
+            f"--sizes: the largest point (2^{largest} float32 elements) needs about "
+            f"{_format_bytes(needed)}, but only {_format_bytes(available)} of "
+            f"{ctx.device.upper()} memory is available; use smaller --sizes")
+
+
+def cpu_available_bytes():
+    """Memory the kernel says can be allocated without swapping, or None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def _format_bytes(n):
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
 
 
 def step_bytes(name, itemsize, clip=False):
@@ -149,6 +256,9 @@ class CpuContext:
     def rand(self, n, seed):
         return np.random.default_rng(seed).standard_normal(n, dtype=np.float32)
 
+    def available_bytes(self):
+        return cpu_available_bytes()
+
     def time(self, step, sets, warmup, repeats):
         for i in range(warmup):
             step(i % sets)
@@ -183,6 +293,10 @@ class GpuContext:
 
     def rand(self, n, seed):
         return self.cp.random.default_rng(seed).standard_normal(n, dtype=np.float32)
+
+    def available_bytes(self):
+        free, _total = self.cp.cuda.runtime.memGetInfo()
+        return free + self.cp.get_default_memory_pool().free_bytes()
 
     def spin(self, microseconds):
         """Keep the GPU busy so the host queues the timed work before it starts."""

@@ -86,3 +86,57 @@ def test_bench_refuses_a_gpu_it_does_not_have(monkeypatch, capsys):
     monkeypatch.setattr(bench.cuda, "gpu_problem", lambda: "no GPU in this test")
     assert cli.main(["bench", "--device", "gpu"]) == 2
     assert "no usable GPU here: no GPU in this test" in capsys.readouterr().err
+
+
+def run_bench(argv, capsys):
+    try:
+        code = cli.main(["bench", *argv])
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--sizes", "40"], "--sizes are log2 element counts, at most 36"),
+    (["--sizes", "24-20"], "--sizes: the range '24-20' runs backwards"),
+    (["--sizes", "x"], "--sizes takes log2 sizes"),
+    (["--repeats", "-3"], "--repeats: expected an integer >= 1, got '-3'"),
+    (["--repeats", "0"], "--repeats: expected an integer >= 1"),
+    (["--warmup", "-1"], "--warmup: expected an integer >= 0"),
+    (["--optimizers", "adam,nosuch"], "--optimizers: unknown optimizer(s) ['nosuch']"),
+    (["--tests", "/no/such/tests.json"], "--tests: cannot read /no/such/tests.json"),
+    (["--out", __file__], "--out: "),
+])
+def test_bad_arguments_are_refused_before_anything_runs(argv, message, monkeypatch, capsys):
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("measuring started")
+
+    monkeypatch.setattr(bench, "build_plan", must_not_run)
+    code, out, err = run_bench(["--device", "cpu", "--quiet", *argv], capsys)
+    assert code == 2 and message in err and "Traceback" not in err and out == ""
+
+
+def test_a_run_larger_than_memory_is_refused_before_allocating(monkeypatch, capsys):
+    monkeypatch.setattr(bench, "cpu_available_bytes", lambda: 1 << 30)  # 1 GiB free
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("measuring started")
+
+    monkeypatch.setattr(bench, "build_plan", must_not_run)
+    code, _, err = run_bench(["--device", "cpu", "--sizes", "28", "--quiet"], capsys)
+    assert code == 2
+    assert ("--sizes: the largest point (2^28 float32 elements) needs about 7.0 GiB, but only "
+            "1.0 GiB of CPU memory is available" in err)
+
+
+def test_memory_estimate_covers_buffers_slots_and_temporaries():
+    ctx = bench.CpuContext()
+    n = 1 << 26  # large enough that one buffer set exceeds twice the L2 size
+    # params + grads + Adam's two slots + temporaries, float32
+    assert bench.estimate_peak_bytes(ctx, [n], ["adam"], peers=False) == 4 * n * (4 + 3)
+    assert bench.estimate_peak_bytes(ctx, [n], ["sgd"], peers=False) == 4 * n * (3 + 3)
+    assert bench.estimate_peak_bytes(ctx, [n], ["sgd"], peers=True) == 4 * n * (4 + 3)
+    # Small sizes rotate through several buffer sets (at most 64) to defeat the cache.
+    small = bench.estimate_peak_bytes(ctx, [1 << 10], ["adam"], peers=False)
+    assert small == 64 * 4 * (1 << 10) * (4 + 3)
