@@ -21,6 +21,7 @@ a blocking call (JAX hides its streams), so it includes one dispatch per step.
 
 import argparse
 import datetime
+import itertools
 import json
 import math
 import os
@@ -674,16 +675,39 @@ def slug(text):
 
 
 def write_record(record, out_dir):
+    """Write the record as <date>-<device>.{json,md,png} in `out_dir`. A second run on
+    the same day and device gets -2, -3, ...: a benchmark run is expensive and its
+    record must never be lost to the next one (refusing instead would lose the run
+    that just finished, or need an --overwrite that is easy to pass by habit)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"{record['date']}-{slug(record['device'])}"
-    paths = [stem.with_suffix(".json"), stem.with_suffix(".md")]
+    stem = claim_stem(out_dir, f"{record['date']}-{slug(record['device'])}")
+    paths = [stem.with_name(stem.name + ".json"), stem.with_name(stem.name + ".md")]
     paths[0].write_text(json.dumps(record, indent=1) + "\n")
     paths[1].write_text(markdown_table(record) + "\n")
-    png = plot(record, stem.with_suffix(".png"))
+    png = plot(record, stem.with_name(stem.name + ".png"))
     return paths + ([png] if png else [])
 
 
+RECORD_SUFFIXES = (".json", ".md", ".png")
+
+
+def claim_stem(out_dir, base):
+    """The first of base, base-2, base-3, ... that no record uses. Its .json is
+    created exclusively, so two runs finishing at once cannot pick the same one."""
+    for k in itertools.count(1):
+        stem = out_dir / (base if k == 1 else f"{base}-{k}")
+        if any(stem.with_name(stem.name + s).exists() for s in RECORD_SUFFIXES[1:]):
+            continue
+        try:
+            with open(stem.with_name(stem.name + ".json"), "x"):
+                return stem
+        except FileExistsError:
+            continue
+
+
 def markdown_table(record):
+    """The measured rows as a table; peers that could not run are listed once
+    below it, not once per size (they would bury the results)."""
     copy = record["copy_gbps"]
     lines = [f"## {record['device']} — {record['date']}", "",
              f"Copy ceiling: {copy:.0f} GB/s (bytes read + written)." if copy else "",
@@ -691,13 +715,27 @@ def markdown_table(record):
              "|---|---|---|---|---|---|---|---|"]
     for r in record["rows"]:
         if r["median_ms"] is None:
-            lines.append(f"| {r['optimizer']} | {r['impl']} | {r['layout']} | {r['clip'] or ''} "
-                         f"| {r['n']} | — | — | {r.get('note', '')} |")
             continue
         share = f"{r['gbps'] / copy:.0%}" if copy and r["gbps"] else ""
         lines.append(f"| {r['optimizer'] or ''} | {r['impl']} | {r['layout']} | {r['clip'] or ''} "
                      f"| {r['n']} | {r['median_ms']:.4f} | {r['gbps']:.1f} | {share} |")
+    missing = missing_peers(record["rows"])
+    if missing:
+        lines += ["", "Not measured:"]
+        lines += [f"- {', '.join(impls)}: {why}" for why, impls in missing.items()]
     return "\n".join(lines)
+
+
+def missing_peers(rows):
+    """{reason: [impl, ...]} for the rows that were not measured, each impl once."""
+    out = {}
+    for r in rows:
+        if r["median_ms"] is None:
+            why = r.get("note", "").removeprefix("missing: ") or "not measured"
+            impls = out.setdefault(why, [])
+            if r["impl"] not in impls:
+                impls.append(r["impl"])
+    return out
 
 
 def plot(record, path):

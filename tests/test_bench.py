@@ -140,3 +140,39 @@ def test_memory_estimate_covers_buffers_slots_and_temporaries():
     # Small sizes rotate through several buffer sets (at most 64) to defeat the cache.
     small = bench.estimate_peak_bytes(ctx, [1 << 10], ["adam"], peers=False)
     assert small == 64 * 4 * (1 << 10) * (4 + 3)
+
+
+def record_with(rows):
+    return {"device": "Test CPU (2 cores)", "date": "2026-01-02", "versions": {},
+            "copy_gbps": 10.0, "tests": None, "rows": rows}
+
+
+def test_missing_peers_are_listed_once_below_the_results():
+    measured = bench.row("adam", "fusedopt", 1024, "flat", None, 0.5, 28 * 1024)
+    rows = [measured]
+    for n in (1024, 4096, 16384):
+        for layout in ("flat", "200-tensors"):
+            for impl in ("torch-fused", "torch-foreach"):
+                rows += bench.missing("adam", impl, n, layout, None, "torch is not installed")
+        rows += bench.missing("adam", "optax", n, "flat", None, "jax/optax not installed")
+    table = bench.markdown_table(record_with(rows))
+    assert table.count("torch is not installed") == 1
+    assert table.count("jax/optax not installed") == 1
+    assert "- torch-fused, torch-foreach: torch is not installed" in table
+    assert "- optax: jax/optax not installed" in table
+    table_rows = [line for line in table.splitlines() if line.startswith("| adam")]
+    assert table_rows == ["| adam | fusedopt | flat |  | 1024 | 0.5000 | 0.1 | 1% |"]
+
+
+def test_same_day_records_are_kept_not_overwritten(tmp_path):
+    record = record_with([bench.row(None, "copy", 1024, "flat", None, 0.01, 8192)])
+    first = bench.write_record(record, tmp_path)
+    before = {p: p.read_bytes() for p in first}
+    second = bench.write_record(record, tmp_path)
+    third = bench.write_record(record, tmp_path)
+    assert [p.name for p in first[:2]] == ["2026-01-02-test-cpu-2-cores.json",
+                                            "2026-01-02-test-cpu-2-cores.md"]
+    assert [p.name for p in second[:2]] == ["2026-01-02-test-cpu-2-cores-2.json",
+                                             "2026-01-02-test-cpu-2-cores-2.md"]
+    assert third[0].name == "2026-01-02-test-cpu-2-cores-3.json"
+    assert all(p.read_bytes() == data for p, data in before.items())
