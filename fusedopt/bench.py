@@ -103,8 +103,9 @@ def run(args):
 
 # ------------------------------------------------------------------ arguments
 # Sizes are given as log2 of the element count. Above 2^MAX_LOG2_SIZE no machine has
-# the memory; below it, check_memory() compares the estimate with what is free.
-MAX_LOG2_SIZE = 36
+# the memory; below it, check_memory() compares the estimate with what is free. The
+# 200-tensor layout needs at least 200 elements.
+MIN_LOG2_SIZE, MAX_LOG2_SIZE = 8, 36
 
 
 def parse_sizes(text, device):
@@ -120,6 +121,9 @@ def parse_sizes(text, device):
         if lo > hi:
             raise ValueError(f"--sizes: the range {part.strip()!r} runs backwards; "
                              f"write {hi}-{lo}")
+        if lo < MIN_LOG2_SIZE:
+            raise ValueError(f"--sizes are log2 element counts, at least {MIN_LOG2_SIZE} "
+                             f"(the 200-tensor layout needs 200 elements); got {lo}")
         if hi > MAX_LOG2_SIZE:
             raise ValueError(f"--sizes are log2 element counts, at most {MAX_LOG2_SIZE} "
                              f"(2^{MAX_LOG2_SIZE} float32 = {_format_bytes(4 << MAX_LOG2_SIZE)} "
@@ -235,10 +239,12 @@ def make_optimizer(name, **extra):
 
 
 def model_like_shapes(n, count=200, seed=0):
-    """~`count` tensors of mixed sizes (log-uniform) adding up to n elements."""
+    """`count` tensors of mixed sizes (log-uniform) adding up to n >= count elements."""
     rng = np.random.default_rng(seed)
     weights = np.exp(rng.uniform(0, np.log(4096), count))
-    sizes = np.maximum(1, np.floor(weights / weights.sum() * n)).astype(np.int64)
+    # One element each, the rest shared by weight: the floors leave a remainder >= 0
+    # for the largest tensor, so no size can go negative (it did for n = 2^10).
+    sizes = 1 + np.floor(weights / weights.sum() * (n - count)).astype(np.int64)
     sizes[np.argmax(sizes)] += n - sizes.sum()
     return [(int(s),) for s in sizes]
 

@@ -39,6 +39,9 @@ def test_model_like_layout_adds_up():
     shapes = bench.model_like_shapes(2**20)
     assert len(shapes) == 200 and sum(s[0] for s in shapes) == 2**20
     assert min(s[0] for s in shapes) >= 1 and len({s for s in shapes}) > 50
+    for n in (200, 2**8, 2**10, 2**12):  # the smallest sizes --sizes allows
+        shapes = bench.model_like_shapes(n)
+        assert sum(s[0] for s in shapes) == n and min(s[0] for s in shapes) >= 1, n
 
 
 def test_bench_command_writes_the_record(tmp_path, capsys):
@@ -99,6 +102,7 @@ def run_bench(argv, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--sizes", "40"], "--sizes are log2 element counts, at most 36"),
+    (["--sizes", "4-12"], "--sizes are log2 element counts, at least 8"),
     (["--sizes", "24-20"], "--sizes: the range '24-20' runs backwards"),
     (["--sizes", "x"], "--sizes takes log2 sizes"),
     (["--repeats", "-3"], "--repeats: expected an integer >= 1, got '-3'"),
