@@ -547,7 +547,8 @@ def add_arguments(parser):
     parser.add_argument("--compare", action="store_true",
                         help="train with every optimizer at its setting for this task; "
                              f"writes a loss-curve plot ({DEFAULT_PLOT}) and a Markdown "
-                             f"table ({DEFAULT_TABLE}) unless --plot/--table say where")
+                             f"table ({DEFAULT_TABLE}) unless --plot/--table say where "
+                             "(with --markdown, only the files they name)")
     parser.add_argument("--plot", metavar="PATH", default=None,
                         help="write the loss and accuracy curves of the run(s) to this PNG")
     parser.add_argument("--table", metavar="PATH", default=None,
@@ -617,7 +618,8 @@ def _prepare(args):
     optimizers = [_make_cli_optimizer(name, options) for name in names]
     device = resolve_device(args.device)
     plot, table = args.plot, args.table
-    if args.compare and plot is None and table is None:
+    if args.compare and plot is None and table is None and not args.markdown:
+        # --markdown is a print mode: regenerating the README leaves no files behind.
         plot, table = DEFAULT_PLOT, DEFAULT_TABLE
     if plot is not None:
         _import_matplotlib()
