@@ -244,9 +244,10 @@ class FusedOptimizer:
             )
 
     def _hyperparameters_changed(self, name):
-        """Called after hyperparameter `name` was assigned (`opt.name = value`), once
-        the new value is stored; not called by the constructor. A no-op here:
-        executors refresh device-resident copies of the hyperparameters here."""
+        """Called with the hyperparameter's name after an accepted assignment
+        (`opt.beta_1 = 0.8`), once the new value is stored; not called by the
+        constructor. Does nothing here: executors refresh device-resident copies of
+        the hyperparameters here."""
 
     # ---------------------------------------------------------------- subclass API
     def _slot_specs(self):
