@@ -132,8 +132,12 @@ def _cuda_version(number):
 
 def require_gpu(device):
     """If `device` names a GPU ("gpu", "cuda:1", ...) and none is usable, raise a
-    RuntimeError saying what is missing, instead of CuPy's error from deep inside."""
-    if isinstance(device, str) and device.strip().lower().partition(":")[0] in ("gpu", "cuda"):
+    RuntimeError saying what is missing, instead of CuPy's error from deep inside.
+    A malformed device string is left to normalize_device's ValueError."""
+    if not isinstance(device, str):
+        return
+    name, _, index = device.strip().lower().partition(":")
+    if name in ("gpu", "cuda") and (not index or index.isdigit()):
         problem = gpu_problem()
         if problem is not None:
             raise RuntimeError(f"device {device!r}: no usable GPU here: {problem}")

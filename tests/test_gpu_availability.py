@@ -113,3 +113,8 @@ def test_bench_cli_says_what_is_missing(no_driver, capsys):
     assert main(["bench", "--device", "gpu", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "no NVIDIA driver" in err and "pip install" not in err
+
+
+def test_a_malformed_device_is_still_a_value_error(no_driver):
+    with pytest.raises(ValueError, match="device"):
+        fusedopt.FlatBuffer.from_arrays([np.ones(3)]).to("gpu:x")
