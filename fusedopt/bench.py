@@ -19,7 +19,9 @@ the working set exceeds twice the L2 cache. optax is timed by the host clock aro
 a blocking call (JAX hides its streams), so it includes one dispatch per step.
 """
 
+import argparse
 import datetime
+import itertools
 import json
 import math
 import os
@@ -32,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from . import _kernels, cuda, reference
+from ._progress import ProgressBar
 from .optimizer import get
 
 IMPLS = ("fusedopt", "cupy-unfused", "torch-fused", "torch-foreach", "optax",
@@ -50,38 +53,48 @@ def add_arguments(parser):
                              "a GPU, 16-22 on the CPU)")
     parser.add_argument("--optimizers", default="all",
                         help="comma-separated names (default: every optimizer)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed steps per point")
-    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--repeats", type=_count_arg(1), default=None,
+                        help="timed steps per point (default 30 on a GPU, 7 on the CPU)")
+    parser.add_argument("--warmup", type=_count_arg(0), default=5,
+                        help="untimed steps before each point (default 5)")
     parser.add_argument("--no-peers", action="store_true", help="measure fusedopt only")
     parser.add_argument("--tests", default=None, metavar="JSON",
                         help="a test-count record {passed, failed, skipped} to embed")
     parser.add_argument("--out", default="bench/results", help="directory for the record")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bar (it is drawn only on a terminal anyway)")
 
 
 def run(args):
     device = args.device
     if device == "auto":
         device = "gpu" if cuda.gpu_available() else "cpu"
-    if device == "gpu" and not cuda.gpu_available():
-        print("error: --device gpu but no CUDA GPU is available", file=sys.stderr)
-        return 2
+    problem = cuda.gpu_problem() if device == "gpu" else None
+    if problem is not None:
+        return _error(f"--device gpu: no usable GPU here: {problem}")
+    # Every argument is checked before anything is measured: a mistake must not
+    # surface after an hour of benchmarking.
     try:
         sizes = parse_sizes(args.sizes, device)
         optimizers = parse_optimizers(args.optimizers)
+        tests = _load_tests_arg(args.tests)
+        _check_out_dir(args.out)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _error(str(e))
     ctx = GpuContext() if device == "gpu" else CpuContext()
+    try:
+        check_memory(ctx, sizes, optimizers, peers=not args.no_peers)
+    except ValueError as e:
+        return _error(str(e))
     repeats = args.repeats or (30 if device == "gpu" else 7)
     plan = build_plan(ctx, sizes, optimizers, peers=not args.no_peers)
-    progress = Progress(len(plan), quiet=args.quiet)
+    progress = ProgressBar(enabled=not args.quiet)
     rows = []
-    for label, measure in plan:
-        progress.update(label)
+    for done, (label, measure) in enumerate(plan):
+        progress.update("bench", done, len(plan), label)
         rows.extend(measure(ctx, warmup=args.warmup, repeats=repeats))
-    progress.done()
-    record = make_record(ctx, rows, tests=load_tests(args.tests))
+    progress.clear()
+    record = make_record(ctx, rows, tests=tests)
     paths = write_record(record, Path(args.out))
     print(markdown_table(record))
     print("\nwrote " + ", ".join(str(p) for p in paths))
@@ -89,7 +102,14 @@ def run(args):
 
 
 # ------------------------------------------------------------------ arguments
+# Sizes are given as log2 of the element count. Above 2^MAX_LOG2_SIZE no machine has
+# the memory; below it, check_memory() compares the estimate with what is free. The
+# 200-tensor layout needs at least 200 elements.
+MIN_LOG2_SIZE, MAX_LOG2_SIZE = 8, 36
+
+
 def parse_sizes(text, device):
+    """--sizes "16-28" (every other power from 16 to 28) or "20,24" -> element counts."""
     if text is None:
         return [2**k for k in (range(16, 29, 2) if device == "gpu" else range(16, 23, 2))]
     out = []
@@ -98,17 +118,112 @@ def parse_sizes(text, device):
         if not lo.strip().isdigit() or (hi and not hi.strip().isdigit()):
             raise ValueError(f"--sizes takes log2 sizes like 16-28 or 20,24, got {text!r}")
         lo, hi = int(lo), int(hi or lo)
+        if lo > hi:
+            raise ValueError(f"--sizes: the range {part.strip()!r} runs backwards; "
+                             f"write {hi}-{lo}")
+        if lo < MIN_LOG2_SIZE:
+            raise ValueError(f"--sizes are log2 element counts, at least {MIN_LOG2_SIZE} "
+                             f"(the 200-tensor layout needs 200 elements); got {lo}")
+        if hi > MAX_LOG2_SIZE:
+            raise ValueError(f"--sizes are log2 element counts, at most {MAX_LOG2_SIZE} "
+                             f"(2^{MAX_LOG2_SIZE} float32 = {_format_bytes(4 << MAX_LOG2_SIZE)} "
+                             f"per buffer); got {hi}")
         out += [2**k for k in range(lo, hi + 1, 2 if hi - lo >= 4 else 1)]
     return sorted(set(out))
 
 
 def parse_optimizers(text):
+    """--optimizers "all" or "adam,sgd" -> names; unknown names are a ValueError."""
     from .optimizer import available
 
     names = available() if text == "all" else [t.strip().lower() for t in text.split(",")]
-    for name in names:
-        get(name)  # raises ValueError naming the valid ones
+    unknown = [n for n in names if n not in available()]
+    if unknown or not names:
+        raise ValueError(f"--optimizers: unknown optimizer(s) {unknown}; valid names: "
+                         f"all, or a comma-separated list of {', '.join(available())}")
     return names
+
+
+def _count_arg(low):
+    """An argparse type: an integer >= low, with a message argparse puts after the flag."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+        return value
+    return parse
+
+
+def _load_tests_arg(path):
+    try:
+        return load_tests(path)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"--tests: cannot read {path}: {e}") from e
+
+
+def _check_out_dir(path):
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"--out: {path} exists and is not a directory")
+
+
+def _error(message):
+    print(f"python -m fusedopt bench: error: {message}", file=sys.stderr)
+    return 2
+
+
+# --------------------------------------------------------------------- memory
+# float32 words per element held at once beyond params, grads and the state slots:
+# random initialisation (rand * 1e-2 makes a temporary) and the peers' unfused
+# steps (torch foreach, XLA) keep a few full-size temporaries.
+TEMPORARY_WORDS = 3
+
+
+def estimate_peak_bytes(ctx, sizes, optimizers, peers):
+    """A generous estimate of the most memory one measurement holds at once: its
+    rotated buffer sets (params, grads, every slot, temporaries) at the largest size.
+    Measurements free their buffers before the next one starts."""
+    slots = max(len(make_optimizer(name).slot_names) for name in optimizers)
+    if peers:
+        slots = max(slots, 2)  # torch's and optax's Adam keep two slots
+    bytes_per_element = 4 * (2 + slots + TEMPORARY_WORDS)
+    return max(rotation(ctx, bytes_per_element * n) * bytes_per_element * n for n in sizes)
+
+
+def check_memory(ctx, sizes, optimizers, peers):
+    """ValueError, before anything is allocated, when the run cannot fit."""
+    needed = estimate_peak_bytes(ctx, sizes, optimizers, peers)
+    available = ctx.available_bytes()
+    if available is not None and needed > available:
+        largest = max(sizes).bit_length() - 1
+        raise ValueError(
+            f"--sizes: the largest point (2^{largest} float32 elements) needs about "
+            f"{_format_bytes(needed)}, but only {_format_bytes(available)} of "
+            f"{ctx.device.upper()} memory is available; use smaller --sizes")
+
+
+def cpu_available_bytes():
+    """Memory the kernel says can be allocated without swapping, or None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def _format_bytes(n):
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
 
 
 def step_bytes(name, itemsize, clip=False):
@@ -124,10 +239,12 @@ def make_optimizer(name, **extra):
 
 
 def model_like_shapes(n, count=200, seed=0):
-    """~`count` tensors of mixed sizes (log-uniform) adding up to n elements."""
+    """`count` tensors of mixed sizes (log-uniform) adding up to n >= count elements."""
     rng = np.random.default_rng(seed)
     weights = np.exp(rng.uniform(0, np.log(4096), count))
-    sizes = np.maximum(1, np.floor(weights / weights.sum() * n)).astype(np.int64)
+    # One element each, the rest shared by weight: the floors leave a remainder >= 0
+    # for the largest tensor, so no size can go negative (it did for n = 2^10).
+    sizes = 1 + np.floor(weights / weights.sum() * (n - count)).astype(np.int64)
     sizes[np.argmax(sizes)] += n - sizes.sum()
     return [(int(s),) for s in sizes]
 
@@ -145,6 +262,9 @@ class CpuContext:
 
     def rand(self, n, seed):
         return np.random.default_rng(seed).standard_normal(n, dtype=np.float32)
+
+    def available_bytes(self):
+        return cpu_available_bytes()
 
     def time(self, step, sets, warmup, repeats):
         for i in range(warmup):
@@ -180,6 +300,10 @@ class GpuContext:
 
     def rand(self, n, seed):
         return self.cp.random.default_rng(seed).standard_normal(n, dtype=np.float32)
+
+    def available_bytes(self):
+        free, _total = self.cp.cuda.runtime.memGetInfo()
+        return free + self.cp.get_default_memory_pool().free_bytes()
 
     def spin(self, microseconds):
         """Keep the GPU busy so the host queues the timed work before it starts."""
@@ -557,16 +681,39 @@ def slug(text):
 
 
 def write_record(record, out_dir):
+    """Write the record as <date>-<device>.{json,md,png} in `out_dir`. A second run on
+    the same day and device gets -2, -3, ...: a benchmark run is expensive and its
+    record must never be lost to the next one (refusing instead would lose the run
+    that just finished, or need an --overwrite that is easy to pass by habit)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"{record['date']}-{slug(record['device'])}"
-    paths = [stem.with_suffix(".json"), stem.with_suffix(".md")]
+    stem = claim_stem(out_dir, f"{record['date']}-{slug(record['device'])}")
+    paths = [stem.with_name(stem.name + ".json"), stem.with_name(stem.name + ".md")]
     paths[0].write_text(json.dumps(record, indent=1) + "\n")
     paths[1].write_text(markdown_table(record) + "\n")
-    png = plot(record, stem.with_suffix(".png"))
+    png = plot(record, stem.with_name(stem.name + ".png"))
     return paths + ([png] if png else [])
 
 
+RECORD_SUFFIXES = (".json", ".md", ".png")
+
+
+def claim_stem(out_dir, base):
+    """The first of base, base-2, base-3, ... that no record uses. Its .json is
+    created exclusively, so two runs finishing at once cannot pick the same one."""
+    for k in itertools.count(1):
+        stem = out_dir / (base if k == 1 else f"{base}-{k}")
+        if any(stem.with_name(stem.name + s).exists() for s in RECORD_SUFFIXES[1:]):
+            continue
+        try:
+            with open(stem.with_name(stem.name + ".json"), "x"):
+                return stem
+        except FileExistsError:
+            continue
+
+
 def markdown_table(record):
+    """The measured rows as a table; peers that could not run are listed once
+    below it, not once per size (they would bury the results)."""
     copy = record["copy_gbps"]
     lines = [f"## {record['device']} — {record['date']}", "",
              f"Copy ceiling: {copy:.0f} GB/s (bytes read + written)." if copy else "",
@@ -574,13 +721,27 @@ def markdown_table(record):
              "|---|---|---|---|---|---|---|---|"]
     for r in record["rows"]:
         if r["median_ms"] is None:
-            lines.append(f"| {r['optimizer']} | {r['impl']} | {r['layout']} | {r['clip'] or ''} "
-                         f"| {r['n']} | — | — | {r.get('note', '')} |")
             continue
         share = f"{r['gbps'] / copy:.0%}" if copy and r["gbps"] else ""
         lines.append(f"| {r['optimizer'] or ''} | {r['impl']} | {r['layout']} | {r['clip'] or ''} "
                      f"| {r['n']} | {r['median_ms']:.4f} | {r['gbps']:.1f} | {share} |")
+    missing = missing_peers(record["rows"])
+    if missing:
+        lines += ["", "Not measured:"]
+        lines += [f"- {', '.join(impls)}: {why}" for why, impls in missing.items()]
     return "\n".join(lines)
+
+
+def missing_peers(rows):
+    """{reason: [impl, ...]} for the rows that were not measured, each impl once."""
+    out = {}
+    for r in rows:
+        if r["median_ms"] is None:
+            why = r.get("note", "").removeprefix("missing: ") or "not measured"
+            impls = out.setdefault(why, [])
+            if r["impl"] not in impls:
+                impls.append(r["impl"])
+    return out
 
 
 def plot(record, path):
@@ -622,28 +783,6 @@ def plot(record, path):
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-class Progress:
-    """A one-line progress bar on stderr."""
-
-    def __init__(self, total, quiet=False):
-        self.total, self.count, self.quiet = total, 0, quiet
-        self.tty = sys.stderr.isatty()
-
-    def update(self, label):
-        if self.quiet:
-            return
-        self.count += 1
-        width = 30
-        filled = int(width * self.count / max(1, self.total))
-        line = f"[{'#' * filled}{'-' * (width - filled)}] {self.count}/{self.total} {label}"
-        end = "\r" if self.tty else "\n"
-        print(line.ljust(100)[:100], end=end, file=sys.stderr, flush=True)
-
-    def done(self):
-        if not self.quiet and self.tty:
-            print(file=sys.stderr)
 
 
 def cpu_name():

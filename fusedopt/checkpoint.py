@@ -18,10 +18,12 @@ format, still written for such names and always read: `load` tells the two apart
 their first bytes, not by the name.
 """
 
+import errno
 import hashlib
 import json
 import os
 import secrets
+import warnings
 
 import numpy as np
 
@@ -45,10 +47,13 @@ def save(path, optimizer, params):
         raise TypeError(f"`optimizer` must be a FusedOptimizer, got {type(optimizer).__name__}")
     if not isinstance(params, FlatBuffer):
         raise TypeError(f"`params` must be a FlatBuffer, got {type(params).__name__}")
+    path = os.fspath(path)
+    _check_folder_exists(path)
     config = optimizer.get_config()
     if callable(config["learning_rate"]):
         raise ValueError("a callable `learning_rate` cannot be saved; use a number or a "
                          "fusedopt.schedules schedule")
+    _check_loadable(optimizer, config)
     optimizer.build(params)  # refuses params of another layout or device
     state = optimizer.state_dict()
     arrays = {"params": cuda.to_device(params.data, "cpu")}
@@ -64,8 +69,29 @@ def save(path, optimizer, params):
         "layout": state["layout"],
         "sha256": {k: _digest(v) for k, v in arrays.items()},
     }
-    path = os.fspath(path)
     _write_atomically(path, _container_writer(path, arrays, meta))
+
+
+def _check_folder_exists(path):
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(errno.ENOENT, f"cannot save a checkpoint: folder {folder!r} "
+                                "does not exist", path)
+
+
+def _check_loadable(optimizer, config):
+    """`load` rebuilds the optimizer from its config; a config it would refuse is
+    refused here instead, before anything is written."""
+    config = dict(config)
+    if isinstance(config["learning_rate"], dict):
+        config["learning_rate"] = schedules.deserialize(config["learning_rate"])
+    try:
+        with warnings.catch_warnings():  # Keras 2 spellings warned once already
+            warnings.simplefilter("ignore", DeprecationWarning)
+            type(optimizer)(**config)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"this optimizer's configuration cannot be loaded back, so it is "
+                         f"not saved: {e}") from e
 
 
 def load(path, device="cpu", optimizer=None, params=None):
@@ -76,7 +102,11 @@ def load(path, device="cpu", optimizer=None, params=None):
     objects instead: the file must then match them (same optimizer and slots, same
     layout and dtype), and they are changed only once everything has been checked.
     """
-    device = cuda.normalize_device(device) if params is None else params.device
+    if params is None:
+        cuda.require_gpu(device)
+        device = cuda.normalize_device(device)
+    else:
+        device = params.device
     meta, arrays = _read(os.fspath(path))
     layout = Layout.from_dict(meta["layout"])
     if optimizer is None:
@@ -148,16 +178,20 @@ def _container_writer(path, arrays, meta):
 def _write_atomically(path, write):
     """Call `write(f)` on a new file that then replaces `path` in one rename."""
     directory = os.path.dirname(os.path.abspath(path))
-    tmp, fd = _create_temporary(directory)
+    tmp = None
     try:
+        tmp, fd = _create_temporary(directory)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno is not None:
+            # The temporary file is ours, not the user's: report the path they gave.
+            raise type(e)(e.errno, f"cannot save a checkpoint: {e.strerror}", path) from e
         raise
     _fsync_directory(directory)
 

@@ -66,12 +66,81 @@ def to_device(array, device):
         return _cupy().array(array)
 
 
+# ------------------------------------------------------------- is there a GPU?
+# CUDA runtime status codes that mean "nothing to run on" rather than a fault.
+_CUDA_ERROR_INSUFFICIENT_DRIVER = 35  # also what the runtime says when there is no driver
+_CUDA_ERROR_NO_DEVICE = 100
+
+
 def gpu_available():
     """True when CuPy imports and sees at least one CUDA device."""
+    return gpu_problem() is None
+
+
+def gpu_problem():
+    """None when the GPU path can run here; otherwise a sentence saying what is
+    missing, for error messages: CuPy, the NVIDIA driver (or a recent enough one),
+    or a CUDA device. Never raises."""
     try:
-        return _cupy().cuda.runtime.getDeviceCount() > 0
-    except Exception:  # no CuPy, no driver, no device: all mean "no GPU here"
-        return False
+        runtime = _cupy().cuda.runtime
+    except RuntimeError:
+        return ("CuPy is not installed: pip install 'fusedopt[cuda12]' "
+                "(or 'fusedopt[cuda13]' for CUDA 13 drivers)")
+    except Exception as e:  # a broken CuPy installation
+        return f"CuPy is installed but does not import: {e}"
+    return _runtime_problem(runtime)
+
+
+def _runtime_problem(runtime):
+    """What `runtime` (cupy.cuda.runtime, or a stand-in in tests) says is missing."""
+    runtime_version = _cuda_version(_call(runtime.runtimeGetVersion))
+    # cudaDriverGetVersion gives 0 when no driver is installed.
+    driver = _call(runtime.driverGetVersion)
+    if not isinstance(driver, int) or driver == 0:
+        return (f"CuPy (CUDA runtime {runtime_version}) is installed, but no NVIDIA driver "
+                "was found: install the NVIDIA driver (and, in a container, start it "
+                "with the GPUs, e.g. docker run --gpus all)")
+    count = _call(runtime.getDeviceCount)
+    status = getattr(count, "status", None)
+    if status == _CUDA_ERROR_INSUFFICIENT_DRIVER:
+        return (f"the NVIDIA driver supports CUDA up to {_cuda_version(driver)}, older than "
+                f"CuPy's CUDA runtime {runtime_version}: update the driver, or install "
+                "the fusedopt extra of the driver's CUDA major version")
+    if status == _CUDA_ERROR_NO_DEVICE or count == 0:
+        return (f"the NVIDIA driver (CUDA {_cuda_version(driver)}) is installed but sees "
+                "no CUDA device (check CUDA_VISIBLE_DEVICES, or that the container was "
+                "started with the GPUs)")
+    if isinstance(count, Exception):
+        return f"CUDA cannot list the devices: {count}"
+    return None
+
+
+def _call(fn):
+    """fn(), or the exception it raised."""
+    try:
+        return fn()
+    except Exception as e:
+        return e
+
+
+def _cuda_version(number):
+    """12080 -> "12.8" (CUDA's encoding, 1000 * major + 10 * minor)."""
+    if not isinstance(number, int):
+        return "of unknown version"
+    return f"{number // 1000}.{number % 1000 // 10}"
+
+
+def require_gpu(device):
+    """If `device` names a GPU ("gpu", "cuda:1", ...) and none is usable, raise a
+    RuntimeError saying what is missing, instead of CuPy's error from deep inside.
+    A malformed device string is left to normalize_device's ValueError."""
+    if not isinstance(device, str):
+        return
+    name, _, index = device.strip().lower().partition(":")
+    if name in ("gpu", "cuda") and (not index or index.isdigit()):
+        problem = gpu_problem()
+        if problem is not None:
+            raise RuntimeError(f"device {device!r}: no usable GPU here: {problem}")
 
 
 # ------------------------------------------------------------------ compilation

@@ -11,6 +11,7 @@ the per-step scalars its rule reads (`_rule_scalars`). The rule's math lives in
 Which path runs is decided by where the buffers are.
 """
 
+import copy
 import math
 import numbers
 import warnings
@@ -19,7 +20,7 @@ import numpy as np
 
 from . import _validate as check
 from . import cuda, reference, schedules
-from .flat import FlatBuffer, Layout, _span
+from .flat import SUPPORTED_DTYPES, FlatBuffer, Layout, _span
 
 # Elements processed per NumPy call: bounds the temporaries a rule creates and keeps
 # them in cache; large enough that the per-chunk Python overhead is negligible.
@@ -28,6 +29,82 @@ CHUNK = 1 << 16
 KERAS_DEFAULT_EPSILON = 1e-7
 
 _REGISTRY = {}
+
+
+class Hyperparameter:
+    """An optimizer setting that is checked whenever it is set.
+
+    Declared once on the class (`beta_1 = Hyperparameter(check.beta)`); the
+    constructor and an assignment such as `opt.beta_1 = 0.8` both go through
+    FusedOptimizer._set_hyperparameters: the same check, the same cross-argument
+    rules, nothing stored unless everything passes. The value lives in the instance
+    as `_<name>`.
+
+    Args:
+        check: a function of (name, value, **bounds) from fusedopt._validate (or of
+            the same form) returning the value to store or raising TypeError/ValueError.
+        **bounds: passed on to `check` (low=, high=, ...).
+    """
+
+    def __init__(self, check, **bounds):
+        self._check = check
+        self._bounds = bounds
+
+    def __set_name__(self, owner, name):
+        self.name = name
+        self.storage = "_" + name
+
+    def __get__(self, opt, owner=None):
+        if opt is None:
+            return self
+        return opt.__dict__[self.storage]
+
+    def __set__(self, opt, value):
+        opt._set_hyperparameters({self.name: value})
+
+    def validate(self, opt, value):
+        """The value to store, or TypeError/ValueError naming the argument."""
+        return self._check(self.name, value, **self._bounds)
+
+
+class _LearningRate(Hyperparameter):
+    """`learning_rate`: reads as the rate the next step will use (a schedule or a
+    callable evaluated now); set to a number, a callable or a schedule. As in Keras,
+    an optimizer created with a schedule refuses a new learning rate."""
+
+    def __init__(self):
+        super().__init__(lambda name, value: _check_learning_rate(value))
+
+    def __get__(self, opt, owner=None):
+        if opt is None:
+            return self
+        return opt._learning_rate_at(opt.iterations)
+
+    def validate(self, opt, value):
+        if isinstance(opt.__dict__.get(self.storage), schedules.LearningRateSchedule):
+            raise TypeError(
+                "This optimizer was created with a learning-rate schedule; "
+                "its learning rate cannot be set to a number"
+            )
+        return super().validate(opt, value)
+
+
+class _Name(Hyperparameter):
+    """`name`: a string; None means the class name in snake case ("adam_w")."""
+
+    def __init__(self):
+        super().__init__(check.string)
+
+    def validate(self, opt, value):
+        return super().validate(opt, _snake_case(type(opt).__name__) if value is None else value)
+
+
+def _hyperparameter_fields(cls):
+    """{name: Hyperparameter} of `cls`, base classes' first, in declaration order."""
+    fields = {}
+    for klass in reversed(cls.__mro__):
+        fields.update({k: v for k, v in vars(klass).items() if isinstance(v, Hyperparameter)})
+    return fields
 
 
 class FusedOptimizer:
@@ -49,13 +126,29 @@ class FusedOptimizer:
         name: a name for the optimizer.
     Keras 2 spellings are accepted: `lr=` (alias of learning_rate) and `decay=`
     (inverse-time decay, lr / (1 + decay * iterations)), with a DeprecationWarning.
+
+    Every hyperparameter (the arguments above but skip_nonfinite, and each rule's own)
+    is an attribute that may be assigned: `opt.beta_1 = 0.8` runs the constructor's
+    checks (see Hyperparameter and _set_hyperparameters) and changes nothing if refused.
     """
 
     rule = None  # the rule's name: kernels/<rule>.cuh and reference.<rule>
-    _hyperparameters = ()  # constructor arguments that go into get_config()
+    # The rule's own Hyperparameters, in declaration order (derived, see
+    # __init_subclass__): what get_config() adds to the common arguments.
+    _hyperparameters = ()
+
+    learning_rate = _LearningRate()
+    weight_decay = Hyperparameter(check.optional_real, low=0.0)
+    clipnorm = Hyperparameter(check.optional_real, low=0.0)
+    clipvalue = Hyperparameter(check.optional_real, low=0.0)
+    global_clipnorm = Hyperparameter(check.optional_real, low=0.0)
+    loss_scale_factor = Hyperparameter(check.optional_real, low=0.0, low_open=True)
+    name = _Name()
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
+        common = _hyperparameter_fields(FusedOptimizer)
+        cls._hyperparameters = tuple(n for n in _hyperparameter_fields(cls) if n not in common)
         if cls.rule is not None:
             _REGISTRY[cls.__name__.lower()] = cls
 
@@ -75,33 +168,19 @@ class FusedOptimizer:
         skip_nonfinite=False,
         **kwargs,
     ):
+        # A subclass passes its own hyperparameters on in kwargs, so that all of them
+        # are checked together, in one place (_set_hyperparameters).
         learning_rate = self._keras2_learning_rate(learning_rate, kwargs)
         self._decay = self._keras2_decay(kwargs)
+        rule_values = {k: kwargs.pop(k) for k in self._hyperparameters if k in kwargs}
         if kwargs:
             raise ValueError(
                 f"{type(self).__name__} got unknown argument(s) {sorted(kwargs)}; "
                 f"valid arguments: {', '.join(self._argument_names())}"
             )
-        self._learning_rate = _check_learning_rate(learning_rate)
-        self.weight_decay = check.optional_real("weight_decay", weight_decay, low=0.0)
-        self.clipnorm = check.optional_real("clipnorm", clipnorm, low=0.0)
-        self.clipvalue = check.optional_real("clipvalue", clipvalue, low=0.0)
-        self.global_clipnorm = check.optional_real("global_clipnorm", global_clipnorm, low=0.0)
-        clip_options = [n for n in ("clipnorm", "clipvalue", "global_clipnorm")
-                        if getattr(self, n) is not None]
-        if len(clip_options) > 1:
-            raise ValueError(
-                "Only one of `clipnorm`, `clipvalue` and `global_clipnorm` can be set; "
-                f"got {', '.join(clip_options)}"
-            )
-        self.loss_scale_factor = check.optional_real(
-            "loss_scale_factor", loss_scale_factor, low=0.0, low_open=True)
         self._skip_nonfinite = check.boolean("skip_nonfinite", skip_nonfinite)
         _check_unsupported_keras_options(use_ema, ema_momentum, ema_overwrite_frequency,
                                          gradient_accumulation_steps)
-        if name is not None and not isinstance(name, str):
-            raise TypeError(f"`name` must be a string, got {type(name).__name__}")
-        self.name = name if name is not None else _snake_case(type(self).__name__)
         self._iterations = 0
         self._skipped_steps = 0
         self._last_step_skipped = False
@@ -110,6 +189,65 @@ class FusedOptimizer:
         self._slots = None    # rule-ordered list: a 1-D array per slot, None where absent
         self._pending_state = None
         self._gpu = None      # cuda.StepPlan once built on a GPU
+        self._set_hyperparameters(dict(
+            learning_rate=learning_rate, weight_decay=weight_decay, clipnorm=clipnorm,
+            clipvalue=clipvalue, global_clipnorm=global_clipnorm,
+            loss_scale_factor=loss_scale_factor,
+            name=name, **rule_values), notify=False)
+
+    # ------------------------------------------------------------- hyperparameters
+    def _set_hyperparameters(self, values, *, notify=True):
+        """The one way hyperparameters are set, by the constructor and by assignment
+        (`opt.beta_1 = 0.8` comes here through its Hyperparameter).
+
+        Each value goes through its own check, then the cross-argument rules run on
+        the optimizer as it would be, and an optimizer with state refuses a change
+        that would add or drop a state slot. Only then is anything stored, so a
+        refused assignment changes nothing and every stored configuration is one
+        the constructor (and so `load`) accepts.
+        """
+        fields = _hyperparameter_fields(type(self))
+        checked = {name: fields[name].validate(self, value) for name, value in values.items()}
+        candidate = copy.copy(self)  # shares the buffers; only its settings differ
+        candidate.__dict__.update({fields[n].storage: v for n, v in checked.items()})
+        candidate._check_hyperparameters()
+        if self.built or self._pending_state is not None:
+            self._check_same_slots(candidate, checked)
+        self.__dict__.update({fields[n].storage: v for n, v in checked.items()})
+        if notify:
+            for name in checked:
+                self._hyperparameters_changed(name)
+
+    def _check_hyperparameters(self):
+        """Rules that tie hyperparameters together, run on every construction and
+        assignment; a subclass adds its own and calls super()."""
+        clip_options = [f"`{n}`" for n in ("clipnorm", "clipvalue", "global_clipnorm")
+                        if getattr(self, n) is not None]
+        if len(clip_options) > 1:
+            raise ValueError(
+                "Only one of `clipnorm`, `clipvalue` and `global_clipnorm` can be set; "
+                f"got {', '.join(clip_options)}"
+            )
+        if not callable(self._learning_rate):
+            self._check_learning_rate_value(self._learning_rate)
+
+    def _check_same_slots(self, candidate, changed):
+        # The state was allocated (or loaded) for the current slots; a setting that
+        # adds or drops one (SGD momentum 0 <-> > 0, amsgrad, centered) cannot apply
+        # to it.
+        if candidate.slot_names != self.slot_names:
+            names = ", ".join(f"`{n}`" for n in changed)
+            raise ValueError(
+                f"{names}: this change would turn the state slots {list(self.slot_names)} "
+                f"into {list(candidate.slot_names)}, but this optimizer already has state; "
+                "set it before the first step, or start a new optimizer"
+            )
+
+    def _hyperparameters_changed(self, name):
+        """Called with the hyperparameter's name after an accepted assignment
+        (`opt.beta_1 = 0.8`), once the new value is stored; not called by the
+        constructor. Does nothing here: executors refresh device-resident copies of
+        the hyperparameters here."""
 
     # ---------------------------------------------------------------- subclass API
     def _slot_specs(self):
@@ -151,23 +289,6 @@ class FusedOptimizer:
         if self._gpu is not None and self.skip_nonfinite:
             self._sync_counters_from_gpu()
         return self._last_step_skipped
-
-    @property
-    def learning_rate(self):
-        """The learning rate the next step will use."""
-        return self._learning_rate_at(self.iterations)
-
-    @learning_rate.setter
-    def learning_rate(self, value):
-        if isinstance(self._learning_rate, schedules.LearningRateSchedule):
-            raise TypeError(
-                "This optimizer was created with a learning-rate schedule; "
-                "its learning rate cannot be set to a number"
-            )
-        value = _check_learning_rate(value)
-        if not callable(value):
-            self._check_learning_rate_value(value)
-        self._learning_rate = value
 
     @property
     def built(self):
@@ -594,10 +715,15 @@ def _as_params(params):
     if isinstance(params, FlatBuffer):
         return params
     if isinstance(params, np.ndarray) or cuda.is_gpu_array(params):
+        # Checked here, not left to FlatBuffer, whose messages name its own `data`.
         if params.ndim != 1:
             raise ValueError(
                 f"`params` must be a FlatBuffer or a 1-D array, got shape {tuple(params.shape)}"
             )
+        if not params.flags.c_contiguous:
+            raise ValueError("`params` must be contiguous")
+        if np.dtype(params.dtype) not in SUPPORTED_DTYPES:
+            raise ValueError(f"`params` must be float32 or float64, got {params.dtype}")
         return FlatBuffer(params, [params.shape])
     raise TypeError(f"`params` must be a FlatBuffer or a 1-D array, got {type(params).__name__}")
 

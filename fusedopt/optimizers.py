@@ -1,23 +1,29 @@
 """One small class per rule: Keras 3 arguments and defaults, slots, per-step scalars.
 
 Each class names its rule (`rule`, the file kernels/<rule>.cuh and the function
-reference.<rule>), lists its state slots with their initial values, and computes
-the per-step scalars its rule reads, in the rule's argument order. Everything else
-(validation of the common options, the pipeline, state, config) is FusedOptimizer's.
+reference.<rule>), declares its hyperparameters with the check each must pass
+(`Hyperparameter`: the constructor and `opt.x = value` share it), lists its state
+slots with their initial values, and computes the per-step scalars its rule reads, in
+the rule's argument order. Everything else (the common options, the pipeline, state,
+config) is FusedOptimizer's.
 """
 
 import math
 
 from . import _validate as check
-from .optimizer import KERAS_DEFAULT_EPSILON, FusedOptimizer
+from .optimizer import KERAS_DEFAULT_EPSILON, FusedOptimizer, Hyperparameter
 
 __all__ = ["SGD", "RMSprop", "Adagrad", "Adadelta", "Adam", "AdamW", "Adamax", "Nadam",
            "Ftrl", "Lion"]
 
 
-def _epsilon(value):
+def _epsilon(name, value):
     """Keras 2's epsilon=None means the backend epsilon, 1e-7."""
-    return KERAS_DEFAULT_EPSILON if value is None else check.non_negative("epsilon", value)
+    return KERAS_DEFAULT_EPSILON if value is None else check.non_negative(name, value)
+
+
+def _momentum():
+    return Hyperparameter(check.real, low=0.0, high=1.0)
 
 
 class SGD(FusedOptimizer):
@@ -29,12 +35,11 @@ class SGD(FusedOptimizer):
     """
 
     rule = "sgd"
-    _hyperparameters = ("momentum", "nesterov")
+    momentum = _momentum()
+    nesterov = Hyperparameter(check.boolean)
 
     def __init__(self, learning_rate=0.01, momentum=0.0, nesterov=False, **kwargs):
-        super().__init__(learning_rate, **kwargs)
-        self.momentum = check.real("momentum", momentum, low=0.0, high=1.0)
-        self.nesterov = check.boolean("nesterov", nesterov)
+        super().__init__(learning_rate, momentum=momentum, nesterov=nesterov, **kwargs)
 
     def _slot_specs(self):
         return (("momentum", 0.0) if self.momentum != 0 else None,)
@@ -52,15 +57,15 @@ class RMSprop(FusedOptimizer):
     """
 
     rule = "rmsprop"
-    _hyperparameters = ("rho", "momentum", "epsilon", "centered")
+    rho = Hyperparameter(check.beta)
+    momentum = _momentum()
+    epsilon = Hyperparameter(_epsilon)
+    centered = Hyperparameter(check.boolean)
 
     def __init__(self, learning_rate=0.001, rho=0.9, momentum=0.0, epsilon=1e-7,
                  centered=False, **kwargs):
-        super().__init__(learning_rate, **kwargs)
-        self.rho = check.beta("rho", rho)
-        self.momentum = check.real("momentum", momentum, low=0.0, high=1.0)
-        self.epsilon = _epsilon(epsilon)
-        self.centered = check.boolean("centered", centered)
+        super().__init__(learning_rate, rho=rho, momentum=momentum, epsilon=epsilon,
+                         centered=centered, **kwargs)
 
     def _slot_specs(self):
         return (
@@ -81,14 +86,13 @@ class Adagrad(FusedOptimizer):
     """
 
     rule = "adagrad"
-    _hyperparameters = ("initial_accumulator_value", "epsilon")
+    initial_accumulator_value = Hyperparameter(check.non_negative)
+    epsilon = Hyperparameter(_epsilon)
 
     def __init__(self, learning_rate=0.001, initial_accumulator_value=0.1, epsilon=1e-7,
                  **kwargs):
-        super().__init__(learning_rate, **kwargs)
-        self.initial_accumulator_value = check.non_negative(
-            "initial_accumulator_value", initial_accumulator_value)
-        self.epsilon = _epsilon(epsilon)
+        super().__init__(learning_rate, initial_accumulator_value=initial_accumulator_value,
+                         epsilon=epsilon, **kwargs)
 
     def _slot_specs(self):
         return (("accumulator", self.initial_accumulator_value),)
@@ -106,12 +110,11 @@ class Adadelta(FusedOptimizer):
     """
 
     rule = "adadelta"
-    _hyperparameters = ("rho", "epsilon")
+    rho = Hyperparameter(check.beta)
+    epsilon = Hyperparameter(_epsilon)
 
     def __init__(self, learning_rate=0.001, rho=0.95, epsilon=1e-7, **kwargs):
-        super().__init__(learning_rate, **kwargs)
-        self.rho = check.beta("rho", rho)
-        self.epsilon = _epsilon(epsilon)
+        super().__init__(learning_rate, rho=rho, epsilon=epsilon, **kwargs)
 
     def _slot_specs(self):
         return ("accumulated_grad", 0.0), ("accumulated_delta_var", 0.0)
@@ -129,15 +132,15 @@ class Adam(FusedOptimizer):
     """
 
     rule = "adam"
-    _hyperparameters = ("beta_1", "beta_2", "epsilon", "amsgrad")
+    beta_1 = Hyperparameter(check.beta)
+    beta_2 = Hyperparameter(check.beta)
+    epsilon = Hyperparameter(_epsilon)
+    amsgrad = Hyperparameter(check.boolean)
 
     def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7,
                  amsgrad=False, **kwargs):
-        super().__init__(learning_rate, **kwargs)
-        self.beta_1 = check.beta("beta_1", beta_1)
-        self.beta_2 = check.beta("beta_2", beta_2)
-        self.epsilon = _epsilon(epsilon)
-        self.amsgrad = check.boolean("amsgrad", amsgrad)
+        super().__init__(learning_rate, beta_1=beta_1, beta_2=beta_2, epsilon=epsilon,
+                         amsgrad=amsgrad, **kwargs)
 
     def _slot_specs(self):
         return (
@@ -157,10 +160,13 @@ class AdamW(Adam):
 
     def __init__(self, learning_rate=0.001, weight_decay=0.004, beta_1=0.9, beta_2=0.999,
                  epsilon=1e-7, amsgrad=False, **kwargs):
-        if weight_decay is None:
-            raise ValueError("`weight_decay` must be a number for AdamW, got None")
         super().__init__(learning_rate, beta_1, beta_2, epsilon, amsgrad,
                          weight_decay=weight_decay, **kwargs)
+
+    def _check_hyperparameters(self):
+        if self.weight_decay is None:
+            raise ValueError("`weight_decay` must be a number for AdamW, got None")
+        super()._check_hyperparameters()
 
 
 class Adamax(FusedOptimizer):
@@ -171,13 +177,13 @@ class Adamax(FusedOptimizer):
     """
 
     rule = "adamax"
-    _hyperparameters = ("beta_1", "beta_2", "epsilon")
+    beta_1 = Hyperparameter(check.beta)
+    beta_2 = Hyperparameter(check.beta)
+    epsilon = Hyperparameter(_epsilon)
 
     def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7, **kwargs):
-        super().__init__(learning_rate, **kwargs)
-        self.beta_1 = check.beta("beta_1", beta_1)
-        self.beta_2 = check.beta("beta_2", beta_2)
-        self.epsilon = _epsilon(epsilon)
+        super().__init__(learning_rate, beta_1=beta_1, beta_2=beta_2, epsilon=epsilon,
+                         **kwargs)
 
     def _slot_specs(self):
         return ("momentum", 0.0), ("norm", 0.0)
@@ -197,21 +203,22 @@ class Nadam(FusedOptimizer):
     """
 
     rule = "nadam"
-    _hyperparameters = ("beta_1", "beta_2", "epsilon")
+    beta_1 = Hyperparameter(check.beta)
+    beta_2 = Hyperparameter(check.beta)
+    epsilon = Hyperparameter(_epsilon)
+    schedule_decay = Hyperparameter(check.optional_real, low=0.0)  # Keras 2 only
 
     def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7,
                  schedule_decay=None, **kwargs):
-        super().__init__(learning_rate, **kwargs)
-        self.beta_1 = check.beta("beta_1", beta_1)
-        self.beta_2 = check.beta("beta_2", beta_2)
-        self.epsilon = _epsilon(epsilon)
-        self.schedule_decay = check.optional_real("schedule_decay", schedule_decay, low=0.0)
-        self._u_product_memo = (0, 1.0)  # (t, u_product after t steps)
+        super().__init__(learning_rate, beta_1=beta_1, beta_2=beta_2, epsilon=epsilon,
+                         schedule_decay=schedule_decay, **kwargs)
+        # ((beta_1, schedule_decay), t, u_product after t steps)
+        self._u_product_memo = (None, 0, 1.0)
 
     def get_config(self):
         config = super().get_config()
-        if self.schedule_decay is not None:
-            config["schedule_decay"] = self.schedule_decay
+        if config["schedule_decay"] is None:  # Keras 3 has no such argument
+            del config["schedule_decay"]
         return config
 
     def _slot_specs(self):
@@ -224,12 +231,18 @@ class Nadam(FusedOptimizer):
     def _u_product(self, t):
         # Keras keeps u_product as a variable multiplied once per step, in this
         # order. It is a pure function of t: replaying the same products from 1.0
-        # gives the same bits, so it needs no place in the state. Memoised forward.
-        k, product = self._u_product_memo if self._u_product_memo[0] <= t else (0, 1.0)
+        # gives the same bits, so it needs no place in the state. Memoised forward,
+        # for the current beta_1 and schedule_decay: after either is assigned the
+        # product is that of the new values from step 1 (Keras would go on from the
+        # product accumulated so far).
+        key = (self.beta_1, self.schedule_decay)
+        memo_key, k, product = self._u_product_memo
+        if memo_key != key or k > t:
+            k, product = 0, 1.0
         while k < t:
             k += 1
             product = product * self.beta_1 * self._u(k)
-        self._u_product_memo = (k, product)
+        self._u_product_memo = (key, k, product)
         return product
 
     def _rule_scalars(self, lr, t):
@@ -250,27 +263,24 @@ class Ftrl(FusedOptimizer):
     """
 
     rule = "ftrl"
-    _hyperparameters = ("learning_rate_power", "initial_accumulator_value",
-                        "l1_regularization_strength", "l2_regularization_strength",
-                        "l2_shrinkage_regularization_strength", "beta")
+    learning_rate_power = Hyperparameter(check.real, high=0.0)
+    initial_accumulator_value = Hyperparameter(check.non_negative)
+    l1_regularization_strength = Hyperparameter(check.non_negative)
+    l2_regularization_strength = Hyperparameter(check.non_negative)
+    l2_shrinkage_regularization_strength = Hyperparameter(check.non_negative)
+    beta = Hyperparameter(check.non_negative)
 
     def __init__(self, learning_rate=0.001, learning_rate_power=-0.5,
                  initial_accumulator_value=0.1, l1_regularization_strength=0.0,
                  l2_regularization_strength=0.0, l2_shrinkage_regularization_strength=0.0,
                  beta=0.0, **kwargs):
-        super().__init__(learning_rate, **kwargs)
-        self.learning_rate_power = check.real("learning_rate_power", learning_rate_power, high=0.0)
-        self.initial_accumulator_value = check.non_negative(
-            "initial_accumulator_value", initial_accumulator_value)
-        self.l1_regularization_strength = check.non_negative(
-            "l1_regularization_strength", l1_regularization_strength)
-        self.l2_regularization_strength = check.non_negative(
-            "l2_regularization_strength", l2_regularization_strength)
-        self.l2_shrinkage_regularization_strength = check.non_negative(
-            "l2_shrinkage_regularization_strength", l2_shrinkage_regularization_strength)
-        self.beta = check.non_negative("beta", beta)
-        if not callable(self._learning_rate):
-            self._check_learning_rate_value(self._learning_rate)
+        super().__init__(
+            learning_rate, learning_rate_power=learning_rate_power,
+            initial_accumulator_value=initial_accumulator_value,
+            l1_regularization_strength=l1_regularization_strength,
+            l2_regularization_strength=l2_regularization_strength,
+            l2_shrinkage_regularization_strength=l2_shrinkage_regularization_strength,
+            beta=beta, **kwargs)
 
     def _check_learning_rate_value(self, lr):
         if lr <= 0:
@@ -292,13 +302,12 @@ class Lion(FusedOptimizer):
     """
 
     rule = "lion"
-    _hyperparameters = ("beta_1", "beta_2")
+    # Keras refuses beta_1 = 0 (Lion degenerates to signSGD); betas are < 1 here.
+    beta_1 = Hyperparameter(check.real, low=0.0, high=1.0, low_open=True, high_open=True)
+    beta_2 = Hyperparameter(check.beta)
 
     def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.99, **kwargs):
-        super().__init__(learning_rate, **kwargs)
-        # Keras refuses beta_1 = 0 (Lion degenerates to signSGD); betas are < 1 here.
-        self.beta_1 = check.real("beta_1", beta_1, low=0.0, high=1.0, low_open=True, high_open=True)
-        self.beta_2 = check.beta("beta_2", beta_2)
+        super().__init__(learning_rate, beta_1=beta_1, beta_2=beta_2, **kwargs)
 
     def _slot_specs(self):
         return (("momentum", 0.0),)

@@ -225,3 +225,28 @@ def test_callable_learning_rate_cannot_be_saved(tmp_path):
     with pytest.raises(ValueError, match="learning_rate"):
         fusedopt.save(tmp_path / "c.safetensors", opt, params)
     assert not os.listdir(tmp_path)
+
+
+def test_saving_into_a_missing_folder_names_the_users_path(tmp_path):
+    opt, params = fusedopt.Adam(), make_params()
+    path = tmp_path / "nodir" / "x.npz"
+    with pytest.raises(FileNotFoundError) as info:
+        fusedopt.save(path, opt, params)
+    assert info.value.filename == str(path) and "nodir" in str(info.value)
+    assert ".tmp" not in str(info.value) and ".fusedopt-" not in str(info.value)
+    assert not opt.built  # refused before anything was built
+
+
+def test_a_failed_write_names_the_users_path_and_leaves_no_temporary(tmp_path, monkeypatch):
+    import errno
+
+    def disk_full(file, **arrays):
+        raise OSError(errno.ENOSPC, "No space left on device", file.name)
+
+    monkeypatch.setattr(fusedopt.checkpoint.np, "savez", disk_full)
+    path = tmp_path / "c.npz"
+    with pytest.raises(OSError) as info:
+        fusedopt.save(path, fusedopt.Adam(), make_params())
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(path)
+    assert "No space left" in str(info.value) and ".fusedopt-" not in str(info.value)
+    assert os.listdir(tmp_path) == []
