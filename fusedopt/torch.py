@@ -408,6 +408,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         if isinstance(params, torch.Tensor):
             raise TypeError("`params` must be an iterable of tensors or of dicts (parameter "
                             "groups), got a single tensor; wrap it in a list")
+        if isinstance(params, (set, frozenset)):
+            raise TypeError("`params` must be an ordered collection (a list), not a set: the "
+                            "order of a set changes between runs")
         groups = list(params)
         if not groups:
             raise ValueError("`params` is empty: there is nothing to optimize")
@@ -615,6 +618,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                              f"optimizer {len(self.param_groups)}")
         groups, states = [], {}
         for i, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if not isinstance(saved, dict) or "params" not in saved:
+                raise ValueError(f"`state_dict['param_groups'][{i}]` must be a dict with "
+                                 "'params'")
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError(f"`state_dict` group {i} has {len(saved['params'])} parameters, "
                                  f"this optimizer's {len(group['params'])}")
