@@ -72,7 +72,18 @@ OPTION_CASES = [
     for opt, kwargs in OPTIONS.items()
 ]
 
-CASES = RULE_CASES + OPTION_CASES
+# The loss scale divides the gradient before any clipping: these catch the two in the
+# wrong order (a single option cannot).
+COMBINED_CASES = [
+    ("adam+loss_scale+clipvalue", "Adam", {"loss_scale_factor": 4.0, "clipvalue": 0.1}),
+    ("adamw+loss_scale+clipnorm", "AdamW", {"loss_scale_factor": 4.0, "clipnorm": 1.0}),
+    ("sgd-momentum+loss_scale+clipnorm", "SGD",
+     {"momentum": 0.9, "loss_scale_factor": 0.25, "clipnorm": 1.0}),
+    ("lion+loss_scale+clipvalue", "Lion", {"loss_scale_factor": 8.0, "clipvalue": 0.05}),
+    ("adagrad+loss_scale+clipnorm", "Adagrad", {"loss_scale_factor": 3.0, "clipnorm": 0.5}),
+]
+
+CASES = RULE_CASES + OPTION_CASES + COMBINED_CASES
 
 # Layouts used across tests: segment shapes, including (), (0,), (1,) and odd sizes.
 LAYOUTS = {
