@@ -104,6 +104,10 @@ class CupyBackend:
                 self._functions[key] = module.get_function(name)
         return self._functions[key]
 
+    def load(self, kernel):
+        """Compile and load `kernel` now (CuPy does it at first use otherwise)."""
+        getattr(kernel, "kernel", None)
+
     def blocks_per_sm(self, kernel, block):
         """Resident blocks per SM for `kernel` at `block` threads: the occupancy API,
         which accounts for its registers and shared memory."""
@@ -120,6 +124,9 @@ class CupyBackend:
     # Streams: CuPy's current stream, and an event to order one after another.
     def current_stream(self):
         return self.xp.cuda.get_current_stream()
+
+    def is_capturing(self, stream):
+        return stream.ptr not in (0, 1) and stream.is_capturing()
 
     def order(self, before, stream):
         event = self.xp.cuda.Event(block=False, disable_timing=True)
@@ -206,8 +213,10 @@ class StepPlan:
         return None
 
     def _function(self, rule, name):
+        """A kernel, compiled and loaded when the plan is built (never inside a capture)."""
         if name not in self._functions:
             self._functions[name] = self.backend.function(rule, self.dtype, name)
+            self.backend.load(self._functions[name])
         return self._functions[name]
 
     def _grid(self, rule, name):
@@ -232,14 +241,16 @@ class StepPlan:
         self.tile_nonfinite = (xp.zeros(tiles.count, dtype=np.int32)
                                if opt.skip_nonfinite else None)
         self.factors = xp.ones(max(1, self.nsegments), dtype=self.dtype) if self.mode else None
+        if opt.skip_nonfinite:
+            self._function(None, "fusedopt_skip_check")
         self.update_grid = self._grid(opt.rule, f"fusedopt_{opt.rule}")
         self.sumsq_grid = self._grid(None, "fusedopt_sumsq") if reduce else None
-        if self.mode == "segment":
+        self.factors_grid = 1  # global_clipnorm: one segment
+        if self.mode is not None:
             blocks = self.backend.blocks_per_sm(self._function(None, "fusedopt_clip_factors"),
                                                 k.BLOCK)
-            self.factors_grid = max(1, min(self.nsegments, self.backend.sm_count * blocks))
-        else:
-            self.factors_grid = 1
+            if self.mode == "segment":
+                self.factors_grid = max(1, min(self.nsegments, self.backend.sm_count * blocks))
         self.epoch += 1
 
     # ----------------------------------------------------------- the step state
@@ -307,9 +318,14 @@ class StepPlan:
         self._function(rule, name)((int(grid),), (int(block),), args)
 
     def join_current_stream(self):
-        """Make the current stream wait for this optimizer's work on another stream."""
+        """Make the current stream wait for this optimizer's work on another stream.
+        Not while the user captures a graph (apply() inside their capture): waiting
+        there on an event from outside the capture is not allowed; replays of such a
+        graph are ordered by the stream the user launches them on."""
         stream = self.backend.current_stream()
         if self._stream is not None and stream != self._stream:
+            if self.backend.is_capturing(stream):
+                return
             self.backend.order(self._stream, stream)
         self._stream = stream
 

@@ -276,6 +276,23 @@ def test_buffers_sharing_a_misalignment_take_the_vector_path(libraries, kwargs, 
     assert_same_bits(results["mixed"], results["aligned"], "scalar path")
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+def test_sum_of_squares_loads_16_bytes_at_a_time(libraries, dtype):
+    """fusedopt_sumsq on an aligned gradient: one 16-byte load per V elements, scalar
+    loads only for the < V elements before and after each tile's whole chunks."""
+    layout = [(5000,), (3,), (9001,)]
+    opt, params = make("Adam", {"clipnorm": 1.0}, dtype, layout=layout)
+    backend = emulate(opt, params, libraries)
+    backend.reset_accesses()
+    g = with_offset(np.ones(params.size, dtype), 0)
+    opt.apply(g, params)
+    V, tiles = 16 // np.dtype(dtype).itemsize, opt._gpu.tiles.count
+    vector = backend.count("load", 16, kernel="fusedopt_sumsq")
+    scalar = backend.count("load", np.dtype(dtype).itemsize, kernel="fusedopt_sumsq")
+    assert vector * V + scalar == params.size
+    assert scalar <= 2 * (V - 1) * tiles
+
+
 # ------------------------------------------------------------------- clip option
 def test_clip_option_switched_between_steps(libraries):
     """Tables are rebuilt when the option is set, never inside a step; the steps

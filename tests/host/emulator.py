@@ -190,6 +190,9 @@ class EmulatorBackend:
         return EmulatedKernel(self, self.libraries[dtype.name], dtype, name,
                               self._signatures[key][name])
 
+    def load(self, kernel):
+        pass  # built with the library
+
     def blocks_per_sm(self, kernel, block):
         return self.occupancy
 
@@ -233,6 +236,9 @@ class EmulatorBackend:
             yield
         finally:
             self._stream = previous
+
+    def is_capturing(self, stream):
+        return self._recording is not None
 
     def order(self, before, stream):
         """`stream`'s later work waits for everything queued on `before` so far."""
