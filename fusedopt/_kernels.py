@@ -102,7 +102,8 @@ def translation_units():
         for rule in rule_names():
             units.append((f"{rule}/{dtype.name}", rule_source(rule, dtype), [f"fusedopt_{rule}"]))
         units.append((f"reduce/{dtype.name}", reduce_source(dtype),
-                      ["fusedopt_sumsq", "fusedopt_clip_factors", "fusedopt_skip_check"]))
+                      ["fusedopt_sumsq", "fusedopt_clip_factors", "fusedopt_skip_check",
+                       "fusedopt_write_hyper", "fusedopt_write_state"]))
     return units
 
 

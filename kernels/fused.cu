@@ -69,6 +69,14 @@ __device__ __forceinline__ long long common_boundary(const T* p, const T* g, con
     return (long long)((16 - a % 16) % 16 / sizeof(T));
 }
 
+// The step's values, once per block. Not inlined: the double-precision schedule and
+// power functions (CUDA's libdevice uses fused multiply-adds inside them by design)
+// stay in their own PTX function, apart from the element math, which must have none.
+template <typename Rule>
+__device__ __noinline__ StepValues block_step_values(const Hyper* hyper, const StepState* state) {
+    return fo_step_values<Rule>(*hyper, *state);
+}
+
 // The last block to start a step advances the step state: every other block has read
 // it by then (thread 0 reads it before taking its ticket), and the next kernel in the
 // stream sees the new state. An integer ticket, no floating-point atomics.
@@ -95,7 +103,7 @@ __device__ __forceinline__ void fused_step(
     __shared__ int shared_skip;
     if (threadIdx.x == 0) {
         const StepState s = *state;
-        const StepValues values = fo_step_values<Rule>(*hyper, s);
+        const StepValues values = block_step_values<Rule>(hyper, state);
         shared_st = fo_narrow<T>(values);
         shared_pro = fo_prologue<T>(*hyper);
         shared_skip = s.skip != 0;  // skip_nonfinite: this step's gradients are not finite
