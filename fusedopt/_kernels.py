@@ -13,9 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-BLOCK = 256            # threads per block: FO_BLOCK / FO_REDUCE_BLOCK in the kernels
-MAX_SCALARS = 10       # FO_MAX_SCALARS in common.cuh
-BLOCKS_PER_SM = 8      # 8 x 256 threads fill an SM (2048 resident threads)
+TILES_PER_SM = 8       # load balance: at least this many tiles per SM when n allows
 MIN_TILE = 2048        # elements; tiles are powers of two between these bounds,
 MAX_TILE = 16384       # small enough to give every SM work, large enough to amortise
 # The flags every kernel is built with, in production and in the CI compile check
@@ -35,6 +33,7 @@ NVRTC_OPTIONS = (
 CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.M)
+_DEFINE = re.compile(r"^\s*#\s*define\s+(FO_\w+)\s+(\d+)\s*(?://.*)?$", re.M)
 _PRAGMA_ONCE = re.compile(r"^\s*#\s*pragma\s+once\s*$", re.M)
 
 
@@ -69,6 +68,20 @@ def expand_includes(text, seen=None):
     return _INCLUDE.sub(inline, text)
 
 
+def header_constants():
+    """The integer #defines (FO_*) of the headers every kernel includes: the one source
+    of truth for the block size, the structs' array bounds and the schedule kinds."""
+    return {m.group(1): int(m.group(2))
+            for name in ("common.cuh", "step.cuh") for m in _DEFINE.finditer(read_source(name))}
+
+
+CONSTANTS = header_constants()
+BLOCK = CONSTANTS["FO_BLOCK"]              # threads per block of every kernel
+MAX_SCALARS = CONSTANTS["FO_MAX_SCALARS"]  # StepScalars.c / StepValues.c
+MAX_HYPER = CONSTANTS["FO_MAX_HYPER"]      # Hyper.rule
+MAX_PIECES = CONSTANTS["FO_MAX_PIECES"]    # LearningRate.values
+
+
 def rule_source(rule, dtype):
     """The translation unit exporting `fusedopt_<rule>` for one dtype."""
     prelude = (
@@ -99,7 +112,8 @@ def translation_units():
         for rule in rule_names():
             units.append((f"{rule}/{dtype.name}", rule_source(rule, dtype), [f"fusedopt_{rule}"]))
         units.append((f"reduce/{dtype.name}", reduce_source(dtype),
-                      ["fusedopt_sumsq", "fusedopt_clip_factors", "fusedopt_skip_check"]))
+                      ["fusedopt_sumsq", "fusedopt_clip_factors", "fusedopt_skip_check",
+                       "fusedopt_write_hyper", "fusedopt_write_state"]))
     return units
 
 
@@ -209,8 +223,112 @@ def cached_cubin(source, arch, name="fusedopt.cu"):
 
 
 # --------------------------------------------------------------- argument structs
+# numpy mirrors of the structs in kernels/common.cuh and kernels/step.cuh (field for
+# field; tests/test_host_rules.py checks sizes and offsets against the C++ compiler's).
+LEARNING_RATE = np.dtype([
+    ("kind", np.int64), ("flag", np.int64), ("pieces", np.int64), ("initial", np.float64),
+    ("arg", np.float64, (4,)), ("decay", np.float64),
+    ("boundaries", np.float64, (MAX_PIECES - 1,)), ("values", np.float64, (MAX_PIECES,)),
+])
+HYPER = np.dtype([
+    ("unscale", np.float64), ("clipvalue", np.float64), ("weight_decay", np.float64),
+    ("clipnorm", np.float64), ("rule", np.float64, (MAX_HYPER,)), ("lr", LEARNING_RATE),
+])
+STEP_STATE = np.dtype([
+    ("iterations", np.int64), ("skipped_steps", np.int64), ("last_step_skipped", np.int64),
+    ("skip", np.int64), ("blocks_done", np.uint64), ("product", np.float64),
+])
+STEP_VALUES = np.dtype([
+    ("lr", np.float64), ("c", np.float64, (MAX_SCALARS,)), ("product", np.float64),
+])
+
+# Keras' schedule names -> the LearningRate kind, the config key of its flag and the
+# config keys of arg[] (kernels/step.cuh). Names are the registry: this module never
+# imports fusedopt.schedules.
+_SCHEDULES = {
+    "ExponentialDecay": ("FO_LR_EXPONENTIAL", "staircase", ("decay_steps", "decay_rate")),
+    "InverseTimeDecay": ("FO_LR_INVERSE_TIME", "staircase", ("decay_steps", "decay_rate")),
+    "PolynomialDecay": ("FO_LR_POLYNOMIAL", "cycle",
+                        ("decay_steps", "end_learning_rate", "power")),
+    "CosineDecay": ("FO_LR_COSINE", "warmup_target",
+                    ("decay_steps", "alpha", "warmup_target", "warmup_steps")),
+    "CosineDecayRestarts": ("FO_LR_COSINE_RESTARTS", None,
+                            ("first_decay_steps", "t_mul", "m_mul", "alpha")),
+    "PiecewiseConstantDecay": ("FO_LR_PIECEWISE", None, ()),
+}
+
+
+def pack_learning_rate(spec, decay=0.0):
+    """The LearningRate record for `spec`: a number (the rate), or (schedule class name,
+    its get_config()). None when the block cannot hold it (an unknown schedule, or more
+    than MAX_PIECES piecewise values): the host must then evaluate the rate each step."""
+    out = np.zeros((), LEARNING_RATE)
+    out["decay"] = decay
+    if not isinstance(spec, tuple):
+        out["kind"], out["initial"] = CONSTANTS["FO_LR_CONSTANT"], spec
+        return out
+    name, config = spec
+    if name not in _SCHEDULES:
+        return None
+    kind, flag, args = _SCHEDULES[name]
+    out["kind"] = CONSTANTS[kind]
+    if name == "PiecewiseConstantDecay":
+        values = config["values"]
+        if len(values) > MAX_PIECES:
+            return None
+        out["pieces"] = len(values)
+        out["boundaries"][: len(values) - 1] = config["boundaries"]
+        out["values"][: len(values)] = values
+        return out
+    out["initial"] = config["initial_learning_rate"]
+    out["flag"] = flag is not None and config[flag] not in (None, False)
+    out["arg"][: len(args)] = [config[a] or 0.0 for a in args]
+    return out
+
+
+def pack_hyper(learning_rate, rule, loss_scale_factor=None, clipvalue=None,
+               weight_decay=None, clipnorm=None):
+    """The Hyper block: `learning_rate` from pack_learning_rate, `rule` the rule's
+    hyperparameters (its class's _hyperparameters, in order), the pipeline's options
+    with their Keras spellings (None: off)."""
+    if len(rule) > MAX_HYPER:
+        raise ValueError(f"a rule may have at most {MAX_HYPER} hyperparameters, got {len(rule)}")
+    out = np.zeros((), HYPER)
+    out["unscale"] = 1.0 / loss_scale_factor if loss_scale_factor else 1.0
+    out["clipvalue"] = clipvalue or 0.0
+    out["weight_decay"] = -1.0 if weight_decay is None else weight_decay
+    out["clipnorm"] = clipnorm or 0.0
+    out["rule"][: len(rule)] = rule
+    out["lr"] = learning_rate
+    return out
+
+
+def optimizer_hyper(opt, host_learning_rate=0.0):
+    """(Hyper block, host_evaluated) for a FusedOptimizer: what an executor writes when a
+    hyperparameter changes. host_evaluated: the block cannot compute the rate (a
+    callable, a schedule it does not know), so the executor writes
+    `host_learning_rate` (the rate before Keras 2's decay, which the block applies)
+    before each step."""
+    spec = opt._learning_rate_spec()
+    lr = None if spec is None else pack_learning_rate(spec, opt._decay)
+    host_evaluated = lr is None
+    if host_evaluated:
+        lr = pack_learning_rate(float(host_learning_rate), opt._decay)
+    hyper = pack_hyper(lr, opt._device_hyperparameters(), opt.loss_scale_factor,
+                       opt.clipvalue, opt.weight_decay, opt.clipnorm or opt.global_clipnorm)
+    return hyper, host_evaluated
+
+
+def pack_step_state(iterations, skipped_steps=0, last_step_skipped=False, product=1.0):
+    out = np.zeros((), STEP_STATE)
+    out["iterations"], out["skipped_steps"] = iterations, skipped_steps
+    out["last_step_skipped"], out["product"] = int(last_step_skipped), product
+    return out
+
+
+# The host build's tests also run the element math with Python's own scalars.
 def prologue_dtype(dtype):
-    """numpy mirror of Prologue<T> in common.cuh, passed to the kernel by value."""
+    """numpy mirror of Prologue<T> in common.cuh."""
     return np.dtype([("unscale", dtype), ("clipvalue", dtype), ("weight_decay", dtype)])
 
 
@@ -261,11 +379,12 @@ class TileTable:
         self.segment_tiles = np.array(segment_tiles, dtype=np.int64)
         self.count = len(self.start) - 1
 
-    def grid(self, sm_count):
-        """Blocks to launch: one per tile, at most what fills every SM."""
-        return max(1, min(self.count, sm_count * BLOCKS_PER_SM))
+    def grid(self, sm_count, blocks_per_sm):
+        """Blocks to launch: one per tile, at most what is resident on every SM at once
+        (`blocks_per_sm`: the kernel's occupancy), and never 0 (CUDA refuses it)."""
+        return max(1, min(self.count, sm_count * blocks_per_sm))
 
 
 def tile_length(n, sm_count):
-    per_block = math.ceil(n / max(1, sm_count * BLOCKS_PER_SM))
+    per_block = math.ceil(n / max(1, sm_count * TILES_PER_SM))
     return int(min(MAX_TILE, max(MIN_TILE, 1 << max(0, per_block - 1).bit_length())))

@@ -243,12 +243,6 @@ class FusedOptimizer:
                 "set it before the first step, or start a new optimizer"
             )
 
-    def _hyperparameters_changed(self, name):
-        """Called with the hyperparameter's name after an accepted assignment
-        (`opt.beta_1 = 0.8`), once the new value is stored; not called by the
-        constructor. Does nothing here: executors refresh device-resident copies of
-        the hyperparameters here."""
-
     # ---------------------------------------------------------------- subclass API
     def _slot_specs(self):
         """The rule's state slots, in rule order: (name, initial value), or None
@@ -263,10 +257,33 @@ class FusedOptimizer:
     def _check_learning_rate_value(self, lr):
         """Rule-specific limits on this step's learning rate (Ftrl divides by it)."""
 
+    # What the kernels' step state reads (kernels/step.cuh): the rule's hyperparameters
+    # in the order of `_hyperparameters` (booleans as 0/1, an unset optional one such
+    # as Nadam's schedule_decay as -1), and a running product the rule keeps over
+    # completed steps (Nadam's), as a function of the step count.
+    def _device_hyperparameters(self):
+        values = (getattr(self, name) for name in self._hyperparameters)
+        return tuple(-1.0 if v is None else float(v) for v in values)
+
+    def _running_product(self, iterations):
+        return 1.0
+
+    def _learning_rate_spec(self):
+        """The learning rate as the kernels' step state holds it: a number, (schedule
+        class name, config) for fusedopt's own schedules, or None for what only the
+        host can evaluate (a callable, or a schedule of another class)."""
+        lr = self._learning_rate
+        if isinstance(lr, schedules.LearningRateSchedule):
+            if type(lr) in schedules.BUILTIN:
+                return type(lr).__name__, lr.get_config()
+            return None
+        return None if callable(lr) else lr
+
     # ------------------------------------------------------------------ properties
     @property
     def skip_nonfinite(self):
-        """Fixed at construction: it decides where the step counter lives."""
+        """Fixed at construction: it decides whether the host can count the steps
+        (without it every GPU step counts; with it only the device knows)."""
         return self._skip_nonfinite
 
     @property
@@ -355,17 +372,14 @@ class FusedOptimizer:
         _check_no_overlap(grads, params, self._slot_spans if self.built else ())
         if len(params) == 0:
             return  # Keras: no variables, no update, no increment
-        # With skip_nonfinite on a GPU only the device knows how many steps were
-        # skipped; the host computes the scalars of the newest possible iteration and
-        # the device picks the row of its own count (see cuda.StepPlan).
-        it = self._gpu.next_row if (self._gpu is not None and self.skip_nonfinite) else self._iterations
-        lr, scalars = self._step_scalars(it)
-        self.build(params)
-        if self._gpu is not None:
-            self._gpu.step(grads, params.data, self._slots, lr, scalars)
-            if not self.skip_nonfinite:
-                self._iterations += 1
+        if self._gpu is not None or params.device != "cpu":
+            host_learning_rate = self._device_step_learning_rate()
+            self.build(params)
+            self._gpu.step(grads, params.data, self._slots, host_learning_rate)
+            self._count_launched_step()
             return
+        lr, scalars = self._step_scalars(self._iterations)
+        self.build(params)
         if self.skip_nonfinite and not _all_finite(grads):
             self._skipped_steps += 1
             self._last_step_skipped = True
@@ -377,12 +391,86 @@ class FusedOptimizer:
         self._last_step_skipped = False
         self._iterations += 1
 
+    def cuda_graph(self, grads, params):
+        """Capture one step, apply(grads, params), as a CUDA graph; return a callable
+        that replays it: `step = opt.cuda_graph(grads, params)`, then `step()` per step.
+
+        Each replay is the next step, exactly as apply() would run it: the learning
+        rate (a number or a fusedopt schedule), bias corrections, clipping, weight
+        decay and skip_nonfinite are computed on the device from its step counter and
+        hyperparameter block, and a hyperparameter assigned between replays is used by
+        the next one. `opt.iterations` counts replays. The graph reads `grads` and
+        updates `params` and the state in place: write each step's gradients into the
+        same `grads` buffer. Not replayable, refused here: a callable learning rate
+        (evaluated on the host each step). Switching the clip option afterwards
+        changes the launch sequence: the old capture then refuses to run.
+        """
+        params = _as_params(params)
+        grads = self._check_grads(grads, params)
+        if self.built:
+            self._check_same_layout(params.layout, params.device, "params")
+        _check_no_overlap(grads, params, self._slot_spans if self.built else ())
+        if len(params) == 0:
+            raise ValueError("`params` are empty: there is no step to capture")
+        if self._gpu is None and params.device == "cpu":
+            raise ValueError("`params` live on the CPU: cuda_graph() needs CuPy arrays")
+        if not self._learning_rate_on_device():
+            raise ValueError(
+                "`learning_rate` is evaluated on the host each step (a callable, or a "
+                "schedule the device cannot compute), so a captured step cannot replay it; "
+                "use a number or a fusedopt.schedules schedule")
+        self._device_step_learning_rate()
+        self.build(params)
+        return cuda.CapturedStep(self, self._gpu,
+                                 self._gpu.capture(grads, params.data, self._slots))
+
+    # The device computes its own rate; the host checks it first, where it knows the
+    # step: exactly without skip_nonfinite, and with it at the count it last read.
+    def _device_step_learning_rate(self):
+        """Refuse a bad learning rate for this step before anything changes; return
+        the rate before Keras 2's decay when only the host can evaluate it, else None."""
+        if self._learning_rate_on_device():
+            self._learning_rate_at(self._iterations)
+            return None
+        if self.skip_nonfinite and self._gpu is not None and \
+                isinstance(self._learning_rate, schedules.LearningRateSchedule):
+            self._sync_counters_from_gpu()  # a schedule of the step: read the device's
+        raw = self._raw_learning_rate(self._iterations)
+        self._decayed_learning_rate(raw, self._iterations)
+        return raw[0]
+
+    def _learning_rate_on_device(self):
+        if self._gpu is not None:  # decided when the block was last written
+            return not self._gpu.host_learning_rate
+        from . import _kernels
+
+        spec = self._learning_rate_spec()
+        return spec is not None and _kernels.pack_learning_rate(spec) is not None
+
+    def _count_launched_step(self):
+        """A device step was queued: without skip_nonfinite it completes for sure."""
+        if not self.skip_nonfinite:
+            self._iterations += 1
+
+    def _hyperparameters_changed(self, name):
+        """Called after a hyperparameter `name` was accepted and stored (`opt.beta_1 =
+        0.8`; None: any of them, e.g. by load_state_dict), never by the constructor:
+        the device's hyperparameter block is rewritten, queued on the current stream
+        (and new tables built if the clip option changed)."""
+        plan = getattr(self, "_gpu", None)
+        if plan is not None:
+            plan.hyperparameters_changed(name)
+
     # Per-step scalars are computed here, once per step, for both paths.
     def _step_scalars(self, it):
         lr = self._learning_rate_at(it)
         return lr, tuple(float(x) for x in self._rule_scalars(lr, it + 1))
 
     def _learning_rate_at(self, it):
+        return self._decayed_learning_rate(self._raw_learning_rate(it), it)
+
+    def _raw_learning_rate(self, it):
+        """(the rate before Keras 2's decay, where it came from), checked to be a number."""
         lr = self._learning_rate
         if isinstance(lr, schedules.LearningRateSchedule):
             source = f"the schedule {type(lr).__name__} at step {it}"
@@ -401,6 +489,10 @@ class FusedOptimizer:
         except (TypeError, ValueError) as e:
             raise TypeError(f"`learning_rate`: {source} returned {value!r}, which is not a "
                             "number") from e
+        return value, source
+
+    def _decayed_learning_rate(self, raw, it):
+        value, source = raw
         if self._decay:
             value = value / (1.0 + self._decay * it)
         if not math.isfinite(value) or value < 0:
@@ -501,6 +593,8 @@ class FusedOptimizer:
             )
         if self.built:
             layout = self._layout
+            if self._gpu is not None:
+                self._gpu.join_current_stream()  # copies queue on the current stream
             slots = {name: buf.copy() for name, buf in self.slots().items()}
         else:
             layout = self._pending_state["layout"]
@@ -526,16 +620,20 @@ class FusedOptimizer:
                     "the state_dict's layout does not match this optimizer's: "
                     + self._layout.describe_difference(parsed["layout"])
                 )
+            if self._gpu is not None:
+                self._gpu.join_current_stream()
             with cuda.on_device(self._device):
                 for name, buf in self.slots().items():
                     buf[...] = _copy_to(parsed["slots"][name], self._device, buf.dtype)
-            if self._gpu is not None:
-                self._gpu.reset_counters(parsed)
         else:
             self._pending_state = parsed
         self._iterations = parsed["iterations"]
         self._skipped_steps = parsed["skipped_steps"]
         self._last_step_skipped = parsed["last_step_skipped"]
+        if self._gpu is not None:
+            self._gpu.write_state(self._iterations, self._skipped_steps,
+                                  self._last_step_skipped)
+            self._hyperparameters_changed(None)
 
     def _parse_state(self, state):
         if not isinstance(state, dict):
@@ -578,7 +676,7 @@ class FusedOptimizer:
         }
 
     def _sync_counters_from_gpu(self):
-        self._iterations, self._skipped_steps, self._last_step_skipped = self._gpu.read_counters()
+        self._iterations, self._skipped_steps, self._last_step_skipped = self._gpu.read_state()
 
     # ---------------------------------------------------------------------- config
     def get_config(self):

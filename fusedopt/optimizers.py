@@ -134,7 +134,7 @@ class Adam(FusedOptimizer):
     torch.optim.Adam's form (the paper's Algorithm 1): epsilon is added after
     bias-correcting sqrt(v), p <- p - (lr/(1-beta_1^t))*m/(sqrt(v)/sqrt(1-beta_2^t) + eps).
     That is the rule above with eps' = eps*sqrt(1-beta_2^t): only a per-step scalar
-    differs, the kernels do not (see _epsilon_at).
+    differs (see _epsilon_at, and its twin in kernels/adam.cuh).
     """
 
     rule = "adam"
@@ -271,6 +271,9 @@ class Nadam(FusedOptimizer):
             product = product * self.beta_1 * self._u(k)
         self._u_product_memo = (key, k, product)
         return product
+
+    def _running_product(self, iterations):
+        return self._u_product(iterations)
 
     def _rule_scalars(self, lr, t):
         u_t = self.beta_1 * self._u(t)

@@ -253,10 +253,11 @@ class CosineDecayRestarts(LearningRateSchedule):
         }
 
 
-_SCHEDULES = {cls.__name__: cls for cls in (
-    ExponentialDecay, InverseTimeDecay, PiecewiseConstantDecay, PolynomialDecay,
-    CosineDecay, CosineDecayRestarts,
-)}
+# Keras' six schedules: closed-form functions of the step that the kernels also
+# compute (kernels/step.cuh), so a step's rate never comes from the host.
+BUILTIN = (ExponentialDecay, InverseTimeDecay, PiecewiseConstantDecay, PolynomialDecay,
+           CosineDecay, CosineDecayRestarts)
+_SCHEDULES = {cls.__name__: cls for cls in BUILTIN}
 
 
 def serialize(schedule):

@@ -1,10 +1,16 @@
 // adadelta.cuh: Adadelta (Zeiler 2012), Keras 3: the step uses the OLD delta
 // accumulator and the NEW gradient accumulator, and is scaled by lr afterwards.
 // Scalars: lr, rho, 1-rho, epsilon. Slots: eg (E[g^2]), ed (E[delta^2]).
+// Hyperparameters (Hyper.rule): rho, epsilon.
 #pragma once
-#include "common.cuh"
+#include "step.cuh"
 
 struct adadelta {
+    static FO_HD void scalars(const double* h, long long, double lr, double, StepValues& v) {
+        const double rho = h[0], epsilon = h[1];
+        v.c[0] = lr, v.c[1] = rho, v.c[2] = 1 - rho, v.c[3] = epsilon;
+    }
+
     template <typename T>
     static FO_HD void update(T& p, T g, T& eg, T& ed, T&, const T* c) {
         const T lr = c[0], rho = c[1], one_minus_rho = c[2], epsilon = c[3];

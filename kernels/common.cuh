@@ -11,10 +11,39 @@
 #define FO_HD inline
 #endif
 
-// Room for the longest rule's scalars (Nadam has 9); the Python side packs the same.
+// Every load and store of a kernel's element buffers goes through fo_load/fo_store, so
+// the emulator (tests/host/cuda_emulator.h) can count accesses by width and check their
+// alignment. Elsewhere FO_ACCESS is nothing and these are plain accesses.
+#ifndef FO_ACCESS
+#define FO_ACCESS(is_store, pointer, bytes)
+#endif
+
+template <typename V>
+FO_HD V fo_load(const V* pointer) {
+    FO_ACCESS(false, pointer, sizeof(V));
+    return *pointer;
+}
+
+template <typename V>
+FO_HD void fo_store(V* pointer, V value) {
+    FO_ACCESS(true, pointer, sizeof(V));
+    *pointer = value;
+}
+
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+// The 16-byte vector of each math type, for the kernels' vector loads and stores.
+template <typename T> struct Vec16;
+template <> struct Vec16<float> { typedef float4 type; };
+template <> struct Vec16<double> { typedef double2 type; };
+#endif
+
+// Room for the longest rule's scalars (Nadam has 9).
 #define FO_MAX_SCALARS 10
 
-// Constant for a run of steps: how the gradient is prepared before the rule.
+// Threads per block of every kernel (fusedopt/_kernels.py reads it from here).
+#define FO_BLOCK 256
+
+// How the gradient is prepared before the rule, in the math type (from Hyper, step.cuh).
 // weight_decay < 0 means "no weight decay" (Keras' None); 0 still computes p - p*0*lr.
 template <typename T>
 struct Prologue {
@@ -23,8 +52,8 @@ struct Prologue {
     T weight_decay;  // p <- p - p*weight_decay*lr before the rule, when >= 0
 };
 
-// What changes every step: the learning rate (for weight decay) and the rule's scalars
-// in the order of its reference function (fusedopt/reference.py).
+// One step's learning rate (for weight decay) and the rule's scalars in the order of its
+// reference function (fusedopt/reference.py), in the math type: step.cuh computes them.
 template <typename T>
 struct StepScalars {
     T lr;

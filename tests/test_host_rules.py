@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 import fusedopt
-from conftest import CASES, case_ids, random_grads, random_params, require_in_ci
+from fusedopt import schedules as S
+from conftest import CASES, RULE_CASES, case_ids, random_grads, random_params, require_in_ci
 from fusedopt import _kernels
 from fusedopt.optimizer import clipnorm_factor, global_clipnorm_factor
 
@@ -43,7 +44,7 @@ def host_library(tmp_path_factory):
         require_in_ci("a C++ compiler (g++) for the host build of the rules")
     rules = _kernels.rule_names()
     source = "".join(f'#include "{r}.cuh"\n' for r in rules) + '#include "harness.h"\n'
-    source += "".join(f"FO_HOST_ENTRIES({r})\n" for r in rules)
+    source += "".join(f"FO_HOST_ENTRIES({r})\nFO_HOST_STEP_VALUES({r})\n" for r in rules)
     out = tmp_path_factory.mktemp("host") / "librules.so"
     # -ffp-contract=off: no FMA contraction, like the NVRTC build (--fmad=false).
     cmd = [compiler, "-std=c++17", "-O2", "-ffp-contract=off", "-fno-fast-math", "-shared",
@@ -124,3 +125,111 @@ def test_host_rules_propagate_nan_like_numpy(host_library, rule, dtype):
     opt.apply(g, params)
     np.testing.assert_array_equal(np.isnan(host_params.data), np.isnan(params.data))
     assert_close(host_params.data, params.data, dtype, "params")
+
+
+# ------------------------------------------------------------- the step state
+# kernels/step.cuh computes every step's learning rate and scalars from the Hyper block
+# and the counters; Python's _learning_rate_at/_rule_scalars are the independent
+# implementation. Both in double, the same operations in the same order: on the same
+# libm they agree to the bit, and the test allows 2 ulp for other libms.
+SCHEDULES = {
+    "constant": None,
+    "exponential": S.ExponentialDecay(0.1, 7, 0.5),
+    "exponential-staircase": S.ExponentialDecay(0.1, 7.5, 0.3, staircase=True),
+    "inverse-time": S.InverseTimeDecay(0.1, 3, 0.7),
+    "inverse-time-staircase": S.InverseTimeDecay(0.1, 4, 2.0, staircase=True),
+    "piecewise": S.PiecewiseConstantDecay([5, 10, 20.5], [0.1, 0.05, 0.01, 0.001]),
+    "piecewise-32": S.PiecewiseConstantDecay(list(range(1, 32)), [0.1 / k for k in range(1, 33)]),
+    "polynomial": S.PolynomialDecay(0.1, 40, 0.001, power=2.0),
+    "polynomial-cycle": S.PolynomialDecay(0.1, 15, 0.002, power=0.5, cycle=True),
+    "cosine": S.CosineDecay(0.1, 50, alpha=0.1),
+    "cosine-warmup": S.CosineDecay(0.01, 50, alpha=0.05, warmup_target=0.1, warmup_steps=10),
+    "restarts": S.CosineDecayRestarts(0.1, 10, t_mul=2.0, m_mul=0.7, alpha=0.01),
+    "restarts-t1": S.CosineDecayRestarts(0.1, 7, t_mul=1.0, m_mul=0.9, alpha=0.02),
+    "restarts-t3": S.CosineDecayRestarts(0.1, 1, t_mul=3.0, m_mul=1.0, alpha=0.01),
+}
+ITERATIONS = list(range(60)) + [99, 100, 101, 242, 363, 1000, 12345, 10**6]
+ULP2 = 4.5e-16  # relative: 2 ulp of a double
+
+
+def host_values(lib, opt, iterations):
+    hyper, host_evaluated = _kernels.optimizer_hyper(opt)
+    assert not host_evaluated
+    state = _kernels.pack_step_state(iterations, product=opt._running_product(iterations))
+    out = np.zeros((), _kernels.STEP_VALUES)
+    fn = getattr(lib, f"host_step_values_{opt.rule}")
+    fn.restype = None
+    fn(pointer(hyper), pointer(state), pointer(out))
+    return out
+
+
+def assert_values_equal(got, want, what):
+    got, want = np.asarray(got, float), np.asarray(want, float)
+    np.testing.assert_allclose(got, want, rtol=ULP2, atol=0, err_msg=what)
+
+
+@pytest.mark.parametrize("schedule", list(SCHEDULES), ids=list(SCHEDULES))
+@pytest.mark.parametrize("case", RULE_CASES, ids=case_ids(RULE_CASES))
+def test_step_values_match_python(host_library, case, schedule):
+    """Learning rate, every scalar and Nadam's running product, over many steps."""
+    _, cls_name, kwargs = case
+    lr = SCHEDULES[schedule]
+    opt = getattr(fusedopt, cls_name)(**{**kwargs, **({} if lr is None else {"learning_rate": lr})})
+    for it in ITERATIONS:
+        v = host_values(host_library, opt, it)
+        try:
+            lr_py, scalars = opt._step_scalars(it)
+        except ValueError:  # a rate the host refuses (Ftrl's 0 after underflow)
+            continue
+        what = f"{cls_name} {schedule} iterations={it}"
+        assert_values_equal(v["lr"], lr_py, what + " lr")
+        assert_values_equal(v["c"][: len(scalars)], scalars, what + " scalars")
+        assert_values_equal(v["product"], opt._running_product(it + 1), what + " product")
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "piecewise"])
+def test_keras2_decay_matches_python(host_library, schedule):
+    lr = SCHEDULES[schedule]
+    with pytest.warns(DeprecationWarning):
+        opt = fusedopt.SGD(**({} if lr is None else {"learning_rate": lr}), decay=0.03)
+    for it in ITERATIONS:
+        assert_values_equal(host_values(host_library, opt, it)["lr"], opt._step_scalars(it)[0],
+                            f"{schedule} + decay, iterations={it}")
+
+
+def test_long_piecewise_and_callables_are_left_to_the_host():
+    too_long = S.PiecewiseConstantDecay(list(range(1, 33)), [0.1] * 33)
+    for lr in (too_long, lambda: 0.25):
+        opt = fusedopt.Adam(learning_rate=lr)
+        hyper, host_evaluated = _kernels.optimizer_hyper(opt, host_learning_rate=0.25)
+        assert host_evaluated
+        assert hyper["lr"]["kind"] == _kernels.CONSTANTS["FO_LR_CONSTANT"]
+        assert hyper["lr"]["initial"] == 0.25
+
+
+def test_advance_counts_steps_and_skips(host_library):
+    state = _kernels.pack_step_state(7, skipped_steps=2, product=0.5)
+    values = np.zeros((), _kernels.STEP_VALUES)
+    values["product"] = 0.25
+    host_library.host_advance.restype = None
+    host_library.host_advance(pointer(state), pointer(values), 1)
+    assert (int(state["iterations"]), int(state["skipped_steps"]),
+            int(state["last_step_skipped"]), float(state["product"])) == (7, 3, 1, 0.5)
+    state["skip"] = 1
+    host_library.host_advance(pointer(state), pointer(values), 0)
+    assert (int(state["iterations"]), int(state["skipped_steps"]), int(state["last_step_skipped"]),
+            int(state["skip"]), float(state["product"])) == (8, 3, 0, 0, 0.25)
+
+
+@pytest.mark.parametrize("name,dtype", [
+    ("LearningRate", _kernels.LEARNING_RATE), ("Hyper", _kernels.HYPER),
+    ("StepState", _kernels.STEP_STATE), ("StepValues", _kernels.STEP_VALUES),
+])
+def test_numpy_mirrors_match_the_compilers_layout(host_library, name, dtype):
+    host_library.host_struct_layout.restype = ctypes.c_char_p
+    size, *fields = host_library.host_struct_layout(name.encode()).decode().rstrip(";").split(";")
+    assert int(size) == dtype.itemsize
+    layout = [(f.split(":")[0], int(f.split(":")[1]), int(f.split(":")[2])) for f in fields]
+    assert [f[0] for f in layout] == list(dtype.names)
+    for field, offset, nbytes in layout:
+        assert (dtype.fields[field][1], dtype.fields[field][0].itemsize) == (offset, nbytes), field

@@ -1,0 +1,191 @@
+// step.cuh: the step's state machine (ARCHITECTURE.md, principle 4), shared by every
+// executor: the CUDA kernels run it on the device, the host build on the CPU.
+//
+// A step's learning rate and its rule's scalars are pure functions of two small blocks:
+//   Hyper      the hyperparameters; the host writes it only when one changes
+//              (assignment, load_state_dict), never per step;
+//   StepState  the counters (and Nadam's running product); the executor advances it
+//              after each step (fo_advance), on the device for the GPU.
+// So nothing a step needs changes on the host from one step to the next: a captured
+// CUDA graph replays correctly any number of times, and a skipped step needs no host
+// bookkeeping. Everything here is in double, as the NumPy reference computes it; the
+// independent implementation these functions are tested against is `_rule_scalars`
+// and `_learning_rate_at` in fusedopt (tests/test_host_rules.py).
+//
+// Layout contract: fusedopt/_kernels.py mirrors Hyper, LearningRate, StepState and
+// StepValues as numpy dtypes; every field is 8 bytes, so there is no padding.
+#pragma once
+#include "common.cuh"
+
+// LearningRate.kind: a number (or a callable the host evaluates each step), or one of
+// Keras' six schedules (fusedopt/schedules.py), closed-form functions of the step.
+#define FO_LR_CONSTANT 0
+#define FO_LR_EXPONENTIAL 1
+#define FO_LR_INVERSE_TIME 2
+#define FO_LR_PIECEWISE 3
+#define FO_LR_POLYNOMIAL 4
+#define FO_LR_COSINE 5
+#define FO_LR_COSINE_RESTARTS 6
+#define FO_MAX_PIECES 32  // PiecewiseConstantDecay values the block holds
+#define FO_MAX_HYPER 8    // a rule's hyperparameters
+
+// arg[] by kind (the schedules' Keras argument names):
+//   EXPONENTIAL, INVERSE_TIME  decay_steps, decay_rate;          flag = staircase
+//   POLYNOMIAL                 decay_steps, end_learning_rate, power; flag = cycle
+//   COSINE                     decay_steps, alpha, warmup_target, warmup_steps;
+//                              flag = a warmup target is set
+//   COSINE_RESTARTS            first_decay_steps, t_mul, m_mul, alpha
+//   PIECEWISE                  boundaries[pieces - 1], values[pieces]
+struct LearningRate {
+    long long kind;
+    long long flag;
+    long long pieces;
+    double initial;  // the rate itself (CONSTANT) or initial_learning_rate
+    double arg[4];
+    double decay;    // Keras 2's inverse-time decay: lr / (1 + decay * iterations)
+    double boundaries[FO_MAX_PIECES - 1];
+    double values[FO_MAX_PIECES];
+};
+
+struct Hyper {
+    double unscale;       // 1 / loss_scale_factor (1 when unset)
+    double clipvalue;     // > 0: clip g to [-clipvalue, clipvalue]
+    double weight_decay;  // >= 0: p <- p - p*weight_decay*lr; < 0: none (Keras' None)
+    double clipnorm;      // clipnorm or global_clipnorm: which one is the executor's layout
+    double rule[FO_MAX_HYPER];  // the rule's hyperparameters: its class's _hyperparameters
+    LearningRate lr;
+};
+
+struct StepState {
+    long long iterations;         // completed steps: Keras' optimizer.iterations
+    long long skipped_steps;      // steps skipped for non-finite gradients
+    long long last_step_skipped;  // 1 when the latest step was skipped
+    long long skip;               // the finite check's verdict on the step in flight
+    unsigned long long blocks_done;  // GPU: blocks of the update in flight that finished
+    double product;               // Nadam: u_1*...*u_iterations; 1 for the other rules
+};
+
+// One step's values, in double: the learning rate (weight decay uses it), the rule's
+// scalars in reference.<rule>'s order, and the running product after this step.
+struct StepValues {
+    double lr;
+    double c[FO_MAX_SCALARS];
+    double product;
+};
+
+#define FO_PI 3.141592653589793  // math.pi
+
+FO_HD double fo_cosine_decay(double step, double decay_steps, double alpha, double from) {
+    const double cosine = 0.5 * (1.0 + cos(FO_PI * (step / decay_steps)));
+    return from * ((1 - alpha) * cosine + alpha);
+}
+
+FO_HD double fo_periods(double t_mul, double i) { return (1.0 - pow(t_mul, i)) / (1.0 - t_mul); }
+
+// The schedule at `step` (iterations before the step). Operation for operation the
+// formulas of fusedopt/schedules.py, so the host build rounds exactly as Python does.
+FO_HD double fo_schedule(const LearningRate& r, double step) {
+    switch (r.kind) {
+    case FO_LR_EXPONENTIAL:
+    case FO_LR_INVERSE_TIME: {
+        double p = step / r.arg[0];
+        if (r.flag) p = floor(p);
+        return r.kind == FO_LR_EXPONENTIAL ? r.initial * pow(r.arg[1], p)
+                                           : r.initial / (1.0 + r.arg[1] * p);
+    }
+    case FO_LR_PIECEWISE:
+        for (long long i = 0; i + 1 < r.pieces; ++i)
+            if (step <= r.boundaries[i]) return r.values[i];
+        return r.values[r.pieces - 1];
+    case FO_LR_POLYNOMIAL: {
+        double decay_steps = r.arg[0];
+        if (r.flag) {
+            decay_steps = decay_steps * (step == 0 ? 1.0 : ceil(step / r.arg[0]));
+        } else if (decay_steps < step) {
+            step = decay_steps;
+        }
+        const double p = step / decay_steps;
+        return (r.initial - r.arg[1]) * pow(1 - p, r.arg[2]) + r.arg[1];
+    }
+    case FO_LR_COSINE: {
+        const double decay_steps = r.arg[0], alpha = r.arg[1];
+        if (!r.flag) return fo_cosine_decay(step < decay_steps ? step : decay_steps,
+                                            decay_steps, alpha, r.initial);
+        const double target = r.arg[2], warmup = r.arg[3];
+        if (decay_steps + warmup < step) step = decay_steps + warmup;
+        if (step < warmup) return (target - r.initial) * (step / warmup) + r.initial;
+        return fo_cosine_decay(step - warmup, decay_steps, alpha, target);
+    }
+    case FO_LR_COSINE_RESTARTS: {
+        const double t_mul = r.arg[1], m_mul = r.arg[2], alpha = r.arg[3];
+        double fraction = step / r.arg[0], i;
+        if (t_mul == 1.0) {
+            i = floor(fraction);
+            fraction -= i;
+        } else {
+            i = floor(log(1.0 - fraction * (1.0 - t_mul)) / log(t_mul));
+            // The ratio of logs can land a hair under an integer at a restart.
+            if (fo_periods(t_mul, i + 1) <= fraction) i += 1;
+            else if (fo_periods(t_mul, i) > fraction) i -= 1;
+            fraction = (fraction - fo_periods(t_mul, i)) / pow(t_mul, i);
+        }
+        const double cosine = 0.5 * pow(m_mul, i) * (1.0 + cos(FO_PI * fraction));
+        return r.initial * ((1 - alpha) * cosine + alpha);
+    }
+    default:
+        return r.initial;
+    }
+}
+
+// The learning rate of the step after `iterations` completed ones.
+FO_HD double fo_learning_rate(const LearningRate& r, long long iterations) {
+    double lr = fo_schedule(r, (double)iterations);
+    if (r.decay != 0.0) lr = lr / (1.0 + r.decay * (double)iterations);
+    return lr;
+}
+
+// This step's values: the learning rate, then the rule's scalars for t = iterations + 1.
+// Each rule provides
+//   static void scalars(const double* h, long long t, double lr, double product,
+//                       StepValues& v)
+// filling v.c (and v.product, if it keeps a running product).
+template <typename Rule>
+FO_HD StepValues fo_step_values(const Hyper& h, const StepState& s) {
+    StepValues v = {};
+    v.lr = fo_learning_rate(h.lr, s.iterations);
+    v.product = s.product;
+    Rule::scalars(h.rule, s.iterations + 1, v.lr, s.product, v);
+    return v;
+}
+
+// After a step: count it (taking the rule's new running product) or count the skip.
+FO_HD void fo_advance(StepState& s, const StepValues& v, bool skipped) {
+    if (skipped) {
+        s.skipped_steps += 1;
+        s.last_step_skipped = 1;
+    } else {
+        s.iterations += 1;
+        s.last_step_skipped = 0;
+        s.product = v.product;
+    }
+    s.skip = 0;
+}
+
+// The math type's copies the per-element code reads (rounded once, as the NumPy path
+// casts its Python floats to the buffer's dtype).
+template <typename T>
+FO_HD StepScalars<T> fo_narrow(const StepValues& v) {
+    StepScalars<T> st;
+    st.lr = (T)v.lr;
+    for (int k = 0; k < FO_MAX_SCALARS; ++k) st.c[k] = (T)v.c[k];
+    return st;
+}
+
+template <typename T>
+FO_HD Prologue<T> fo_prologue(const Hyper& h) {
+    Prologue<T> pro;
+    pro.unscale = (T)h.unscale;
+    pro.clipvalue = (T)h.clipvalue;
+    pro.weight_decay = (T)h.weight_decay;
+    return pro;
+}
