@@ -334,6 +334,11 @@ class StepPlan:
             if self.clip_mode() != self.mode:
                 self._build_tables()
             self.write_hyperparameters()
+        if name in self.optimizer._running_product_inputs:
+            # The product is a function of the step count and these hyperparameters
+            # (Nadam's beta_1): recompute it as the host executors do. Rare, so the
+            # one read of the step count it needs is acceptable.
+            self.write_state(*self.read_state())
 
     def write_hyperparameters(self, host_learning_rate=0.0):
         block, self.host_learning_rate = self._k.optimizer_hyper(self.optimizer,

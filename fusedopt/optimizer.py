@@ -268,6 +268,9 @@ class FusedOptimizer:
     def _running_product(self, iterations):
         return 1.0
 
+    # The hyperparameters _running_product depends on: setting one recomputes it.
+    _running_product_inputs = ()
+
     def _learning_rate_spec(self):
         """The learning rate as the kernels' step state holds it: a number, (schedule
         class name, config) for fusedopt's own schedules, or None for what only the

@@ -275,6 +275,8 @@ class Nadam(FusedOptimizer):
     def _running_product(self, iterations):
         return self._u_product(iterations)
 
+    _running_product_inputs = ("beta_1", "schedule_decay")
+
     def _rule_scalars(self, lr, t):
         u_t = self.beta_1 * self._u(t)
         u_t1 = self.beta_1 * self._u(t + 1)

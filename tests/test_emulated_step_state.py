@@ -447,3 +447,27 @@ def test_the_emulator_refuses_what_cuda_refuses(libraries):
         update((1,), (256,), (p, p.copy(), None, None, None, np.array([0, 8]),
                               np.zeros(1, np.int32), np.int64(1), None, np.int32(1),
                               np.zeros(_kernels.HYPER.itemsize, np.uint8), state))
+
+
+@pytest.mark.parametrize("skip_nonfinite", [False, True], ids=["counted-on-host", "skip"])
+@pytest.mark.parametrize("change", [{"beta_1": 0.8}, {"schedule_decay": 0.5}],
+                         ids=["beta_1", "schedule_decay"])
+def test_nadam_product_follows_a_changed_hyperparameter(libraries, change, skip_nonfinite):
+    """Nadam's running product lives in the device step state; after beta_1 (or Keras
+    2's schedule_decay) is set mid-run the device recomputes it exactly as the host
+    does, so the executors agree step for step."""
+    g = np.linspace(0.5, -0.3, 7)
+    results = []
+    for emulated in (False, True):
+        opt = fusedopt.Nadam(0.1, skip_nonfinite=skip_nonfinite)
+        params = fusedopt.FlatBuffer.from_arrays([np.linspace(-1.0, 1.0, 7)])
+        if emulated:
+            emulate(opt, params, libraries)
+        for _ in range(3):
+            opt.apply(g.copy(), params)
+        for name, value in change.items():
+            setattr(opt, name, value)
+        for _ in range(3):
+            opt.apply(g.copy(), params)
+        results.append(state_of(opt, params))
+    assert_close(results[1], results[0], np.float64, "after the change")
