@@ -190,10 +190,14 @@ class StepPlan:
         return self.next_row if self.optimizer.skip_nonfinite else self._host_iterations
 
     # ----------------------------------------------------------------- the step
-    def step(self, grads, params_data, slots, lr, scalars):
-        """Launch one step. `lr`/`scalars` are for iteration `optimizer.iterations`, or,
-        with skip_nonfinite, for `next_row` (the newest iteration the device can be at)."""
+    def hyperparameters_changed(self, name):
+        """Nothing to refresh: each step packs the options and scalars it launches with."""
+
+    def step(self, grads, params_data, slots, host_learning_rate=None):
+        """Launch one step with the scalars of iteration `next_iteration` (with
+        skip_nonfinite, the newest iteration the device can be at)."""
         opt, k = self.optimizer, self._k
+        lr, scalars = opt._step_scalars(self.next_iteration, host_learning_rate)
         mode, clipnorm = self._clip_mode()
         with self.backend.on_device():
             if self._tables_mode != mode:  # clip options changed after build
@@ -242,7 +246,7 @@ class StepPlan:
     # learns the count only by reading it (a sync), so it compacts the table then.
     def _make_room(self, row_index):
         if self.table_rows * 2 > self.MAX_TABLE_ROWS:
-            self.read_counters()  # one sync per MAX_TABLE_ROWS steps at most
+            self.read_state()  # one sync per MAX_TABLE_ROWS steps at most
             row_index = self.next_row - self._base
         if row_index >= self.table_rows:
             grown = self.backend.xp.zeros(self.table_rows * 2 * self.row_bytes, dtype=np.uint8)
@@ -250,7 +254,7 @@ class StepPlan:
             self.table, self.table_rows = grown, self.table_rows * 2
         return row_index
 
-    def read_counters(self):
+    def read_state(self):
         """(iterations, skipped steps, last step skipped), read from the device: a sync."""
         if self._counters is None:
             return self._host_iterations, 0, False
@@ -263,11 +267,10 @@ class StepPlan:
                 self._base = it
         return it, skipped, bool(last)
 
-    def reset_counters(self, state):
+    def write_state(self, iterations, skipped_steps, last_step_skipped):
         """After load_state_dict: the device counters take the loaded values."""
         with self.backend.on_device():
             if self._counters is not None:
-                self._build_counters(state["iterations"], state["skipped_steps"],
-                                     state["last_step_skipped"])
-            self.next_row = state["iterations"]
-            self._host_iterations = state["iterations"]
+                self._build_counters(iterations, skipped_steps, last_step_skipped)
+            self.next_row = iterations
+            self._host_iterations = iterations

@@ -190,7 +190,7 @@ def library(rule, dtype):
     lib = ctypes.CDLL(str(path))
     fn = lib.fusedopt_host_step
     fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 9
+    fn.argtypes = [ctypes.c_void_p] * 8
     return fn
 
 
@@ -255,9 +255,13 @@ CLIP_MODES = {None: 0, "segment": 1, "global": 2}
 class HostPlan:
     """The host executor for one optimizer on one layout (fusedopt.executor).
 
-    Holds the tile table (rebuilt only when the clip mode changes), scratch for the
-    per-tile sums, and the counters [iterations, skipped steps, last step skipped],
-    which the library advances itself, as the GPU's kernels do on the device.
+    Holds the hyperparameter block and the step state (counters, Nadam's running
+    product) as the kernels define them (kernels/step.cuh, mirrored in _kernels): the
+    library computes each step's learning rate and scalars from them and advances the
+    counters itself, as the GPU does on the device. The block is rewritten only when a
+    hyperparameter changes (hyperparameters_changed); a rate that only the host can
+    evaluate (a callable) is written into it before each step. The tile table is
+    rebuilt only when the clip option changes.
     """
 
     name = "host"
@@ -265,73 +269,59 @@ class HostPlan:
     def __init__(self, optimizer, params, fn):
         self.optimizer = optimizer
         self.fn = fn
-        self.dtype = np.dtype(params.dtype)
         self.offsets = params.offsets
-        ctype = ctypes.c_float if self.dtype == np.float32 else ctypes.c_double
-        self._pro = (ctype * 3)()
-        self._st = (ctype * (1 + _kernels.MAX_SCALARS))()
-        self.counters = np.array([optimizer._iterations, optimizer._skipped_steps,
-                                  int(optimizer._last_step_skipped)], dtype=np.int64)
+        self.hyper = np.zeros((), _kernels.HYPER)
+        self.state = np.zeros((), _kernels.STEP_STATE)
+        self.host_learning_rate = False
+        self._default_threads = default_num_threads()
         self._plan = _Plan()
+        self._plan.skip_nonfinite = int(optimizer.skip_nonfinite)
         self._mode = object()  # no tables yet
-        self._update_tables()
+        self.write_state(optimizer._iterations, optimizer._skipped_steps,
+                         optimizer._last_step_skipped)
+        self.hyperparameters_changed(None)
 
-    # The tables depend on the clip mode, which may change after build.
-    def _clip_mode(self):
+    def hyperparameters_changed(self, name):
+        """Rewrite the hyperparameter block; new tile tables if the clip option changed."""
+        block, self.host_learning_rate = _kernels.optimizer_hyper(self.optimizer)
+        self.hyper[...] = block
         opt = self.optimizer
-        if opt.clipnorm:
-            return "segment", opt.clipnorm
-        if opt.global_clipnorm:
-            return "global", opt.global_clipnorm
-        return None, 0.0
-
-    def _update_tables(self):
-        mode, clipnorm = self._clip_mode()
-        plan = self._plan
+        mode = "segment" if opt.clipnorm else "global" if opt.global_clipnorm else None
         if mode != self._mode:
-            # One "SM": the host's tiles must not depend on the thread count.
+            # As for one SM: the host's tiles must not depend on the thread count.
             tiles = _kernels.TileTable(self.offsets, per_segment=(mode == "segment"), sm_count=1)
             self._arrays = (tiles.start, tiles.segment, tiles.segment_tiles,
                             np.zeros(tiles.count, np.float64), np.zeros(tiles.count, np.int32))
-            self.tiles = tiles
+            plan = self._plan
             plan.tile_start, plan.tile_segment, plan.segment_tiles, plan.partial, \
                 plan.nonfinite = (a.ctypes.data for a in self._arrays)
             plan.ntiles = tiles.count
             plan.clip_mode = CLIP_MODES[mode]
-            self._mode = mode
-        plan.clipnorm = clipnorm
-        plan.skip_nonfinite = int(self.optimizer.skip_nonfinite)
-        plan.num_threads = self.optimizer.num_threads or default_num_threads()
+            self.tiles, self._mode = tiles, mode
 
     @property
     def next_iteration(self):
-        return int(self.counters[0])
+        return int(self.state["iterations"])
 
-    def step(self, grads, params_data, slots, lr, scalars):
-        opt = self.optimizer
-        self._update_tables()
-        pro = self._pro
-        pro[0] = 1.0 / opt.loss_scale_factor if opt.loss_scale_factor else 1.0
-        pro[1] = opt.clipvalue or 0.0
-        pro[2] = -1.0 if opt.weight_decay is None else opt.weight_decay
-        # The one place the per-step scalars enter the host step.
-        st = self._st
-        st[0] = lr
-        st[1:1 + len(scalars)] = scalars
+    def step(self, grads, params_data, slots, host_learning_rate=None):
+        if host_learning_rate is not None:
+            self.hyper["lr"]["initial"] = host_learning_rate
+        self._plan.num_threads = self.optimizer.num_threads or self._default_threads
         s = [None if x is None else x.ctypes.data for x in slots] + [None] * (3 - len(slots))
         self.fn(params_data.ctypes.data, grads.ctypes.data, s[0], s[1], s[2],
-                ctypes.addressof(self._plan), ctypes.addressof(pro), ctypes.addressof(st),
-                self.counters.ctypes.data)
+                ctypes.addressof(self._plan), self.hyper.ctypes.data, self.state.ctypes.data)
 
     @property
     def threads_used(self):
         """How many threads the last step ran on (small buffers run on one)."""
         return self._plan.threads_used
 
-    def read_counters(self):
-        it, skipped, last = (int(x) for x in self.counters)
-        return it, skipped, bool(last)
+    def read_state(self):
+        state = self.state
+        return (int(state["iterations"]), int(state["skipped_steps"]),
+                bool(state["last_step_skipped"]))
 
-    def reset_counters(self, state):
-        self.counters[:] = (state["iterations"], state["skipped_steps"],
-                            int(state["last_step_skipped"]))
+    def write_state(self, iterations, skipped_steps, last_step_skipped):
+        self.state[...] = _kernels.pack_step_state(
+            iterations, skipped_steps, last_step_skipped,
+            self.optimizer._running_product(iterations))

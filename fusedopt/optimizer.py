@@ -182,7 +182,7 @@ class FusedOptimizer:
         """(iterations, skipped steps, last step skipped), from where the step's state
         lives: the plan once built (a GPU read synchronises), else this object."""
         if self._plan is not None:
-            return self._plan.read_counters()
+            return self._plan.read_state()
         return self._iterations, self._skipped_steps, self._last_step_skipped
 
     @property
@@ -237,6 +237,14 @@ class FusedOptimizer:
         if not callable(value):
             self._check_learning_rate_value(value)
         self._learning_rate = value
+        self._hyperparameters_changed("learning_rate")
+
+    def _hyperparameters_changed(self, name):
+        """Called with the hyperparameter's name after an accepted assignment, once the
+        new value is stored: the executor rewrites its copy of the hyperparameter
+        block (and its tile tables if the clip option changed)."""
+        if self._plan is not None:
+            self._plan.hyperparameters_changed(name)
 
     @property
     def built(self):
@@ -305,20 +313,45 @@ class FusedOptimizer:
         _check_no_overlap(grads, params, self._slot_spans if self.built else ())
         if len(params) == 0:
             return  # Keras: no variables, no update, no increment
-        # With skip_nonfinite on a GPU only the device knows how many steps were
-        # skipped; the plan names the iteration whose scalars the step needs (there,
-        # the newest the device can be at; see cuda.StepPlan).
-        it = self._plan.next_iteration if self._plan is not None else self._iterations
-        lr, scalars = self._step_scalars(it)
+        host_learning_rate = self._step_learning_rate()
         self.build(params)
-        self._plan.step(grads, params.data, self._slots, lr, scalars)
+        self._plan.step(grads, params.data, self._slots, host_learning_rate)
 
-    # Per-step scalars are computed here, once per step, for every executor.
-    def _step_scalars(self, it):
-        lr = self._learning_rate_at(it)
+    def _step_learning_rate(self):
+        """Refuse a bad learning rate for the coming step before anything changes.
+        Returns the rate before Keras 2's decay when only the host can evaluate it (a
+        callable, a schedule of another class), else None: the executors compute the
+        rate from the step state (kernels/step.cuh; reference.ReferencePlan in Python)."""
+        # With skip_nonfinite on a GPU only the device knows how many steps were
+        # skipped; the plan names the newest iteration the step can be.
+        it = self._plan.next_iteration if self._plan is not None else self._iterations
+        raw = self._raw_learning_rate(it)
+        self._decayed_learning_rate(raw, it)
+        return None if self._learning_rate_in_block() else raw[0]
+
+    def _learning_rate_in_block(self):
+        """Whether the hyperparameter block (kernels/step.cuh) can compute the rate."""
+        spec = self._learning_rate_spec()
+        if isinstance(spec, tuple):
+            from . import _kernels
+
+            return _kernels.pack_learning_rate(spec) is not None
+        return spec is not None
+
+    # The oracle's per-step scalars (the NumPy executor and the tests use them; the
+    # kernels compute the same in kernels/step.cuh).
+    def _step_scalars(self, it, host_learning_rate=None):
+        if host_learning_rate is None:
+            lr = self._learning_rate_at(it)
+        else:
+            lr = self._decayed_learning_rate((host_learning_rate, "the learning_rate callable"), it)
         return lr, tuple(float(x) for x in self._rule_scalars(lr, it + 1))
 
     def _learning_rate_at(self, it):
+        return self._decayed_learning_rate(self._raw_learning_rate(it), it)
+
+    def _raw_learning_rate(self, it):
+        """(the rate before Keras 2's decay, where it came from), checked to be a number."""
         lr = self._learning_rate
         if isinstance(lr, schedules.LearningRateSchedule):
             source = f"the schedule {type(lr).__name__} at step {it}"
@@ -337,6 +370,10 @@ class FusedOptimizer:
         except (TypeError, ValueError) as e:
             raise TypeError(f"`learning_rate`: {source} returned {value!r}, which is not a "
                             "number") from e
+        return value, source
+
+    def _decayed_learning_rate(self, raw, it):
+        value, source = raw
         if self._decay:
             value = value / (1.0 + self._decay * it)
         if not math.isfinite(value) or value < 0:
@@ -429,7 +466,8 @@ class FusedOptimizer:
             with cuda.on_device(self._device):
                 for name, buf in self.slots().items():
                     buf[...] = _copy_to(parsed["slots"][name], self._device, buf.dtype)
-            self._plan.reset_counters(parsed)
+            self._plan.write_state(parsed["iterations"], parsed["skipped_steps"],
+                                   parsed["last_step_skipped"])
         else:
             self._pending_state = parsed
         self._iterations = parsed["iterations"]

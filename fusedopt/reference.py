@@ -147,26 +147,31 @@ CHUNK = 1 << 16
 
 class ReferencePlan:
     """The NumPy executor for one optimizer on one layout (fusedopt.executor):
-    unscale -> clip -> weight decay -> rule, chunk by chunk, then count the step.
-    Holds the counters [iterations, skipped steps, last step skipped]."""
+    the step's scalars from the optimizer's Python formulas (`_rule_scalars`, the
+    schedules), then unscale -> clip -> weight decay -> rule, chunk by chunk, then
+    count the step. Holds the counters [iterations, skipped steps, last step skipped]."""
 
     name = "numpy"
 
     def __init__(self, optimizer, params):
         self.optimizer = optimizer
         self.offsets = params.offsets
-        self.counters = [optimizer._iterations, optimizer._skipped_steps,
-                         optimizer._last_step_skipped]
+        self.write_state(optimizer._iterations, optimizer._skipped_steps,
+                         optimizer._last_step_skipped)
 
     @property
     def next_iteration(self):
         return self.counters[0]
 
-    def step(self, grads, params_data, slots, lr, scalars):
+    def hyperparameters_changed(self, name):
+        """Nothing to refresh: every step reads the optimizer's attributes."""
+
+    def step(self, grads, params_data, slots, host_learning_rate=None):
         if self.optimizer.skip_nonfinite and not _all_finite(grads):
             self.counters[1] += 1
             self.counters[2] = True
             return
+        lr, scalars = self.optimizer._step_scalars(self.counters[0], host_learning_rate)
         # Non-finite gradients propagate as in Keras (or are skipped above); NumPy's
         # warnings about them would only repeat that.
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
@@ -174,11 +179,11 @@ class ReferencePlan:
         self.counters[0] += 1
         self.counters[2] = False
 
-    def read_counters(self):
+    def read_state(self):
         return tuple(self.counters)
 
-    def reset_counters(self, state):
-        self.counters = [state["iterations"], state["skipped_steps"], state["last_step_skipped"]]
+    def write_state(self, iterations, skipped_steps, last_step_skipped):
+        self.counters = [iterations, skipped_steps, last_step_skipped]
 
     def _pipeline(self, p_all, g_all, slots, lr, scalars):
         opt = self.optimizer

@@ -1,6 +1,8 @@
-// host.cpp: the CPU executor (fusedopt/host.py). It runs the CUDA kernels' own rules
-// and prologue (common.cuh, <rule>.cuh: fused_element) compiled by the host's C++
-// compiler, over the same tile table as fused.cu, with threads across tiles.
+// host.cpp: the CPU executor (fusedopt/host.py). It runs the CUDA kernels' own code,
+// compiled by the host's C++ compiler: the step state machine (step.cuh: the learning
+// rate, schedules and the rule's scalars from the hyperparameter block and the
+// counters), and the per-element rule and prologue (common.cuh, <rule>.cuh:
+// fused_element) over the same tile table as fused.cu, with threads across tiles.
 //
 // Deterministic whatever the thread count: the tiles depend only on the layout; a
 // tile's sum of squares is taken in a fixed order (FO_LANES interleaved partial sums
@@ -14,7 +16,7 @@
 // Built once per rule and dtype: fusedopt/host.py prepends
 //   #define FUSEDOPT_RULE <rule>   #define FUSEDOPT_T <float|double>   #include "<rule>.cuh"
 // and loads the exported fusedopt_host_step with ctypes.
-#include "common.cuh"
+#include "step.cuh"
 
 #include <string.h>
 #include <unistd.h>
@@ -198,16 +200,17 @@ static void update_tile(T* p, const T* g, T* const s[3], long long begin, long l
 }
 
 // ------------------------------------------------------------------ the step
-// What a step needs besides the buffers and scalars; built once per layout and clip
-// mode by fusedopt/host.py (HostPlan), which mirrors it as a ctypes Structure.
+// What a step needs besides the buffers, the hyperparameters and the counters; built
+// once per layout and clip mode by fusedopt/host.py (HostPlan), which mirrors it as a
+// ctypes Structure.
 struct HostPlan {
     const long long* tile_start;     // tile k covers [tile_start[k], tile_start[k + 1])
     const int* tile_segment;         // tile k lies in segment tile_segment[k] (clipnorm)
     long long ntiles;
     const long long* segment_tiles;  // segment s owns tiles [segment_tiles[s], ...[s + 1])
-    int clip_mode;                   // FO_CLIP_*
+    int clip_mode;                   // FO_CLIP_*: per segment or global, Hyper.clipnorm
     int skip_nonfinite;              // check the gradients first; skip the step if any is not finite
-    double clipnorm;
+    double clipnorm;                 // Hyper.clipnorm, copied here for the threads
     double* partial;                 // scratch: per-tile sums of squares (ntiles)
     int* nonfinite;                  // scratch: per-tile non-finite flags (ntiles)
     int num_threads;                 // > 0
@@ -287,12 +290,17 @@ static void thread_step(int t, int n, T* p, const T* g, T* const slots[3], const
     }
 }
 
-// One optimizer step. counters = [iterations, skipped steps, last step skipped] are
-// advanced here, as the GPU's are on the device. Returns 1 if the step was applied, 0
-// if skip_nonfinite skipped it (then no buffer was written).
+// One optimizer step: its values from the hyperparameters and the counters (the
+// functions the GPU runs), the update, then the counters advanced (fo_advance), as the
+// GPU does on the device. Returns 1 if the step was applied, 0 if skip_nonfinite
+// skipped it (then no buffer was written).
 template <typename Rule, typename T>
-static int host_step(T* p, const T* g, T* s0, T* s1, T* s2, HostPlan* plan,
-                     const Prologue<T>* pro, const StepScalars<T>* st, long long* counters) {
+static int host_step(T* p, const T* g, T* s0, T* s1, T* s2, HostPlan* plan, const Hyper* h,
+                     StepState* state) {
+    const StepValues values = fo_step_values<Rule>(*h, *state);
+    const StepScalars<T> st = fo_narrow<T>(values);
+    const Prologue<T> pro = fo_prologue<T>(*h);
+    plan->clipnorm = h->clipnorm;
     T* const slots[3] = {s0, s1, s2};
     std::atomic<int> any_nonfinite(0);
     const long long size = plan->tile_start[plan->ntiles];
@@ -301,29 +309,23 @@ static int host_step(T* p, const T* g, T* s0, T* s1, T* s2, HostPlan* plan,
     if (size < FO_MIN_PARALLEL || n < 1) n = 1;
     plan->threads_used = (int)n;
     if (n == 1) {
-        thread_step<Rule, T>(0, 1, p, g, slots, *plan, *pro, *st, nullptr, &any_nonfinite);
+        thread_step<Rule, T>(0, 1, p, g, slots, *plan, pro, st, nullptr, &any_nonfinite);
     } else {
         fo_pool::Barrier barrier((int)n);
         fo_pool::pool().run((int)n, [&](int t, int threads) {
-            thread_step<Rule, T>(t, threads, p, g, slots, *plan, *pro, *st, &barrier,
+            thread_step<Rule, T>(t, threads, p, g, slots, *plan, pro, st, &barrier,
                                  &any_nonfinite);
         });
     }
-    if (any_nonfinite.load()) {
-        counters[1] += 1;
-        counters[2] = 1;
-        return 0;
-    }
-    counters[0] += 1;
-    counters[2] = 0;
-    return 1;
+    const bool skipped = any_nonfinite.load() != 0;
+    fo_advance(*state, values, skipped);
+    return skipped ? 0 : 1;
 }
 
 #ifdef FUSEDOPT_RULE
 extern "C" int fusedopt_host_step(FUSEDOPT_T* p, const FUSEDOPT_T* g, FUSEDOPT_T* s0,
                                   FUSEDOPT_T* s1, FUSEDOPT_T* s2, HostPlan* plan,
-                                  const Prologue<FUSEDOPT_T>* pro,
-                                  const StepScalars<FUSEDOPT_T>* st, long long* counters) {
-    return host_step<FUSEDOPT_RULE, FUSEDOPT_T>(p, g, s0, s1, s2, plan, pro, st, counters);
+                                  const Hyper* hyper, StepState* state) {
+    return host_step<FUSEDOPT_RULE, FUSEDOPT_T>(p, g, s0, s1, s2, plan, hyper, state);
 }
 #endif

@@ -164,6 +164,59 @@ def test_skip_nonfinite_through_the_host_executor(host_ok, kwargs, dtype):
     assert (fast.iterations, fast.skipped_steps) == (ref.iterations, ref.skipped_steps) == (5, 3)
 
 
+S = fusedopt.schedules
+LEARNING_RATES = {
+    "exponential": lambda: S.ExponentialDecay(0.01, 3, 0.5, staircase=True),
+    "inverse-time": lambda: S.InverseTimeDecay(0.01, 2, 0.3),
+    "piecewise": lambda: S.PiecewiseConstantDecay([2, 4], [0.01, 0.005, 0.001]),
+    "polynomial": lambda: S.PolynomialDecay(0.01, 5, 0.001, power=2.0, cycle=True),
+    "cosine-warmup": lambda: S.CosineDecay(0.001, 6, alpha=0.1, warmup_target=0.01,
+                                           warmup_steps=2),
+    "cosine-restarts": lambda: S.CosineDecayRestarts(0.01, 2, t_mul=2.0, m_mul=0.5),
+    "callable": lambda: (lambda: 0.003),
+}
+
+
+@pytest.mark.parametrize("cls_name", ["Nadam", "Adam", "Ftrl"])
+@pytest.mark.parametrize("lr", sorted(LEARNING_RATES), ids=sorted(LEARNING_RATES))
+def test_learning_rates_come_from_the_step_state(host_ok, cls_name, lr):
+    """Schedules, callables, skipped steps and Nadam's running product: the host
+    computes each step's values with kernels/step.cuh, the reference in Python."""
+    layout = [(300,), (7,)]
+    grads = random_grads(layout, np.float64, seed=51, steps=9)
+    grads[3][0].flat[2] = np.nan
+    init = random_params(layout, np.float64, seed=52)
+    fast_params, ref_params = (fusedopt.FlatBuffer.from_arrays(init) for _ in range(2))
+    kwargs = {"learning_rate": None, "skip_nonfinite": True}
+    fast = getattr(fusedopt, cls_name)(executor="host", **{**kwargs, "learning_rate":
+                                                           LEARNING_RATES[lr]()})
+    ref = getattr(fusedopt, cls_name)(executor="numpy", **{**kwargs, "learning_rate":
+                                                           LEARNING_RATES[lr]()})
+    for step, g in enumerate(grads):
+        g = fusedopt.FlatBuffer.from_arrays(g).data
+        fast.apply(g, fast_params)
+        ref.apply(g, ref_params)
+        assert_close(fast_params.data, ref_params.data, np.float64, f"params, step {step}")
+    assert fast.executor_name == "host" and (fast.iterations, fast.skipped_steps) == (8, 1)
+
+
+def test_assignments_and_keras2_decay_reach_the_host_step(host_ok):
+    """A rate assigned after a skipped step is used by the next one (issue 10's second
+    wrong result on the GPU), with Keras 2's decay applied by the step state."""
+    with pytest.warns(DeprecationWarning):
+        fast, ref = (fusedopt.SGD(0.1, decay=0.5, skip_nonfinite=True, executor=e)
+                     for e in ("host", "numpy"))
+    fast_params, ref_params = (fusedopt.FlatBuffer.from_arrays([np.ones(5)]) for _ in range(2))
+    for g, lr in [(0.5, None), (np.nan, None), (0.5, 0.5), (0.25, (lambda: 0.2))]:
+        if lr is not None:
+            fast.learning_rate = ref.learning_rate = lr
+        fast.apply(np.full(5, g), fast_params)
+        ref.apply(np.full(5, g), ref_params)
+        np.testing.assert_array_equal(fast_params.data, ref_params.data)
+    np.testing.assert_allclose(fast_params.data, 1 - 0.05 - 0.5 * 0.5 / 1.5 - 0.2 * 0.25 / 2.0,
+                               rtol=1e-15)
+
+
 def test_checkpoint_resume_through_the_host_executor(host_ok, tmp_path):
     """Save after 3 host steps, load, 3 more: bitwise the uninterrupted 6 steps, and
     the loaded optimizer runs on the host executor too."""
@@ -357,9 +410,7 @@ def test_host_source_compiles_without_warnings(host_ok, tmp_path):
     source = "".join(f'#include "{r}.cuh"\n' for r in rules) + '#include "host.cpp"\n'
     for rule in rules:
         for t in ("float", "double"):
-            source += (f"template int host_step<{rule}, {t}>({t}*, const {t}*, {t}*, {t}*, {t}*,"
-                       f" HostPlan*, const Prologue<{t}>*, const StepScalars<{t}>*,"
-                       f" long long*);\n")
+            source += f"auto step_{rule}_{t} = &host_step<{rule}, {t}>;\n"  # instantiates
     path, _, _ = host.find_compiler()
     result = subprocess.run(
         [path, "-std=c++17", "-O2", "-Wall", "-Wextra", "-Werror", "-pthread", "-c", "-x", "c++",
