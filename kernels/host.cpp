@@ -322,6 +322,21 @@ static int host_step(T* p, const T* g, T* s0, T* s1, T* s2, HostPlan* plan, cons
     return skipped ? 0 : 1;
 }
 
+// The benchmark's copy ceiling (fusedopt/bench.py): dst <- src with the same pool and
+// the same split of the buffer across threads as a step.
+extern "C" void fusedopt_host_copy(void* dst, const void* src, long long bytes, int num_threads) {
+    const long long align = 4096;  // each thread starts on its own page
+    long long n = num_threads < 1 ? 1 : num_threads;
+    if (bytes < (long long)FO_MIN_PARALLEL * 4) n = 1;
+    auto part = [&](int t, int threads) {
+        long long a = bytes / threads * t / align * align;
+        long long b = t + 1 == threads ? bytes : bytes / threads * (t + 1) / align * align;
+        memcpy((char*)dst + a, (const char*)src + a, (size_t)(b - a));
+    };
+    if (n == 1) part(0, 1);
+    else fo_pool::pool().run((int)n, part);
+}
+
 #ifdef FUSEDOPT_RULE
 extern "C" int fusedopt_host_step(FUSEDOPT_T* p, const FUSEDOPT_T* g, FUSEDOPT_T* s0,
                                   FUSEDOPT_T* s1, FUSEDOPT_T* s2, HostPlan* plan,

@@ -425,3 +425,13 @@ def test_rule_names_come_from_the_kernel_sources():
 
     assert _kernels.rule_names() == sorted({cls.rule for cls in _REGISTRY.values()})
     assert "common" not in _kernels.rule_names()
+
+
+@pytest.mark.parametrize("nbytes", [0, 3, 4096 * 5 + 7, 1 << 20])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_the_benchmarks_copy_copies_every_byte(host_ok, nbytes, threads):
+    src = np.random.default_rng(nbytes).integers(0, 255, nbytes, dtype=np.uint8)
+    dst = np.zeros(nbytes + 1, np.uint8)
+    host.copy_function()(dst.ctypes.data, src.ctypes.data, nbytes, threads)
+    np.testing.assert_array_equal(dst[:nbytes], src)
+    assert dst[nbytes] == 0
