@@ -276,9 +276,13 @@ class _Plan(ctypes.Structure):
 
     _fields_ = [
         ("tile_start", ctypes.c_void_p),
-        ("tile_segment", ctypes.c_void_p),
         ("ntiles", ctypes.c_longlong),
+        ("sum_start", ctypes.c_void_p),
+        ("sum_segment", ctypes.c_void_p),
+        ("nsums", ctypes.c_longlong),
         ("segment_tiles", ctypes.c_void_p),
+        ("offsets", ctypes.c_void_p),
+        ("nsegments", ctypes.c_longlong),
         ("clip_mode", ctypes.c_int),
         ("skip_nonfinite", ctypes.c_int),
         ("clipnorm", ctypes.c_double),
@@ -309,7 +313,9 @@ class HostPlan:
     def __init__(self, optimizer, params, fn):
         self.optimizer = optimizer
         self.fn = fn
-        self.offsets = params.offsets
+        self.offsets = np.array(params.offsets, dtype=np.int64)
+        # Tiles as for one SM: the host's must not depend on the thread count.
+        self.tiles = _kernels.TileTable(params.offsets, per_segment=False, sm_count=1)
         self.hyper = np.zeros((), _kernels.HYPER)
         self.state = np.zeros((), _kernels.STEP_STATE)
         self.host_learning_rate = False
@@ -328,16 +334,20 @@ class HostPlan:
         opt = self.optimizer
         mode = "segment" if opt.clipnorm else "global" if opt.global_clipnorm else None
         if mode != self._mode:
-            # As for one SM: the host's tiles must not depend on the thread count.
-            tiles = _kernels.TileTable(self.offsets, per_segment=(mode == "segment"), sm_count=1)
-            self._arrays = (tiles.start, tiles.segment, tiles.segment_tiles,
-                            np.zeros(tiles.count, np.float64), np.zeros(tiles.count, np.int32))
+            # The update runs over self.tiles; sums per segment need tiles that never
+            # straddle a segment (kernels/host.cpp, HostPlan).
+            sums = self.tiles if mode != "segment" else _kernels.TileTable(
+                self.offsets, per_segment=True, sm_count=1)
+            self._arrays = (self.tiles.start, sums.start, sums.segment, sums.segment_tiles,
+                            self.offsets, np.zeros(sums.count, np.float64),
+                            np.zeros(sums.count, np.int32))
             plan = self._plan
-            plan.tile_start, plan.tile_segment, plan.segment_tiles, plan.partial, \
-                plan.nonfinite = (a.ctypes.data for a in self._arrays)
-            plan.ntiles = tiles.count
+            plan.tile_start, plan.sum_start, plan.sum_segment, plan.segment_tiles, plan.offsets, \
+                plan.partial, plan.nonfinite = (a.ctypes.data for a in self._arrays)
+            plan.ntiles, plan.nsums = self.tiles.count, sums.count
+            plan.nsegments = len(self.offsets) - 1
             plan.clip_mode = CLIP_MODES[mode]
-            self.tiles, self._mode = tiles, mode
+            self.sum_tiles, self._mode = sums, mode
 
     @property
     def next_iteration(self):

@@ -21,7 +21,7 @@ import fusedopt
 from conftest import CASES, case_ids, random_grads, random_params, require_in_ci
 from fusedopt import _kernels, host
 
-# Sizes 0 and 1, odd sizes, segments of several tiles (host tiles are 8192 elements
+# Sizes 0 and 1, odd sizes, segments of several tiles (host tiles are 16384 elements
 # here) that straddle tile boundaries when not clipping per segment, and more than
 # host.cpp's FO_MIN_PARALLEL (65536) elements so that the thread pool runs.
 LAYOUT = [(40000,), (3, 7), (), (0,), (1,), (30001,), (33,)]
@@ -92,9 +92,13 @@ def test_host_executor_small_layouts(host_ok, layout, kwargs):
     run_both("Adam", kwargs, np.float32, layout, steps=3)
 
 
-# Bigger than the pool's threshold, 200 segments of mixed sizes (per-segment tiles of
-# every length), so threads split tiles and segments differently for each count.
-THREAD_LAYOUT = [(int(s),) for s in np.random.default_rng(0).integers(0, 4000, 200)]
+# Bigger than the pool's threshold, so that threads split the tiles and segments
+# differently for each count: 200 segments of mixed sizes (per-segment tiles of every
+# length), and segments of many tiles that two or more threads share.
+THREAD_LAYOUTS = {
+    "mixed": [(int(s),) for s in np.random.default_rng(0).integers(0, 4000, 200)],
+    "big": [(250001,), (3,), (0,), (90000,), (1,), (40000,)],
+}
 
 
 @pytest.mark.parametrize("cls_name,kwargs", [
@@ -106,10 +110,11 @@ THREAD_LAYOUT = [(int(s),) for s in np.random.default_rng(0).integers(0, 4000, 2
 ], ids=["adam-global", "adam-clipnorm-decay", "nadam-skip-clipnorm", "sgd-global-scale",
         "rmsprop-clipvalue"])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
-def test_bitwise_equal_across_thread_counts(host_ok, cls_name, kwargs, dtype):
+@pytest.mark.parametrize("layout", sorted(THREAD_LAYOUTS))
+def test_bitwise_equal_across_thread_counts(host_ok, cls_name, kwargs, dtype, layout):
     results = []
-    for threads in (1, 2, 4):
-        opt, params = run_both(cls_name, kwargs, dtype, THREAD_LAYOUT, steps=4,
+    for threads in (1, 2, 3, 4):
+        opt, params = run_both(cls_name, kwargs, dtype, THREAD_LAYOUTS[layout], steps=4,
                                num_threads=threads)
         results.append([params.data.copy()] + [s.copy() for s in opt.slots().values()])
     for other in results[1:]:
