@@ -32,7 +32,7 @@ setup(
     # The CUDA sources live in kernels/ at the top of the repository and ship inside
     # the package as fusedopt/kernels, where fusedopt.cuda reads them at run time.
     package_dir={"fusedopt": "fusedopt", "fusedopt.kernels": "kernels"},
-    package_data={"fusedopt.kernels": ["*.cuh", "*.cu"]},
+    package_data={"fusedopt.kernels": ["*.cuh", "*.cu", "*.cpp"]},
     install_requires=["numpy>=1.22"],
     extras_require={
         # fusedopt compiles its kernels with NVRTC through cuda-bindings (its own flags:

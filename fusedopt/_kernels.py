@@ -98,11 +98,20 @@ def reduce_source(dtype):
     return expand_includes(f'#define FUSEDOPT_T {CTYPES[np.dtype(dtype)]}\n#include "reduce.cu"\n')
 
 
-def rule_names():
-    """Every rule an optimizer class names (kernels/<rule>.cuh, reference.<rule>)."""
-    from .optimizer import _REGISTRY
+_RULE_STRUCT = r"^\s*struct\s+{}\s*\{{"
 
-    return sorted({cls.rule for cls in _REGISTRY.values()})
+
+def rule_names():
+    """Every rule in kernels/: a <rule>.cuh that defines `struct <rule>` (principle 5:
+    the name is the file, the struct and the kernel). Read from the sources, not from
+    the optimizer classes, so kernel assembly never imports the layers above it."""
+    names = []
+    for entry in kernel_dir().iterdir():
+        stem = entry.name[:-len(".cuh")]
+        if entry.name.endswith(".cuh") and re.search(
+                _RULE_STRUCT.format(re.escape(stem)), entry.read_text(encoding="utf-8"), re.M):
+            names.append(stem)
+    return sorted(names)
 
 
 def translation_units():

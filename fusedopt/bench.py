@@ -2,8 +2,13 @@
 
 In one run on one device it measures:
   - the ceiling: device-to-device copy bandwidth (bytes read + written) at each size;
+    on the CPU a copy split across every core with the host executor's thread pool
+    (and, for reference, NumPy's single-threaded copy);
   - fusedopt's step for every optimizer at sizes 2^16 ... 2^28 (float32) and the bytes
-    it must move per element (ARCHITECTURE.md, "Performance model");
+    it must move per element (ARCHITECTURE.md, "Performance model"); on the CPU both
+    the host executor (the kernels compiled for the CPU) and the NumPy reference;
+  - Adam over many small variables, 10k and 50k segments, with and without per-segment
+    clipnorm (the cost of clipping per variable);
   - peers on the same sizes: the NumPy reference applied to CuPy arrays (unfused
     CuPy), torch.optim with fused=True and foreach=True on one flat tensor and on ~200
     tensors, optax's jitted adam with and without clip_by_global_norm, and torch's
@@ -33,12 +38,14 @@ from pathlib import Path
 
 import numpy as np
 
-from . import _kernels, cuda, reference
+from . import _kernels, cuda, host, reference
 from ._progress import ProgressBar
 from .optimizer import get
 
-IMPLS = ("fusedopt", "cupy-unfused", "torch-fused", "torch-foreach", "optax",
-         "torch-clip+fused", "optax-clip", "copy")
+IMPLS = ("fusedopt", "fusedopt-numpy", "cupy-unfused", "torch-fused", "torch-foreach", "optax",
+         "torch-clip+fused", "optax-clip", "copy", "copy-1thread")
+# Many small variables: (segments, elements), the layouts of the per-variable clip rows.
+SEGMENT_LAYOUTS = {"10k-segments": (10_000, 1 << 20), "50k-segments": (50_000, 1 << 22)}
 # Benchmarked configurations: Keras defaults, except SGD with the usual momentum.
 CONFIGS = {"sgd": {"momentum": 0.9}}
 TORCH_PEERS = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD", "adagrad": "Adagrad"}
@@ -57,6 +64,10 @@ def add_arguments(parser):
                         help="timed steps per point (default 30 on a GPU, 7 on the CPU)")
     parser.add_argument("--warmup", type=_count_arg(0), default=5,
                         help="untimed steps before each point (default 5)")
+    parser.add_argument("--rounds", type=_count_arg(1), default=None,
+                        help="run the whole plan this many times and report each point's "
+                             "median over the rounds (default: 3 on the CPU, where other "
+                             "processes share the cores and load drifts; 1 on a GPU)")
     parser.add_argument("--no-peers", action="store_true", help="measure fusedopt only")
     parser.add_argument("--tests", default=None, metavar="JSON",
                         help="a test-count record {passed, failed, skipped} to embed")
@@ -87,13 +98,21 @@ def run(args):
     except ValueError as e:
         return _error(str(e))
     repeats = args.repeats or (30 if device == "gpu" else 7)
+    rounds = args.rounds or (1 if device == "gpu" else 3)
+    if rounds < 1:
+        print("error: --rounds must be >= 1", file=sys.stderr)
+        return 2
     plan = build_plan(ctx, sizes, optimizers, peers=not args.no_peers)
     progress = ProgressBar(enabled=not args.quiet)
-    rows = []
-    for done, (label, measure) in enumerate(plan):
-        progress.update("bench", done, len(plan), label)
-        rows.extend(measure(ctx, warmup=args.warmup, repeats=repeats))
+    measured = []
+    total = len(plan) * rounds
+    for r in range(rounds):
+        for done, (label, measure) in enumerate(plan):
+            round_label = f"{label} (round {r + 1}/{rounds})" if rounds > 1 else label
+            progress.update("bench", r * len(plan) + done, total, round_label)
+            measured.append(measure(ctx, warmup=args.warmup, repeats=repeats))
     progress.clear()
+    rows = merge_rounds(measured)
     record = make_record(ctx, rows, tests=tests)
     paths = write_record(record, Path(args.out))
     print(markdown_table(record))
@@ -259,6 +278,7 @@ class CpuContext:
     def __init__(self):
         self.name = cpu_name()
         self.l2_bytes = 32 << 20  # generous: rotation is cheap insurance on the CPU
+        self.threads = host.default_num_threads()
 
     def rand(self, n, seed):
         return np.random.default_rng(seed).standard_normal(n, dtype=np.float32)
@@ -353,6 +373,9 @@ def build_plan(ctx, sizes, optimizers, peers):
         for name in optimizers:
             plan.append((f"fusedopt {name} n=2^{n.bit_length() - 1}",
                          _bind(measure_fusedopt, name, n, "flat", None)))
+            if ctx.device == "cpu":
+                plan.append((f"fusedopt-numpy {name} n=2^{n.bit_length() - 1}",
+                             _bind(measure_fusedopt, name, n, "flat", None, executor="numpy")))
         if "adam" in optimizers:
             plan.append((f"fusedopt adam 200-tensors n=2^{n.bit_length() - 1}",
                          _bind(measure_fusedopt, "adam", n, "200-tensors", None)))
@@ -372,12 +395,37 @@ def build_plan(ctx, sizes, optimizers, peers):
             plan.append((f"torch clip+fused n=2^{n.bit_length() - 1}",
                          _bind(measure_torch_clip, n)))
             plan.append((f"optax n=2^{n.bit_length() - 1}", _bind(measure_optax, n)))
+    if "adam" in optimizers:
+        for layout, (_, n) in SEGMENT_LAYOUTS.items():
+            for clip in (None, "segment"):
+                plan.append((f"fusedopt adam {layout}{' clipnorm' if clip else ''}",
+                             _bind(measure_fusedopt, "adam", n, layout, clip)))
     plan.append(("host overhead", _bind(measure_host_overhead, peers)))
     return plan
 
 
-def _bind(fn, *args):
-    return lambda ctx, warmup, repeats: fn(ctx, *args, warmup=warmup, repeats=repeats)
+def merge_rounds(measured):
+    """One row per point: the median over the rounds of each round's median, with the
+    rounds' values kept in `round_ms` (A and B are then timed in every round)."""
+    points = {}
+    for rows in measured:
+        for r in rows:
+            key = (r["optimizer"], r["impl"], r["n"], r["layout"], r["clip"])
+            points.setdefault(key, []).append(r)
+    out = []
+    for same in points.values():
+        times = [r["median_ms"] for r in same if r["median_ms"] is not None]
+        first = dict(same[0])
+        if len(same) > 1 and times:
+            first["round_ms"] = times
+            first["median_ms"] = statistics.median(times)
+            first["gbps"] = first["bytes"] / (first["median_ms"] * 1e6)
+        out.append(first)
+    return out
+
+
+def _bind(fn, *args, **kwargs):
+    return lambda ctx, warmup, repeats: fn(ctx, *args, warmup=warmup, repeats=repeats, **kwargs)
 
 
 def row(optimizer, impl, n, layout, clip, median_ms, nbytes, dtype="float32", note=None):
@@ -396,33 +444,68 @@ def missing(optimizer, impl, n, layout, clip, why):
 
 # ---------------------------------------------------------------- measurements
 def measure_copy(ctx, n, warmup, repeats):
+    """The ceiling: a copy, bytes read + written. On the CPU it uses every core (as the
+    host executor and torch do), with NumPy's single-threaded copy as a second row."""
     nbytes = 2 * 4 * n  # read + write
     sets = rotation(ctx, nbytes)
     src = [ctx.rand(n, i) for i in range(sets)]
     dst = [ctx.xp.empty_like(s) for s in src]
-    ms = ctx.time(lambda i: ctx.xp.copyto(dst[i], src[i]), sets, warmup, repeats)
+    rows = []
+    if ctx.device == "cpu":
+        try:
+            copy = host.copy_function()
+        except host.HostBuildError as e:
+            rows += missing(None, "copy", n, "flat", None, f"no host library: {e}"[:120])
+        else:
+            ms = ctx.time(lambda i: copy(dst[i].ctypes.data, src[i].ctypes.data, 4 * n,
+                                         ctx.threads), sets, warmup, repeats)
+            rows.append(row(None, "copy", n, "flat", None, ms, nbytes,
+                            note=f"{ctx.threads} threads"))
+        ms = ctx.time(lambda i: np.copyto(dst[i], src[i]), sets, warmup, repeats)
+        rows.append(row(None, "copy-1thread", n, "flat", None, ms, nbytes))
+    else:
+        ms = ctx.time(lambda i: ctx.xp.copyto(dst[i], src[i]), sets, warmup, repeats)
+        rows.append(row(None, "copy", n, "flat", None, ms, nbytes))
     ctx.free()
-    return [row(None, "copy", n, "flat", None, ms, nbytes)]
+    return rows
 
 
-def _fusedopt_sets(ctx, name, n, layout, clip):
+def layout_shapes(layout, n):
+    if layout == "flat":
+        return [(n,)]
+    if layout in SEGMENT_LAYOUTS:
+        return model_like_shapes(n, count=SEGMENT_LAYOUTS[layout][0], seed=2)
+    return model_like_shapes(n)
+
+
+CLIP_OPTIONS = {None: {}, "global": {"global_clipnorm": CLIP_NORM},
+                "segment": {"clipnorm": CLIP_NORM}}
+
+
+def _fusedopt_sets(ctx, name, n, layout, clip, executor="auto"):
     from .flat import FlatBuffer
 
-    shapes = [(n,)] if layout == "flat" else model_like_shapes(n)
+    shapes = layout_shapes(layout, n)
+    # Per-segment clipping reads g once more too; its bytes are counted like global's.
     nbytes = step_bytes(name, 4, clip=bool(clip)) * n
     sets = rotation(ctx, nbytes)
     out = []
     for i in range(sets):
         params = FlatBuffer(ctx.rand(n, 2 * i), shapes)
         grads = ctx.rand(n, 2 * i + 1) * 1e-2
-        opt = make_optimizer(name, **({"global_clipnorm": CLIP_NORM} if clip else {}))
+        opt = make_optimizer(name, executor=executor, **CLIP_OPTIONS[clip])
         opt.build(params)
         out.append((opt, params, grads))
     return out, nbytes
 
 
-def measure_fusedopt(ctx, name, n, layout, clip, warmup, repeats):
-    sets, nbytes = _fusedopt_sets(ctx, name, n, layout, clip)
+def measure_fusedopt(ctx, name, n, layout, clip, warmup, repeats, executor="auto"):
+    """fusedopt's step; on the CPU executor="numpy" times the NumPy reference."""
+    sets, nbytes = _fusedopt_sets(ctx, name, n, layout, clip, executor)
+    impl = "fusedopt-numpy" if executor == "numpy" else "fusedopt"
+    note = None
+    if ctx.device == "cpu" and executor == "auto" and sets[0][0].executor_name != "host":
+        note = "NumPy fallback: the host library could not be built"
 
     def step(i):
         opt, params, grads = sets[i]
@@ -431,7 +514,7 @@ def measure_fusedopt(ctx, name, n, layout, clip, warmup, repeats):
     ms = ctx.time(step, len(sets), warmup, repeats)
     del sets
     ctx.free()
-    return [row(name, "fusedopt", n, layout, clip, ms, nbytes)]
+    return [row(name, impl, n, layout, clip, ms, nbytes, note=note)]
 
 
 def measure_cupy_unfused(ctx, name, n, warmup, repeats):
@@ -729,7 +812,54 @@ def markdown_table(record):
     if missing:
         lines += ["", "Not measured:"]
         lines += [f"- {', '.join(impls)}: {why}" for why, impls in missing.items()]
-    return "\n".join(lines)
+    targets = target_table(record)
+    return "\n".join(lines + ([""] + targets if targets else []))
+
+
+# (what, fusedopt's point, the other point, the least speedup other/fusedopt); a point
+# is (optimizer, impl, layout, clip); n is the same for both unless the layout fixes it.
+TARGETS = (
+    [(f"{name} vs torch fused", (name, "fusedopt", "flat", None),
+      (name, "torch-fused", "flat", None), 1.0) for name in TORCH_PEERS]
+    + [("adam + global clip vs torch clip_grad_norm_ + fused",
+        ("adam", "fusedopt", "flat", "global"), ("adam", "torch-clip+fused", "flat", "global"),
+        1.25),
+       ("adam vs optax", ("adam", "fusedopt", "flat", None), ("adam", "optax", "flat", None), 1.0),
+       ("adam + global clip vs optax + clip_by_global_norm",
+        ("adam", "fusedopt", "flat", "global"), ("adam", "optax-clip", "flat", "global"), 1.0),
+       ("adam 200 tensors vs flat (within 10%)", ("adam", "fusedopt", "200-tensors", None),
+        ("adam", "fusedopt", "flat", None), 1 / 1.1)]
+    + [(f"{layout} clipnorm vs unclipped (within 1.3x)", ("adam", "fusedopt", layout, "segment"),
+        ("adam", "fusedopt", layout, None), 1 / 1.3) for layout in SEGMENT_LAYOUTS]
+)
+
+
+def target_table(record):
+    """The speedups the issues set as targets, where both points were measured, and the
+    fraction of the copy ceiling fusedopt reached at that size."""
+    rows = {(r["optimizer"], r["impl"], r["layout"], r["clip"], r["n"]): r
+            for r in record["rows"] if r["median_ms"]}
+    copy = {r["n"]: r["gbps"] for r in record["rows"] if r["impl"] == "copy" and r["gbps"]}
+    checks = list(TARGETS) + [
+        (f"{name} vs the NumPy reference", (name, "fusedopt", "flat", None),
+         (name, "fusedopt-numpy", "flat", None), 3.0)
+        for name in sorted({k[0] for k in rows if k[1] == "fusedopt-numpy"})]
+    lines = []
+    for what, mine, other, least in checks:
+        for n in sorted({k[4] for k in rows if k[:4] == mine}):
+            a, b = rows.get(mine + (n,)), rows.get(other + (n,))
+            if a is None or b is None:
+                continue
+            ratio = b["median_ms"] / a["median_ms"]
+            ceiling = f"{a['gbps'] / copy[n]:.0%}" if n in copy else ""
+            lines.append(f"| {what} | {n} | {a['median_ms']:.3f} | {b['median_ms']:.3f} "
+                         f"| {ratio:.2f}x | {least:.2f}x | {'yes' if ratio >= least else 'NO'} "
+                         f"| {ceiling} |")
+    if not lines:
+        return []
+    return ["### Targets", "",
+            "| target | n | fusedopt ms | other ms | speedup | target | met | fusedopt of copy |",
+            "|---|---|---|---|---|---|---|---|"] + lines
 
 
 def missing_peers(rows):

@@ -252,7 +252,13 @@ class StepPlan:
     used, it first waits (an event) for the work already queued there, so one
     optimizer's steps never overlap; two optimizers have separate scratch and state
     and run concurrently on their streams.
+
+    The executor interface (fusedopt/executor.py): without skip_nonfinite every
+    queued step completes, so the host keeps the same count as the device and reading
+    it costs no sync; with skip_nonfinite only the device knows, and read_state syncs.
     """
+
+    name = "cuda"
 
     def __init__(self, optimizer, params, backend=None):
         from . import _kernels
@@ -352,15 +358,32 @@ class StepPlan:
                                         self.optimizer._running_product(iterations))
         with self.backend.on_device():
             self._enqueue(None, "fusedopt_write_state", 1, 1, (self.state, state))
+        self._host_counts = (iterations, skipped_steps, last_step_skipped)
 
     def read_state(self):
-        """(iterations, skipped steps, last step skipped) from the device: a sync."""
+        """(iterations, skipped steps, last step skipped): the host's count without
+        skip_nonfinite, else read from the device (a sync)."""
+        if not self.optimizer.skip_nonfinite:
+            return self._host_counts
         with self.backend.on_device():
             self.join_current_stream()
             raw = self.backend.to_host(self.state)
         state = np.frombuffer(raw.tobytes(), dtype=self._k.STEP_STATE)[0]
-        return (int(state["iterations"]), int(state["skipped_steps"]),
-                bool(state["last_step_skipped"]))
+        self._host_counts = (int(state["iterations"]), int(state["skipped_steps"]),
+                             bool(state["last_step_skipped"]))
+        return self._host_counts
+
+    @property
+    def next_iteration(self):
+        """The step the next launch will be: exact without skip_nonfinite; with it, the
+        count the host last read (the device may have skipped since)."""
+        return self._host_counts[0]
+
+    def count_launched_step(self):
+        """A step was queued (or replayed): without skip_nonfinite it completes for sure."""
+        if not self.optimizer.skip_nonfinite:
+            iterations, skipped, _ = self._host_counts
+            self._host_counts = (iterations + 1, skipped, False)
 
     # ------------------------------------------------------------------ the step
     def step(self, grads, params_data, slots, host_learning_rate=None):
@@ -370,6 +393,7 @@ class StepPlan:
             if self.host_learning_rate:
                 self.write_hyperparameters(host_learning_rate)
             self._enqueue_step(grads, params_data, slots)
+        self.count_launched_step()
 
     def _enqueue_step(self, grads, params_data, slots):
         opt, mode, skip = self.optimizer, self.mode, self.optimizer.skip_nonfinite
@@ -439,11 +463,11 @@ class CapturedStep:
 
     def __call__(self):
         opt, plan = self.optimizer, self.plan
-        if opt._gpu is not plan or plan.epoch != self.epoch:
+        if opt._plan is not plan or plan.epoch != self.epoch:
             raise RuntimeError("the optimizer's launch sequence changed since this step was "
                                "captured (a clip option was switched): capture it again")
         if plan.host_learning_rate:
             raise RuntimeError("the learning rate is now evaluated on the host each step (a "
                                "callable), which a captured step cannot replay")
         plan.replay(self.graph)
-        opt._count_launched_step()
+        plan.count_launched_step()

@@ -7,24 +7,24 @@ The pipeline, in Keras 3's order, lives here and nowhere else:
 
 A subclass says only what its rule needs: its hyperparameters, its state slots and
 the per-step scalars its rule reads (`_rule_scalars`). The rule's math lives in
-`reference.<rule>` (NumPy, the CPU path) and `kernels/<rule>.cuh` (the GPU path).
-Which path runs is decided by where the buffers are.
+`kernels/<rule>.cuh` (run by the CUDA and host executors) and `reference.<rule>`
+(NumPy, the oracle). Which executor runs a step (fusedopt.executor) is decided by
+where the buffers are and what this machine can build; this module holds no
+array-library code of its own.
 """
 
 import copy
 import math
 import numbers
 import warnings
+from typing import NamedTuple
 
 import numpy as np
 
 from . import _validate as check
-from . import cuda, reference, schedules
+from . import cuda, schedules
+from . import executor as executors
 from .flat import SUPPORTED_DTYPES, FlatBuffer, Layout, _span
-
-# Elements processed per NumPy call: bounds the temporaries a rule creates and keeps
-# them in cache; large enough that the per-chunk Python overhead is negligible.
-CHUNK = 1 << 16
 
 KERAS_DEFAULT_EPSILON = 1e-7
 
@@ -124,6 +124,13 @@ class FusedOptimizer:
             nothing (params, state and iterations stay as they were) and is counted
             in `skipped_steps`. Default False: NaN propagates, as in Keras.
         name: a name for the optimizer.
+        executor: who runs the steps on CPU buffers (fusedopt.executor): "auto"
+            (default: the kernels compiled for this CPU, "host", when a C++ compiler
+            can build them, else the NumPy reference), "host", or "numpy" (the
+            reference). CuPy buffers always run the CUDA kernels ("auto" or "cuda").
+        num_threads: threads of the host executor; None (default) uses every core
+            this process may run on. Results do not depend on it.
+    executor and num_threads are not hyperparameters: they are not in get_config().
     Keras 2 spellings are accepted: `lr=` (alias of learning_rate) and `decay=`
     (inverse-time decay, lr / (1 + decay * iterations)), with a DeprecationWarning.
 
@@ -166,6 +173,8 @@ class FusedOptimizer:
         gradient_accumulation_steps=None,
         name=None,
         skip_nonfinite=False,
+        executor="auto",
+        num_threads=None,
         **kwargs,
     ):
         # A subclass passes its own hyperparameters on in kwargs, so that all of them
@@ -179,8 +188,11 @@ class FusedOptimizer:
                 f"valid arguments: {', '.join(self._argument_names())}"
             )
         self._skip_nonfinite = check.boolean("skip_nonfinite", skip_nonfinite)
+        self._executor = executors.check_executor(executor)
+        self._num_threads = _check_num_threads(num_threads)
         _check_unsupported_keras_options(use_ema, ema_momentum, ema_overwrite_frequency,
                                          gradient_accumulation_steps)
+        # The step counters until build(); then the plan holds them.
         self._iterations = 0
         self._skipped_steps = 0
         self._last_step_skipped = False
@@ -188,7 +200,7 @@ class FusedOptimizer:
         self._device = None
         self._slots = None    # rule-ordered list: a 1-D array per slot, None where absent
         self._pending_state = None
-        self._gpu = None      # cuda.StepPlan once built on a GPU
+        self._plan = None     # the executor's plan (fusedopt.executor) once built
         self._set_hyperparameters(dict(
             learning_rate=learning_rate, weight_decay=weight_decay, clipnorm=clipnorm,
             clipvalue=clipvalue, global_clipnorm=global_clipnorm,
@@ -292,23 +304,60 @@ class FusedOptimizer:
     @property
     def iterations(self):
         """Completed (not skipped) steps: Keras' `optimizer.iterations`."""
-        if self._gpu is not None and self.skip_nonfinite:
-            self._sync_counters_from_gpu()
-        return self._iterations
+        return self._counters()[0]
 
     @property
     def skipped_steps(self):
         """Steps skipped for non-finite gradients (only with skip_nonfinite=True)."""
-        if self._gpu is not None and self.skip_nonfinite:
-            self._sync_counters_from_gpu()
-        return self._skipped_steps
+        return self._counters()[1]
 
     @property
     def last_step_skipped(self):
         """Whether the most recent call to apply() was skipped for non-finite gradients."""
-        if self._gpu is not None and self.skip_nonfinite:
-            self._sync_counters_from_gpu()
-        return self._last_step_skipped
+        return self._counters()[2]
+
+    def _counters(self):
+        """(iterations, skipped steps, last step skipped), from where the step's state
+        lives: the plan once built (a GPU read synchronises), else this object."""
+        if self._plan is not None:
+            return self._plan.read_state()
+        return self._iterations, self._skipped_steps, self._last_step_skipped
+
+    @property
+    def executor(self):
+        """The executor asked for: "auto", "host", "numpy" or "cuda". Assigning one
+        after build() moves the step to it (counters and state carry over)."""
+        return self._executor
+
+    @executor.setter
+    def executor(self, value):
+        value = executors.check_executor(value)
+        if self._plan is None:
+            self._executor = value
+            return
+        previous = self._executor
+        self._iterations, self._skipped_steps, self._last_step_skipped = self._counters()
+        self._executor = value
+        try:
+            self._plan = executors.plan_for(self, self._buffers)
+        except Exception:
+            self._executor = previous
+            raise
+
+    @property
+    def executor_name(self):
+        """The executor that runs this optimizer's steps ("host", "numpy" or "cuda"),
+        or None before build()."""
+        return None if self._plan is None else self._plan.name
+
+    @property
+    def num_threads(self):
+        """Threads of the host executor (None: every core available)."""
+        return self._num_threads
+
+    @num_threads.setter
+    def num_threads(self, value):
+        self._num_threads = _check_num_threads(value)
 
     @property
     def built(self):
@@ -343,6 +392,8 @@ class FusedOptimizer:
                 "the loaded state_dict does not match `params`: "
                 + pending["layout"].describe_difference(params.layout)
             )
+        buffers = BufferInfo(params.offsets, params.dtype, params.device)
+        plan = executors.plan_for(self, buffers)  # may refuse; nothing is changed yet
         with cuda.on_device(params.device):
             for spec in self._slot_specs():
                 if spec is None:
@@ -356,8 +407,8 @@ class FusedOptimizer:
         self._layout = params.layout
         self._device = params.device
         self._pending_state = None
-        if params.device != "cpu":
-            self._gpu = cuda.StepPlan(self, params)
+        self._plan = plan
+        self._buffers = buffers
 
     # ----------------------------------------------------------------------- apply
     def apply(self, grads, params):
@@ -375,24 +426,9 @@ class FusedOptimizer:
         _check_no_overlap(grads, params, self._slot_spans if self.built else ())
         if len(params) == 0:
             return  # Keras: no variables, no update, no increment
-        if self._gpu is not None or params.device != "cpu":
-            host_learning_rate = self._device_step_learning_rate()
-            self.build(params)
-            self._gpu.step(grads, params.data, self._slots, host_learning_rate)
-            self._count_launched_step()
-            return
-        lr, scalars = self._step_scalars(self._iterations)
+        host_learning_rate = self._step_learning_rate()
         self.build(params)
-        if self.skip_nonfinite and not _all_finite(grads):
-            self._skipped_steps += 1
-            self._last_step_skipped = True
-            return
-        # Non-finite gradients propagate as in Keras (or are skipped above); NumPy's
-        # warnings about them would only repeat that.
-        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            self._numpy_pipeline(params, grads, lr, scalars)
-        self._last_step_skipped = False
-        self._iterations += 1
+        self._plan.step(grads, params.data, self._slots, host_learning_rate)
 
     def cuda_graph(self, grads, params):
         """Capture one step, apply(grads, params), as a CUDA graph; return a callable
@@ -415,58 +451,55 @@ class FusedOptimizer:
         _check_no_overlap(grads, params, self._slot_spans if self.built else ())
         if len(params) == 0:
             raise ValueError("`params` are empty: there is no step to capture")
-        if self._gpu is None and params.device == "cpu":
+        if params.device == "cpu" and getattr(self._plan, "name", None) != "cuda":
             raise ValueError("`params` live on the CPU: cuda_graph() needs CuPy arrays")
-        if not self._learning_rate_on_device():
+        if not self._learning_rate_in_block():
             raise ValueError(
                 "`learning_rate` is evaluated on the host each step (a callable, or a "
                 "schedule the device cannot compute), so a captured step cannot replay it; "
                 "use a number or a fusedopt.schedules schedule")
-        self._device_step_learning_rate()
+        self._step_learning_rate()
         self.build(params)
-        return cuda.CapturedStep(self, self._gpu,
-                                 self._gpu.capture(grads, params.data, self._slots))
+        return cuda.CapturedStep(self, self._plan,
+                                 self._plan.capture(grads, params.data, self._slots))
 
-    # The device computes its own rate; the host checks it first, where it knows the
-    # step: exactly without skip_nonfinite, and with it at the count it last read.
-    def _device_step_learning_rate(self):
-        """Refuse a bad learning rate for this step before anything changes; return
-        the rate before Keras 2's decay when only the host can evaluate it, else None."""
-        if self._learning_rate_on_device():
-            self._learning_rate_at(self._iterations)
-            return None
-        if self.skip_nonfinite and self._gpu is not None and \
-                isinstance(self._learning_rate, schedules.LearningRateSchedule):
-            self._sync_counters_from_gpu()  # a schedule of the step: read the device's
-        raw = self._raw_learning_rate(self._iterations)
-        self._decayed_learning_rate(raw, self._iterations)
-        return raw[0]
+    def _step_learning_rate(self):
+        """Refuse a bad learning rate for the coming step before anything changes.
+        Returns the rate before Keras 2's decay when only the host can evaluate it (a
+        callable, a schedule of another class), else None: the executors compute the
+        rate from the step state (kernels/step.cuh; reference.ReferencePlan in Python)."""
+        # With skip_nonfinite on a GPU only the device knows how many steps were
+        # skipped; the plan names the newest iteration the step can be.
+        it = self._plan.next_iteration if self._plan is not None else self._iterations
+        raw = self._raw_learning_rate(it)
+        self._decayed_learning_rate(raw, it)
+        return None if self._learning_rate_in_block() else raw[0]
 
-    def _learning_rate_on_device(self):
-        if self._gpu is not None:  # decided when the block was last written
-            return not self._gpu.host_learning_rate
-        from . import _kernels
-
+    def _learning_rate_in_block(self):
+        """Whether the hyperparameter block (kernels/step.cuh) can compute the rate."""
         spec = self._learning_rate_spec()
-        return spec is not None and _kernels.pack_learning_rate(spec) is not None
+        if isinstance(spec, tuple):
+            from . import _kernels
 
-    def _count_launched_step(self):
-        """A device step was queued: without skip_nonfinite it completes for sure."""
-        if not self.skip_nonfinite:
-            self._iterations += 1
+            return _kernels.pack_learning_rate(spec) is not None
+        return spec is not None
 
     def _hyperparameters_changed(self, name):
         """Called after a hyperparameter `name` was accepted and stored (`opt.beta_1 =
         0.8`; None: any of them, e.g. by load_state_dict), never by the constructor:
-        the device's hyperparameter block is rewritten, queued on the current stream
-        (and new tables built if the clip option changed)."""
-        plan = getattr(self, "_gpu", None)
+        the executor rewrites its copy of the hyperparameter block (on a GPU queued on
+        the current stream, with new tables if the clip option changed)."""
+        plan = getattr(self, "_plan", None)
         if plan is not None:
             plan.hyperparameters_changed(name)
 
-    # Per-step scalars are computed here, once per step, for both paths.
-    def _step_scalars(self, it):
-        lr = self._learning_rate_at(it)
+    # The oracle's per-step scalars (the NumPy executor and the tests use them; the
+    # kernels compute the same in kernels/step.cuh).
+    def _step_scalars(self, it, host_learning_rate=None):
+        if host_learning_rate is None:
+            lr = self._learning_rate_at(it)
+        else:
+            lr = self._decayed_learning_rate((host_learning_rate, "the learning_rate callable"), it)
         return lr, tuple(float(x) for x in self._rule_scalars(lr, it + 1))
 
     def _learning_rate_at(self, it):
@@ -502,42 +535,6 @@ class FusedOptimizer:
             raise ValueError(f"`learning_rate` must be finite and >= 0; {source} gave {value!r}")
         self._check_learning_rate_value(value)
         return value
-
-    def _numpy_pipeline(self, params, grads, lr, scalars):
-        p_all, g_all = params.data, grads
-        dt = p_all.dtype.type
-        c = tuple(dt(x) for x in scalars)
-        lr_t, wd = dt(lr), (dt(self.weight_decay) if self.weight_decay else None)
-        unscale = dt(1.0 / self.loss_scale_factor) if self.loss_scale_factor else None
-        clipvalue = dt(self.clipvalue) if self.clipvalue else None
-        factors = self._clip_factors(g_all, params.offsets, unscale)
-        rule = getattr(reference, self.rule)
-        scratch = np.empty(min(CHUNK, p_all.size), dtype=p_all.dtype)
-        for start, stop, segment in _chunks(params.offsets, per_segment=bool(self.clipnorm)):
-            g = g_all[start:stop]
-            if unscale is not None or factors is not None or clipvalue is not None:
-                g = _copy_into(scratch, g)
-                if unscale is not None:
-                    g *= unscale
-                if factors is not None:
-                    g *= dt(factors[segment if self.clipnorm else 0])
-                if clipvalue is not None:
-                    np.clip(g, -clipvalue, clipvalue, out=g)
-            p = p_all[start:stop]
-            if wd is not None:
-                p -= p * wd * lr_t
-            slots = [s[start:stop] if s is not None else None for s in self._slots]
-            rule(p, g, *slots, *c)
-
-    def _clip_factors(self, g, offsets, unscale):
-        """Multipliers for the unscaled gradient: one per segment (clipnorm), one for
-        all (global_clipnorm), or None. Norms are summed in float64."""
-        if self.clipnorm:
-            sums = [_sum_of_squares(g[a:b], unscale) for a, b in zip(offsets[:-1], offsets[1:])]
-            return [clipnorm_factor(s, self.clipnorm) for s in sums]
-        if self.global_clipnorm:
-            return [global_clipnorm_factor(_sum_of_squares(g, unscale), self.global_clipnorm)]
-        return None
 
     # ---------------------------------------------------------------------- checks
     def _check_grads(self, grads, params):
@@ -596,8 +593,7 @@ class FusedOptimizer:
             )
         if self.built:
             layout = self._layout
-            if self._gpu is not None:
-                self._gpu.join_current_stream()  # copies queue on the current stream
+            self._plan.join_current_stream()  # copies queue on the current stream
             slots = {name: buf.copy() for name, buf in self.slots().items()}
         else:
             layout = self._pending_state["layout"]
@@ -623,20 +619,18 @@ class FusedOptimizer:
                     "the state_dict's layout does not match this optimizer's: "
                     + self._layout.describe_difference(parsed["layout"])
                 )
-            if self._gpu is not None:
-                self._gpu.join_current_stream()
+            self._plan.join_current_stream()
             with cuda.on_device(self._device):
                 for name, buf in self.slots().items():
                     buf[...] = _copy_to(parsed["slots"][name], self._device, buf.dtype)
+            self._plan.write_state(parsed["iterations"], parsed["skipped_steps"],
+                                   parsed["last_step_skipped"])
+            self._hyperparameters_changed(None)
         else:
             self._pending_state = parsed
         self._iterations = parsed["iterations"]
         self._skipped_steps = parsed["skipped_steps"]
         self._last_step_skipped = parsed["last_step_skipped"]
-        if self._gpu is not None:
-            self._gpu.write_state(self._iterations, self._skipped_steps,
-                                  self._last_step_skipped)
-            self._hyperparameters_changed(None)
 
     def _parse_state(self, state):
         if not isinstance(state, dict):
@@ -677,9 +671,6 @@ class FusedOptimizer:
             "skipped_steps": skipped,
             "last_step_skipped": last,
         }
-
-    def _sync_counters_from_gpu(self):
-        self._iterations, self._skipped_steps, self._last_step_skipped = self._gpu.read_state()
 
     # ---------------------------------------------------------------------- config
     def get_config(self):
@@ -758,60 +749,15 @@ class FusedOptimizer:
         return names + ["lr", "decay"]
 
 
-# --------------------------------------------------------------- gradient clipping
-def clipnorm_factor(sum_of_squares, clipnorm):
-    """Keras' per-variable clip, g*c/max(|g|, c), as one factor; NaN propagates."""
-    norm = math.sqrt(sum_of_squares) if sum_of_squares > 0 else sum_of_squares
-    if math.isnan(norm):
-        return math.nan
-    return clipnorm / max(norm, clipnorm)
-
-
-def global_clipnorm_factor(sum_of_squares, clipnorm):
-    """Keras' clip_by_global_norm scale, c*min(1/n, 1/c); NaN when n is not finite."""
-    norm = math.sqrt(sum_of_squares)
-    if not math.isfinite(norm):
-        return math.nan
-    inverse = math.inf if norm == 0 else 1.0 / norm
-    return clipnorm * min(inverse, 1.0 / clipnorm)
-
-
-def _sum_of_squares(g, unscale):
-    total = 0.0
-    for a in range(0, g.size, CHUNK):
-        x = g[a:a + CHUNK]
-        if unscale is not None:
-            x = x * unscale
-        x = x.astype(np.float64)
-        # einsum, not np.dot: BLAS threads on a busy machine can stall a dot for
-        # milliseconds, and a single-threaded loop sums in the same order every time.
-        total += float(np.einsum("i,i->", x, x))
-    return total
-
-
-def _copy_into(scratch, x):
-    out = scratch[: x.size]
-    np.copyto(out, x)
-    return out
-
-
-def _all_finite(g):
-    return all(np.isfinite(g[a:a + CHUNK]).all() for a in range(0, g.size, CHUNK))
-
-
-def _chunks(offsets, per_segment):
-    """(start, stop, segment) ranges of at most CHUNK elements; with per_segment they
-    never straddle a segment boundary (each segment has its own clip factor)."""
-    if per_segment:
-        for segment, (a, b) in enumerate(zip(offsets[:-1], offsets[1:])):
-            for start in range(a, b, CHUNK):
-                yield start, min(start + CHUNK, b), segment
-    else:
-        for start in range(0, offsets[-1], CHUNK):
-            yield start, min(start + CHUNK, offsets[-1]), 0
-
-
 # ---------------------------------------------------------------------- helpers
+class BufferInfo(NamedTuple):
+    """What an executor's plan needs to know of the buffers it will update."""
+
+    offsets: tuple
+    dtype: np.dtype
+    device: str
+
+
 def _as_params(params):
     if isinstance(params, FlatBuffer):
         return params
@@ -827,6 +773,17 @@ def _as_params(params):
             raise ValueError(f"`params` must be float32 or float64, got {params.dtype}")
         return FlatBuffer(params, [params.shape])
     raise TypeError(f"`params` must be a FlatBuffer or a 1-D array, got {type(params).__name__}")
+
+
+def _check_num_threads(value):
+    if value is None:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"`num_threads` must be a positive integer or None, "
+                        f"got {type(value).__name__}: {value!r}")
+    if value < 1:
+        raise ValueError(f"`num_threads` must be >= 1 (or None for every core), got {value!r}")
+    return int(value)
 
 
 def _check_learning_rate(lr):

@@ -12,6 +12,8 @@ The functions use only operators and ufuncs, so they also run on CuPy arrays (th
 buffer's dtype, so float32 buffers are updated in float32 arithmetic.
 """
 
+import math
+
 import numpy as np
 
 
@@ -131,3 +133,145 @@ def lion(p, g, m, lr, beta_1, one_minus_beta_1, beta_2, one_minus_beta_2):
     m <- beta_2*m + (1-beta_2)*g  (the parameter update uses the old m)."""
     p -= lr * np.sign(m * beta_1 + g * one_minus_beta_1)
     m[...] = m * beta_2 + g * one_minus_beta_2
+
+
+# ------------------------------------------------------------------ the executor
+# The pipeline around the rules, in Keras 3's order, as readable NumPy: the "numpy"
+# executor (fusedopt.executor) and the oracle the host and CUDA executors are
+# tested against.
+
+# Elements processed per NumPy call: bounds the temporaries a rule creates and keeps
+# them in cache; large enough that the per-chunk Python overhead is negligible.
+CHUNK = 1 << 16
+
+
+class ReferencePlan:
+    """The NumPy executor for one optimizer on one layout (fusedopt.executor):
+    the step's scalars from the optimizer's Python formulas (`_rule_scalars`, the
+    schedules), then unscale -> clip -> weight decay -> rule, chunk by chunk, then
+    count the step. Holds the counters [iterations, skipped steps, last step skipped]."""
+
+    name = "numpy"
+
+    def __init__(self, optimizer, params):
+        self.optimizer = optimizer
+        self.offsets = params.offsets
+        self.write_state(optimizer._iterations, optimizer._skipped_steps,
+                         optimizer._last_step_skipped)
+
+    @property
+    def next_iteration(self):
+        return self.counters[0]
+
+    def hyperparameters_changed(self, name):
+        """Nothing to refresh: every step reads the optimizer's attributes."""
+
+    def step(self, grads, params_data, slots, host_learning_rate=None):
+        if self.optimizer.skip_nonfinite and not _all_finite(grads):
+            self.counters[1] += 1
+            self.counters[2] = True
+            return
+        lr, scalars = self.optimizer._step_scalars(self.counters[0], host_learning_rate)
+        # Non-finite gradients propagate as in Keras (or are skipped above); NumPy's
+        # warnings about them would only repeat that.
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            self._pipeline(params_data, grads, slots, lr, scalars)
+        self.counters[0] += 1
+        self.counters[2] = False
+
+    def read_state(self):
+        return tuple(self.counters)
+
+    def join_current_stream(self):
+        """Nothing to join: a NumPy step has finished when step() returns."""
+
+    def write_state(self, iterations, skipped_steps, last_step_skipped):
+        self.counters = [iterations, skipped_steps, last_step_skipped]
+
+    def _pipeline(self, p_all, g_all, slots, lr, scalars):
+        opt = self.optimizer
+        dt = p_all.dtype.type
+        c = tuple(dt(x) for x in scalars)
+        lr_t, wd = dt(lr), (dt(opt.weight_decay) if opt.weight_decay is not None else None)
+        unscale = dt(1.0 / opt.loss_scale_factor) if opt.loss_scale_factor else None
+        clipvalue = dt(opt.clipvalue) if opt.clipvalue else None
+        factors = clip_factors(opt, g_all, self.offsets, unscale)
+        rule = globals()[opt.rule]
+        scratch = np.empty(min(CHUNK, p_all.size), dtype=p_all.dtype)
+        for start, stop, segment in _chunks(self.offsets, per_segment=bool(opt.clipnorm)):
+            g = g_all[start:stop]
+            if unscale is not None or factors is not None or clipvalue is not None:
+                g = _copy_into(scratch, g)
+                if unscale is not None:
+                    g *= unscale
+                if factors is not None:
+                    g *= dt(factors[segment if opt.clipnorm else 0])
+                if clipvalue is not None:
+                    np.clip(g, -clipvalue, clipvalue, out=g)
+            p = p_all[start:stop]
+            if wd is not None:
+                p -= p * wd * lr_t
+            rule(p, g, *[s[start:stop] if s is not None else None for s in slots], *c)
+
+
+def clip_factors(opt, g, offsets, unscale):
+    """Multipliers for the unscaled gradient: one per segment (clipnorm), one for
+    all (global_clipnorm), or None. Norms are summed in float64."""
+    if opt.clipnorm:
+        sums = [_sum_of_squares(g[a:b], unscale) for a, b in zip(offsets[:-1], offsets[1:])]
+        return [clipnorm_factor(s, opt.clipnorm) for s in sums]
+    if opt.global_clipnorm:
+        return [global_clipnorm_factor(_sum_of_squares(g, unscale), opt.global_clipnorm)]
+    return None
+
+
+def clipnorm_factor(sum_of_squares, clipnorm):
+    """Keras' per-variable clip, g*c/max(|g|, c), as one factor; NaN propagates."""
+    norm = math.sqrt(sum_of_squares) if sum_of_squares > 0 else sum_of_squares
+    if math.isnan(norm):
+        return math.nan
+    return clipnorm / max(norm, clipnorm)
+
+
+def global_clipnorm_factor(sum_of_squares, clipnorm):
+    """Keras' clip_by_global_norm scale, c*min(1/n, 1/c); NaN when n is not finite."""
+    norm = math.sqrt(sum_of_squares)
+    if not math.isfinite(norm):
+        return math.nan
+    inverse = math.inf if norm == 0 else 1.0 / norm
+    return clipnorm * min(inverse, 1.0 / clipnorm)
+
+
+def _sum_of_squares(g, unscale):
+    total = 0.0
+    for a in range(0, g.size, CHUNK):
+        x = g[a:a + CHUNK]
+        if unscale is not None:
+            x = x * unscale
+        x = x.astype(np.float64)
+        # einsum, not np.dot: BLAS threads on a busy machine can stall a dot for
+        # milliseconds, and a single-threaded loop sums in the same order every time.
+        total += float(np.einsum("i,i->", x, x))
+    return total
+
+
+def _copy_into(scratch, x):
+    out = scratch[: x.size]
+    np.copyto(out, x)
+    return out
+
+
+def _all_finite(g):
+    return all(np.isfinite(g[a:a + CHUNK]).all() for a in range(0, g.size, CHUNK))
+
+
+def _chunks(offsets, per_segment):
+    """(start, stop, segment) ranges of at most CHUNK elements; with per_segment they
+    never straddle a segment boundary (each segment has its own clip factor)."""
+    if per_segment:
+        for segment, (a, b) in enumerate(zip(offsets[:-1], offsets[1:])):
+            for start in range(a, b, CHUNK):
+                yield start, min(start + CHUNK, b), segment
+    else:
+        for start in range(0, offsets[-1], CHUNK):
+            yield start, min(start + CHUNK, offsets[-1]), 0

@@ -134,11 +134,11 @@ def require_in_ci(reason):
 
 
 @pytest.fixture(scope="session")
-def emulator_libraries(tmp_path_factory):
+def emulator_libraries():
     """The real kernels compiled for the host (tests/host/emulator.py), per dtype."""
     import emulator
 
-    libs = emulator.build(tmp_path_factory.mktemp("emulator"))
+    libs = emulator.build()
     if libs is None:
         require_in_ci("a C++20 compiler (g++) for the kernel emulator")
     return libs

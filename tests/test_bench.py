@@ -55,8 +55,9 @@ def test_bench_command_writes_the_record(tmp_path, capsys):
     assert record["copy_gbps"] > 0 and record["versions"]["fusedopt"]
     for r in record["rows"]:
         assert ROW_KEYS <= set(r)
-        assert r["impl"] in bench.IMPLS and r["layout"] in ("flat", "200-tensors", "small-model")
-        assert r["clip"] in (None, "global")
+        assert r["impl"] in bench.IMPLS
+        assert r["layout"] in ("flat", "200-tensors", "small-model", *bench.SEGMENT_LAYOUTS)
+        assert r["clip"] in (None, "global", "segment")
         assert r["median_ms"] > 0 and r["gbps"] == pytest.approx(r["bytes"] / (r["median_ms"] * 1e6))
     impls = {(r["impl"], r["optimizer"], r["n"], r["layout"], r["clip"]) for r in record["rows"]}
     assert ("fusedopt", "lion", 2**14, "flat", None) in impls

@@ -101,7 +101,7 @@ def test_per_segment_factors_follow_their_tiles(libraries):
     params = fusedopt.FlatBuffer.from_arrays([np.zeros(s) for s in layout])
     opt = fusedopt.SGD(learning_rate=1.0, clipnorm=1.0)
     emulated(opt, params, libraries, sm_count=1)
-    assert opt._gpu.tiles.count > 4 and opt._gpu.update_grid < opt._gpu.tiles.count
+    assert opt._plan.tiles.count > 4 and opt._plan.update_grid < opt._plan.tiles.count
     g = np.concatenate([np.full(9000, 1.0), np.full(7000, 1e-4)])  # norms 94.9 and 0.0084
     opt.apply(g, params)
     np.testing.assert_allclose(params.data[:9000], -1.0 / np.sqrt(9000), rtol=1e-13)
@@ -164,4 +164,4 @@ def test_state_dict_round_trip_through_the_device_counters(libraries):
     opt.apply(np.full(50, 0.2), params)
     opt.load_state_dict(state)
     assert (opt.iterations, opt.skipped_steps, opt.last_step_skipped) == (1, 1, True)
-    assert opt._gpu.read_state() == (1, 1, True)
+    assert opt._plan.read_state() == (1, 1, True)

@@ -269,7 +269,7 @@ def test_buffers_sharing_a_misalignment_take_the_vector_path(libraries, kwargs, 
         results[name] = state_of(opt, params)
         vector_loads[name] = backend.count("load", 16, kernel="fusedopt_adam")
         if name != "mixed":  # the update's 4 buffers, less < V peeled elements a tile side
-            V, tiles = 16 // np.dtype(dtype).itemsize, opt._gpu.tiles.count
+            V, tiles = 16 // np.dtype(dtype).itemsize, opt._plan.tiles.count
             assert vector_loads[name] * V >= 3 * 4 * (init.size - 2 * V * tiles), name
     assert vector_loads["mixed"] == 0
     assert_same_bits(results["common"], results["aligned"], "common misalignment")
@@ -286,7 +286,7 @@ def test_sum_of_squares_loads_16_bytes_at_a_time(libraries, dtype):
     backend.reset_accesses()
     g = with_offset(np.ones(params.size, dtype), 0)
     opt.apply(g, params)
-    V, tiles = 16 // np.dtype(dtype).itemsize, opt._gpu.tiles.count
+    V, tiles = 16 // np.dtype(dtype).itemsize, opt._plan.tiles.count
     vector = backend.count("load", 16, kernel="fusedopt_sumsq")
     scalar = backend.count("load", np.dtype(dtype).itemsize, kernel="fusedopt_sumsq")
     assert vector * V + scalar == params.size
@@ -309,12 +309,12 @@ def test_clip_option_switched_between_steps(libraries):
                 else:
                     opt.global_clipnorm = None
                 opt._hyperparameters_changed("global_clipnorm")
-        tables = gpu._gpu.tile_start
+        tables = gpu._plan.tile_start
         backend.launches.clear()
         flat = fusedopt.FlatBuffer.from_arrays(g).data
         cpu.apply(flat, cpu_params)
         gpu.apply(flat, gpu_params)
-        assert gpu._gpu.tile_start is tables, "a step built tables"
+        assert gpu._plan.tile_start is tables, "a step built tables"
         assert ("fusedopt_clip_factors" in backend.launches) == (k < 4)
         assert_close(state_of(gpu, gpu_params), state_of(cpu, cpu_params), np.float64,
                      f"step {k}")
@@ -340,7 +340,7 @@ def test_two_optimizers_on_two_streams_interleaved(libraries):
     from fusedopt.cuda import StepPlan
     for opt, params in pairs:
         opt.build(params)
-        opt._gpu = StepPlan(opt, params, backend=backend)
+        opt._plan = StepPlan(opt, params, backend=backend)
     backend.deferred = True
     for g in flat:
         for seed, (opt, params) in zip((1, 2), pairs):
@@ -410,7 +410,7 @@ def test_h100_grid_over_a_600k_clipped_segment(libraries, kwargs):
     gpu, gpu_params = make("SGD", kwargs, np.float32, layout=layout)
     cpu_params.data[...] = gpu_params.data[...] = 0.0
     emulate(gpu, gpu_params, libraries, sm_count=132, blocks_per_sm=3)
-    assert gpu._gpu.tiles.count > _kernels.BLOCK
+    assert gpu._plan.tiles.count > _kernels.BLOCK
     for g in random_grads(layout, np.float32, seed=51, steps=2):
         flat = fusedopt.FlatBuffer.from_arrays(g).data
         cpu.apply(flat, cpu_params)

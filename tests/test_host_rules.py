@@ -9,8 +9,6 @@ skips here and fails in CI.
 """
 
 import ctypes
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +17,8 @@ import pytest
 import fusedopt
 from fusedopt import schedules as S
 from conftest import CASES, RULE_CASES, case_ids, random_grads, random_params, require_in_ci
-from fusedopt import _kernels
-from fusedopt.optimizer import clipnorm_factor, global_clipnorm_factor
+from fusedopt import _kernels, host
+from fusedopt.reference import clip_factors, clipnorm_factor, global_clipnorm_factor
 
 HERE = Path(__file__).parent
 LAYOUT = [(5000,), (3, 7), (), (0,), (1,), (2100,), (33,)]  # multi-tile segments too
@@ -38,20 +36,19 @@ def assert_close(actual, desired, dtype, what):
 
 
 @pytest.fixture(scope="session")
-def host_library(tmp_path_factory):
-    compiler = shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
-    if compiler is None:
-        require_in_ci("a C++ compiler (g++) for the host build of the rules")
+def host_library():
     rules = _kernels.rule_names()
     source = "".join(f'#include "{r}.cuh"\n' for r in rules) + '#include "harness.h"\n'
     source += "".join(f"FO_HOST_ENTRIES({r})\nFO_HOST_STEP_VALUES({r})\n" for r in rules)
-    out = tmp_path_factory.mktemp("host") / "librules.so"
     # -ffp-contract=off: no FMA contraction, like the NVRTC build (--fmad=false).
-    cmd = [compiler, "-std=c++17", "-O2", "-ffp-contract=off", "-fno-fast-math", "-shared",
-           "-fPIC", "-Wall", "-Werror", "-Wno-unused-parameter", "-x", "c++", "-",
-           "-I", str(_kernels.kernel_dir()), "-I", str(HERE / "host"), "-o", str(out)]
-    subprocess.run(cmd, input=source.encode(), check=True)
-    return ctypes.CDLL(str(out))
+    flags = ["-std=c++17", "-O2", "-ffp-contract=off", "-fno-fast-math", "-shared", "-fPIC",
+             "-Wall", "-Werror", "-Wno-unused-parameter"]
+    try:  # the host executor's build: compiler discovery and the on-disk cache
+        path = host.compile_library(source, "test_rules", flags=flags,
+                                    include_dirs=[_kernels.kernel_dir(), HERE / "host"])
+    except host.HostBuildError as e:
+        require_in_ci(f"the host build of the rules: {e}")
+    return ctypes.CDLL(str(path))
 
 
 def pointer(a):
@@ -63,7 +60,7 @@ def host_step(lib, opt, params, g, slots, lr, scalars):
     would prepare them (tile table, clip factors, packed prologue and scalars)."""
     dtype = params.dtype
     unscale = dtype.type(1.0 / opt.loss_scale_factor) if opt.loss_scale_factor else None
-    factors = opt._clip_factors(g, params.offsets, unscale)
+    factors = clip_factors(opt, g, params.offsets, unscale)
     factors = None if factors is None else np.array(factors, dtype=dtype)
     tiles = _kernels.TileTable(params.offsets, per_segment=bool(opt.clipnorm), sm_count=2)
     pro = _kernels.pack_prologue(dtype, opt.loss_scale_factor, opt.clipvalue, opt.weight_decay)

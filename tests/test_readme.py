@@ -40,8 +40,11 @@ def forward_backward(batch, params, grads):
     return float(sum(np.sum(p * p) for p in params))
 
 
+GPU_ONLY = "# GPU only"  # the first line of a block that needs CuPy and a GPU
+
+
 def test_python_blocks_run(tmp_path, monkeypatch):
-    blocks = code_blocks("python")
+    blocks = [b for b in code_blocks("python") if not b.startswith(GPU_ONLY)]
     assert len(blocks) >= 2  # Quick start and Checkpoints
     monkeypatch.chdir(tmp_path)  # the checkpoint example writes run.npz
     namespace = {"batches": range(3), "forward_backward": forward_backward}
@@ -49,6 +52,23 @@ def test_python_blocks_run(tmp_path, monkeypatch):
         exec(compile(block, "README.md", "exec"), namespace)
     # The quick start trained what it built: three steps, state to resume from.
     assert namespace["opt"].iterations == 3
+
+
+def test_gpu_python_blocks_run_on_a_gpu(tmp_path, monkeypatch):
+    """Blocks marked GPU only compile everywhere and run, each on its own, on a GPU."""
+    from fusedopt import cuda
+
+    blocks = [b for b in code_blocks("python") if b.startswith(GPU_ONLY)]
+    assert blocks  # the CUDA graph example
+    for block in blocks:
+        compile(block, "README.md", "exec")
+    if not cuda.gpu_available():
+        pytest.skip("no CUDA GPU")
+    monkeypatch.chdir(tmp_path)
+    for block in blocks:
+        namespace = {"batches": range(3), "forward_backward": forward_backward}
+        exec(compile(block, "README.md", "exec"), namespace)
+        assert namespace["opt"].iterations == 3
 
 
 # -------------------------------------------------------------------- bash blocks
@@ -90,6 +110,13 @@ def check_docker(argv):
     assert argv[1] in ("build", "run")
 
 
+def check_gpu_job(argv):
+    """`bash bench/run_gpu.sh OUT [PART...]`: every part named is one the script runs."""
+    script = (ROOT / "bench" / "run_gpu.sh").read_text()
+    parts = re.search(r"parts=\(([^)$]*)\)", script).group(1).split()
+    assert set(argv[3:]) <= set(parts) | {"all"}, argv
+
+
 def run_fusedopt(argv, tmp_path, monkeypatch, capsys):
     """Run `python -m fusedopt <argv>` with tiny settings appended (argparse keeps
     the last value of a repeated option)."""
@@ -120,6 +147,8 @@ def test_bash_commands_parse_and_run(tmp_path, monkeypatch, capsys):
             assert all((ROOT / p).exists() for p in paths), argv
         elif program == "docker":
             check_docker(argv)
+        elif argv[:2] == ["bash", "bench/run_gpu.sh"]:
+            check_gpu_job(argv)
         else:
             raise AssertionError(f"the README shows a command this test does not check: {argv}")
     assert "fusedopt" in seen

@@ -43,6 +43,9 @@ RUNS = {"v1-adam-f64.npz": adam_f64, "v1-nadam-f32.npz": nadam_f32}
 def replay(run):
     """(optimizer, params) after the run's steps, from scratch."""
     opt, dtype, steps, nan_steps = run()
+    # The files were written by the NumPy pipeline (before the host executor existed);
+    # the host executor's per-step scalars may differ from Python's by an ulp.
+    opt.executor = "numpy"
     p = params(dtype)
     for step in range(steps):
         g = grads(step, p.size, dtype)

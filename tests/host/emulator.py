@@ -13,13 +13,11 @@ the events a plan inserts between them.
 import contextlib
 import ctypes
 import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
 
-from fusedopt import _kernels
+from fusedopt import _kernels, host
 
 HERE = Path(__file__).parent
 MAX_GRID = 2**31 - 1
@@ -33,11 +31,13 @@ class LaunchError(RuntimeError):
     """What CUDA would refuse (cudaErrorInvalidValue, a misaligned address...)."""
 
 
-def build(out_dir):
-    """Compile one emulator library per dtype; return {dtype name: CDLL} or None."""
-    compiler = shutil.which("g++") or shutil.which("c++")
-    if compiler is None:
-        return None
+def build():
+    """Compile one emulator library per dtype with the host executor's build machinery
+    (compiler discovery, on-disk cache); return {dtype name: CDLL}, or None when there
+    is no C++ compiler."""
+    flags = ["-std=c++20", "-O1", "-pthread", "-ffp-contract=off", "-shared", "-fPIC",
+             "-Wall", "-Werror", "-Wno-unused-parameter", "-Wno-unused-variable",
+             "-Wno-maybe-uninitialized", "-Wno-unknown-pragmas"]
     libraries = {}
     for dtype, ctype in _kernels.CTYPES.items():
         rules = _kernels.rule_names()
@@ -45,13 +45,12 @@ def build(out_dir):
         source += "".join(f'#include "{r}.cuh"\n' for r in rules)
         source += '#include "fused.cu"\n#include "reduce.cu"\n#include "emulator_entries.h"\n'
         source += "".join(f"EMU_RULE({r})\n" for r in rules)
-        out = Path(out_dir) / f"libemulator_{dtype.name}.so"
-        cmd = [compiler, "-std=c++20", "-O1", "-ffp-contract=off", "-shared",
-               "-fPIC", "-Wall", "-Werror", "-Wno-unused-parameter", "-Wno-unused-variable",
-               "-Wno-maybe-uninitialized", "-Wno-unknown-pragmas", "-x", "c++", "-",
-               "-I", str(_kernels.kernel_dir()), "-I", str(HERE), "-o", str(out)]
-        subprocess.run(cmd, input=source.encode(), check=True)
-        library = ctypes.CDLL(str(out))
+        try:
+            path = host.compile_library(source, f"emulator_{dtype.name}", flags=flags,
+                                        include_dirs=[_kernels.kernel_dir(), HERE])
+        except host.CompilerNotFound:
+            return None
+        library = ctypes.CDLL(str(path))
         library.emu_take_error.restype = ctypes.c_char_p
         libraries[dtype.name] = library
     return libraries
@@ -305,7 +304,9 @@ def emulate(optimizer, params, libraries, sm_count=2, blocks_per_sm=3):
     GPU path: fusedopt.cuda.StepPlan with this backend. Returns the backend."""
     from fusedopt.cuda import StepPlan
 
+    if not optimizer.built:
+        optimizer.executor = "numpy"  # a CPU plan is built first, then replaced
     optimizer.build(params)
     backend = EmulatorBackend(libraries, sm_count=sm_count, blocks_per_sm=blocks_per_sm)
-    optimizer._gpu = StepPlan(optimizer, params, backend=backend)
+    optimizer._plan = StepPlan(optimizer, params, backend=backend)
     return backend

@@ -1,0 +1,432 @@
+// host.cpp: the CPU executor (fusedopt/host.py). It runs the CUDA kernels' own code,
+// compiled by the host's C++ compiler: the step state machine (step.cuh: the learning
+// rate, schedules and the rule's scalars from the hyperparameter block and the
+// counters), and the per-element rule and prologue (common.cuh, <rule>.cuh:
+// fused_element) over the same tile table as fused.cu, with threads across tiles.
+//
+// Deterministic whatever the thread count: the tiles depend only on the layout; a
+// tile's sum of squares is taken in a fixed order (FO_LANES interleaved partial sums
+// combined in a fixed tree), and a segment's tiles are added in tile order. Threads
+// only decide who computes a tile, never the order of an addition.
+//
+// Threads: a small pool of std::threads that sleep between steps (no OpenMP: no
+// runtime to ship or to find, no spinning threads competing with the caller's own
+// thread pools on a busy machine, and it builds with any C++17 compiler).
+//
+// Built once per rule and dtype: fusedopt/host.py prepends
+//   #define FUSEDOPT_RULE <rule>   #define FUSEDOPT_T <float|double>   #include "<rule>.cuh"
+// and loads the exported fusedopt_host_step with ctypes.
+#include "step.cuh"
+
+#include <string.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+// Partial sums per tile: independent additions for the vector units (two AVX
+// registers of doubles), in an order fixed by the code rather than by the compiler;
+// few enough that short tiles (small variables) are not dominated by the final tree.
+#define FO_LANES 8
+// Elements per inner update loop. A slot the configuration lacks is backed by a
+// zeroed per-thread scratch of this length, so the loop has no per-element branch
+// on absent slots (and vectorises) while absent slots still read 0, as on the GPU.
+#define FO_CHUNK 1024
+// Below this many elements a step runs on the calling thread: waking the pool
+// costs more than it saves.
+#define FO_MIN_PARALLEL 65536
+
+enum { FO_CLIP_NONE = 0, FO_CLIP_SEGMENT = 1, FO_CLIP_GLOBAL = 2 };
+
+// ------------------------------------------------------------------ thread pool
+namespace fo_pool {
+
+// Runs job(t, n) for t = 0..n-1, t = 0 on the calling thread; returns when all are
+// done. Workers sleep on a condition variable between jobs. One job at a time.
+class Pool {
+  public:
+    void run(int n, const std::function<void(int, int)>& job) {
+        std::lock_guard<std::mutex> one_job(run_mutex_);
+        grow(n - 1);
+        {
+            std::lock_guard<std::mutex> lock(mutex_);
+            job_ = &job;
+            threads_ = n;
+            pending_ = n - 1;
+            ++generation_;
+        }
+        wake_.notify_all();
+        job(0, n);
+        std::unique_lock<std::mutex> lock(mutex_);
+        done_.wait(lock, [this] { return pending_ == 0; });
+        job_ = nullptr;
+    }
+
+  private:
+    void grow(int workers) {
+        while ((int)workers_.size() < workers) {
+            const int index = (int)workers_.size() + 1;
+            workers_.emplace_back([this, index] { work(index); });
+            workers_.back().detach();  // the pool lives as long as the process
+        }
+    }
+
+    void work(int index) {
+        long long seen = 0;
+        for (;;) {
+            const std::function<void(int, int)>* job;
+            int n;
+            {
+                std::unique_lock<std::mutex> lock(mutex_);
+                wake_.wait(lock, [&] { return generation_ != seen; });
+                seen = generation_;
+                job = job_;
+                n = threads_;
+            }
+            if (index >= n) continue;
+            (*job)(index, n);
+            std::lock_guard<std::mutex> lock(mutex_);
+            if (--pending_ == 0) done_.notify_one();
+        }
+    }
+
+    std::mutex run_mutex_, mutex_;
+    std::condition_variable wake_, done_;
+    std::vector<std::thread> workers_;
+    const std::function<void(int, int)>* job_ = nullptr;
+    int threads_ = 0, pending_ = 0;
+    long long generation_ = 0;
+};
+
+// The process's pool. After fork() the child has none of the parent's threads (and
+// maybe a locked mutex), so it starts a pool of its own; the old one is abandoned.
+inline Pool& pool() {
+    static Pool* current = nullptr;
+    static pid_t owner = 0;
+    static std::mutex guard;
+    std::lock_guard<std::mutex> lock(guard);
+    if (current == nullptr || owner != getpid()) {
+        current = new Pool();
+        owner = getpid();
+    }
+    return *current;
+}
+
+// Every thread of a job waits here until all have arrived (phases of one step).
+class Barrier {
+  public:
+    explicit Barrier(int n) : n_(n) {}
+    void wait() {
+        std::unique_lock<std::mutex> lock(mutex_);
+        const long long generation = generation_;
+        if (++arrived_ == n_) {
+            arrived_ = 0;
+            ++generation_;
+            all_.notify_all();
+        } else {
+            all_.wait(lock, [&] { return generation_ != generation; });
+        }
+    }
+
+  private:
+    std::mutex mutex_;
+    std::condition_variable all_;
+    int n_, arrived_ = 0;
+    long long generation_ = 0;
+};
+
+}  // namespace fo_pool
+
+// ------------------------------------------------------------------ per tile
+// Sum of (g * unscale)^2 over [begin, end) in double, as fusedopt_sumsq does; with
+// Check, `nonfinite` says whether a raw gradient is inf or NaN (skip_nonfinite).
+template <bool Check, typename T>
+static double tile_sum_of_squares(const T* __restrict__ g, long long begin, long long end,
+                                  T unscale, int* nonfinite) {
+    double lane[FO_LANES];
+    T bad[FO_LANES];  // sums of g - g: 0 while every g is finite, else NaN
+    for (int j = 0; j < FO_LANES; ++j) lane[j] = 0.0, bad[j] = T(0);
+    long long i = begin;
+    for (; i + FO_LANES <= end; i += FO_LANES) {
+        for (int j = 0; j < FO_LANES; ++j) {
+            const double x = (double)(g[i + j] * unscale);
+            lane[j] += x * x;
+            if (Check) bad[j] += g[i + j] - g[i + j];
+        }
+    }
+    double rest = 0.0;  // the last < FO_LANES elements, in order
+    for (; i < end; ++i) {
+        const double x = (double)(g[i] * unscale);
+        rest += x * x;
+        if (Check) bad[0] += g[i] - g[i];
+    }
+    for (int width = FO_LANES / 2; width > 0; width /= 2) {
+        for (int j = 0; j < width; ++j) {
+            lane[j] += lane[j + width];
+            if (Check) bad[j] += bad[j + width];
+        }
+    }
+    if (Check) *nonfinite = bad[0] != T(0);
+    return lane[0] + rest;
+}
+
+// The fused update of n contiguous elements: every element read once, written once.
+// `factor` is the norm-clip factor of every element, or, with Factors, of each one.
+template <typename Rule, bool Factors, typename T>
+static void update_run(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ s0,
+                       T* __restrict__ s1, T* __restrict__ s2, const T* __restrict__ factors,
+                       long long n, T factor, const Prologue<T> pro, const StepScalars<T> st) {
+    for (long long i = 0; i < n; ++i)
+        fused_element<Rule>(p[i], g[i], s0[i], s1[i], s2[i], Factors ? factors[i] : factor, pro,
+                            st);
+}
+
+// ------------------------------------------------------------------ the step
+// What a step needs besides the buffers, the hyperparameters and the counters; built
+// once per layout and clip mode by fusedopt/host.py (HostPlan), which mirrors it as a
+// ctypes Structure.
+//
+// Two tile tables, both fusedopt/_kernels.py TileTables: the update runs over the flat
+// one (fused.cu's without clipnorm), whose long tiles keep the vector loops long
+// whatever the segment sizes; the reductions run over the per-segment one when
+// clipping per segment (reduce.cu's: every tile inside one segment, so segment sums are
+// sums of whole tiles), else over the flat one too.
+struct HostPlan {
+    const long long* tile_start;     // update tile k covers [tile_start[k], tile_start[k + 1])
+    long long ntiles;
+    const long long* sum_start;      // reduction tile k covers [sum_start[k], sum_start[k + 1])
+    const int* sum_segment;          // and lies in segment sum_segment[k] (per-segment tables)
+    long long nsums;
+    const long long* segment_tiles;  // segment s owns reduction tiles [segment_tiles[s], ...[s + 1])
+    const long long* offsets;        // segment s covers [offsets[s], offsets[s + 1])
+    long long nsegments;
+    int clip_mode;                   // FO_CLIP_*: per segment or global, Hyper.clipnorm
+    int skip_nonfinite;              // check the gradients first; skip the step if any is not finite
+    double clipnorm;                 // Hyper.clipnorm, copied here for the threads
+    double* partial;                 // scratch: per reduction tile, the sum of squares
+    int* nonfinite;                  // scratch: per reduction tile, a non-finite flag
+    int num_threads;                 // > 0
+    int threads_used;                // out: threads the last step ran on
+};
+
+// Per-segment clip factors, element by element, for the update (clipnorm). A thread
+// meets its segments in order. A segment inside the thread's elements ("whole") is
+// summed when first met, just before its update reads the same gradients again, from
+// cache for all but huge segments; the sums of segments shared with other threads were
+// taken before the step's barrier. Either way a segment's sum is the sum of its tiles'
+// sums in tile order, so the result does not depend on who computed what.
+template <typename T>
+struct SegmentFactors {
+    const HostPlan* plan;
+    const T* g;
+    T unscale;
+    long long begin, end;            // this thread's elements
+    long long segment = -1;          // the segment of the next element, once known
+    T factor = T(1);
+
+    // factors[0, n) for the elements from `start`, which must not decrease between calls.
+    void fill(long long start, long long n, T* factors) {
+        const long long* offsets = plan->offsets;
+        if (segment < 0) {  // the last segment starting at or before `start`
+            long long lo = 0, hi = plan->nsegments;
+            while (hi - lo > 1) {
+                const long long mid = (lo + hi) / 2;
+                if (offsets[mid] <= start) lo = mid; else hi = mid;
+            }
+            factor = of(segment = lo);
+        }
+        for (long long i = 0; i < n;) {
+            while (offsets[segment + 1] <= start + i) factor = of(++segment);  // empty ones too
+            const long long stop = offsets[segment + 1] - start < n ? offsets[segment + 1] - start : n;
+            for (; i < stop; ++i) factors[i] = factor;
+        }
+    }
+
+    T of(long long s) const {
+        const HostPlan& p = *plan;
+        const bool whole = begin <= p.offsets[s] && p.offsets[s + 1] <= end;
+        double sum = 0.0;
+        for (long long k = p.segment_tiles[s]; k < p.segment_tiles[s + 1]; ++k) {
+            if (whole && !p.skip_nonfinite)
+                p.partial[k] = tile_sum_of_squares<false>(g, p.sum_start[k], p.sum_start[k + 1],
+                                                          unscale, nullptr);
+            sum += p.partial[k];
+        }
+        return (T)clipnorm_factor(sum, p.clipnorm);
+    }
+};
+
+// The first of a table's tiles starting at or after element x.
+static long long first_tile_at(const long long* start, long long ntiles, long long x) {
+    long long lo = 0, hi = ntiles;
+    while (lo < hi) {
+        const long long mid = (lo + hi) / 2;
+        if (start[mid] < x) lo = mid + 1; else hi = mid;
+    }
+    return lo;
+}
+
+// Thread t's update tiles [*first, *last): contiguous, split where the element count is
+// closest to t/n of the buffer.
+static void thread_tiles(const HostPlan& plan, int t, int n, long long* first, long long* last) {
+    const long long total = plan.tile_start[plan.ntiles];
+    auto split = [&](int u) -> long long {
+        if (u == 0) return 0;
+        if (u == n) return plan.ntiles;
+        return first_tile_at(plan.tile_start, plan.ntiles, (long long)((double)total * u / n));
+    };
+    *first = split(t);
+    *last = split(t + 1);
+}
+
+template <typename T>
+static T global_factor(const HostPlan& plan) {
+    double sum = 0.0;
+    for (long long k = 0; k < plan.nsums; ++k) sum += plan.partial[k];
+    return (T)global_clipnorm_factor(sum, plan.clipnorm);
+}
+
+// Thread t's update range: its update tiles' elements [*begin, *end).
+static void thread_elements(const HostPlan& plan, int t, int n, long long* begin, long long* end) {
+    long long first, last;
+    thread_tiles(plan, t, n, &first, &last);
+    *begin = plan.tile_start[first];
+    *end = plan.tile_start[last];
+}
+
+// The sums that must be ready before any thread updates: every reduction tile for the
+// global norm or the finite check; for per-segment norms, only the tiles of segments
+// that straddle two threads' elements (SegmentFactors sums the others on the way).
+// Thread t takes the tiles starting among its elements.
+template <typename T>
+static void thread_sums(int t, int n, const T* g, const HostPlan& plan, T unscale,
+                        std::atomic<int>* any_nonfinite) {
+    long long begin, end;
+    thread_elements(plan, t, n, &begin, &end);
+    // The reduction tiles starting in [begin, end).
+    const long long first = first_tile_at(plan.sum_start, plan.nsums, begin);
+    const long long last = first_tile_at(plan.sum_start, plan.nsums, end);
+    const bool shared_only = plan.clip_mode == FO_CLIP_SEGMENT && !plan.skip_nonfinite;
+    int bad = 0;
+    for (long long k = first; k < last; ++k) {
+        const long long b = plan.sum_start[k], e = plan.sum_start[k + 1];
+        if (shared_only) {
+            const long long s = plan.sum_segment[k];
+            if (begin <= plan.offsets[s] && plan.offsets[s + 1] <= end) continue;  // whole
+        }
+        if (plan.skip_nonfinite) {
+            plan.partial[k] = tile_sum_of_squares<true>(g, b, e, unscale, &plan.nonfinite[k]);
+            bad |= plan.nonfinite[k];
+        } else {
+            plan.partial[k] = tile_sum_of_squares<false>(g, b, e, unscale, nullptr);
+        }
+    }
+    if (bad) any_nonfinite->fetch_or(1);
+}
+
+// Thread t's update of its tiles, in chunks of FO_CHUNK elements.
+template <typename Rule, typename T>
+static void thread_update(int t, int n, T* p, const T* g, T* const s[3], const HostPlan& plan,
+                          const Prologue<T>& pro, const StepScalars<T>& st) {
+    long long begin, end;
+    thread_elements(plan, t, n, &begin, &end);
+    if (begin >= end) return;
+    T scratch[3 * FO_CHUNK];
+    T factors[FO_CHUNK];
+    const T factor = plan.clip_mode == FO_CLIP_GLOBAL ? global_factor<T>(plan) : T(1);
+    SegmentFactors<T> segments = {&plan, g, pro.unscale, begin, end};
+    const bool per_segment = plan.clip_mode == FO_CLIP_SEGMENT;
+    for (long long a = begin; a < end; a += FO_CHUNK) {
+        const long long count = end - a < FO_CHUNK ? end - a : FO_CHUNK;
+        T* slot[3];
+        for (int k = 0; k < 3; ++k) {
+            if (s[k]) {
+                slot[k] = s[k] + a;
+            } else {
+                slot[k] = scratch + k * FO_CHUNK;
+                memset(slot[k], 0, sizeof(T) * count);
+            }
+        }
+        if (per_segment) {
+            segments.fill(a, count, factors);
+            update_run<Rule, true, T>(p + a, g + a, slot[0], slot[1], slot[2], factors, count,
+                                      factor, pro, st);
+        } else {
+            update_run<Rule, false, T>(p + a, g + a, slot[0], slot[1], slot[2], nullptr, count,
+                                       factor, pro, st);
+        }
+    }
+}
+
+// One thread's share of a step: its sums, wait for everyone's, then its update, unless
+// a gradient is not finite and skip_nonfinite is set.
+template <typename Rule, typename T>
+static void thread_step(int t, int n, T* p, const T* g, T* const slots[3], const HostPlan& plan,
+                        const Prologue<T>& pro, const StepScalars<T>& st,
+                        fo_pool::Barrier* barrier, std::atomic<int>* any_nonfinite) {
+    if (plan.clip_mode != FO_CLIP_NONE || plan.skip_nonfinite) {
+        thread_sums<T>(t, n, g, plan, pro.unscale, any_nonfinite);
+        if (barrier) barrier->wait();
+        if (any_nonfinite->load()) return;
+    }
+    thread_update<Rule, T>(t, n, p, g, slots, plan, pro, st);
+}
+
+// One optimizer step: its values from the hyperparameters and the counters (the
+// functions the GPU runs), the update, then the counters advanced (fo_advance), as the
+// GPU does on the device. Returns 1 if the step was applied, 0 if skip_nonfinite
+// skipped it (then no buffer was written).
+template <typename Rule, typename T>
+static int host_step(T* p, const T* g, T* s0, T* s1, T* s2, HostPlan* plan, const Hyper* h,
+                     StepState* state) {
+    const StepValues values = fo_step_values<Rule>(*h, *state);
+    const StepScalars<T> st = fo_narrow<T>(values);
+    const Prologue<T> pro = fo_prologue<T>(*h);
+    plan->clipnorm = h->clipnorm;
+    T* const slots[3] = {s0, s1, s2};
+    std::atomic<int> any_nonfinite(0);
+    const long long size = plan->tile_start[plan->ntiles];
+    long long n = plan->num_threads;
+    if (n > plan->ntiles) n = plan->ntiles;
+    if (size < FO_MIN_PARALLEL || n < 1) n = 1;
+    plan->threads_used = (int)n;
+    if (n == 1) {
+        thread_step<Rule, T>(0, 1, p, g, slots, *plan, pro, st, nullptr, &any_nonfinite);
+    } else {
+        fo_pool::Barrier barrier((int)n);
+        fo_pool::pool().run((int)n, [&](int t, int threads) {
+            thread_step<Rule, T>(t, threads, p, g, slots, *plan, pro, st, &barrier,
+                                 &any_nonfinite);
+        });
+    }
+    const bool skipped = any_nonfinite.load() != 0;
+    fo_advance(*state, values, skipped);
+    return skipped ? 0 : 1;
+}
+
+// The benchmark's copy ceiling (fusedopt/bench.py): dst <- src with the same pool and
+// the same split of the buffer across threads as a step.
+extern "C" void fusedopt_host_copy(void* dst, const void* src, long long bytes, int num_threads) {
+    const long long align = 4096;  // each thread starts on its own page
+    long long n = num_threads < 1 ? 1 : num_threads;
+    if (bytes < (long long)FO_MIN_PARALLEL * 4) n = 1;
+    auto part = [&](int t, int threads) {
+        long long a = bytes / threads * t / align * align;
+        long long b = t + 1 == threads ? bytes : bytes / threads * (t + 1) / align * align;
+        memcpy((char*)dst + a, (const char*)src + a, (size_t)(b - a));
+    };
+    if (n == 1) part(0, 1);
+    else fo_pool::pool().run((int)n, part);
+}
+
+#ifdef FUSEDOPT_RULE
+extern "C" int fusedopt_host_step(FUSEDOPT_T* p, const FUSEDOPT_T* g, FUSEDOPT_T* s0,
+                                  FUSEDOPT_T* s1, FUSEDOPT_T* s2, HostPlan* plan,
+                                  const Hyper* hyper, StepState* state) {
+    return host_step<FUSEDOPT_RULE, FUSEDOPT_T>(p, g, s0, s1, s2, plan, hyper, state);
+}
+#endif
