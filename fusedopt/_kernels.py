@@ -121,7 +121,8 @@ def translation_units():
         for rule in rule_names():
             units.append((f"{rule}/{dtype.name}", rule_source(rule, dtype), [f"fusedopt_{rule}"]))
         units.append((f"reduce/{dtype.name}", reduce_source(dtype),
-                      ["fusedopt_sumsq", "fusedopt_clip_factors", "fusedopt_skip_check"]))
+                      ["fusedopt_sumsq", "fusedopt_clip_factors", "fusedopt_skip_check",
+                       "fusedopt_write_hyper", "fusedopt_write_state"]))
     return units
 
 
@@ -157,10 +158,12 @@ def _check(nvrtc, result, what):
 
 
 def _nvrtc_output(nvrtc, program, get_size, get):
+    """The bytes NVRTC reports, exactly: a cubin is an ELF image whose last bytes may
+    be zeros, so only text outputs (the log, the PTX) are stripped of their NUL."""
     size = _check(nvrtc, get_size(program), get.__name__)
     buffer = b" " * size
     _check(nvrtc, get(program, buffer), get.__name__)
-    return buffer.rstrip(b"\x00")
+    return buffer
 
 
 def compile_cubin(source, arch, name="fusedopt.cu"):
@@ -176,14 +179,14 @@ def compile_cubin(source, arch, name="fusedopt.cu"):
         options = [o.encode() for o in NVRTC_OPTIONS] + [f"--gpu-architecture={arch}".encode()]
         (result,) = nvrtc.nvrtcCompileProgram(program, len(options), options)
         log = _nvrtc_output(nvrtc, program, nvrtc.nvrtcGetProgramLogSize,
-                            nvrtc.nvrtcGetProgramLog).decode(errors="replace").strip()
+                            nvrtc.nvrtcGetProgramLog).rstrip(b"\x00").decode(errors="replace").strip()
         if result != nvrtc.nvrtcResult.NVRTC_SUCCESS:
             raise CompileError(f"{name} does not compile for {arch}:\n{log}")
         cubin = _nvrtc_output(nvrtc, program, nvrtc.nvrtcGetCUBINSize, nvrtc.nvrtcGetCUBIN)
         ptx = _nvrtc_output(nvrtc, program, nvrtc.nvrtcGetPTXSize, nvrtc.nvrtcGetPTX)
     finally:
         nvrtc.nvrtcDestroyProgram(program)
-    return cubin, ptx.decode(errors="replace"), log
+    return cubin, ptx.rstrip(b"\x00").decode(errors="replace"), log
 
 
 def nvrtc_version():

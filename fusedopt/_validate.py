@@ -52,6 +52,12 @@ def boolean(name, value):
     return bool(value)
 
 
+def string(name, value):
+    if not isinstance(value, str):
+        raise TypeError(f"`{name}` must be a string, got {type(value).__name__}: {value!r}")
+    return value
+
+
 def beta(name, value):
     """Decay rates (betas, rho): a weight on the past, in [0, 1)."""
     return real(name, value, low=0.0, high=1.0, high_open=True)

@@ -2,8 +2,13 @@
 
 In one run on one device it measures:
   - the ceiling: device-to-device copy bandwidth (bytes read + written) at each size;
+    on the CPU a copy split across every core with the host executor's thread pool
+    (and, for reference, NumPy's single-threaded copy);
   - fusedopt's step for every optimizer at sizes 2^16 ... 2^28 (float32) and the bytes
-    it must move per element (ARCHITECTURE.md, "Performance model");
+    it must move per element (ARCHITECTURE.md, "Performance model"); on the CPU both
+    the host executor (the kernels compiled for the CPU) and the NumPy reference;
+  - Adam over many small variables, 10k and 50k segments, with and without per-segment
+    clipnorm (the cost of clipping per variable);
   - peers on the same sizes: the NumPy reference applied to CuPy arrays (unfused
     CuPy), torch.optim with fused=True and foreach=True on one flat tensor and on ~200
     tensors, optax's jitted adam with and without clip_by_global_norm, and torch's
@@ -19,7 +24,9 @@ the working set exceeds twice the L2 cache. optax is timed by the host clock aro
 a blocking call (JAX hides its streams), so it includes one dispatch per step.
 """
 
+import argparse
 import datetime
+import itertools
 import json
 import math
 import os
@@ -31,11 +38,14 @@ from pathlib import Path
 
 import numpy as np
 
-from . import _kernels, cuda, reference
+from . import _kernels, cuda, host, reference
+from ._progress import ProgressBar
 from .optimizer import get
 
-IMPLS = ("fusedopt", "cupy-unfused", "torch-fused", "torch-foreach", "optax",
-         "torch-clip+fused", "optax-clip", "copy")
+IMPLS = ("fusedopt", "fusedopt-numpy", "cupy-unfused", "torch-fused", "torch-foreach", "optax",
+         "torch-clip+fused", "optax-clip", "copy", "copy-1thread")
+# Many small variables: (segments, elements), the layouts of the per-variable clip rows.
+SEGMENT_LAYOUTS = {"10k-segments": (10_000, 1 << 20), "50k-segments": (50_000, 1 << 22)}
 # Benchmarked configurations: Keras defaults, except SGD with the usual momentum.
 CONFIGS = {"sgd": {"momentum": 0.9}}
 TORCH_PEERS = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD", "adagrad": "Adagrad"}
@@ -50,38 +60,60 @@ def add_arguments(parser):
                              "a GPU, 16-22 on the CPU)")
     parser.add_argument("--optimizers", default="all",
                         help="comma-separated names (default: every optimizer)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed steps per point")
-    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--repeats", type=_count_arg(1), default=None,
+                        help="timed steps per point (default 30 on a GPU, 7 on the CPU)")
+    parser.add_argument("--warmup", type=_count_arg(0), default=5,
+                        help="untimed steps before each point (default 5)")
+    parser.add_argument("--rounds", type=_count_arg(1), default=None,
+                        help="run the whole plan this many times and report each point's "
+                             "median over the rounds (default: 3 on the CPU, where other "
+                             "processes share the cores and load drifts; 1 on a GPU)")
     parser.add_argument("--no-peers", action="store_true", help="measure fusedopt only")
     parser.add_argument("--tests", default=None, metavar="JSON",
                         help="a test-count record {passed, failed, skipped} to embed")
     parser.add_argument("--out", default="bench/results", help="directory for the record")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bar (it is drawn only on a terminal anyway)")
 
 
 def run(args):
     device = args.device
     if device == "auto":
         device = "gpu" if cuda.gpu_available() else "cpu"
-    if device == "gpu" and not cuda.gpu_available():
-        print("error: --device gpu but no CUDA GPU is available", file=sys.stderr)
-        return 2
+    problem = cuda.gpu_problem() if device == "gpu" else None
+    if problem is not None:
+        return _error(f"--device gpu: no usable GPU here: {problem}")
+    # Every argument is checked before anything is measured: a mistake must not
+    # surface after an hour of benchmarking.
     try:
         sizes = parse_sizes(args.sizes, device)
         optimizers = parse_optimizers(args.optimizers)
+        tests = _load_tests_arg(args.tests)
+        _check_out_dir(args.out)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _error(str(e))
     ctx = GpuContext() if device == "gpu" else CpuContext()
+    try:
+        check_memory(ctx, sizes, optimizers, peers=not args.no_peers)
+    except ValueError as e:
+        return _error(str(e))
     repeats = args.repeats or (30 if device == "gpu" else 7)
+    rounds = args.rounds or (1 if device == "gpu" else 3)
+    if rounds < 1:
+        print("error: --rounds must be >= 1", file=sys.stderr)
+        return 2
     plan = build_plan(ctx, sizes, optimizers, peers=not args.no_peers)
-    progress = Progress(len(plan), quiet=args.quiet)
-    rows = []
-    for label, measure in plan:
-        progress.update(label)
-        rows.extend(measure(ctx, warmup=args.warmup, repeats=repeats))
-    progress.done()
-    record = make_record(ctx, rows, tests=load_tests(args.tests))
+    progress = ProgressBar(enabled=not args.quiet)
+    measured = []
+    total = len(plan) * rounds
+    for r in range(rounds):
+        for done, (label, measure) in enumerate(plan):
+            round_label = f"{label} (round {r + 1}/{rounds})" if rounds > 1 else label
+            progress.update("bench", r * len(plan) + done, total, round_label)
+            measured.append(measure(ctx, warmup=args.warmup, repeats=repeats))
+    progress.clear()
+    rows = merge_rounds(measured)
+    record = make_record(ctx, rows, tests=tests)
     paths = write_record(record, Path(args.out))
     print(markdown_table(record))
     print("\nwrote " + ", ".join(str(p) for p in paths))
@@ -89,7 +121,14 @@ def run(args):
 
 
 # ------------------------------------------------------------------ arguments
+# Sizes are given as log2 of the element count. Above 2^MAX_LOG2_SIZE no machine has
+# the memory; below it, check_memory() compares the estimate with what is free. The
+# 200-tensor layout needs at least 200 elements.
+MIN_LOG2_SIZE, MAX_LOG2_SIZE = 8, 36
+
+
 def parse_sizes(text, device):
+    """--sizes "16-28" (every other power from 16 to 28) or "20,24" -> element counts."""
     if text is None:
         return [2**k for k in (range(16, 29, 2) if device == "gpu" else range(16, 23, 2))]
     out = []
@@ -98,17 +137,112 @@ def parse_sizes(text, device):
         if not lo.strip().isdigit() or (hi and not hi.strip().isdigit()):
             raise ValueError(f"--sizes takes log2 sizes like 16-28 or 20,24, got {text!r}")
         lo, hi = int(lo), int(hi or lo)
+        if lo > hi:
+            raise ValueError(f"--sizes: the range {part.strip()!r} runs backwards; "
+                             f"write {hi}-{lo}")
+        if lo < MIN_LOG2_SIZE:
+            raise ValueError(f"--sizes are log2 element counts, at least {MIN_LOG2_SIZE} "
+                             f"(the 200-tensor layout needs 200 elements); got {lo}")
+        if hi > MAX_LOG2_SIZE:
+            raise ValueError(f"--sizes are log2 element counts, at most {MAX_LOG2_SIZE} "
+                             f"(2^{MAX_LOG2_SIZE} float32 = {_format_bytes(4 << MAX_LOG2_SIZE)} "
+                             f"per buffer); got {hi}")
         out += [2**k for k in range(lo, hi + 1, 2 if hi - lo >= 4 else 1)]
     return sorted(set(out))
 
 
 def parse_optimizers(text):
+    """--optimizers "all" or "adam,sgd" -> names; unknown names are a ValueError."""
     from .optimizer import available
 
     names = available() if text == "all" else [t.strip().lower() for t in text.split(",")]
-    for name in names:
-        get(name)  # raises ValueError naming the valid ones
+    unknown = [n for n in names if n not in available()]
+    if unknown or not names:
+        raise ValueError(f"--optimizers: unknown optimizer(s) {unknown}; valid names: "
+                         f"all, or a comma-separated list of {', '.join(available())}")
     return names
+
+
+def _count_arg(low):
+    """An argparse type: an integer >= low, with a message argparse puts after the flag."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}")
+        return value
+    return parse
+
+
+def _load_tests_arg(path):
+    try:
+        return load_tests(path)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"--tests: cannot read {path}: {e}") from e
+
+
+def _check_out_dir(path):
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"--out: {path} exists and is not a directory")
+
+
+def _error(message):
+    print(f"python -m fusedopt bench: error: {message}", file=sys.stderr)
+    return 2
+
+
+# --------------------------------------------------------------------- memory
+# float32 words per element held at once beyond params, grads and the state slots:
+# random initialisation (rand * 1e-2 makes a temporary) and the peers' unfused
+# steps (torch foreach, XLA) keep a few full-size temporaries.
+TEMPORARY_WORDS = 3
+
+
+def estimate_peak_bytes(ctx, sizes, optimizers, peers):
+    """A generous estimate of the most memory one measurement holds at once: its
+    rotated buffer sets (params, grads, every slot, temporaries) at the largest size.
+    Measurements free their buffers before the next one starts."""
+    slots = max(len(make_optimizer(name).slot_names) for name in optimizers)
+    if peers:
+        slots = max(slots, 2)  # torch's and optax's Adam keep two slots
+    bytes_per_element = 4 * (2 + slots + TEMPORARY_WORDS)
+    return max(rotation(ctx, bytes_per_element * n) * bytes_per_element * n for n in sizes)
+
+
+def check_memory(ctx, sizes, optimizers, peers):
+    """ValueError, before anything is allocated, when the run cannot fit."""
+    needed = estimate_peak_bytes(ctx, sizes, optimizers, peers)
+    available = ctx.available_bytes()
+    if available is not None and needed > available:
+        largest = max(sizes).bit_length() - 1
+        raise ValueError(
+            f"--sizes: the largest point (2^{largest} float32 elements) needs about "
+            f"{_format_bytes(needed)}, but only {_format_bytes(available)} of "
+            f"{ctx.device.upper()} memory is available; use smaller --sizes")
+
+
+def cpu_available_bytes():
+    """Memory the kernel says can be allocated without swapping, or None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def _format_bytes(n):
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
 
 
 def step_bytes(name, itemsize, clip=False):
@@ -124,10 +258,12 @@ def make_optimizer(name, **extra):
 
 
 def model_like_shapes(n, count=200, seed=0):
-    """~`count` tensors of mixed sizes (log-uniform) adding up to n elements."""
+    """`count` tensors of mixed sizes (log-uniform) adding up to n >= count elements."""
     rng = np.random.default_rng(seed)
     weights = np.exp(rng.uniform(0, np.log(4096), count))
-    sizes = np.maximum(1, np.floor(weights / weights.sum() * n)).astype(np.int64)
+    # One element each, the rest shared by weight: the floors leave a remainder >= 0
+    # for the largest tensor, so no size can go negative (it did for n = 2^10).
+    sizes = 1 + np.floor(weights / weights.sum() * (n - count)).astype(np.int64)
     sizes[np.argmax(sizes)] += n - sizes.sum()
     return [(int(s),) for s in sizes]
 
@@ -142,9 +278,13 @@ class CpuContext:
     def __init__(self):
         self.name = cpu_name()
         self.l2_bytes = 32 << 20  # generous: rotation is cheap insurance on the CPU
+        self.threads = host.default_num_threads()
 
     def rand(self, n, seed):
         return np.random.default_rng(seed).standard_normal(n, dtype=np.float32)
+
+    def available_bytes(self):
+        return cpu_available_bytes()
 
     def time(self, step, sets, warmup, repeats):
         for i in range(warmup):
@@ -180,6 +320,10 @@ class GpuContext:
 
     def rand(self, n, seed):
         return self.cp.random.default_rng(seed).standard_normal(n, dtype=np.float32)
+
+    def available_bytes(self):
+        free, _total = self.cp.cuda.runtime.memGetInfo()
+        return free + self.cp.get_default_memory_pool().free_bytes()
 
     def spin(self, microseconds):
         """Keep the GPU busy so the host queues the timed work before it starts."""
@@ -229,6 +373,9 @@ def build_plan(ctx, sizes, optimizers, peers):
         for name in optimizers:
             plan.append((f"fusedopt {name} n=2^{n.bit_length() - 1}",
                          _bind(measure_fusedopt, name, n, "flat", None)))
+            if ctx.device == "cpu":
+                plan.append((f"fusedopt-numpy {name} n=2^{n.bit_length() - 1}",
+                             _bind(measure_fusedopt, name, n, "flat", None, executor="numpy")))
         if "adam" in optimizers:
             plan.append((f"fusedopt adam 200-tensors n=2^{n.bit_length() - 1}",
                          _bind(measure_fusedopt, "adam", n, "200-tensors", None)))
@@ -248,12 +395,37 @@ def build_plan(ctx, sizes, optimizers, peers):
             plan.append((f"torch clip+fused n=2^{n.bit_length() - 1}",
                          _bind(measure_torch_clip, n)))
             plan.append((f"optax n=2^{n.bit_length() - 1}", _bind(measure_optax, n)))
+    if "adam" in optimizers:
+        for layout, (_, n) in SEGMENT_LAYOUTS.items():
+            for clip in (None, "segment"):
+                plan.append((f"fusedopt adam {layout}{' clipnorm' if clip else ''}",
+                             _bind(measure_fusedopt, "adam", n, layout, clip)))
     plan.append(("host overhead", _bind(measure_host_overhead, peers)))
     return plan
 
 
-def _bind(fn, *args):
-    return lambda ctx, warmup, repeats: fn(ctx, *args, warmup=warmup, repeats=repeats)
+def merge_rounds(measured):
+    """One row per point: the median over the rounds of each round's median, with the
+    rounds' values kept in `round_ms` (A and B are then timed in every round)."""
+    points = {}
+    for rows in measured:
+        for r in rows:
+            key = (r["optimizer"], r["impl"], r["n"], r["layout"], r["clip"])
+            points.setdefault(key, []).append(r)
+    out = []
+    for same in points.values():
+        times = [r["median_ms"] for r in same if r["median_ms"] is not None]
+        first = dict(same[0])
+        if len(same) > 1 and times:
+            first["round_ms"] = times
+            first["median_ms"] = statistics.median(times)
+            first["gbps"] = first["bytes"] / (first["median_ms"] * 1e6)
+        out.append(first)
+    return out
+
+
+def _bind(fn, *args, **kwargs):
+    return lambda ctx, warmup, repeats: fn(ctx, *args, warmup=warmup, repeats=repeats, **kwargs)
 
 
 def row(optimizer, impl, n, layout, clip, median_ms, nbytes, dtype="float32", note=None):
@@ -272,33 +444,68 @@ def missing(optimizer, impl, n, layout, clip, why):
 
 # ---------------------------------------------------------------- measurements
 def measure_copy(ctx, n, warmup, repeats):
+    """The ceiling: a copy, bytes read + written. On the CPU it uses every core (as the
+    host executor and torch do), with NumPy's single-threaded copy as a second row."""
     nbytes = 2 * 4 * n  # read + write
     sets = rotation(ctx, nbytes)
     src = [ctx.rand(n, i) for i in range(sets)]
     dst = [ctx.xp.empty_like(s) for s in src]
-    ms = ctx.time(lambda i: ctx.xp.copyto(dst[i], src[i]), sets, warmup, repeats)
+    rows = []
+    if ctx.device == "cpu":
+        try:
+            copy = host.copy_function()
+        except host.HostBuildError as e:
+            rows += missing(None, "copy", n, "flat", None, f"no host library: {e}"[:120])
+        else:
+            ms = ctx.time(lambda i: copy(dst[i].ctypes.data, src[i].ctypes.data, 4 * n,
+                                         ctx.threads), sets, warmup, repeats)
+            rows.append(row(None, "copy", n, "flat", None, ms, nbytes,
+                            note=f"{ctx.threads} threads"))
+        ms = ctx.time(lambda i: np.copyto(dst[i], src[i]), sets, warmup, repeats)
+        rows.append(row(None, "copy-1thread", n, "flat", None, ms, nbytes))
+    else:
+        ms = ctx.time(lambda i: ctx.xp.copyto(dst[i], src[i]), sets, warmup, repeats)
+        rows.append(row(None, "copy", n, "flat", None, ms, nbytes))
     ctx.free()
-    return [row(None, "copy", n, "flat", None, ms, nbytes)]
+    return rows
 
 
-def _fusedopt_sets(ctx, name, n, layout, clip):
+def layout_shapes(layout, n):
+    if layout == "flat":
+        return [(n,)]
+    if layout in SEGMENT_LAYOUTS:
+        return model_like_shapes(n, count=SEGMENT_LAYOUTS[layout][0], seed=2)
+    return model_like_shapes(n)
+
+
+CLIP_OPTIONS = {None: {}, "global": {"global_clipnorm": CLIP_NORM},
+                "segment": {"clipnorm": CLIP_NORM}}
+
+
+def _fusedopt_sets(ctx, name, n, layout, clip, executor="auto"):
     from .flat import FlatBuffer
 
-    shapes = [(n,)] if layout == "flat" else model_like_shapes(n)
+    shapes = layout_shapes(layout, n)
+    # Per-segment clipping reads g once more too; its bytes are counted like global's.
     nbytes = step_bytes(name, 4, clip=bool(clip)) * n
     sets = rotation(ctx, nbytes)
     out = []
     for i in range(sets):
         params = FlatBuffer(ctx.rand(n, 2 * i), shapes)
         grads = ctx.rand(n, 2 * i + 1) * 1e-2
-        opt = make_optimizer(name, **({"global_clipnorm": CLIP_NORM} if clip else {}))
+        opt = make_optimizer(name, executor=executor, **CLIP_OPTIONS[clip])
         opt.build(params)
         out.append((opt, params, grads))
     return out, nbytes
 
 
-def measure_fusedopt(ctx, name, n, layout, clip, warmup, repeats):
-    sets, nbytes = _fusedopt_sets(ctx, name, n, layout, clip)
+def measure_fusedopt(ctx, name, n, layout, clip, warmup, repeats, executor="auto"):
+    """fusedopt's step; on the CPU executor="numpy" times the NumPy reference."""
+    sets, nbytes = _fusedopt_sets(ctx, name, n, layout, clip, executor)
+    impl = "fusedopt-numpy" if executor == "numpy" else "fusedopt"
+    note = None
+    if ctx.device == "cpu" and executor == "auto" and sets[0][0].executor_name != "host":
+        note = "NumPy fallback: the host library could not be built"
 
     def step(i):
         opt, params, grads = sets[i]
@@ -307,7 +514,7 @@ def measure_fusedopt(ctx, name, n, layout, clip, warmup, repeats):
     ms = ctx.time(step, len(sets), warmup, repeats)
     del sets
     ctx.free()
-    return [row(name, "fusedopt", n, layout, clip, ms, nbytes)]
+    return [row(name, impl, n, layout, clip, ms, nbytes, note=note)]
 
 
 def measure_cupy_unfused(ctx, name, n, warmup, repeats):
@@ -557,16 +764,39 @@ def slug(text):
 
 
 def write_record(record, out_dir):
+    """Write the record as <date>-<device>.{json,md,png} in `out_dir`. A second run on
+    the same day and device gets -2, -3, ...: a benchmark run is expensive and its
+    record must never be lost to the next one (refusing instead would lose the run
+    that just finished, or need an --overwrite that is easy to pass by habit)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"{record['date']}-{slug(record['device'])}"
-    paths = [stem.with_suffix(".json"), stem.with_suffix(".md")]
+    stem = claim_stem(out_dir, f"{record['date']}-{slug(record['device'])}")
+    paths = [stem.with_name(stem.name + ".json"), stem.with_name(stem.name + ".md")]
     paths[0].write_text(json.dumps(record, indent=1) + "\n")
     paths[1].write_text(markdown_table(record) + "\n")
-    png = plot(record, stem.with_suffix(".png"))
+    png = plot(record, stem.with_name(stem.name + ".png"))
     return paths + ([png] if png else [])
 
 
+RECORD_SUFFIXES = (".json", ".md", ".png")
+
+
+def claim_stem(out_dir, base):
+    """The first of base, base-2, base-3, ... that no record uses. Its .json is
+    created exclusively, so two runs finishing at once cannot pick the same one."""
+    for k in itertools.count(1):
+        stem = out_dir / (base if k == 1 else f"{base}-{k}")
+        if any(stem.with_name(stem.name + s).exists() for s in RECORD_SUFFIXES[1:]):
+            continue
+        try:
+            with open(stem.with_name(stem.name + ".json"), "x"):
+                return stem
+        except FileExistsError:
+            continue
+
+
 def markdown_table(record):
+    """The measured rows as a table; peers that could not run are listed once
+    below it, not once per size (they would bury the results)."""
     copy = record["copy_gbps"]
     lines = [f"## {record['device']} — {record['date']}", "",
              f"Copy ceiling: {copy:.0f} GB/s (bytes read + written)." if copy else "",
@@ -574,13 +804,74 @@ def markdown_table(record):
              "|---|---|---|---|---|---|---|---|"]
     for r in record["rows"]:
         if r["median_ms"] is None:
-            lines.append(f"| {r['optimizer']} | {r['impl']} | {r['layout']} | {r['clip'] or ''} "
-                         f"| {r['n']} | — | — | {r.get('note', '')} |")
             continue
         share = f"{r['gbps'] / copy:.0%}" if copy and r["gbps"] else ""
         lines.append(f"| {r['optimizer'] or ''} | {r['impl']} | {r['layout']} | {r['clip'] or ''} "
                      f"| {r['n']} | {r['median_ms']:.4f} | {r['gbps']:.1f} | {share} |")
-    return "\n".join(lines)
+    missing = missing_peers(record["rows"])
+    if missing:
+        lines += ["", "Not measured:"]
+        lines += [f"- {', '.join(impls)}: {why}" for why, impls in missing.items()]
+    targets = target_table(record)
+    return "\n".join(lines + ([""] + targets if targets else []))
+
+
+# (what, fusedopt's point, the other point, the least speedup other/fusedopt); a point
+# is (optimizer, impl, layout, clip); n is the same for both unless the layout fixes it.
+TARGETS = (
+    [(f"{name} vs torch fused", (name, "fusedopt", "flat", None),
+      (name, "torch-fused", "flat", None), 1.0) for name in TORCH_PEERS]
+    + [("adam + global clip vs torch clip_grad_norm_ + fused",
+        ("adam", "fusedopt", "flat", "global"), ("adam", "torch-clip+fused", "flat", "global"),
+        1.25),
+       ("adam vs optax", ("adam", "fusedopt", "flat", None), ("adam", "optax", "flat", None), 1.0),
+       ("adam + global clip vs optax + clip_by_global_norm",
+        ("adam", "fusedopt", "flat", "global"), ("adam", "optax-clip", "flat", "global"), 1.0),
+       ("adam 200 tensors vs flat (within 10%)", ("adam", "fusedopt", "200-tensors", None),
+        ("adam", "fusedopt", "flat", None), 1 / 1.1)]
+    + [(f"{layout} clipnorm vs unclipped (within 1.3x)", ("adam", "fusedopt", layout, "segment"),
+        ("adam", "fusedopt", layout, None), 1 / 1.3) for layout in SEGMENT_LAYOUTS]
+)
+
+
+def target_table(record):
+    """The speedups the issues set as targets, where both points were measured, and the
+    fraction of the copy ceiling fusedopt reached at that size."""
+    rows = {(r["optimizer"], r["impl"], r["layout"], r["clip"], r["n"]): r
+            for r in record["rows"] if r["median_ms"]}
+    copy = {r["n"]: r["gbps"] for r in record["rows"] if r["impl"] == "copy" and r["gbps"]}
+    checks = list(TARGETS) + [
+        (f"{name} vs the NumPy reference", (name, "fusedopt", "flat", None),
+         (name, "fusedopt-numpy", "flat", None), 3.0)
+        for name in sorted({k[0] for k in rows if k[1] == "fusedopt-numpy"})]
+    lines = []
+    for what, mine, other, least in checks:
+        for n in sorted({k[4] for k in rows if k[:4] == mine}):
+            a, b = rows.get(mine + (n,)), rows.get(other + (n,))
+            if a is None or b is None:
+                continue
+            ratio = b["median_ms"] / a["median_ms"]
+            ceiling = f"{a['gbps'] / copy[n]:.0%}" if n in copy else ""
+            lines.append(f"| {what} | {n} | {a['median_ms']:.3f} | {b['median_ms']:.3f} "
+                         f"| {ratio:.2f}x | {least:.2f}x | {'yes' if ratio >= least else 'NO'} "
+                         f"| {ceiling} |")
+    if not lines:
+        return []
+    return ["### Targets", "",
+            "| target | n | fusedopt ms | other ms | speedup | target | met | fusedopt of copy |",
+            "|---|---|---|---|---|---|---|---|"] + lines
+
+
+def missing_peers(rows):
+    """{reason: [impl, ...]} for the rows that were not measured, each impl once."""
+    out = {}
+    for r in rows:
+        if r["median_ms"] is None:
+            why = r.get("note", "").removeprefix("missing: ") or "not measured"
+            impls = out.setdefault(why, [])
+            if r["impl"] not in impls:
+                impls.append(r["impl"])
+    return out
 
 
 def plot(record, path):
@@ -622,28 +913,6 @@ def plot(record, path):
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-class Progress:
-    """A one-line progress bar on stderr."""
-
-    def __init__(self, total, quiet=False):
-        self.total, self.count, self.quiet = total, 0, quiet
-        self.tty = sys.stderr.isatty()
-
-    def update(self, label):
-        if self.quiet:
-            return
-        self.count += 1
-        width = 30
-        filled = int(width * self.count / max(1, self.total))
-        line = f"[{'#' * filled}{'-' * (width - filled)}] {self.count}/{self.total} {label}"
-        end = "\r" if self.tty else "\n"
-        print(line.ljust(100)[:100], end=end, file=sys.stderr, flush=True)
-
-    def done(self):
-        if not self.quiet and self.tty:
-            print(file=sys.stderr)
 
 
 def cpu_name():

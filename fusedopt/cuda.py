@@ -66,12 +66,81 @@ def to_device(array, device):
         return _cupy().array(array)
 
 
+# ------------------------------------------------------------- is there a GPU?
+# CUDA runtime status codes that mean "nothing to run on" rather than a fault.
+_CUDA_ERROR_INSUFFICIENT_DRIVER = 35  # also what the runtime says when there is no driver
+_CUDA_ERROR_NO_DEVICE = 100
+
+
 def gpu_available():
     """True when CuPy imports and sees at least one CUDA device."""
+    return gpu_problem() is None
+
+
+def gpu_problem():
+    """None when the GPU path can run here; otherwise a sentence saying what is
+    missing, for error messages: CuPy, the NVIDIA driver (or a recent enough one),
+    or a CUDA device. Never raises."""
     try:
-        return _cupy().cuda.runtime.getDeviceCount() > 0
-    except Exception:  # no CuPy, no driver, no device: all mean "no GPU here"
-        return False
+        runtime = _cupy().cuda.runtime
+    except RuntimeError:
+        return ("CuPy is not installed: pip install 'fusedopt[cuda12]' "
+                "(or 'fusedopt[cuda13]' for CUDA 13 drivers)")
+    except Exception as e:  # a broken CuPy installation
+        return f"CuPy is installed but does not import: {e}"
+    return _runtime_problem(runtime)
+
+
+def _runtime_problem(runtime):
+    """What `runtime` (cupy.cuda.runtime, or a stand-in in tests) says is missing."""
+    runtime_version = _cuda_version(_call(runtime.runtimeGetVersion))
+    # cudaDriverGetVersion gives 0 when no driver is installed.
+    driver = _call(runtime.driverGetVersion)
+    if not isinstance(driver, int) or driver == 0:
+        return (f"CuPy (CUDA runtime {runtime_version}) is installed, but no NVIDIA driver "
+                "was found: install the NVIDIA driver (and, in a container, start it "
+                "with the GPUs, e.g. docker run --gpus all)")
+    count = _call(runtime.getDeviceCount)
+    status = getattr(count, "status", None)
+    if status == _CUDA_ERROR_INSUFFICIENT_DRIVER:
+        return (f"the NVIDIA driver supports CUDA up to {_cuda_version(driver)}, older than "
+                f"CuPy's CUDA runtime {runtime_version}: update the driver, or install "
+                "the fusedopt extra of the driver's CUDA major version")
+    if status == _CUDA_ERROR_NO_DEVICE or count == 0:
+        return (f"the NVIDIA driver (CUDA {_cuda_version(driver)}) is installed but sees "
+                "no CUDA device (check CUDA_VISIBLE_DEVICES, or that the container was "
+                "started with the GPUs)")
+    if isinstance(count, Exception):
+        return f"CUDA cannot list the devices: {count}"
+    return None
+
+
+def _call(fn):
+    """fn(), or the exception it raised."""
+    try:
+        return fn()
+    except Exception as e:
+        return e
+
+
+def _cuda_version(number):
+    """12080 -> "12.8" (CUDA's encoding, 1000 * major + 10 * minor)."""
+    if not isinstance(number, int):
+        return "of unknown version"
+    return f"{number // 1000}.{number % 1000 // 10}"
+
+
+def require_gpu(device):
+    """If `device` names a GPU ("gpu", "cuda:1", ...) and none is usable, raise a
+    RuntimeError saying what is missing, instead of CuPy's error from deep inside.
+    A malformed device string is left to normalize_device's ValueError."""
+    if not isinstance(device, str):
+        return
+    name, _, index = device.strip().lower().partition(":")
+    if name in ("gpu", "cuda") and (not index or index.isdigit()):
+        problem = gpu_problem()
+        if problem is not None:
+            raise RuntimeError(f"device {device!r}: no usable GPU here: {problem}")
 
 
 # ------------------------------------------------------------------ compilation
@@ -108,28 +177,88 @@ class CupyBackend:
                 self._functions[key] = module.get_function(name)
         return self._functions[key]
 
+    def load(self, kernel):
+        """Compile and load `kernel` now (CuPy does it at first use otherwise)."""
+        getattr(kernel, "kernel", None)
+
+    def blocks_per_sm(self, kernel, block):
+        """Resident blocks per SM for `kernel` at `block` threads: the occupancy API,
+        which accounts for its registers and shared memory."""
+        function = getattr(kernel, "kernel", kernel)  # a RawKernel or a cuda Function
+        return self.xp.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(
+            function.ptr, block, 0)
+
     def on_device(self):
         return on_device(self.device)
 
     def to_host(self, array):
         return self.xp.asnumpy(array)
 
+    # Streams: CuPy's current stream, and an event to order one after another.
+    def current_stream(self):
+        return self.xp.cuda.get_current_stream()
+
+    def is_capturing(self, stream):
+        return stream.ptr not in (0, 1) and stream.is_capturing()
+
+    def order(self, before, stream):
+        event = self.xp.cuda.Event(block=False, disable_timing=True)
+        event.record(before)
+        stream.wait_event(event)
+
+    @contextlib.contextmanager
+    def capture(self):
+        """Stream capture on a side stream; the yielded graph's launch() replays the
+        captured work on the current stream."""
+        stream = self.xp.cuda.Stream(non_blocking=True)
+        graph = _Graph()
+        with stream:
+            stream.begin_capture()
+            try:
+                yield graph
+            finally:
+                graph.graph = stream.end_capture()
+
+
+class _Graph:
+    graph = None
+
+    def launch(self):
+        self.graph.launch()
+
 
 # ---------------------------------------------------------------------- a step
 class StepPlan:
-    """The device side of one optimizer on one layout: tables, scratch buffers and the
-    launch sequence of a step. Built once (FusedOptimizer.build); a step allocates
-    nothing and never waits for the host, so it can also be captured in a CUDA graph.
+    """The device side of one optimizer on one layout: its step state, tables, scratch
+    buffers and the launch sequence of a step. Built once (FusedOptimizer.build).
+
+    The step state lives here, on the device (kernels/step.cuh): a hyperparameter block
+    that the host rewrites only when a hyperparameter changes (`hyperparameters_changed`),
+    and the counters, which the update kernel advances itself. A step's launches carry
+    no argument that changes from step to step, so a step never waits for the host,
+    allocates nothing, and replays correctly from a CUDA graph (`capture`).
 
     A step launches, in order, only what its options need:
       fusedopt_sumsq         (norm clipping or skip_nonfinite) per-tile sums of squares
       fusedopt_clip_factors  (clipnorm or global_clipnorm) the factors the update reads
-      fusedopt_skip_check    (skip_nonfinite) count the step or the skip on the device
-      fusedopt_<rule>        the fused update: every element read once, written once
+      fusedopt_skip_check    (skip_nonfinite) the verdict on this step's gradients
+      fusedopt_<rule>        the fused update: every element read once, written once;
+                             computes the step's scalars and advances the counters
+    plus, before it, fusedopt_write_hyper when the learning rate is a Python callable
+    (the host evaluates it each step).
+
+    Streams: everything is enqueued on CuPy's current stream at the call (apply(), an
+    assignment, a replay). When that stream differs from the one this optimizer last
+    used, it first waits (an event) for the work already queued there, so one
+    optimizer's steps never overlap; two optimizers have separate scratch and state
+    and run concurrently on their streams.
+
+    The executor interface (fusedopt/executor.py): without skip_nonfinite every
+    queued step completes, so the host keeps the same count as the device and reading
+    it costs no sync; with skip_nonfinite only the device knows, and read_state syncs.
     """
 
-    MAX_TABLE_ROWS = 1 << 20  # beyond this a skip_nonfinite step syncs once to compact
-    name = "cuda"  # the executor interface: fusedopt/executor.py
+    name = "cuda"
 
     def __init__(self, optimizer, params, backend=None):
         from . import _kernels
@@ -139,139 +268,206 @@ class StepPlan:
         self.backend = backend or CupyBackend(params.device)
         self.dtype = params.dtype
         self.offsets = params.offsets
-        self._tables_mode = None
-        self._counters = None
-        self.next_row = optimizer._iterations
-        # Without skip_nonfinite every step counts, so the host knows the count.
-        self._host_iterations = optimizer._iterations
+        self._stream = None       # the stream this optimizer's work was last queued on
+        self._capturing = False
+        self.epoch = 0            # bumped when the launch sequence changes (clip mode)
+        self.host_learning_rate = False
+        self._functions = {}
+        xp = self.backend.xp
         with self.backend.on_device():
+            self.hyper = xp.zeros(_kernels.HYPER.itemsize, dtype=np.uint8)
+            self.state = xp.zeros(_kernels.STEP_STATE.itemsize, dtype=np.uint8)
             self._build_tables()
-            if optimizer.skip_nonfinite:
-                self._build_counters(optimizer._iterations, optimizer._skipped_steps,
-                                     optimizer._last_step_skipped)
+            self.write_hyperparameters()
+            self.write_state(optimizer._iterations, optimizer._skipped_steps,
+                             optimizer._last_step_skipped)
 
-    # The tables depend on the clip mode; rebuilt if the options change after build.
-    def _clip_mode(self):
+    # ---------------------------------------------------- tables, for a clip mode
+    def clip_mode(self):
         opt = self.optimizer
         if opt.clipnorm:
-            return "segment", opt.clipnorm
+            return "segment"
         if opt.global_clipnorm:
-            return "global", opt.global_clipnorm
-        return None, None
+            return "global"
+        return None
+
+    def _function(self, rule, name):
+        """A kernel, compiled and loaded when the plan is built (never inside a capture)."""
+        if name not in self._functions:
+            self._functions[name] = self.backend.function(rule, self.dtype, name)
+            self.backend.load(self._functions[name])
+        return self._functions[name]
+
+    def _grid(self, rule, name):
+        """One block per tile, at most as many as the kernel's occupancy keeps resident."""
+        blocks = self.backend.blocks_per_sm(self._function(rule, name), self._k.BLOCK)
+        return self.tiles.grid(self.backend.sm_count, blocks)
 
     def _build_tables(self):
-        xp, k = self.backend.xp, self._k
-        mode, _ = self._clip_mode()
-        tiles = k.TileTable(self.offsets, per_segment=(mode == "segment"),
+        """The tile tables and scratch for the current clip mode: built here, when the
+        mode is set, never inside a step (a step allocates nothing)."""
+        xp, k, opt = self.backend.xp, self._k, self.optimizer
+        self.mode = self.clip_mode()
+        tiles = k.TileTable(self.offsets, per_segment=(self.mode == "segment"),
                             sm_count=self.backend.sm_count)
         self.tiles = tiles
-        self.grid = tiles.grid(self.backend.sm_count, 8)  # the occupancy API comes next
         self.tile_start = xp.asarray(tiles.start)
         self.tile_segment = xp.asarray(tiles.segment)
         self.segment_tiles = xp.asarray(tiles.segment_tiles)
         self.nsegments = len(tiles.segment_tiles) - 1
-        self.partial = xp.zeros(tiles.count, dtype=np.float64)
+        reduce = self.mode is not None or opt.skip_nonfinite
+        self.partial = xp.zeros(tiles.count, dtype=np.float64) if reduce else None
         self.tile_nonfinite = (xp.zeros(tiles.count, dtype=np.int32)
-                               if self.optimizer.skip_nonfinite else None)
-        self.factors = xp.ones(max(1, self.nsegments), dtype=self.dtype)
-        self._tables_mode = mode
+                               if opt.skip_nonfinite else None)
+        self.factors = xp.ones(max(1, self.nsegments), dtype=self.dtype) if self.mode else None
+        if opt.skip_nonfinite:
+            self._function(None, "fusedopt_skip_check")
+        self.update_grid = self._grid(opt.rule, f"fusedopt_{opt.rule}")
+        self.sumsq_grid = self._grid(None, "fusedopt_sumsq") if reduce else None
+        self.factors_grid = 1  # global_clipnorm: one segment
+        if self.mode is not None:
+            blocks = self.backend.blocks_per_sm(self._function(None, "fusedopt_clip_factors"),
+                                                k.BLOCK)
+            if self.mode == "segment":
+                self.factors_grid = max(1, min(self.nsegments, self.backend.sm_count * blocks))
+        self.epoch += 1
 
-    def _build_counters(self, iterations, skipped, last_skipped):
-        xp = self.backend.xp
-        self.row_bytes = self._k.step_scalars_dtype(self.dtype).itemsize
-        self.table_rows = 1024
-        self.table = xp.zeros(self.table_rows * self.row_bytes, dtype=np.uint8)
-        # [iterations, skipped steps, last step skipped, iteration of the table's row 0]
-        self._counters = xp.asarray(
-            np.array([iterations, skipped, int(last_skipped), iterations], dtype=np.int64))
-        self._base = iterations
-        self.next_row = iterations
+    # ----------------------------------------------------------- the step state
+    def hyperparameters_changed(self, name):
+        """A hyperparameter was set (`name`, or None for any): new tables if the clip
+        mode changed, and the block rewritten, queued on the current stream."""
+        with self.backend.on_device():
+            if self.clip_mode() != self.mode:
+                self._build_tables()
+            self.write_hyperparameters()
+        if name in self.optimizer._running_product_inputs:
+            # The product is a function of the step count and these hyperparameters
+            # (Nadam's beta_1): recompute it as the host executors do. Rare, so the
+            # one read of the step count it needs is acceptable.
+            self.write_state(*self.read_state())
+
+    def write_hyperparameters(self, host_learning_rate=0.0):
+        block, self.host_learning_rate = self._k.optimizer_hyper(self.optimizer,
+                                                                 host_learning_rate)
+        self._enqueue(None, "fusedopt_write_hyper", 1, 1, (self.hyper, block))
+
+    def write_state(self, iterations, skipped_steps, last_step_skipped):
+        """Set the device counters (build, load_state_dict); Nadam's running product
+        comes from the Python side as a function of the step count."""
+        state = self._k.pack_step_state(iterations, skipped_steps, last_step_skipped,
+                                        self.optimizer._running_product(iterations))
+        with self.backend.on_device():
+            self._enqueue(None, "fusedopt_write_state", 1, 1, (self.state, state))
+        self._host_counts = (iterations, skipped_steps, last_step_skipped)
+
+    def read_state(self):
+        """(iterations, skipped steps, last step skipped): the host's count without
+        skip_nonfinite, else read from the device (a sync)."""
+        if not self.optimizer.skip_nonfinite:
+            return self._host_counts
+        with self.backend.on_device():
+            self.join_current_stream()
+            raw = self.backend.to_host(self.state)
+        state = np.frombuffer(raw.tobytes(), dtype=self._k.STEP_STATE)[0]
+        self._host_counts = (int(state["iterations"]), int(state["skipped_steps"]),
+                             bool(state["last_step_skipped"]))
+        return self._host_counts
 
     @property
     def next_iteration(self):
-        """The iteration whose scalars the next step needs (with skip_nonfinite, the
-        newest the device can be at)."""
-        return self.next_row if self.optimizer.skip_nonfinite else self._host_iterations
+        """The step the next launch will be: exact without skip_nonfinite; with it, the
+        count the host last read (the device may have skipped since)."""
+        return self._host_counts[0]
 
-    # ----------------------------------------------------------------- the step
-    def step(self, grads, params_data, slots, lr, scalars):
-        """Launch one step. `lr`/`scalars` are for iteration `optimizer.iterations`, or,
-        with skip_nonfinite, for `next_row` (the newest iteration the device can be at)."""
-        opt, k = self.optimizer, self._k
-        mode, clipnorm = self._clip_mode()
+    def count_launched_step(self):
+        """A step was queued (or replayed): without skip_nonfinite it completes for sure."""
+        if not self.optimizer.skip_nonfinite:
+            iterations, skipped, _ = self._host_counts
+            self._host_counts = (iterations + 1, skipped, False)
+
+    # ------------------------------------------------------------------ the step
+    def step(self, grads, params_data, slots, host_learning_rate=None):
+        """Queue one step. `host_learning_rate`: this step's rate (before Keras 2's
+        decay) when the host evaluates it (a callable); ignored otherwise."""
         with self.backend.on_device():
-            if self._tables_mode != mode:  # clip options changed after build
-                self._build_tables()
-            skip = opt.skip_nonfinite
-            st = k.pack_step_scalars(self.dtype, lr, scalars)
-            pro = k.pack_prologue(self.dtype, opt.loss_scale_factor, opt.clipvalue,
-                                  opt.weight_decay)
-            if mode is not None or skip:
-                self._launch(None, "fusedopt_sumsq", self.grid, (
-                    grads, self.tile_start, np.int64(self.tiles.count),
-                    pro["unscale"][0], self.partial, self.tile_nonfinite))
-            if mode is not None:
-                grid = 1 if mode == "global" else max(1, min(self.nsegments, self.grid))
-                self._launch(None, "fusedopt_clip_factors", grid, (
-                    self.partial, self.segment_tiles, np.int64(self.nsegments),
-                    np.float64(clipnorm), np.int32(mode == "global"), self.factors))
-            if skip:
-                self._record_row(st)
-            s = list(slots) + [None] * (3 - len(slots))
-            self._launch(opt.rule, f"fusedopt_{opt.rule}", self.grid, (
-                params_data, grads, s[0], s[1], s[2],
-                self.tile_start, self.tile_segment, np.int64(self.tiles.count), pro, st,
-                self.factors if mode is not None else None,
-                np.int32(1 if mode == "global" else self.nsegments),
-                self.table if skip else None, self._counters if skip else None))
-            if not skip:
-                self._host_iterations += 1
+            if self.host_learning_rate:
+                self.write_hyperparameters(host_learning_rate)
+            self._enqueue_step(grads, params_data, slots)
+        self.count_launched_step()
 
-    def _launch(self, rule, name, grid, args):
-        fn = self.backend.function(rule, self.dtype, name)
-        fn((int(grid),), (self._k.BLOCK,), args)
+    def _enqueue_step(self, grads, params_data, slots):
+        opt, mode, skip = self.optimizer, self.mode, self.optimizer.skip_nonfinite
+        if mode is not None or skip:
+            self._enqueue(None, "fusedopt_sumsq", self.sumsq_grid, self._k.BLOCK, (
+                grads, self.tile_start, np.int64(self.tiles.count), self.hyper, self.partial,
+                self.tile_nonfinite))
+        if mode is not None:
+            self._enqueue(None, "fusedopt_clip_factors", self.factors_grid, self._k.BLOCK, (
+                self.partial, self.segment_tiles, np.int64(self.nsegments),
+                np.int32(mode == "global"), self.hyper, self.factors))
+        if skip:
+            self._enqueue(None, "fusedopt_skip_check", 1, self._k.BLOCK, (
+                self.tile_nonfinite, np.int64(self.tiles.count), self.state))
+        s = list(slots) + [None] * (3 - len(slots))
+        self._enqueue(opt.rule, f"fusedopt_{opt.rule}", self.update_grid, self._k.BLOCK, (
+            params_data, grads, s[0], s[1], s[2], self.tile_start, self.tile_segment,
+            np.int64(self.tiles.count), self.factors,
+            np.int32(1 if mode == "global" else self.nsegments), self.hyper, self.state))
 
-    def _record_row(self, st):
-        row_index = self.next_row - self._base
-        if row_index >= self.table_rows:
-            row_index = self._make_room(row_index)
-        self._launch(None, "fusedopt_skip_check", 1, (
-            self.tile_nonfinite, np.int64(self.tiles.count), self._counters, st,
-            np.int64(row_index), self.table))
-        self.next_row += 1
+    def _enqueue(self, rule, name, grid, block, args):
+        if not self._capturing:
+            self.join_current_stream()
+        self._function(rule, name)((int(grid),), (int(block),), args)
 
-    # ------------------------------------------------------- skip_nonfinite rows
-    # Row r of the table holds the scalars of iteration base + r; the device reads the
-    # row of its own iteration count. Rows below that count are dead, but the host
-    # learns the count only by reading it (a sync), so it compacts the table then.
-    def _make_room(self, row_index):
-        if self.table_rows * 2 > self.MAX_TABLE_ROWS:
-            self.read_counters()  # one sync per MAX_TABLE_ROWS steps at most
-            row_index = self.next_row - self._base
-        if row_index >= self.table_rows:
-            grown = self.backend.xp.zeros(self.table_rows * 2 * self.row_bytes, dtype=np.uint8)
-            grown[: self.table.size] = self.table
-            self.table, self.table_rows = grown, self.table_rows * 2
-        return row_index
+    def join_current_stream(self):
+        """Make the current stream wait for this optimizer's work on another stream.
+        Not while the user captures a graph (apply() inside their capture): waiting
+        there on an event from outside the capture is not allowed; replays of such a
+        graph are ordered by the stream the user launches them on."""
+        stream = self.backend.current_stream()
+        if self._stream is not None and stream != self._stream:
+            if self.backend.is_capturing(stream):
+                return
+            self.backend.order(self._stream, stream)
+        self._stream = stream
 
-    def read_counters(self):
-        """(iterations, skipped steps, last step skipped), read from the device: a sync."""
-        if self._counters is None:
-            return self._host_iterations, 0, False
+    # ------------------------------------------------------------------ graphs
+    def capture(self, grads, params_data, slots):
+        """One step captured as a graph (nothing runs): the tables, scratch and state
+        it reads are this plan's, so each replay is the next step."""
         with self.backend.on_device():
-            it, skipped, last, base = (int(x) for x in self.backend.to_host(self._counters))
-            if it > base:
-                start, live = (it - base) * self.row_bytes, (self.next_row - it) * self.row_bytes
-                self.table[:live] = self.table[start:start + live].copy()
-                self._counters[3:4] = it
-                self._base = it
-        return it, skipped, bool(last)
+            self._capturing = True
+            try:
+                with self.backend.capture() as graph:
+                    self._enqueue_step(grads, params_data, slots)
+            finally:
+                self._capturing = False
+        return graph
 
-    def reset_counters(self, state):
-        """After load_state_dict: the device counters take the loaded values."""
+    def replay(self, graph):
         with self.backend.on_device():
-            if self._counters is not None:
-                self._build_counters(state["iterations"], state["skipped_steps"],
-                                     state["last_step_skipped"])
-            self.next_row = state["iterations"]
-            self._host_iterations = state["iterations"]
+            self.join_current_stream()
+            graph.launch()
+
+
+class CapturedStep:
+    """One optimizer step captured as a CUDA graph: FusedOptimizer.cuda_graph.
+    Calling it replays the step, which is the next step every time: the learning rate,
+    schedules, bias corrections, clip factors, skips and the counters all come from the
+    optimizer's device state. It reads `grads` and updates `params` and the optimizer's
+    state in place, so write each step's gradients into the same `grads` buffer."""
+
+    def __init__(self, optimizer, plan, graph):
+        self.optimizer, self.plan, self.graph = optimizer, plan, graph
+        self.epoch = plan.epoch
+
+    def __call__(self):
+        opt, plan = self.optimizer, self.plan
+        if opt._plan is not plan or plan.epoch != self.epoch:
+            raise RuntimeError("the optimizer's launch sequence changed since this step was "
+                               "captured (a clip option was switched): capture it again")
+        if plan.host_learning_rate:
+            raise RuntimeError("the learning rate is now evaluated on the host each step (a "
+                               "callable), which a captured step cannot replay")
+        plan.replay(self.graph)
+        plan.count_launched_step()

@@ -1,15 +1,22 @@
 """Who runs a step: the three executors and the one small interface they share
 (ARCHITECTURE.md, principle 6).
 
-    plan = Plan(optimizer, params)     # built once per layout (FusedOptimizer.build)
-    plan.next_iteration                # the iteration whose scalars the next step needs
-    plan.step(grads, params_data, slots, lr, scalars)   # one step; counts it or its skip
-    plan.read_counters()               # (iterations, skipped_steps, last_step_skipped)
-    plan.reset_counters(state)         # after load_state_dict
+    plan = Plan(optimizer, params)   # built once per layout (FusedOptimizer.build)
+    plan.step(grads, params_data, slots, host_learning_rate)
+                                     # one step; counts it or its skip. host_learning_rate
+                                     # is None unless only the host can evaluate the rate
+    plan.hyperparameters_changed(name)   # after an assignment: refresh the plan's copy
+    plan.read_state()                # (iterations, skipped_steps, last_step_skipped)
+    plan.write_state(iterations, skipped_steps, last_step_skipped)   # load_state_dict
+    plan.next_iteration              # the iteration the next step will be
+    plan.join_current_stream()       # before the host reads or writes the state slots
+    plan.name                        # "cuda", "host" or "numpy"
 
 - "cuda":  fusedopt.cuda.StepPlan, the kernels of kernels/ through NVRTC and CuPy;
-- "host":  fusedopt.host.HostPlan, the same kernel sources compiled for the CPU;
-- "numpy": fusedopt.reference.ReferencePlan, the rules in plain NumPy (the oracle).
+- "host":  fusedopt.host.HostPlan, the same kernel sources compiled for the CPU
+           (the update and the step state functions of kernels/step.cuh);
+- "numpy": fusedopt.reference.ReferencePlan, the rules and the per-step scalars in
+           plain Python and NumPy: the independent oracle the others are tested against.
 
 Where the buffers are decides: CuPy buffers take "cuda"; NumPy buffers take "host"
 when the host library builds on this machine, else "numpy" (with one warning).

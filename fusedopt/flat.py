@@ -56,11 +56,19 @@ class FlatBuffer:
     # ------------------------------------------------------------------ creation
     @classmethod
     def from_arrays(cls, arrays, dtype=None):
-        """Copy `arrays` (all NumPy or all CuPy) into one new contiguous buffer.
+        """Copy `arrays` (a list of NumPy arrays, or of CuPy arrays) into one new
+        contiguous buffer, one segment per array.
 
         `dtype` defaults to the arrays' common dtype, which must be float32 or
         float64; mixed dtypes are refused unless `dtype` says what to convert to.
         """
+        if _is_array(arrays) or isinstance(arrays, np.generic):
+            # Iterating an array yields its rows: a (3, 2) array would silently become
+            # three segments of shape (2,).
+            raise TypeError(
+                f"`arrays` must be a list of arrays, got one {type(arrays).__name__} of "
+                f"shape {tuple(arrays.shape)}; pass [array] for a single variable"
+            )
         # NumPy scalars (what rng.normal(size=()) returns) are 0-d arrays here.
         arrays = [np.asarray(a) if isinstance(a, np.generic) else a for a in arrays]
         kinds = {cuda.device_of(a) if _is_array(a) else None for a in arrays}
@@ -103,6 +111,7 @@ class FlatBuffer:
     def full(cls, shapes, value, dtype=np.float32, device="cpu"):
         dtype = _check_dtype("dtype", dtype)
         shapes = _normalize_shapes(shapes)
+        cuda.require_gpu(device)
         device = cuda.normalize_device(device)
         size = sum(math.prod(s) for s in shapes)
         with cuda.on_device(device):
@@ -201,6 +210,8 @@ class FlatBuffer:
 
     def to(self, device):
         """A copy on `device` ("cpu", "gpu", "gpu:N"); the same object if already there."""
+        if device != self.device:
+            cuda.require_gpu(device)
         device = cuda.normalize_device(device)
         if device == self.device:
             return self

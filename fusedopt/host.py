@@ -47,6 +47,10 @@ COMMON_FLAGS = ("-std=c++17", "-O3", "-fPIC", "-shared", "-pthread", "-ffp-contr
 # tests per element (clipvalue, weight decay, amsgrad, ...) are loop invariants, and
 # unswitched loops vectorise.
 GCC_FLAGS = ("--param", "max-unswitch-insns=1000", "--param", "max-unswitch-level=6")
+# This CPU's vector width: Adam's sqrt and division are then 8 floats an instruction
+# (AVX) rather than 4. The bits are the same (IEEE operations, no contraction); the
+# library is keyed on the CPU too, and built without it where the compiler refuses it.
+NATIVE_FLAGS = ("-march=native",)
 
 COMPILERS = ("c++", "g++", "clang++")
 
@@ -118,7 +122,7 @@ def compile_library(source, name, flags=None, include_dirs=()):
     compiler, version, family = find_compiler()
     flags = tuple(default_flags(family) if flags is None else flags)
     key = hashlib.sha256()
-    for part in (str(CACHE_FORMAT), compiler, version, platform.machine(), *flags, source):
+    for part in (str(CACHE_FORMAT), compiler, version, cpu_identity(), *flags, source):
         key.update(part.encode() + b"\0")
     for directory in include_dirs:
         key.update(_directory_digest(directory).encode())
@@ -144,6 +148,24 @@ def compile_library(source, name, flags=None, include_dirs=()):
     finally:
         partial.unlink(missing_ok=True)
     return target
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_identity():
+    """What -march=native depends on: the architecture, the CPU model and its feature
+    flags (a cache shared between machines must not hand one CPU's code to another)."""
+    parts = [platform.machine(), platform.processor()]
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key = line.split(":", 1)[0].strip()
+                if key in ("model name", "flags", "Features", "CPU part"):
+                    parts.append(line.strip())
+                if key in ("flags", "Features"):
+                    break
+    except OSError:
+        pass
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
 def _writable_cache():
@@ -182,15 +204,32 @@ def rule_source(rule, dtype):
 
 
 @functools.lru_cache(maxsize=None)
-def library(rule, dtype):
-    """The loaded host library of `rule` for `dtype`, built on first use (cached on
-    disk). Raises HostBuildError when it cannot be built."""
+def _load(rule, dtype):
     dtype = np.dtype(dtype)
-    path = compile_library(rule_source(rule, dtype), f"fusedopt_{rule}_{dtype.name}")
-    lib = ctypes.CDLL(str(path))
-    fn = lib.fusedopt_host_step
+    source, name = rule_source(rule, dtype), f"fusedopt_{rule}_{dtype.name}"
+    flags = default_flags(find_compiler()[2])
+    try:
+        path = compile_library(source, name, flags=flags + NATIVE_FLAGS)
+    except HostBuildError:
+        path = compile_library(source, name, flags=flags)  # a compiler without -march=native
+    return ctypes.CDLL(str(path))
+
+
+def library(rule, dtype):
+    """The step function of the host library of `rule` for `dtype`, built on first use
+    (cached on disk). Raises HostBuildError when it cannot be built."""
+    fn = _load(rule, np.dtype(dtype).name).fusedopt_host_step
     fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 9
+    fn.argtypes = [ctypes.c_void_p] * 8
+    return fn
+
+
+def copy_function():
+    """copy(dst, src, nbytes, num_threads): memcpy split across the step's thread pool,
+    the benchmark's CPU copy ceiling."""
+    fn = _load("adam", "float32").fusedopt_host_copy
+    fn.restype = None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int]
     return fn
 
 
@@ -218,7 +257,8 @@ def _reset_for_tests():
     global _warned
     _warned = False
     find_compiler.cache_clear()
-    library.cache_clear()
+    cpu_identity.cache_clear()
+    _load.cache_clear()
     _private_cache.cache_clear()
 
 
@@ -236,9 +276,13 @@ class _Plan(ctypes.Structure):
 
     _fields_ = [
         ("tile_start", ctypes.c_void_p),
-        ("tile_segment", ctypes.c_void_p),
         ("ntiles", ctypes.c_longlong),
+        ("sum_start", ctypes.c_void_p),
+        ("sum_segment", ctypes.c_void_p),
+        ("nsums", ctypes.c_longlong),
         ("segment_tiles", ctypes.c_void_p),
+        ("offsets", ctypes.c_void_p),
+        ("nsegments", ctypes.c_longlong),
         ("clip_mode", ctypes.c_int),
         ("skip_nonfinite", ctypes.c_int),
         ("clipnorm", ctypes.c_double),
@@ -255,9 +299,13 @@ CLIP_MODES = {None: 0, "segment": 1, "global": 2}
 class HostPlan:
     """The host executor for one optimizer on one layout (fusedopt.executor).
 
-    Holds the tile table (rebuilt only when the clip mode changes), scratch for the
-    per-tile sums, and the counters [iterations, skipped steps, last step skipped],
-    which the library advances itself, as the GPU's kernels do on the device.
+    Holds the hyperparameter block and the step state (counters, Nadam's running
+    product) as the kernels define them (kernels/step.cuh, mirrored in _kernels): the
+    library computes each step's learning rate and scalars from them and advances the
+    counters itself, as the GPU does on the device. The block is rewritten only when a
+    hyperparameter changes (hyperparameters_changed); a rate that only the host can
+    evaluate (a callable) is written into it before each step. The tile table is
+    rebuilt only when the clip option changes.
     """
 
     name = "host"
@@ -265,73 +313,72 @@ class HostPlan:
     def __init__(self, optimizer, params, fn):
         self.optimizer = optimizer
         self.fn = fn
-        self.dtype = np.dtype(params.dtype)
-        self.offsets = params.offsets
-        ctype = ctypes.c_float if self.dtype == np.float32 else ctypes.c_double
-        self._pro = (ctype * 3)()
-        self._st = (ctype * (1 + _kernels.MAX_SCALARS))()
-        self.counters = np.array([optimizer._iterations, optimizer._skipped_steps,
-                                  int(optimizer._last_step_skipped)], dtype=np.int64)
+        self.offsets = np.array(params.offsets, dtype=np.int64)
+        # Tiles as for one SM: the host's must not depend on the thread count.
+        self.tiles = _kernels.TileTable(params.offsets, per_segment=False, sm_count=1)
+        self.hyper = np.zeros((), _kernels.HYPER)
+        self.state = np.zeros((), _kernels.STEP_STATE)
+        self.host_learning_rate = False
+        self._default_threads = default_num_threads()
         self._plan = _Plan()
+        self._plan.skip_nonfinite = int(optimizer.skip_nonfinite)
         self._mode = object()  # no tables yet
-        self._update_tables()
+        self.write_state(optimizer._iterations, optimizer._skipped_steps,
+                         optimizer._last_step_skipped)
+        self.hyperparameters_changed(None)
 
-    # The tables depend on the clip mode, which may change after build.
-    def _clip_mode(self):
+    def hyperparameters_changed(self, name):
+        """Rewrite the hyperparameter block; new tile tables if the clip option changed."""
+        block, self.host_learning_rate = _kernels.optimizer_hyper(self.optimizer)
+        self.hyper[...] = block
         opt = self.optimizer
-        if opt.clipnorm:
-            return "segment", opt.clipnorm
-        if opt.global_clipnorm:
-            return "global", opt.global_clipnorm
-        return None, 0.0
-
-    def _update_tables(self):
-        mode, clipnorm = self._clip_mode()
-        plan = self._plan
+        mode = "segment" if opt.clipnorm else "global" if opt.global_clipnorm else None
         if mode != self._mode:
-            # One "SM": the host's tiles must not depend on the thread count.
-            tiles = _kernels.TileTable(self.offsets, per_segment=(mode == "segment"), sm_count=1)
-            self._arrays = (tiles.start, tiles.segment, tiles.segment_tiles,
-                            np.zeros(tiles.count, np.float64), np.zeros(tiles.count, np.int32))
-            self.tiles = tiles
-            plan.tile_start, plan.tile_segment, plan.segment_tiles, plan.partial, \
-                plan.nonfinite = (a.ctypes.data for a in self._arrays)
-            plan.ntiles = tiles.count
+            # The update runs over self.tiles; sums per segment need tiles that never
+            # straddle a segment (kernels/host.cpp, HostPlan).
+            sums = self.tiles if mode != "segment" else _kernels.TileTable(
+                self.offsets, per_segment=True, sm_count=1)
+            self._arrays = (self.tiles.start, sums.start, sums.segment, sums.segment_tiles,
+                            self.offsets, np.zeros(sums.count, np.float64),
+                            np.zeros(sums.count, np.int32))
+            plan = self._plan
+            plan.tile_start, plan.sum_start, plan.sum_segment, plan.segment_tiles, plan.offsets, \
+                plan.partial, plan.nonfinite = (a.ctypes.data for a in self._arrays)
+            plan.ntiles, plan.nsums = self.tiles.count, sums.count
+            plan.nsegments = len(self.offsets) - 1
             plan.clip_mode = CLIP_MODES[mode]
-            self._mode = mode
-        plan.clipnorm = clipnorm
-        plan.skip_nonfinite = int(self.optimizer.skip_nonfinite)
-        plan.num_threads = self.optimizer.num_threads or default_num_threads()
+            self.sum_tiles, self._mode = sums, mode
+        if name in opt._running_product_inputs:
+            # The running product (Nadam's) is a function of the step count and these
+            # hyperparameters: recompute it, as the NumPy executor does.
+            self.write_state(*self.read_state())
 
     @property
     def next_iteration(self):
-        return int(self.counters[0])
+        return int(self.state["iterations"])
 
-    def step(self, grads, params_data, slots, lr, scalars):
-        opt = self.optimizer
-        self._update_tables()
-        pro = self._pro
-        pro[0] = 1.0 / opt.loss_scale_factor if opt.loss_scale_factor else 1.0
-        pro[1] = opt.clipvalue or 0.0
-        pro[2] = -1.0 if opt.weight_decay is None else opt.weight_decay
-        # The one place the per-step scalars enter the host step.
-        st = self._st
-        st[0] = lr
-        st[1:1 + len(scalars)] = scalars
+    def step(self, grads, params_data, slots, host_learning_rate=None):
+        if host_learning_rate is not None:
+            self.hyper["lr"]["initial"] = host_learning_rate
+        self._plan.num_threads = self.optimizer.num_threads or self._default_threads
         s = [None if x is None else x.ctypes.data for x in slots] + [None] * (3 - len(slots))
         self.fn(params_data.ctypes.data, grads.ctypes.data, s[0], s[1], s[2],
-                ctypes.addressof(self._plan), ctypes.addressof(pro), ctypes.addressof(st),
-                self.counters.ctypes.data)
+                ctypes.addressof(self._plan), self.hyper.ctypes.data, self.state.ctypes.data)
+
+    def join_current_stream(self):
+        """Nothing to join: a host step has finished when step() returns."""
 
     @property
     def threads_used(self):
         """How many threads the last step ran on (small buffers run on one)."""
         return self._plan.threads_used
 
-    def read_counters(self):
-        it, skipped, last = (int(x) for x in self.counters)
-        return it, skipped, bool(last)
+    def read_state(self):
+        state = self.state
+        return (int(state["iterations"]), int(state["skipped_steps"]),
+                bool(state["last_step_skipped"]))
 
-    def reset_counters(self, state):
-        self.counters[:] = (state["iterations"], state["skipped_steps"],
-                            int(state["last_step_skipped"]))
+    def write_state(self, iterations, skipped_steps, last_step_skipped):
+        self.state[...] = _kernels.pack_step_state(
+            iterations, skipped_steps, last_step_skipped,
+            self.optimizer._running_product(iterations))

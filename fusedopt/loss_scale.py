@@ -13,7 +13,8 @@ The inner optimizer does the work with its own machinery: it runs with
 skip_nonfinite (its executor checks the gradients in the pass that reads them, and
 counts the skip in its counters) and with loss_scale_factor = the scale (its
 prologue unscales). The scale and its counter are state slots of one element each,
-so state_dict, load_state_dict and checkpoints carry them.
+so state_dict, load_state_dict and checkpoints carry them (the counter in float64,
+which holds every integer below 2**53 and which both checkpoint containers store).
 """
 
 import numpy as np
@@ -74,12 +75,10 @@ class LossScaleOptimizer(FusedOptimizer):
         self.initial_scale = check.real("initial_scale", initial_scale, low=0.0, low_open=True)
         self.dynamic_growth_steps = check.integer("dynamic_growth_steps", dynamic_growth_steps,
                                                   low=1)
-        if name is not None and not isinstance(name, str):
-            raise TypeError(f"`name` must be a string, got {type(name).__name__}")
         self.name = "loss_scale_optimizer" if name is None else name
         inner._skip_nonfinite = True  # a non-finite step is skipped, as in Keras
         self.inner_optimizer = inner
-        self._scale = None  # [dynamic_scale] (float32) and [step_counter] (int64) once built
+        self._scale = None  # [dynamic_scale] (float32) and [step_counter] (float64) once built
         self._pending_scale = None
 
     # ------------------------------------------------------------ the scale
@@ -106,6 +105,16 @@ class LossScaleOptimizer(FusedOptimizer):
         return loss * self.dynamic_scale
 
     # ------------------------------------------------------------ delegation
+    # The wrapper has no hyperparameters of the base class of its own: these read and
+    # set the inner optimizer's, or its own name.
+    @property
+    def name(self):
+        return self._wrapper_name
+
+    @name.setter
+    def name(self, value):
+        self._wrapper_name = check.string("name", value)
+
     @property
     def iterations(self):
         return self.inner_optimizer.iterations
@@ -178,7 +187,7 @@ class LossScaleOptimizer(FusedOptimizer):
             scale, counter = self._pending_scale
         else:
             scale = np.array([self.initial_scale], np.float32)
-            counter = np.zeros(1, np.int64)
+            counter = np.zeros(1, np.float64)
         self._scale = [scale.copy(), counter.copy()]
         self._pending_scale = None
 
@@ -229,7 +238,7 @@ class LossScaleOptimizer(FusedOptimizer):
             return self._scale
         if self._pending_scale is not None:
             return self._pending_scale
-        return [np.array([self.initial_scale], np.float32), np.zeros(1, np.int64)]
+        return [np.array([self.initial_scale], np.float32), np.zeros(1, np.float64)]
 
     def load_state_dict(self, state):
         inner_state, own = self._parse_state(state)
@@ -251,13 +260,15 @@ class LossScaleOptimizer(FusedOptimizer):
         if not isinstance(slots, dict) or not set(_OWN_SLOTS) <= set(slots):
             raise ValueError(f"`state` lacks the loss scale's slots {list(_OWN_SLOTS)}")
         own = []
-        for name, dtype in zip(_OWN_SLOTS, (np.float32, np.int64)):
+        for name, dtype in zip(_OWN_SLOTS, (np.float32, np.float64)):
             arr = np.asarray(cuda.to_device(slots[name], "cpu"))
             if arr.shape != (1,) or arr.dtype != dtype:
                 raise ValueError(f"slot {name!r} must be a ({dtype.__name__}) array of one "
                                  f"element, got {arr.dtype} of shape {arr.shape}")
             own.append(arr.copy())
-        if not (np.isfinite(own[0][0]) and own[0][0] >= 0) or own[1][0] < 0:
+        counter = own[1][0]
+        if not (np.isfinite(own[0][0]) and own[0][0] >= 0) or not (
+                counter >= 0 and counter == np.floor(counter) and counter < 2 ** 53):
             raise ValueError(f"the saved loss scale {own[0][0]} or counter {own[1][0]} is invalid")
         inner_state = dict(state, optimizer=type(self.inner_optimizer).__name__.lower(),
                            slots={k: v for k, v in slots.items() if k not in _OWN_SLOTS})

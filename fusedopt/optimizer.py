@@ -13,6 +13,7 @@ where the buffers are and what this machine can build; this module holds no
 array-library code of its own.
 """
 
+import copy
 import math
 import numbers
 import warnings
@@ -23,7 +24,7 @@ import numpy as np
 from . import _kernels, cuda, schedules
 from . import _validate as check
 from . import executor as executors
-from .flat import FlatBuffer, Layout, _span
+from .flat import SUPPORTED_DTYPES, FlatBuffer, Layout, _span
 from .reference import COLUMNS, PARAMS, ROWS, slot_shapes  # noqa: F401 (slot specs use them)
 
 KERAS_DEFAULT_EPSILON = 1e-7
@@ -32,6 +33,83 @@ _REGISTRY = {}
 # Optimizers that wrap another (LossScaleOptimizer): get() and checkpoints find them
 # by name, but they are not in available() (they cannot be built from a name alone).
 _WRAPPERS = {}
+
+
+class Hyperparameter:
+    """An optimizer setting that is checked whenever it is set.
+
+    Declared once on the class (`beta_1 = Hyperparameter(check.beta)`); the
+    constructor and an assignment such as `opt.beta_1 = 0.8` both go through
+    FusedOptimizer._set_hyperparameters: the same check, the same cross-argument
+    rules, nothing stored unless everything passes. The value lives in the instance
+    as `_<name>`.
+
+    Args:
+        check: a function of (name, value, **bounds) from fusedopt._validate (or of
+            the same form) returning the value to store or raising TypeError/ValueError.
+        **bounds: passed on to `check` (low=, high=, ...).
+    """
+
+    def __init__(self, check, **bounds):
+        self._check = check
+        self._bounds = bounds
+
+    def __set_name__(self, owner, name):
+        self.name = name
+        self.storage = "_" + name
+
+    def __get__(self, opt, owner=None):
+        if opt is None:
+            return self
+        return opt.__dict__[self.storage]
+
+    def __set__(self, opt, value):
+        opt._set_hyperparameters({self.name: value})
+
+    def validate(self, opt, value):
+        """The value to store, or TypeError/ValueError naming the argument."""
+        return self._check(self.name, value, **self._bounds)
+
+
+class _LearningRate(Hyperparameter):
+    """`learning_rate`: reads as the rate the next step will use (a schedule or a
+    callable evaluated now); set to a number, a callable or a schedule. As in Keras,
+    an optimizer created with a schedule refuses a new learning rate."""
+
+    def __init__(self):
+        super().__init__(lambda name, value: _check_learning_rate(value))
+
+    def __get__(self, opt, owner=None):
+        if opt is None:
+            return self
+        # Schedules see the calls applied, as in Keras, also under accumulation.
+        return opt._learning_rate_at(opt._counters()[0])
+
+    def validate(self, opt, value):
+        if isinstance(opt.__dict__.get(self.storage), schedules.LearningRateSchedule):
+            raise TypeError(
+                "This optimizer was created with a learning-rate schedule; "
+                "its learning rate cannot be set to a number"
+            )
+        return super().validate(opt, value)
+
+
+class _Name(Hyperparameter):
+    """`name`: a string; None means the class name in snake case ("adam_w")."""
+
+    def __init__(self):
+        super().__init__(check.string)
+
+    def validate(self, opt, value):
+        return super().validate(opt, _snake_case(type(opt).__name__) if value is None else value)
+
+
+def _hyperparameter_fields(cls):
+    """{name: Hyperparameter} of `cls`, base classes' first, in declaration order."""
+    fields = {}
+    for klass in reversed(cls.__mro__):
+        fields.update({k: v for k, v in vars(klass).items() if isinstance(v, Hyperparameter)})
+    return fields
 
 
 class FusedOptimizer:
@@ -60,13 +138,38 @@ class FusedOptimizer:
     executor and num_threads are not hyperparameters: they are not in get_config().
     Keras 2 spellings are accepted: `lr=` (alias of learning_rate) and `decay=`
     (inverse-time decay, lr / (1 + decay * iterations)), with a DeprecationWarning.
+
+    Every hyperparameter (the arguments above but skip_nonfinite, and each rule's own)
+    is an attribute that may be assigned: `opt.beta_1 = 0.8` runs the constructor's
+    checks (see Hyperparameter and _set_hyperparameters) and changes nothing if refused.
     """
 
     rule = None  # the rule's name: kernels/<rule>.cuh and reference.<rule>
-    _hyperparameters = ()  # constructor arguments that go into get_config()
+    # The rule's own Hyperparameters, in declaration order (derived, see
+    # __init_subclass__): what get_config() adds to the common arguments.
+    _hyperparameters = ()
+
+    learning_rate = _LearningRate()
+    weight_decay = Hyperparameter(check.optional_real, low=0.0)
+    clipnorm = Hyperparameter(check.optional_real, low=0.0)
+    clipvalue = Hyperparameter(check.optional_real, low=0.0)
+    global_clipnorm = Hyperparameter(check.optional_real, low=0.0)
+    loss_scale_factor = Hyperparameter(check.optional_real, low=0.0, low_open=True)
+    use_ema = Hyperparameter(lambda name, v: False if v is None else check.boolean(name, v))
+    ema_momentum = Hyperparameter(check.real, low=0.0, high=1.0)
+    ema_overwrite_frequency = Hyperparameter(
+        lambda name, v: None if v is None else check.integer(name, v, low=1))
+    gradient_accumulation_steps = Hyperparameter(lambda name, v: _check_accumulation(name, v))
+    name = _Name()
+
+    # Rules that read whole variables (`whole_variable = True`) run once per segment,
+    # reference.<rule>(shape, p, g, *slots, *segment arguments, *scalars).
+    whole_variable = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
+        common = _hyperparameter_fields(FusedOptimizer)
+        cls._hyperparameters = tuple(n for n in _hyperparameter_fields(cls) if n not in common)
         if cls.rule is not None:
             _REGISTRY[cls.__name__.lower()] = cls
 
@@ -88,36 +191,19 @@ class FusedOptimizer:
         num_threads=None,
         **kwargs,
     ):
+        # A subclass passes its own hyperparameters on in kwargs, so that all of them
+        # are checked together, in one place (_set_hyperparameters).
         learning_rate = self._keras2_learning_rate(learning_rate, kwargs)
         self._decay = self._keras2_decay(kwargs)
+        rule_values = {k: kwargs.pop(k) for k in self._hyperparameters if k in kwargs}
         if kwargs:
             raise ValueError(
                 f"{type(self).__name__} got unknown argument(s) {sorted(kwargs)}; "
                 f"valid arguments: {', '.join(self._argument_names())}"
             )
-        self._learning_rate = _check_learning_rate(learning_rate)
-        self.weight_decay = check.optional_real("weight_decay", weight_decay, low=0.0)
-        self.clipnorm = check.optional_real("clipnorm", clipnorm, low=0.0)
-        self.clipvalue = check.optional_real("clipvalue", clipvalue, low=0.0)
-        self.global_clipnorm = check.optional_real("global_clipnorm", global_clipnorm, low=0.0)
-        clip_options = [n for n in ("clipnorm", "clipvalue", "global_clipnorm")
-                        if getattr(self, n) is not None]
-        if len(clip_options) > 1:
-            raise ValueError(
-                "Only one of `clipnorm`, `clipvalue` and `global_clipnorm` can be set; "
-                f"got {', '.join(clip_options)}"
-            )
-        self.loss_scale_factor = check.optional_real(
-            "loss_scale_factor", loss_scale_factor, low=0.0, low_open=True)
         self._skip_nonfinite = check.boolean("skip_nonfinite", skip_nonfinite)
         self._executor = executors.check_executor(executor)
         self._num_threads = _check_num_threads(num_threads)
-        self.use_ema, self.ema_momentum, self.ema_overwrite_frequency = _check_ema(
-            use_ema, ema_momentum, ema_overwrite_frequency)
-        self.gradient_accumulation_steps = _check_accumulation(gradient_accumulation_steps)
-        if name is not None and not isinstance(name, str):
-            raise TypeError(f"`name` must be a string, got {type(name).__name__}")
-        self.name = name if name is not None else _snake_case(type(self).__name__)
         # The step counters until build(); then the plan holds them.
         self._iterations = 0
         self._skipped_steps = 0
@@ -129,6 +215,64 @@ class FusedOptimizer:
         self._ema_swapped = False  # params hold the moving average (swap_ema_weights)
         self._pending_state = None
         self._plan = None     # the executor's plan (fusedopt.executor) once built
+        self._set_hyperparameters(dict(
+            learning_rate=learning_rate, weight_decay=weight_decay, clipnorm=clipnorm,
+            clipvalue=clipvalue, global_clipnorm=global_clipnorm,
+            loss_scale_factor=loss_scale_factor, use_ema=use_ema, ema_momentum=ema_momentum,
+            ema_overwrite_frequency=ema_overwrite_frequency,
+            gradient_accumulation_steps=gradient_accumulation_steps,
+            name=name, **rule_values), notify=False)
+
+    # ------------------------------------------------------------- hyperparameters
+    def _set_hyperparameters(self, values, *, notify=True):
+        """The one way hyperparameters are set, by the constructor and by assignment
+        (`opt.beta_1 = 0.8` comes here through its Hyperparameter).
+
+        Each value goes through its own check, then the cross-argument rules run on
+        the optimizer as it would be, and an optimizer with state refuses a change
+        that would add or drop a state slot. Only then is anything stored, so a
+        refused assignment changes nothing and every stored configuration is one
+        the constructor (and so `load`) accepts.
+        """
+        fields = _hyperparameter_fields(type(self))
+        checked = {name: fields[name].validate(self, value) for name, value in values.items()}
+        candidate = copy.copy(self)  # shares the buffers; only its settings differ
+        candidate.__dict__.update({fields[n].storage: v for n, v in checked.items()})
+        candidate._check_hyperparameters()
+        if self.built or self._pending_state is not None:
+            self._check_same_slots(candidate, checked)
+        self.__dict__.update({fields[n].storage: v for n, v in checked.items()})
+        if notify:
+            for name in checked:
+                self._hyperparameters_changed(name)
+
+    def _check_hyperparameters(self):
+        """Rules that tie hyperparameters together, run on every construction and
+        assignment; a subclass adds its own and calls super()."""
+        clip_options = [f"`{n}`" for n in ("clipnorm", "clipvalue", "global_clipnorm")
+                        if getattr(self, n) is not None]
+        if len(clip_options) > 1:
+            raise ValueError(
+                "Only one of `clipnorm`, `clipvalue` and `global_clipnorm` can be set; "
+                f"got {', '.join(clip_options)}"
+            )
+        if not callable(self._learning_rate):
+            self._check_learning_rate_value(self._learning_rate)
+        if self.ema_overwrite_frequency is not None and not self.use_ema:
+            # Keras ignores it then; it would silently do nothing.
+            raise ValueError("`ema_overwrite_frequency` needs `use_ema=True`")
+
+    def _check_same_slots(self, candidate, changed):
+        # The state was allocated (or loaded) for the current slots; a setting that
+        # adds or drops one (SGD momentum 0 <-> > 0, amsgrad, centered) cannot apply
+        # to it.
+        if candidate.slot_names != self.slot_names:
+            names = ", ".join(f"`{n}`" for n in changed)
+            raise ValueError(
+                f"{names}: this change would turn the state slots {list(self.slot_names)} "
+                f"into {list(candidate.slot_names)}, but this optimizer already has state; "
+                "set it before the first step, or start a new optimizer"
+            )
 
     # ---------------------------------------------------------------- subclass API
     def _slot_specs(self):
@@ -146,10 +290,6 @@ class FusedOptimizer:
     def _check_learning_rate_value(self, lr):
         """Rule-specific limits on this step's learning rate (Ftrl divides by it)."""
 
-    # Rules that read whole variables (`whole_variable = True`) run once per segment,
-    # reference.<rule>(shape, p, g, *slots, *segment arguments, *scalars).
-    whole_variable = False
-
     def _segment_arguments(self, index, shape):
         """What else a whole-variable rule needs to know of segment `index`."""
         return ()
@@ -159,13 +299,18 @@ class FusedOptimizer:
         return self.weight_decay
 
     # What the kernels' step state reads (kernels/step.cuh): the rule's hyperparameters
-    # in the order of `_hyperparameters` (booleans as 0/1), and a running product the
-    # rule keeps over completed steps (Nadam's), as a function of the step count.
+    # in the order of `_hyperparameters` (booleans as 0/1, an unset optional one such
+    # as Nadam's schedule_decay as -1), and a running product the rule keeps over
+    # completed steps (Nadam's), as a function of the step count.
     def _device_hyperparameters(self):
-        return tuple(float(getattr(self, name)) for name in self._hyperparameters)
+        values = (getattr(self, name) for name in self._hyperparameters)
+        return tuple(-1.0 if v is None else float(v) for v in values)
 
     def _running_product(self, iterations):
         return 1.0
+
+    # The hyperparameters _running_product depends on: setting one recomputes it.
+    _running_product_inputs = ()
 
     def _learning_rate_spec(self):
         """The learning rate as the kernels' step state holds it: a number, (schedule
@@ -181,7 +326,8 @@ class FusedOptimizer:
     # ------------------------------------------------------------------ properties
     @property
     def skip_nonfinite(self):
-        """Fixed at construction: it decides where the step counter lives."""
+        """Fixed at construction: it decides whether the host can count the steps
+        (without it every GPU step counts; with it only the device knows)."""
         return self._skip_nonfinite
 
     @property
@@ -208,7 +354,7 @@ class FusedOptimizer:
         """(iterations, skipped steps, last step skipped), from where the step's state
         lives: the plan once built (a GPU read synchronises), else this object."""
         if self._plan is not None:
-            return self._plan.read_counters()
+            return self._plan.read_state()
         return self._iterations, self._skipped_steps, self._last_step_skipped
 
     @property
@@ -246,24 +392,6 @@ class FusedOptimizer:
     @num_threads.setter
     def num_threads(self, value):
         self._num_threads = _check_num_threads(value)
-
-    @property
-    def learning_rate(self):
-        """The learning rate the next step will use (schedules see the calls applied,
-        as in Keras, also under gradient accumulation)."""
-        return self._learning_rate_at(self._counters()[0])
-
-    @learning_rate.setter
-    def learning_rate(self, value):
-        if isinstance(self._learning_rate, schedules.LearningRateSchedule):
-            raise TypeError(
-                "This optimizer was created with a learning-rate schedule; "
-                "its learning rate cannot be set to a number"
-            )
-        value = _check_learning_rate(value)
-        if not callable(value):
-            self._check_learning_rate_value(value)
-        self._learning_rate = value
 
     @property
     def built(self):
@@ -355,6 +483,7 @@ class FusedOptimizer:
         `with opt.ema_weights(params):` does both around a block (evaluation)."""
         params = self._check_ema_params(params, "swap_ema_weights")
         average = self._option_slots["average"]
+        self._plan.join_current_stream()
         with cuda.on_device(self._device):
             saved = params.data.copy()
             params.data[...] = average
@@ -383,6 +512,7 @@ class FusedOptimizer:
         params = self._check_ema_params(params, "finalize_variable_values")
         if self._ema_swapped:
             raise ValueError("`params` hold the EMA weights already (swap_ema_weights)")
+        self._plan.join_current_stream()
         with cuda.on_device(self._device):
             params.data[...] = self._option_slots["average"]
 
@@ -415,21 +545,89 @@ class FusedOptimizer:
                              "back before the next step")
         if len(params) == 0:
             return  # Keras: no variables, no update, no increment
-        # With skip_nonfinite on a GPU only the device knows how many steps were
-        # skipped; the plan names the iteration whose scalars the step needs (there,
-        # the newest the device can be at; see cuda.StepPlan).
-        it = self._plan.next_iteration if self._plan is not None else self._iterations
-        lr, scalars = self._step_scalars(it)
+        host_learning_rate = self._step_learning_rate()
         self.build(params)
-        self._plan.step(grads, params.data, self._slots, lr, scalars)
+        self._plan.step(grads, params.data, self._slots, host_learning_rate)
 
-    # Per-step scalars are computed here, once per step, for every executor. `it` counts
-    # the calls applied: schedules see it, the rule sees t = it // N + 1 (Keras).
-    def _step_scalars(self, it):
-        lr = self._learning_rate_at(it)
-        return lr, tuple(float(x) for x in self._rule_scalars(lr, it // self._accumulation + 1))
+    def cuda_graph(self, grads, params):
+        """Capture one step, apply(grads, params), as a CUDA graph; return a callable
+        that replays it: `step = opt.cuda_graph(grads, params)`, then `step()` per step.
+
+        Each replay is the next step, exactly as apply() would run it: the learning
+        rate (a number or a fusedopt schedule), bias corrections, clipping, weight
+        decay and skip_nonfinite are computed on the device from its step counter and
+        hyperparameter block, and a hyperparameter assigned between replays is used by
+        the next one. `opt.iterations` counts replays. The graph reads `grads` and
+        updates `params` and the state in place: write each step's gradients into the
+        same `grads` buffer. Not replayable, refused here: a callable learning rate
+        (evaluated on the host each step). Switching the clip option afterwards
+        changes the launch sequence: the old capture then refuses to run.
+        """
+        params = _as_params(params)
+        grads = self._check_grads(grads, params)
+        if self.built:
+            self._check_same_layout(params.layout, params.device, "params")
+        _check_no_overlap(grads, params, self._slot_spans if self.built else ())
+        if len(params) == 0:
+            raise ValueError("`params` are empty: there is no step to capture")
+        if params.device == "cpu" and getattr(self._plan, "name", None) != "cuda":
+            raise ValueError("`params` live on the CPU: cuda_graph() needs CuPy arrays")
+        if not self._learning_rate_in_block():
+            raise ValueError(
+                "`learning_rate` is evaluated on the host each step (a callable, or a "
+                "schedule the device cannot compute), so a captured step cannot replay it; "
+                "use a number or a fusedopt.schedules schedule")
+        self._step_learning_rate()
+        self.build(params)
+        return cuda.CapturedStep(self, self._plan,
+                                 self._plan.capture(grads, params.data, self._slots))
+
+    def _step_learning_rate(self):
+        """Refuse a bad learning rate for the coming step before anything changes.
+        Returns the rate before Keras 2's decay when only the host can evaluate it (a
+        callable, a schedule of another class), else None: the executors compute the
+        rate from the step state (kernels/step.cuh; reference.ReferencePlan in Python)."""
+        # With skip_nonfinite on a GPU only the device knows how many steps were
+        # skipped; the plan names the newest iteration the step can be.
+        it = self._plan.next_iteration if self._plan is not None else self._iterations
+        raw = self._raw_learning_rate(it)
+        self._decayed_learning_rate(raw, it)
+        return None if self._learning_rate_in_block() else raw[0]
+
+    def _learning_rate_in_block(self):
+        """Whether the hyperparameter block (kernels/step.cuh) can compute the rate."""
+        spec = self._learning_rate_spec()
+        if isinstance(spec, tuple):
+            from . import _kernels
+
+            return _kernels.pack_learning_rate(spec) is not None
+        return spec is not None
+
+    def _hyperparameters_changed(self, name):
+        """Called after a hyperparameter `name` was accepted and stored (`opt.beta_1 =
+        0.8`; None: any of them, e.g. by load_state_dict), never by the constructor:
+        the executor rewrites its copy of the hyperparameter block (on a GPU queued on
+        the current stream, with new tables if the clip option changed)."""
+        plan = getattr(self, "_plan", None)
+        if plan is not None:
+            plan.hyperparameters_changed(name)
+
+    # The oracle's per-step scalars (the NumPy executor and the tests use them; the
+    # kernels compute the same in kernels/step.cuh). `it` counts the calls applied:
+    # schedules see it, the rule sees t = it // N + 1 (Keras' gradient accumulation).
+    def _step_scalars(self, it, host_learning_rate=None):
+        if host_learning_rate is None:
+            lr = self._learning_rate_at(it)
+        else:
+            lr = self._decayed_learning_rate((host_learning_rate, "the learning_rate callable"), it)
+        t = it // self._accumulation + 1
+        return lr, tuple(float(x) for x in self._rule_scalars(lr, t))
 
     def _learning_rate_at(self, it):
+        return self._decayed_learning_rate(self._raw_learning_rate(it), it)
+
+    def _raw_learning_rate(self, it):
+        """(the rate before Keras 2's decay, where it came from), checked to be a number."""
         lr = self._learning_rate
         if isinstance(lr, schedules.LearningRateSchedule):
             source = f"the schedule {type(lr).__name__} at step {it}"
@@ -448,6 +646,10 @@ class FusedOptimizer:
         except (TypeError, ValueError) as e:
             raise TypeError(f"`learning_rate`: {source} returned {value!r}, which is not a "
                             "number") from e
+        return value, source
+
+    def _decayed_learning_rate(self, raw, it):
+        value, source = raw
         if self._decay:
             value = value / (1.0 + self._decay * it)
         if not math.isfinite(value) or value < 0:
@@ -512,6 +714,7 @@ class FusedOptimizer:
             )
         if self.built:
             layout = self._layout
+            self._plan.join_current_stream()  # copies queue on the current stream
             slots = {name: buf.copy() for name, buf in self.slots().items()}
         else:
             layout = self._pending_state["layout"]
@@ -539,10 +742,13 @@ class FusedOptimizer:
                     "the state_dict's layout does not match this optimizer's: "
                     + self._layout.describe_difference(parsed["layout"])
                 )
+            self._plan.join_current_stream()
             with cuda.on_device(self._device):
                 for name, buf in self.slots().items():
                     buf[...] = _copy_to(parsed["slots"][name], self._device, buf.dtype)
-            self._plan.reset_counters(parsed)
+            self._plan.write_state(parsed["iterations"], parsed["skipped_steps"],
+                                   parsed["last_step_skipped"])
+            self._hyperparameters_changed(None)
         else:
             self._pending_state = parsed
         self._iterations = parsed["iterations"]
@@ -682,10 +888,15 @@ def _as_params(params):
     if isinstance(params, FlatBuffer):
         return params
     if isinstance(params, np.ndarray) or cuda.is_gpu_array(params):
+        # Checked here, not left to FlatBuffer, whose messages name its own `data`.
         if params.ndim != 1:
             raise ValueError(
                 f"`params` must be a FlatBuffer or a 1-D array, got shape {tuple(params.shape)}"
             )
+        if not params.flags.c_contiguous:
+            raise ValueError("`params` must be contiguous")
+        if np.dtype(params.dtype) not in SUPPORTED_DTYPES:
+            raise ValueError(f"`params` must be float32 or float64, got {params.dtype}")
         return FlatBuffer(params, [params.shape])
     raise TypeError(f"`params` must be a FlatBuffer or a 1-D array, got {type(params).__name__}")
 
@@ -721,24 +932,11 @@ def _is_keras_schedule(obj):
                for k in type(obj).__mro__)
 
 
-def _check_ema(use_ema, ema_momentum, ema_overwrite_frequency):
-    """Keras' EMA options, checked whether or not EMA is on (Keras checks them only
-    when it is); an overwrite frequency without EMA would silently do nothing."""
-    use_ema = False if use_ema is None else check.boolean("use_ema", use_ema)
-    ema_momentum = check.real("ema_momentum", ema_momentum, low=0.0, high=1.0)
-    if ema_overwrite_frequency is not None:
-        ema_overwrite_frequency = check.integer("ema_overwrite_frequency",
-                                                ema_overwrite_frequency, low=1)
-        if not use_ema:
-            raise ValueError("`ema_overwrite_frequency` needs `use_ema=True`")
-    return use_ema, ema_momentum, ema_overwrite_frequency
-
-
-def _check_accumulation(steps):
+def _check_accumulation(name, steps):
     """None (or Keras' 0) for off, else an integer >= 2, as Keras requires."""
     if steps is None or (steps == 0 and not isinstance(steps, (bool, np.bool_))):
         return None
-    return check.integer("gradient_accumulation_steps", steps, low=2)
+    return check.integer(name, steps, low=2)
 
 
 def _check_writable(data):

@@ -1,24 +1,31 @@
 """One small class per rule: Keras 3 arguments and defaults, slots, per-step scalars.
 
 Each class names its rule (`rule`, the file kernels/<rule>.cuh and the function
-reference.<rule>), lists its state slots with their initial values, and computes
-the per-step scalars its rule reads, in the rule's argument order. Everything else
-(validation of the common options, the pipeline, state, config) is FusedOptimizer's.
+reference.<rule>), declares its hyperparameters with the check each must pass
+(`Hyperparameter`: the constructor and `opt.x = value` share it), lists its state
+slots with their initial values, and computes the per-step scalars its rule reads, in
+the rule's argument order. Everything else (the common options, the pipeline, state,
+config) is FusedOptimizer's.
 """
 
 import math
 import re
 
 from . import _validate as check
-from .optimizer import COLUMNS, KERAS_DEFAULT_EPSILON, PARAMS, ROWS, FusedOptimizer
+from .optimizer import (COLUMNS, KERAS_DEFAULT_EPSILON, PARAMS, ROWS, FusedOptimizer,
+                        Hyperparameter)
 
 __all__ = ["SGD", "RMSprop", "Adagrad", "Adadelta", "Adam", "AdamW", "Adamax", "Nadam",
            "Ftrl", "Lion", "ScheduleFreeAdamW", "Lamb", "Adafactor", "Muon"]
 
 
-def _epsilon(value):
+def _epsilon(name, value):
     """Keras 2's epsilon=None means the backend epsilon, 1e-7."""
-    return KERAS_DEFAULT_EPSILON if value is None else check.non_negative("epsilon", value)
+    return KERAS_DEFAULT_EPSILON if value is None else check.non_negative(name, value)
+
+
+def _momentum():
+    return Hyperparameter(check.real, low=0.0, high=1.0)
 
 
 class SGD(FusedOptimizer):
@@ -30,12 +37,11 @@ class SGD(FusedOptimizer):
     """
 
     rule = "sgd"
-    _hyperparameters = ("momentum", "nesterov")
+    momentum = _momentum()
+    nesterov = Hyperparameter(check.boolean)
 
     def __init__(self, learning_rate=0.01, momentum=0.0, nesterov=False, **kwargs):
-        super().__init__(learning_rate, **kwargs)
-        self.momentum = check.real("momentum", momentum, low=0.0, high=1.0)
-        self.nesterov = check.boolean("nesterov", nesterov)
+        super().__init__(learning_rate, momentum=momentum, nesterov=nesterov, **kwargs)
 
     def _slot_specs(self):
         return (("momentum", 0.0) if self.momentum != 0 else None,)
@@ -53,15 +59,15 @@ class RMSprop(FusedOptimizer):
     """
 
     rule = "rmsprop"
-    _hyperparameters = ("rho", "momentum", "epsilon", "centered")
+    rho = Hyperparameter(check.beta)
+    momentum = _momentum()
+    epsilon = Hyperparameter(_epsilon)
+    centered = Hyperparameter(check.boolean)
 
     def __init__(self, learning_rate=0.001, rho=0.9, momentum=0.0, epsilon=1e-7,
                  centered=False, **kwargs):
-        super().__init__(learning_rate, **kwargs)
-        self.rho = check.beta("rho", rho)
-        self.momentum = check.real("momentum", momentum, low=0.0, high=1.0)
-        self.epsilon = _epsilon(epsilon)
-        self.centered = check.boolean("centered", centered)
+        super().__init__(learning_rate, rho=rho, momentum=momentum, epsilon=epsilon,
+                         centered=centered, **kwargs)
 
     def _slot_specs(self):
         return (
@@ -82,14 +88,13 @@ class Adagrad(FusedOptimizer):
     """
 
     rule = "adagrad"
-    _hyperparameters = ("initial_accumulator_value", "epsilon")
+    initial_accumulator_value = Hyperparameter(check.non_negative)
+    epsilon = Hyperparameter(_epsilon)
 
     def __init__(self, learning_rate=0.001, initial_accumulator_value=0.1, epsilon=1e-7,
                  **kwargs):
-        super().__init__(learning_rate, **kwargs)
-        self.initial_accumulator_value = check.non_negative(
-            "initial_accumulator_value", initial_accumulator_value)
-        self.epsilon = _epsilon(epsilon)
+        super().__init__(learning_rate, initial_accumulator_value=initial_accumulator_value,
+                         epsilon=epsilon, **kwargs)
 
     def _slot_specs(self):
         return (("accumulator", self.initial_accumulator_value),)
@@ -107,12 +112,11 @@ class Adadelta(FusedOptimizer):
     """
 
     rule = "adadelta"
-    _hyperparameters = ("rho", "epsilon")
+    rho = Hyperparameter(check.beta)
+    epsilon = Hyperparameter(_epsilon)
 
     def __init__(self, learning_rate=0.001, rho=0.95, epsilon=1e-7, **kwargs):
-        super().__init__(learning_rate, **kwargs)
-        self.rho = check.beta("rho", rho)
-        self.epsilon = _epsilon(epsilon)
+        super().__init__(learning_rate, rho=rho, epsilon=epsilon, **kwargs)
 
     def _slot_specs(self):
         return ("accumulated_grad", 0.0), ("accumulated_delta_var", 0.0)
@@ -127,18 +131,33 @@ class Adam(FusedOptimizer):
     alpha = lr*sqrt(1-beta_2^t)/(1-beta_1^t);  m <- m + (g-m)(1-beta_1);
     v <- v + (g^2-v)(1-beta_2);  amsgrad: vhat <- max(vhat, v) and v := vhat;
     p <- p - m*alpha/(sqrt(v) + eps)
+
+    epsilon_after_bias_correction=True (fusedopt's own, default False) is
+    torch.optim.Adam's form (the paper's Algorithm 1): epsilon is added after
+    bias-correcting sqrt(v), p <- p - (lr/(1-beta_1^t))*m/(sqrt(v)/sqrt(1-beta_2^t) + eps).
+    That is the rule above with eps' = eps*sqrt(1-beta_2^t): only a per-step scalar
+    differs (see _epsilon_at, and its twin in kernels/adam.cuh).
     """
 
     rule = "adam"
-    _hyperparameters = ("beta_1", "beta_2", "epsilon", "amsgrad")
+    beta_1 = Hyperparameter(check.beta)
+    beta_2 = Hyperparameter(check.beta)
+    epsilon = Hyperparameter(_epsilon)
+    amsgrad = Hyperparameter(check.boolean)
+    epsilon_after_bias_correction = Hyperparameter(check.boolean)
 
     def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7,
-                 amsgrad=False, **kwargs):
-        super().__init__(learning_rate, **kwargs)
-        self.beta_1 = check.beta("beta_1", beta_1)
-        self.beta_2 = check.beta("beta_2", beta_2)
-        self.epsilon = _epsilon(epsilon)
-        self.amsgrad = check.boolean("amsgrad", amsgrad)
+                 amsgrad=False, epsilon_after_bias_correction=False, **kwargs):
+        super().__init__(learning_rate, beta_1=beta_1, beta_2=beta_2, epsilon=epsilon,
+                         amsgrad=amsgrad,
+                         epsilon_after_bias_correction=epsilon_after_bias_correction, **kwargs)
+
+    def get_config(self):
+        config = super().get_config()
+        # Only when set, so that Keras' configs stay Keras' (Keras has no such key).
+        if not self.epsilon_after_bias_correction:
+            config.pop("epsilon_after_bias_correction", None)
+        return config
 
     def _slot_specs(self):
         return (
@@ -149,19 +168,34 @@ class Adam(FusedOptimizer):
 
     def _rule_scalars(self, lr, t):
         alpha = lr * math.sqrt(1 - self.beta_2 ** t) / (1 - self.beta_1 ** t)
-        return alpha, 1 - self.beta_1, 1 - self.beta_2, self.epsilon, float(self.amsgrad)
+        return alpha, 1 - self.beta_1, 1 - self.beta_2, self._epsilon_at(t), float(self.amsgrad)
+
+    def _epsilon_at(self, t):
+        """The epsilon the rule adds to sqrt(v) at step t. Keras (TF's ApplyAdam, the
+        paper's epsilon-hat) adds `epsilon` itself. Torch adds it to the bias-corrected
+        sqrt(v)/sqrt(1-beta_2^t); alpha above already carries sqrt(1-beta_2^t), so
+        torch's update is this rule with epsilon*sqrt(1-beta_2^t)."""
+        if not self.epsilon_after_bias_correction:
+            return self.epsilon
+        return self.epsilon * math.sqrt(1 - self.beta_2 ** t)
 
 
 class AdamW(Adam):
     """Adam with decoupled weight decay (Loshchilov & Hutter, 2019), Keras 3's AdamW:
-    p <- p - p*weight_decay*lr before the Adam step. weight_decay defaults to 0.004."""
+    p <- p - p*weight_decay*lr before the Adam step. weight_decay defaults to 0.004.
+    torch.optim.AdamW decays the same way (p *= 1 - lr*weight_decay); with
+    epsilon_after_bias_correction=True this is torch's AdamW (whose defaults differ:
+    epsilon=1e-8, weight_decay=0.01)."""
 
     def __init__(self, learning_rate=0.001, weight_decay=0.004, beta_1=0.9, beta_2=0.999,
                  epsilon=1e-7, amsgrad=False, **kwargs):
-        if weight_decay is None:
-            raise ValueError("`weight_decay` must be a number for AdamW, got None")
         super().__init__(learning_rate, beta_1, beta_2, epsilon, amsgrad,
                          weight_decay=weight_decay, **kwargs)
+
+    def _check_hyperparameters(self):
+        if self.weight_decay is None:
+            raise ValueError("`weight_decay` must be a number for AdamW, got None")
+        super()._check_hyperparameters()
 
 
 class Adamax(FusedOptimizer):
@@ -172,13 +206,13 @@ class Adamax(FusedOptimizer):
     """
 
     rule = "adamax"
-    _hyperparameters = ("beta_1", "beta_2", "epsilon")
+    beta_1 = Hyperparameter(check.beta)
+    beta_2 = Hyperparameter(check.beta)
+    epsilon = Hyperparameter(_epsilon)
 
     def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7, **kwargs):
-        super().__init__(learning_rate, **kwargs)
-        self.beta_1 = check.beta("beta_1", beta_1)
-        self.beta_2 = check.beta("beta_2", beta_2)
-        self.epsilon = _epsilon(epsilon)
+        super().__init__(learning_rate, beta_1=beta_1, beta_2=beta_2, epsilon=epsilon,
+                         **kwargs)
 
     def _slot_specs(self):
         return ("momentum", 0.0), ("norm", 0.0)
@@ -198,21 +232,22 @@ class Nadam(FusedOptimizer):
     """
 
     rule = "nadam"
-    _hyperparameters = ("beta_1", "beta_2", "epsilon")
+    beta_1 = Hyperparameter(check.beta)
+    beta_2 = Hyperparameter(check.beta)
+    epsilon = Hyperparameter(_epsilon)
+    schedule_decay = Hyperparameter(check.optional_real, low=0.0)  # Keras 2 only
 
     def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7,
                  schedule_decay=None, **kwargs):
-        super().__init__(learning_rate, **kwargs)
-        self.beta_1 = check.beta("beta_1", beta_1)
-        self.beta_2 = check.beta("beta_2", beta_2)
-        self.epsilon = _epsilon(epsilon)
-        self.schedule_decay = check.optional_real("schedule_decay", schedule_decay, low=0.0)
-        self._u_product_memo = (0, 1.0)  # (t, u_product after t steps)
+        super().__init__(learning_rate, beta_1=beta_1, beta_2=beta_2, epsilon=epsilon,
+                         schedule_decay=schedule_decay, **kwargs)
+        # ((beta_1, schedule_decay), t, u_product after t steps)
+        self._u_product_memo = (None, 0, 1.0)
 
     def get_config(self):
         config = super().get_config()
-        if self.schedule_decay is not None:
-            config["schedule_decay"] = self.schedule_decay
+        if config["schedule_decay"] is None:  # Keras 3 has no such argument
+            del config["schedule_decay"]
         return config
 
     def _slot_specs(self):
@@ -225,20 +260,24 @@ class Nadam(FusedOptimizer):
     def _u_product(self, t):
         # Keras keeps u_product as a variable multiplied once per step, in this
         # order. It is a pure function of t: replaying the same products from 1.0
-        # gives the same bits, so it needs no place in the state. Memoised forward.
-        k, product = self._u_product_memo if self._u_product_memo[0] <= t else (0, 1.0)
+        # gives the same bits, so it needs no place in the state. Memoised forward,
+        # for the current beta_1 and schedule_decay: after either is assigned the
+        # product is that of the new values from step 1 (Keras would go on from the
+        # product accumulated so far).
+        key = (self.beta_1, self.schedule_decay)
+        memo_key, k, product = self._u_product_memo
+        if memo_key != key or k > t:
+            k, product = 0, 1.0
         while k < t:
             k += 1
             product = product * self.beta_1 * self._u(k)
-        self._u_product_memo = (k, product)
+        self._u_product_memo = (key, k, product)
         return product
-
-    def _device_hyperparameters(self):
-        sd = -1.0 if self.schedule_decay is None else self.schedule_decay
-        return super()._device_hyperparameters() + (sd,)
 
     def _running_product(self, iterations):
         return self._u_product(iterations)
+
+    _running_product_inputs = ("beta_1", "schedule_decay")
 
     def _rule_scalars(self, lr, t):
         u_t = self.beta_1 * self._u(t)
@@ -258,27 +297,24 @@ class Ftrl(FusedOptimizer):
     """
 
     rule = "ftrl"
-    _hyperparameters = ("learning_rate_power", "initial_accumulator_value",
-                        "l1_regularization_strength", "l2_regularization_strength",
-                        "l2_shrinkage_regularization_strength", "beta")
+    learning_rate_power = Hyperparameter(check.real, high=0.0)
+    initial_accumulator_value = Hyperparameter(check.non_negative)
+    l1_regularization_strength = Hyperparameter(check.non_negative)
+    l2_regularization_strength = Hyperparameter(check.non_negative)
+    l2_shrinkage_regularization_strength = Hyperparameter(check.non_negative)
+    beta = Hyperparameter(check.non_negative)
 
     def __init__(self, learning_rate=0.001, learning_rate_power=-0.5,
                  initial_accumulator_value=0.1, l1_regularization_strength=0.0,
                  l2_regularization_strength=0.0, l2_shrinkage_regularization_strength=0.0,
                  beta=0.0, **kwargs):
-        super().__init__(learning_rate, **kwargs)
-        self.learning_rate_power = check.real("learning_rate_power", learning_rate_power, high=0.0)
-        self.initial_accumulator_value = check.non_negative(
-            "initial_accumulator_value", initial_accumulator_value)
-        self.l1_regularization_strength = check.non_negative(
-            "l1_regularization_strength", l1_regularization_strength)
-        self.l2_regularization_strength = check.non_negative(
-            "l2_regularization_strength", l2_regularization_strength)
-        self.l2_shrinkage_regularization_strength = check.non_negative(
-            "l2_shrinkage_regularization_strength", l2_shrinkage_regularization_strength)
-        self.beta = check.non_negative("beta", beta)
-        if not callable(self._learning_rate):
-            self._check_learning_rate_value(self._learning_rate)
+        super().__init__(
+            learning_rate, learning_rate_power=learning_rate_power,
+            initial_accumulator_value=initial_accumulator_value,
+            l1_regularization_strength=l1_regularization_strength,
+            l2_regularization_strength=l2_regularization_strength,
+            l2_shrinkage_regularization_strength=l2_shrinkage_regularization_strength,
+            beta=beta, **kwargs)
 
     def _check_learning_rate_value(self, lr):
         if lr <= 0:
@@ -300,13 +336,12 @@ class Lion(FusedOptimizer):
     """
 
     rule = "lion"
-    _hyperparameters = ("beta_1", "beta_2")
+    # Keras refuses beta_1 = 0 (Lion degenerates to signSGD); betas are < 1 here.
+    beta_1 = Hyperparameter(check.real, low=0.0, high=1.0, low_open=True, high_open=True)
+    beta_2 = Hyperparameter(check.beta)
 
     def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.99, **kwargs):
-        super().__init__(learning_rate, **kwargs)
-        # Keras refuses beta_1 = 0 (Lion degenerates to signSGD); betas are < 1 here.
-        self.beta_1 = check.real("beta_1", beta_1, low=0.0, high=1.0, low_open=True, high_open=True)
-        self.beta_2 = check.beta("beta_2", beta_2)
+        super().__init__(learning_rate, beta_1=beta_1, beta_2=beta_2, **kwargs)
 
     def _slot_specs(self):
         return (("momentum", 0.0),)
@@ -326,17 +361,16 @@ class ScheduleFreeAdamW(FusedOptimizer):
     """
 
     rule = "schedule_free_adamw"
-    _hyperparameters = ("beta_1", "beta_2", "epsilon", "warmup_steps")
+    # x is recovered from y by dividing by beta_1: Keras gives NaN at beta_1 = 0.
+    beta_1 = Hyperparameter(check.real, low=0.0, high=1.0, low_open=True, high_open=True)
+    beta_2 = Hyperparameter(check.beta)
+    epsilon = Hyperparameter(check.non_negative)
+    warmup_steps = Hyperparameter(check.integer, low=0)
 
     def __init__(self, learning_rate=0.0025, beta_1=0.9, beta_2=0.999, epsilon=1e-8,
                  warmup_steps=0, **kwargs):
-        super().__init__(learning_rate, **kwargs)
-        # x is recovered from y by dividing by beta_1: Keras gives NaN at beta_1 = 0.
-        self.beta_1 = check.real("beta_1", beta_1, low=0.0, high=1.0, low_open=True,
-                                 high_open=True)
-        self.beta_2 = check.beta("beta_2", beta_2)
-        self.epsilon = check.non_negative("epsilon", epsilon)
-        self.warmup_steps = check.integer("warmup_steps", warmup_steps, low=0)
+        super().__init__(learning_rate, beta_1=beta_1, beta_2=beta_2, epsilon=epsilon,
+                         warmup_steps=warmup_steps, **kwargs)
 
     def _slot_specs(self):
         return ("momentum", PARAMS), ("velocity", 0.0)
@@ -359,13 +393,13 @@ class Lamb(FusedOptimizer):
 
     rule = "lamb"
     whole_variable = True
-    _hyperparameters = ("beta_1", "beta_2", "epsilon")
+    beta_1 = Hyperparameter(check.beta)
+    beta_2 = Hyperparameter(check.beta)
+    epsilon = Hyperparameter(_epsilon)
 
     def __init__(self, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7, **kwargs):
-        super().__init__(learning_rate, **kwargs)
-        self.beta_1 = check.beta("beta_1", beta_1)
-        self.beta_2 = check.beta("beta_2", beta_2)
-        self.epsilon = _epsilon(epsilon)
+        super().__init__(learning_rate, beta_1=beta_1, beta_2=beta_2, epsilon=epsilon,
+                         **kwargs)
 
     def _slot_specs(self):
         return ("momentum", 0.0), ("velocity", 0.0)
@@ -389,19 +423,18 @@ class Adafactor(FusedOptimizer):
 
     rule = "adafactor"
     whole_variable = True
-    _hyperparameters = ("beta_2_decay", "epsilon_1", "epsilon_2", "clip_threshold",
-                        "relative_step")
+    # beta_2_decay > 0 would make 1 - t^decay negative from t = 2 on.
+    beta_2_decay = Hyperparameter(check.real, high=0.0)
+    epsilon_1 = Hyperparameter(check.non_negative)
+    epsilon_2 = Hyperparameter(check.non_negative)
+    clip_threshold = Hyperparameter(check.real, low=0.0, low_open=True)
+    relative_step = Hyperparameter(check.boolean)
 
     def __init__(self, learning_rate=0.001, beta_2_decay=-0.8, epsilon_1=1e-30, epsilon_2=1e-3,
                  clip_threshold=1.0, relative_step=True, **kwargs):
-        super().__init__(learning_rate, **kwargs)
-        # beta_2_decay > 0 would make 1 - t^decay negative from t = 2 on.
-        self.beta_2_decay = check.real("beta_2_decay", beta_2_decay, high=0.0)
-        self.epsilon_1 = check.non_negative("epsilon_1", epsilon_1)
-        self.epsilon_2 = check.non_negative("epsilon_2", epsilon_2)
-        self.clip_threshold = check.real("clip_threshold", clip_threshold, low=0.0,
-                                         low_open=True)
-        self.relative_step = check.boolean("relative_step", relative_step)
+        super().__init__(learning_rate, beta_2_decay=beta_2_decay, epsilon_1=epsilon_1,
+                         epsilon_2=epsilon_2, clip_threshold=clip_threshold,
+                         relative_step=relative_step, **kwargs)
 
     def _slot_specs(self):
         return ("r", 0.0, ROWS), ("c", 0.0, COLUMNS), ("velocity", 0.0)
@@ -410,6 +443,32 @@ class Adafactor(FusedOptimizer):
         beta = 1 - t ** self.beta_2_decay
         return (min(lr, 1 / math.sqrt(t)), beta, 1 - beta, self.epsilon_1, self.epsilon_2,
                 self.clip_threshold)
+
+
+def _regex_list(name, value):
+    """Keras' `exclude_layers or []`: a list of regular expressions."""
+    if value is None:
+        return []
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise TypeError(f"`{name}` must be a list of regular expressions, got "
+                        f"{type(value).__name__}: {value!r}")
+    for pattern in value:
+        if not isinstance(pattern, str):
+            raise TypeError(f"`{name}` must hold strings, got {type(pattern).__name__}")
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"`{name}`: {pattern!r} is not a regular expression: {e}") from e
+    return list(value)
+
+
+def _names(name, value):
+    if value is None:
+        return None
+    if isinstance(value, str) or not isinstance(value, (list, tuple)) or \
+            not all(isinstance(n, str) for n in value):
+        raise TypeError(f"`{name}` must be a list of strings, got {value!r}")
+    return tuple(value)
 
 
 class Muon(FusedOptimizer):
@@ -429,45 +488,52 @@ class Muon(FusedOptimizer):
 
     rule = "muon"
     whole_variable = True
-    _hyperparameters = ("adam_beta_1", "adam_beta_2", "epsilon", "exclude_layers", "muon_a",
-                        "muon_b", "muon_c", "adam_lr_ratio", "momentum", "ns_steps", "nesterov",
-                        "exclude_embeddings", "adam_weight_decay", "rms_rate")
+    adam_beta_1 = Hyperparameter(check.beta)
+    adam_beta_2 = Hyperparameter(check.beta)
+    epsilon = Hyperparameter(_epsilon)
+    exclude_layers = Hyperparameter(_regex_list)
+    muon_a = Hyperparameter(check.real)
+    muon_b = Hyperparameter(check.real)
+    muon_c = Hyperparameter(check.real)
+    adam_lr_ratio = Hyperparameter(check.non_negative)
+    momentum = Hyperparameter(check.beta)
+    ns_steps = Hyperparameter(check.integer, low=0)
+    nesterov = Hyperparameter(check.boolean)
+    exclude_embeddings = Hyperparameter(check.boolean)
+    adam_weight_decay = Hyperparameter(check.optional_real, low=0.0)
+    rms_rate = Hyperparameter(check.optional_real, low=0.0)
+    segment_names = Hyperparameter(_names)
 
     def __init__(self, learning_rate=0.001, adam_beta_1=0.9, adam_beta_2=0.999,
                  adam_weight_decay=0.004, epsilon=1e-7, weight_decay=0.004, exclude_layers=None,
                  exclude_embeddings=True, muon_a=3.4445, muon_b=-4.7750, muon_c=2.0315,
                  adam_lr_ratio=1, momentum=0.95, ns_steps=5, nesterov=True, rms_rate=0.2,
                  segment_names=None, **kwargs):
-        super().__init__(learning_rate, weight_decay=weight_decay, **kwargs)
-        self.adam_beta_1 = check.beta("adam_beta_1", adam_beta_1)
-        self.adam_beta_2 = check.beta("adam_beta_2", adam_beta_2)
-        self.adam_weight_decay = check.optional_real("adam_weight_decay", adam_weight_decay,
-                                                     low=0.0)
-        self.epsilon = _epsilon(epsilon)
-        self.exclude_layers = _regex_list("exclude_layers", exclude_layers)
-        self.exclude_embeddings = check.boolean("exclude_embeddings", exclude_embeddings)
-        self.muon_a = check.real("muon_a", muon_a)
-        self.muon_b = check.real("muon_b", muon_b)
-        self.muon_c = check.real("muon_c", muon_c)
-        self.adam_lr_ratio = check.non_negative("adam_lr_ratio", adam_lr_ratio)
-        self.momentum = check.beta("momentum", momentum)
-        self.ns_steps = check.integer("ns_steps", ns_steps, low=0)
-        self.nesterov = check.boolean("nesterov", nesterov)
-        self.rms_rate = check.optional_real("rms_rate", rms_rate, low=0.0)
-        self.segment_names = _segment_names(segment_names)
+        super().__init__(
+            learning_rate, weight_decay=weight_decay, adam_beta_1=adam_beta_1,
+            adam_beta_2=adam_beta_2, adam_weight_decay=adam_weight_decay, epsilon=epsilon,
+            exclude_layers=exclude_layers, exclude_embeddings=exclude_embeddings,
+            muon_a=muon_a, muon_b=muon_b, muon_c=muon_c, adam_lr_ratio=adam_lr_ratio,
+            momentum=momentum, ns_steps=ns_steps, nesterov=nesterov, rms_rate=rms_rate,
+            segment_names=segment_names, **kwargs)
+
+    def _check_hyperparameters(self):
         if self.exclude_layers and self.segment_names is None:
             raise ValueError("`exclude_layers` matches variable names, which flat-buffer "
                              "segments lack: pass `segment_names` (one per segment) too")
+        super()._check_hyperparameters()
 
     def get_config(self):
         config = super().get_config()
-        if self.segment_names is not None:
+        if self.segment_names is None:  # fusedopt's own: absent from Keras' configs
+            del config["segment_names"]
+        else:
             config["segment_names"] = list(self.segment_names)
         return config
 
     def build(self, params):
         if self.segment_names is not None and not self.built:
-            count = len(getattr(params, "shapes", ())) if hasattr(params, "shapes") else 1
+            count = len(params.shapes) if hasattr(params, "shapes") else 1
             if count != len(self.segment_names):
                 raise ValueError(f"`segment_names` names {len(self.segment_names)} segments, "
                                  f"but `params` has {count}")
@@ -503,29 +569,3 @@ class Muon(FusedOptimizer):
         alpha = lr * self.adam_lr_ratio * math.sqrt(1 - b2 ** t) / (1 - b1 ** t)
         return (lr, self.momentum, float(self.nesterov), self.ns_steps, self.muon_a,
                 self.muon_b, self.muon_c, alpha, 1 - b1, 1 - b2, self.epsilon)
-
-
-def _regex_list(name, value):
-    """Keras' `exclude_layers or []`: a list of regular expressions."""
-    if value is None:
-        return []
-    if isinstance(value, str) or not isinstance(value, (list, tuple)):
-        raise TypeError(f"`{name}` must be a list of regular expressions, got "
-                        f"{type(value).__name__}: {value!r}")
-    for pattern in value:
-        if not isinstance(pattern, str):
-            raise TypeError(f"`{name}` must hold strings, got {type(pattern).__name__}")
-        try:
-            re.compile(pattern)
-        except re.error as e:
-            raise ValueError(f"`{name}`: {pattern!r} is not a regular expression: {e}") from e
-    return list(value)
-
-
-def _segment_names(value):
-    if value is None:
-        return None
-    if isinstance(value, str) or not isinstance(value, (list, tuple)) or \
-            not all(isinstance(n, str) for n in value):
-        raise TypeError(f"`segment_names` must be a list of strings, got {value!r}")
-    return tuple(value)

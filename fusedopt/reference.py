@@ -323,8 +323,9 @@ CHUNK = 1 << 16
 
 
 class ReferencePlan:
-    """The NumPy executor for one optimizer on one layout (fusedopt.executor), in
-    Keras 3's order:
+    """The NumPy executor for one optimizer on one layout (fusedopt.executor): the
+    step's scalars from the optimizer's Python formulas (`_rule_scalars`, the
+    schedules), then, in Keras 3's order,
 
         unscale -> [accumulate] -> clip -> weight decay -> rule -> [EMA]
 
@@ -344,22 +345,26 @@ class ReferencePlan:
             None if spec is None else _offsets(slot_shapes(spec[2] if len(spec) > 2 else None,
                                                            params.shapes))
             for spec in optimizer._slot_specs()]
-        self.counters = [optimizer._iterations, optimizer._skipped_steps,
-                         optimizer._last_step_skipped]
+        self.write_state(optimizer._iterations, optimizer._skipped_steps,
+                         optimizer._last_step_skipped)
 
     @property
     def next_iteration(self):
         return self.counters[0]
 
-    def step(self, grads, params_data, slots, lr, scalars):
+    def hyperparameters_changed(self, name):
+        """Nothing to refresh: every step reads the optimizer's attributes."""
+
+    def step(self, grads, params_data, slots, host_learning_rate=None):
         opt = self.optimizer
         if opt.skip_nonfinite and not _all_finite(grads):
             self.counters[1] += 1
             self.counters[2] = True
             return
+        calls = self.counters[0]
+        lr, scalars = opt._step_scalars(calls, host_learning_rate)
         dt = params_data.dtype.type
         unscale = dt(1.0 / opt.loss_scale_factor) if opt.loss_scale_factor else None
-        calls = self.counters[0]
         # Non-finite gradients propagate as in Keras (or are skipped above); NumPy's
         # warnings about them would only repeat that.
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
@@ -376,11 +381,14 @@ class ReferencePlan:
         self.counters[0] += 1
         self.counters[2] = False
 
-    def read_counters(self):
+    def read_state(self):
         return tuple(self.counters)
 
-    def reset_counters(self, state):
-        self.counters = [state["iterations"], state["skipped_steps"], state["last_step_skipped"]]
+    def join_current_stream(self):
+        """Nothing to join: a NumPy step has finished when step() returns."""
+
+    def write_state(self, iterations, skipped_steps, last_step_skipped):
+        self.counters = [iterations, skipped_steps, last_step_skipped]
 
     def _moving_average(self, p, average, iterations):
         """Keras' EMA after the update, at `iterations` updates done before this call."""

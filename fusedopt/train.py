@@ -30,6 +30,7 @@ import time
 import numpy as np
 
 from . import cuda
+from ._progress import ProgressBar
 from .flat import FlatBuffer
 from .optimizer import FusedOptimizer, available, get
 
@@ -69,6 +70,7 @@ DEFAULT_HIDDEN = (128, 64)
 DEFAULT_TEST_FRACTION = 0.25
 DEFAULT_PLOT = "fusedopt-compare.png"
 DEFAULT_TABLE = "fusedopt-compare.md"
+FRAMEWORKS = ("numpy", "torch")
 
 # Options passed through to every optimizer's constructor (None = not given).
 OPTIMIZER_OPTIONS = ("learning_rate", "clipnorm", "global_clipnorm", "clipvalue",
@@ -251,71 +253,6 @@ def _short(value):
     return f"{value:g}" if isinstance(value, float) else repr(value)
 
 
-# ====================================================================== progress
-class ProgressBar:
-    """A one-line progress bar with the running loss, on stderr.
-
-    On a terminal it redraws in place (\\r) a few times a second and ends each epoch
-    with a newline; otherwise (a log file, a pipe) it writes only the finished line of
-    each epoch, so logs hold one line per epoch and no control characters.
-    """
-
-    WIDTH = 24
-    REDRAW_SECONDS = 0.1
-
-    def __init__(self, stream=None, enabled=True):
-        self.stream = stream if stream is not None else sys.stderr
-        self.enabled = enabled
-        self.interactive = enabled and _is_tty(self.stream)
-        self._last_draw = 0.0
-        self._last_length = 0
-
-    def wants_update(self):
-        """Whether an update() now would be drawn (lets callers skip reading the
-        running loss from a GPU, which waits for it, when nothing would be shown)."""
-        return self.interactive and time.perf_counter() - self._last_draw >= self.REDRAW_SECONDS
-
-    def update(self, label, done, total, loss):
-        if not self.wants_update():
-            return
-        self._last_draw = time.perf_counter()
-        self._draw(self._line(label, done, total, loss), end="")
-
-    def finish(self, label, total, loss, suffix=""):
-        """The epoch's final line, always written (when enabled)."""
-        if self.enabled:
-            self._draw(self._line(label, total, total, loss) + suffix, end="\n")
-            self._last_length = 0
-
-    def message(self, text):
-        if self.enabled:
-            self.stream.write(text + "\n")
-            self.stream.flush()
-
-    def _line(self, label, done, total, loss):
-        fraction = done / total if total else 1.0
-        filled = int(round(fraction * self.WIDTH))
-        bar = "#" * filled + "-" * (self.WIDTH - filled)
-        return f"{label} [{bar}] {fraction:4.0%} loss {loss:.4f}"
-
-    def _draw(self, line, end):
-        if self.interactive:
-            # Pad with spaces so a shorter line fully covers the previous one.
-            padding = " " * max(0, self._last_length - len(line))
-            self.stream.write("\r" + line + padding + end)
-            self._last_length = len(line)
-        else:
-            self.stream.write(line + end)
-        self.stream.flush()
-
-
-def _is_tty(stream):
-    try:
-        return stream.isatty()
-    except (AttributeError, ValueError):
-        return False
-
-
 # ====================================================================== training
 @dataclasses.dataclass
 class TrainResult:
@@ -371,10 +308,10 @@ def resolve_device(device):
         device = "gpu" if cuda.gpu_available() else "cpu"
     if device == "cpu":
         return "cpu"
-    if not cuda.gpu_available():
-        raise UsageError(
-            f"--device {device}: no usable GPU here (needs CuPy and a CUDA device: "
-            "pip install 'fusedopt[cuda12]' or 'fusedopt[cuda13]'); use --device cpu or auto")
+    problem = cuda.gpu_problem()
+    if problem is not None:
+        raise UsageError(f"--device {device}: no usable GPU here: {problem}; "
+                         "use --device cpu or auto")
     device = cuda.normalize_device(device)
     count = cuda.module_for(device).cuda.runtime.getDeviceCount()
     if int(device.split(":")[1]) >= count:
@@ -385,7 +322,7 @@ def resolve_device(device):
 
 def train(optimizer=DEFAULT_OPTIMIZER, *, epochs=DEFAULT_EPOCHS, batch_size=DEFAULT_BATCH_SIZE,
           hidden=DEFAULT_HIDDEN, seed=0, dtype="float32", device="cpu", data=None,
-          progress=None):
+          progress=None, framework="numpy"):
     """Train the digits MLP with `optimizer` and return a TrainResult.
 
     Args:
@@ -398,6 +335,9 @@ def train(optimizer=DEFAULT_OPTIMIZER, *, epochs=DEFAULT_EPOCHS, batch_size=DEFA
         device: "cpu", "gpu", "gpu:N" or "auto".
         data: a Dataset to reuse (else load_digits_dataset(seed, dtype)).
         progress: a ProgressBar, or None for a silent run.
+        framework: "numpy" (the forward and backward passes below, on NumPy/CuPy
+            arrays) or "torch" (the same MLP as a torch.nn.Module, trained with
+            fusedopt.torch; see fusedopt/train_torch.py).
 
     On the CPU the result is deterministic for a given seed. Training runs until
     `epochs` even if the loss becomes NaN (its history then shows it).
@@ -411,6 +351,13 @@ def train(optimizer=DEFAULT_OPTIMIZER, *, epochs=DEFAULT_EPOCHS, batch_size=DEFA
     device = resolve_device(device)
     progress = progress if progress is not None else ProgressBar(enabled=False)
     data = data if data is not None else load_digits_dataset(seed, dtype)
+    if framework not in FRAMEWORKS:
+        raise ValueError(f"`framework` must be one of {', '.join(FRAMEWORKS)}, got {framework!r}")
+    if framework == "torch":
+        from .train_torch import train_torch
+
+        return train_torch(opt, epochs=epochs, batch_size=batch_size, hidden=hidden, seed=seed,
+                           dtype=dtype, device=device, data=data, progress=progress)
 
     params = init_params(layer_sizes(data.num_features, hidden, data.num_classes),
                          seed, dtype, device)
@@ -434,8 +381,7 @@ def train(optimizer=DEFAULT_OPTIMIZER, *, epochs=DEFAULT_EPOCHS, batch_size=DEFA
             apply_seconds += epoch_seconds
             loss_history.append(epoch_loss)
             accuracy_history.append(accuracy(params, x_test, y_test))
-            progress.finish(label, epoch_steps, epoch_loss,
-                            f" test acc {accuracy_history[-1]:.2%}")
+            progress.log(f"{label} loss {epoch_loss:.4f} test acc {accuracy_history[-1]:.2%}")
     return TrainResult(
         optimizer=optimizer_name(opt), settings=describe_optimizer(opt), device=device,
         dtype=dtype.name, epochs=epochs, steps=steps, loss_history=loss_history,
@@ -456,7 +402,7 @@ def _train_epoch(opt, params, grads, x, labels, batch_size, progress, label):
         loss_sum += loss_and_gradients(params, grads, x[batch], labels[batch])
         apply_seconds += _timed_apply(opt, grads, params, xp)
         if progress.wants_update():  # reading loss_sum waits for a GPU: only when drawn
-            progress.update(label, b + 1, batches, float(loss_sum) / (b + 1))
+            progress.update(label, b + 1, batches, f"loss {float(loss_sum) / (b + 1):.4f}")
     return float(loss_sum) / batches, batches, apply_seconds
 
 
@@ -500,18 +446,26 @@ def compare(optimizers=None, *, options=None, progress=None, data=None, **train_
                                    np.dtype(train_kwargs.get("dtype", "float32")))
     results = []
     for i, opt in enumerate(optimizers, 1):
-        progress.message(f"[{i}/{len(optimizers)}] {describe_optimizer(opt)}")
+        progress.log(f"[{i}/{len(optimizers)}] {describe_optimizer(opt)}")
         results.append(train(opt, progress=progress, data=data, **train_kwargs))
     return results
 
 
-def markdown_table(results):
-    """A Markdown table: one row per run, in the order given."""
-    lines = ["| optimizer | settings | final train loss | test accuracy | steps/s |",
-             "|---|---|---:|---:|---:|"]
+def markdown_table(results, timings=True):
+    """A Markdown table: one row per run, in the order given.
+
+    With timings=False it leaves out steps/s, the one column that changes from run to
+    run: what is left is the same on every run with the same seed (on one machine),
+    which is what the README shows (`--markdown`).
+    """
+    header = "| optimizer | settings | final train loss | test accuracy |"
+    rule = "|---|---|---:|---:|"
+    if timings:
+        header, rule = header + " steps/s |", rule + "---:|"
+    lines = [header, rule]
     for r in results:
-        lines.append(f"| {r.optimizer} | `{r.settings}` | {r.final_loss:.4f} | "
-                     f"{r.test_accuracy:.2%} | {r.steps_per_second:,.0f} |")
+        row = f"| {r.optimizer} | `{r.settings}` | {r.final_loss:.4f} | {r.test_accuracy:.2%} |"
+        lines.append(row + (f" {r.steps_per_second:,.0f} |" if timings else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -602,17 +556,27 @@ def add_arguments(parser):
                         help="dtype of parameters, gradients and state (default float32)")
     parser.add_argument("--device", type=_device_arg, default="auto",
                         help="cpu, gpu, gpu:N or auto (a GPU when one is usable; default)")
+    parser.add_argument("--framework", choices=FRAMEWORKS, default="numpy",
+                        help="numpy: forward/backward written on NumPy/CuPy arrays (default); "
+                             "torch: the same MLP as a torch.nn.Module, trained with "
+                             "fusedopt.torch (needs PyTorch)")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object with the results on stdout, nothing else")
     parser.add_argument("--quiet", action="store_true",
-                        help="no progress bar or per-epoch lines")
+                        help="no progress bar, header or per-epoch lines on stderr")
     parser.add_argument("--compare", action="store_true",
                         help="train with every optimizer at its setting for this task; "
-                             "write a loss-curve plot and a Markdown table")
-    parser.add_argument("--plot", metavar="PATH", default=DEFAULT_PLOT,
-                        help=f"--compare: the PNG to write (default {DEFAULT_PLOT})")
-    parser.add_argument("--table", metavar="PATH", default=DEFAULT_TABLE,
-                        help=f"--compare: the Markdown table to write (default {DEFAULT_TABLE})")
+                             f"writes a loss-curve plot ({DEFAULT_PLOT}) and a Markdown "
+                             f"table ({DEFAULT_TABLE}) unless --plot/--table say where "
+                             "(with --markdown, only the files they name)")
+    parser.add_argument("--plot", metavar="PATH", default=None,
+                        help="write the loss and accuracy curves of the run(s) to this PNG")
+    parser.add_argument("--table", metavar="PATH", default=None,
+                        help="write a Markdown table of the run(s), steps/s included, here")
+    parser.add_argument("--markdown", action="store_true",
+                        help="print the results as a Markdown table without timings (the "
+                             "same on every run with the same seed; the README's table) "
+                             "instead of the text summary")
 
 
 def run(args):
@@ -623,10 +587,32 @@ def run(args):
         # Bad option values (fusedopt reports them as ValueError/TypeError) are found
         # here, before any training: a command-line error, not a traceback. Errors
         # during training itself are bugs and keep their traceback.
-        return _error(str(e))
+        return _error(cli_spelling(str(e)))
     except ImportError as e:  # the `train` extra is not installed
         return _error(str(e), code=1)
-    return _run_compare(args, job) if args.compare else _run_single(args, job)
+    if args.compare:
+        job.progress.log(_header(job, args))
+        results = compare(job.optimizers, data=job.data, progress=job.progress,
+                          **job.train_options)
+    else:
+        (opt,) = job.optimizers
+        job.progress.log(_header(job, args) + f"; {describe_optimizer(opt)}")
+        results = [train(opt, data=job.data, progress=job.progress, **job.train_options)]
+    _write_files(args, job, results)
+    _print_results(args, job, results)
+    return 0
+
+
+# fusedopt's messages quote argument names in backticks (`learning_rate`); on the
+# command line the same value came from a flag, so the message names the flag.
+CLI_FLAGS = {name: "--" + name.replace("_", "-") for name in OPTIMIZER_OPTIONS}
+
+
+def cli_spelling(message):
+    """`message` with the API names of command-line options replaced by their flags."""
+    for name, flag in CLI_FLAGS.items():
+        message = message.replace(f"`{name}`", flag)
+    return message
 
 
 @dataclasses.dataclass
@@ -637,73 +623,97 @@ class _Job:
     data: Dataset
     progress: ProgressBar
     train_options: dict
+    plot: str = None   # where to write the curves (None: not written)
+    table: str = None  # where to write the Markdown table (None: not written)
 
 
 def _prepare(args):
     if args.compare and args.optimizer is not None:
         raise UsageError("--optimizer and --compare cannot be combined "
                          "(--compare trains with every optimizer)")
+    if args.json and args.markdown:
+        raise UsageError("--json and --markdown cannot be combined (each is the whole of stdout)")
     options = {name: getattr(args, name) for name in OPTIMIZER_OPTIONS}
     names = available() if args.compare else [args.optimizer or DEFAULT_OPTIMIZER]
-    optimizers = [make_optimizer(name, **options) for name in names]
+    optimizers = [_make_cli_optimizer(name, options) for name in names]
     device = resolve_device(args.device)
-    if args.compare:
+    if args.framework == "torch":
+        from . import train_torch  # noqa: F401 - without torch: the install hint, now
+    plot, table = args.plot, args.table
+    if args.compare and plot is None and table is None and not args.markdown:
+        # --markdown is a print mode: regenerating the README leaves no files behind.
+        plot, table = DEFAULT_PLOT, DEFAULT_TABLE
+    if plot is not None:
         _import_matplotlib()
-        for path in (args.plot, args.table):
-            _check_writable(path)
+        _check_writable("--plot", plot)
+    if table is not None:
+        _check_writable("--table", table)
     return _Job(
         optimizers=optimizers,
         data=load_digits_dataset(args.seed, np.dtype(args.dtype)),
         progress=ProgressBar(enabled=not args.quiet),
         train_options=dict(epochs=args.epochs, batch_size=args.batch_size,
                            hidden=args.hidden, seed=args.seed, dtype=args.dtype,
-                           device=device))
+                           device=device, framework=args.framework),
+        plot=plot, table=table)
 
 
-def _check_writable(path):
+def _make_cli_optimizer(name, options):
+    if name.lower() not in available():
+        raise UsageError(f"--optimizer: unknown optimizer {name!r}; valid names: "
+                         f"{', '.join(available())}")
+    return make_optimizer(name, **options)
+
+
+def _check_writable(flag, path):
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
-        raise UsageError(f"cannot write {path}: folder {folder} does not exist")
+        raise UsageError(f"{flag}: cannot write {path}: folder {folder} does not exist")
 
 
-def _run_single(args, job):
-    (opt,) = job.optimizers
-    job.progress.message(_header(job, args) + f"; {describe_optimizer(opt)}")
-    result = train(opt, data=job.data, progress=job.progress, **job.train_options)
-    if args.json:
-        print(json.dumps(result.to_dict(), allow_nan=False))
-    else:
-        print(_summary(result))
-    return 0
+def _write_files(args, job, results):
+    if job.plot is not None:
+        plot_comparison(results, job.plot, _title(args, results))
+    if job.table is not None:
+        with open(job.table, "w", encoding="utf-8") as f:
+            f.write(f"{_title(args, results)}\n\n{markdown_table(results)}")
+    written = [p for p in (job.plot, job.table) if p is not None]
+    if written and not args.json:
+        job.progress.log(f"wrote {' and '.join(written)}")
 
 
-def _run_compare(args, job):
-    job.progress.message(_header(job, args))
-    results = compare(job.optimizers, data=job.data, progress=job.progress,
-                      **job.train_options)
-    hidden = ",".join(map(str, args.hidden)) or "none"
-    title = (f"fusedopt optimizers: digits MLP (hidden {hidden}), {args.epochs} epochs, "
-             f"batch {args.batch_size}, {args.dtype}, seed {args.seed}")
-    plot_comparison(results, args.plot, title)
-    table = markdown_table(results)
-    with open(args.table, "w", encoding="utf-8") as f:
-        f.write(f"{title}\n\n{table}")
-    if args.json:
+def _print_results(args, job, results):
+    if args.markdown:
+        print(markdown_table(results, timings=False), end="")
+    elif args.json and args.compare:
         print(json.dumps({"results": [r.to_dict() for r in results],
-                          "plot": args.plot, "table": args.table}, allow_nan=False))
+                          "plot": job.plot, "table": job.table}, allow_nan=False))
+    elif args.json:
+        print(json.dumps(results[0].to_dict(), allow_nan=False))
+    elif args.compare:
+        print(markdown_table(results), end="")
     else:
-        print(table, end="")
-        print(f"wrote {args.plot} and {args.table}")
-    return 0
+        print(_summary(results[0]))
+
+
+def _title(args, results):
+    hidden = ",".join(map(str, args.hidden)) or "none"
+    what = "fusedopt optimizers" if args.compare else f"fusedopt {results[0].settings}"
+    return (f"{what}: digits MLP (hidden {hidden}), {args.epochs} epochs, "
+            f"batch {args.batch_size}, {args.dtype}, seed {args.seed}")
 
 
 def _header(job, args):
     data = job.data
     sizes = layer_sizes(data.num_features, args.hidden, data.num_classes)
-    count = sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:]))
     return (f"digits: {len(data.y_train)} train / {len(data.y_test)} test; "
-            f"MLP {'-'.join(map(str, sizes))} ({count:,} parameters, {args.dtype}, "
-            f"{job.train_options['device']})")
+            f"MLP {'-'.join(map(str, sizes))} ({parameter_count(sizes):,} parameters, "
+            f"{args.dtype}, {job.train_options['device']})")
+
+
+def parameter_count(sizes):
+    """Weights and biases of dense layers of `sizes`."""
+    return sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:]))
 
 
 def _summary(result):

@@ -2,15 +2,19 @@
 // ApplyAdam: bias corrections folded into alpha, epsilon OUTSIDE the sqrt and not
 // bias-corrected; AMSGrad keeps the max of the raw v. AdamW is this rule plus decay.
 // Scalars: alpha = lr*sqrt(1-beta_2^t)/(1-beta_1^t), 1-beta_1, 1-beta_2, epsilon, amsgrad.
-// Hyperparameters (Hyper.rule): beta_1, beta_2, epsilon, amsgrad.
+// Hyperparameters (Hyper.rule): beta_1, beta_2, epsilon, amsgrad,
+// epsilon_after_bias_correction (torch.optim.Adam's epsilon placement, see fusedopt.Adam).
 #pragma once
 #include "step.cuh"
 
 struct adam {
     static FO_HD void scalars(const double* h, long long t, double lr, double, StepValues& v) {
-        const double beta_1 = h[0], beta_2 = h[1];
-        v.c[0] = lr * sqrt(1 - pow(beta_2, (double)t)) / (1 - pow(beta_1, (double)t));
-        v.c[1] = 1 - beta_1, v.c[2] = 1 - beta_2, v.c[3] = h[2], v.c[4] = h[3];
+        const double beta_1 = h[0], beta_2 = h[1], epsilon = h[2];
+        const double bias_correction_2 = 1 - pow(beta_2, (double)t);
+        v.c[0] = lr * sqrt(bias_correction_2) / (1 - pow(beta_1, (double)t));
+        v.c[1] = 1 - beta_1, v.c[2] = 1 - beta_2, v.c[4] = h[3];
+        // epsilon_after_bias_correction (torch's placement): eps*sqrt(1-beta_2^t).
+        v.c[3] = h[4] != 0 ? epsilon * sqrt(bias_correction_2) : epsilon;
     }
 
     template <typename T>

@@ -11,6 +11,32 @@
 #define FO_HD inline
 #endif
 
+// Every load and store of a kernel's element buffers goes through fo_load/fo_store, so
+// the emulator (tests/host/cuda_emulator.h) can count accesses by width and check their
+// alignment. Elsewhere FO_ACCESS is nothing and these are plain accesses.
+#ifndef FO_ACCESS
+#define FO_ACCESS(is_store, pointer, bytes)
+#endif
+
+template <typename V>
+FO_HD V fo_load(const V* pointer) {
+    FO_ACCESS(false, pointer, sizeof(V));
+    return *pointer;
+}
+
+template <typename V>
+FO_HD void fo_store(V* pointer, V value) {
+    FO_ACCESS(true, pointer, sizeof(V));
+    *pointer = value;
+}
+
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+// The 16-byte vector of each math type, for the kernels' vector loads and stores.
+template <typename T> struct Vec16;
+template <> struct Vec16<float> { typedef float4 type; };
+template <> struct Vec16<double> { typedef double2 type; };
+#endif
+
 // Room for the longest rule's scalars (Nadam has 9).
 #define FO_MAX_SCALARS 10
 

@@ -1,6 +1,8 @@
-// host.cpp: the CPU executor (fusedopt/host.py). It runs the CUDA kernels' own rules
-// and prologue (common.cuh, <rule>.cuh: fused_element) compiled by the host's C++
-// compiler, over the same tile table as fused.cu, with threads across tiles.
+// host.cpp: the CPU executor (fusedopt/host.py). It runs the CUDA kernels' own code,
+// compiled by the host's C++ compiler: the step state machine (step.cuh: the learning
+// rate, schedules and the rule's scalars from the hyperparameter block and the
+// counters), and the per-element rule and prologue (common.cuh, <rule>.cuh:
+// fused_element) over the same tile table as fused.cu, with threads across tiles.
 //
 // Deterministic whatever the thread count: the tiles depend only on the layout; a
 // tile's sum of squares is taken in a fixed order (FO_LANES interleaved partial sums
@@ -14,7 +16,7 @@
 // Built once per rule and dtype: fusedopt/host.py prepends
 //   #define FUSEDOPT_RULE <rule>   #define FUSEDOPT_T <float|double>   #include "<rule>.cuh"
 // and loads the exported fusedopt_host_step with ctypes.
-#include "common.cuh"
+#include "step.cuh"
 
 #include <string.h>
 #include <unistd.h>
@@ -26,9 +28,10 @@
 #include <thread>
 #include <vector>
 
-// Partial sums per tile: enough independent additions for the compiler to keep the
-// vector units busy, in an order fixed by the code rather than by the compiler.
-#define FO_LANES 16
+// Partial sums per tile: independent additions for the vector units (two AVX
+// registers of doubles), in an order fixed by the code rather than by the compiler;
+// few enough that short tiles (small variables) are not dominated by the final tree.
+#define FO_LANES 8
 // Elements per inner update loop. A slot the configuration lacks is backed by a
 // zeroed per-thread scratch of this length, so the loop has no per-element branch
 // on absent slots (and vectorises) while absent slots still read 0, as on the GPU.
@@ -144,20 +147,22 @@ class Barrier {
 template <bool Check, typename T>
 static double tile_sum_of_squares(const T* __restrict__ g, long long begin, long long end,
                                   T unscale, int* nonfinite) {
-    double lane[FO_LANES] = {0};
-    double bad[FO_LANES] = {0};  // sums of g - g: 0 while every g is finite, else NaN
+    double lane[FO_LANES];
+    T bad[FO_LANES];  // sums of g - g: 0 while every g is finite, else NaN
+    for (int j = 0; j < FO_LANES; ++j) lane[j] = 0.0, bad[j] = T(0);
     long long i = begin;
     for (; i + FO_LANES <= end; i += FO_LANES) {
         for (int j = 0; j < FO_LANES; ++j) {
             const double x = (double)(g[i + j] * unscale);
             lane[j] += x * x;
-            if (Check) bad[j] += (double)(g[i + j] - g[i + j]);
+            if (Check) bad[j] += g[i + j] - g[i + j];
         }
     }
-    for (int j = 0; i < end; ++i, ++j) {
+    double rest = 0.0;  // the last < FO_LANES elements, in order
+    for (; i < end; ++i) {
         const double x = (double)(g[i] * unscale);
-        lane[j] += x * x;
-        if (Check) bad[j] += (double)(g[i] - g[i]);
+        rest += x * x;
+        if (Check) bad[0] += g[i] - g[i];
     }
     for (int width = FO_LANES / 2; width > 0; width /= 2) {
         for (int j = 0; j < width; ++j) {
@@ -165,134 +170,223 @@ static double tile_sum_of_squares(const T* __restrict__ g, long long begin, long
             if (Check) bad[j] += bad[j + width];
         }
     }
-    if (Check) *nonfinite = bad[0] != 0.0;
-    return lane[0];
+    if (Check) *nonfinite = bad[0] != T(0);
+    return lane[0] + rest;
 }
 
 // The fused update of n contiguous elements: every element read once, written once.
-template <typename Rule, typename T>
+// `factor` is the norm-clip factor of every element, or, with Factors, of each one.
+template <typename Rule, bool Factors, typename T>
 static void update_run(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ s0,
-                       T* __restrict__ s1, T* __restrict__ s2, long long n, T factor,
-                       const Prologue<T> pro, const StepScalars<T> st) {
+                       T* __restrict__ s1, T* __restrict__ s2, const T* __restrict__ factors,
+                       long long n, T factor, const Prologue<T> pro, const StepScalars<T> st) {
     for (long long i = 0; i < n; ++i)
-        fused_element<Rule>(p[i], g[i], s0[i], s1[i], s2[i], factor, pro, st);
+        fused_element<Rule>(p[i], g[i], s0[i], s1[i], s2[i], Factors ? factors[i] : factor, pro,
+                            st);
 }
 
+// ------------------------------------------------------------------ the step
+// What a step needs besides the buffers, the hyperparameters and the counters; built
+// once per layout and clip mode by fusedopt/host.py (HostPlan), which mirrors it as a
+// ctypes Structure.
+//
+// Two tile tables, both fusedopt/_kernels.py TileTables: the update runs over the flat
+// one (fused.cu's without clipnorm), whose long tiles keep the vector loops long
+// whatever the segment sizes; the reductions run over the per-segment one when
+// clipping per segment (reduce.cu's: every tile inside one segment, so segment sums are
+// sums of whole tiles), else over the flat one too.
+struct HostPlan {
+    const long long* tile_start;     // update tile k covers [tile_start[k], tile_start[k + 1])
+    long long ntiles;
+    const long long* sum_start;      // reduction tile k covers [sum_start[k], sum_start[k + 1])
+    const int* sum_segment;          // and lies in segment sum_segment[k] (per-segment tables)
+    long long nsums;
+    const long long* segment_tiles;  // segment s owns reduction tiles [segment_tiles[s], ...[s + 1])
+    const long long* offsets;        // segment s covers [offsets[s], offsets[s + 1])
+    long long nsegments;
+    int clip_mode;                   // FO_CLIP_*: per segment or global, Hyper.clipnorm
+    int skip_nonfinite;              // check the gradients first; skip the step if any is not finite
+    double clipnorm;                 // Hyper.clipnorm, copied here for the threads
+    double* partial;                 // scratch: per reduction tile, the sum of squares
+    int* nonfinite;                  // scratch: per reduction tile, a non-finite flag
+    int num_threads;                 // > 0
+    int threads_used;                // out: threads the last step ran on
+};
+
+// Per-segment clip factors, element by element, for the update (clipnorm). A thread
+// meets its segments in order. A segment inside the thread's elements ("whole") is
+// summed when first met, just before its update reads the same gradients again, from
+// cache for all but huge segments; the sums of segments shared with other threads were
+// taken before the step's barrier. Either way a segment's sum is the sum of its tiles'
+// sums in tile order, so the result does not depend on who computed what.
+template <typename T>
+struct SegmentFactors {
+    const HostPlan* plan;
+    const T* g;
+    T unscale;
+    long long begin, end;            // this thread's elements
+    long long segment = -1;          // the segment of the next element, once known
+    T factor = T(1);
+
+    // factors[0, n) for the elements from `start`, which must not decrease between calls.
+    void fill(long long start, long long n, T* factors) {
+        const long long* offsets = plan->offsets;
+        if (segment < 0) {  // the last segment starting at or before `start`
+            long long lo = 0, hi = plan->nsegments;
+            while (hi - lo > 1) {
+                const long long mid = (lo + hi) / 2;
+                if (offsets[mid] <= start) lo = mid; else hi = mid;
+            }
+            factor = of(segment = lo);
+        }
+        for (long long i = 0; i < n;) {
+            while (offsets[segment + 1] <= start + i) factor = of(++segment);  // empty ones too
+            const long long stop = offsets[segment + 1] - start < n ? offsets[segment + 1] - start : n;
+            for (; i < stop; ++i) factors[i] = factor;
+        }
+    }
+
+    T of(long long s) const {
+        const HostPlan& p = *plan;
+        const bool whole = begin <= p.offsets[s] && p.offsets[s + 1] <= end;
+        double sum = 0.0;
+        for (long long k = p.segment_tiles[s]; k < p.segment_tiles[s + 1]; ++k) {
+            if (whole && !p.skip_nonfinite)
+                p.partial[k] = tile_sum_of_squares<false>(g, p.sum_start[k], p.sum_start[k + 1],
+                                                          unscale, nullptr);
+            sum += p.partial[k];
+        }
+        return (T)clipnorm_factor(sum, p.clipnorm);
+    }
+};
+
+// The first of a table's tiles starting at or after element x.
+static long long first_tile_at(const long long* start, long long ntiles, long long x) {
+    long long lo = 0, hi = ntiles;
+    while (lo < hi) {
+        const long long mid = (lo + hi) / 2;
+        if (start[mid] < x) lo = mid + 1; else hi = mid;
+    }
+    return lo;
+}
+
+// Thread t's update tiles [*first, *last): contiguous, split where the element count is
+// closest to t/n of the buffer.
+static void thread_tiles(const HostPlan& plan, int t, int n, long long* first, long long* last) {
+    const long long total = plan.tile_start[plan.ntiles];
+    auto split = [&](int u) -> long long {
+        if (u == 0) return 0;
+        if (u == n) return plan.ntiles;
+        return first_tile_at(plan.tile_start, plan.ntiles, (long long)((double)total * u / n));
+    };
+    *first = split(t);
+    *last = split(t + 1);
+}
+
+template <typename T>
+static T global_factor(const HostPlan& plan) {
+    double sum = 0.0;
+    for (long long k = 0; k < plan.nsums; ++k) sum += plan.partial[k];
+    return (T)global_clipnorm_factor(sum, plan.clipnorm);
+}
+
+// Thread t's update range: its update tiles' elements [*begin, *end).
+static void thread_elements(const HostPlan& plan, int t, int n, long long* begin, long long* end) {
+    long long first, last;
+    thread_tiles(plan, t, n, &first, &last);
+    *begin = plan.tile_start[first];
+    *end = plan.tile_start[last];
+}
+
+// The sums that must be ready before any thread updates: every reduction tile for the
+// global norm or the finite check; for per-segment norms, only the tiles of segments
+// that straddle two threads' elements (SegmentFactors sums the others on the way).
+// Thread t takes the tiles starting among its elements.
+template <typename T>
+static void thread_sums(int t, int n, const T* g, const HostPlan& plan, T unscale,
+                        std::atomic<int>* any_nonfinite) {
+    long long begin, end;
+    thread_elements(plan, t, n, &begin, &end);
+    // The reduction tiles starting in [begin, end).
+    const long long first = first_tile_at(plan.sum_start, plan.nsums, begin);
+    const long long last = first_tile_at(plan.sum_start, plan.nsums, end);
+    const bool shared_only = plan.clip_mode == FO_CLIP_SEGMENT && !plan.skip_nonfinite;
+    int bad = 0;
+    for (long long k = first; k < last; ++k) {
+        const long long b = plan.sum_start[k], e = plan.sum_start[k + 1];
+        if (shared_only) {
+            const long long s = plan.sum_segment[k];
+            if (begin <= plan.offsets[s] && plan.offsets[s + 1] <= end) continue;  // whole
+        }
+        if (plan.skip_nonfinite) {
+            plan.partial[k] = tile_sum_of_squares<true>(g, b, e, unscale, &plan.nonfinite[k]);
+            bad |= plan.nonfinite[k];
+        } else {
+            plan.partial[k] = tile_sum_of_squares<false>(g, b, e, unscale, nullptr);
+        }
+    }
+    if (bad) any_nonfinite->fetch_or(1);
+}
+
+// Thread t's update of its tiles, in chunks of FO_CHUNK elements.
 template <typename Rule, typename T>
-static void update_tile(T* p, const T* g, T* const s[3], long long begin, long long end,
-                        T factor, const Prologue<T>& pro, const StepScalars<T>& st,
-                        T* scratch) {
+static void thread_update(int t, int n, T* p, const T* g, T* const s[3], const HostPlan& plan,
+                          const Prologue<T>& pro, const StepScalars<T>& st) {
+    long long begin, end;
+    thread_elements(plan, t, n, &begin, &end);
+    if (begin >= end) return;
+    T scratch[3 * FO_CHUNK];
+    T factors[FO_CHUNK];
+    const T factor = plan.clip_mode == FO_CLIP_GLOBAL ? global_factor<T>(plan) : T(1);
+    SegmentFactors<T> segments = {&plan, g, pro.unscale, begin, end};
+    const bool per_segment = plan.clip_mode == FO_CLIP_SEGMENT;
     for (long long a = begin; a < end; a += FO_CHUNK) {
-        const long long n = end - a < FO_CHUNK ? end - a : FO_CHUNK;
+        const long long count = end - a < FO_CHUNK ? end - a : FO_CHUNK;
         T* slot[3];
         for (int k = 0; k < 3; ++k) {
             if (s[k]) {
                 slot[k] = s[k] + a;
             } else {
                 slot[k] = scratch + k * FO_CHUNK;
-                memset(slot[k], 0, sizeof(T) * n);
+                memset(slot[k], 0, sizeof(T) * count);
             }
         }
-        update_run<Rule, T>(p + a, g + a, slot[0], slot[1], slot[2], n, factor, pro, st);
+        if (per_segment) {
+            segments.fill(a, count, factors);
+            update_run<Rule, true, T>(p + a, g + a, slot[0], slot[1], slot[2], factors, count,
+                                      factor, pro, st);
+        } else {
+            update_run<Rule, false, T>(p + a, g + a, slot[0], slot[1], slot[2], nullptr, count,
+                                       factor, pro, st);
+        }
     }
 }
 
-// ------------------------------------------------------------------ the step
-// What a step needs besides the buffers and scalars; built once per layout and clip
-// mode by fusedopt/host.py (HostPlan), which mirrors it as a ctypes Structure.
-struct HostPlan {
-    const long long* tile_start;     // tile k covers [tile_start[k], tile_start[k + 1])
-    const int* tile_segment;         // tile k lies in segment tile_segment[k] (clipnorm)
-    long long ntiles;
-    const long long* segment_tiles;  // segment s owns tiles [segment_tiles[s], ...[s + 1])
-    int clip_mode;                   // FO_CLIP_*
-    int skip_nonfinite;              // check the gradients first; skip the step if any is not finite
-    double clipnorm;
-    double* partial;                 // scratch: per-tile sums of squares (ntiles)
-    int* nonfinite;                  // scratch: per-tile non-finite flags (ntiles)
-    int num_threads;                 // > 0
-    int threads_used;                // out: threads the last step ran on
-};
-
-// Thread t's tiles: contiguous, split where the element count is closest to t/n of
-// the buffer (tiles of per-segment tables vary in length).
-static void thread_tiles(const HostPlan& plan, int t, int n, long long* first, long long* last) {
-    const long long total = plan.tile_start[plan.ntiles];
-    auto split = [&](int u) -> long long {
-        if (u == 0) return 0;
-        if (u == n) return plan.ntiles;
-        const long long target = (long long)((double)total * u / n);
-        long long lo = 0, hi = plan.ntiles;  // first tile starting at or after target
-        while (lo < hi) {
-            const long long mid = (lo + hi) / 2;
-            if (plan.tile_start[mid] < target) lo = mid + 1; else hi = mid;
-        }
-        return lo;
-    };
-    *first = split(t);
-    *last = split(t + 1);
-}
-
-// The clip factor of segment s from its tiles' sums, added in tile order.
-template <typename T>
-static T segment_factor(const HostPlan& plan, long long s) {
-    double sum = 0.0;
-    for (long long k = plan.segment_tiles[s]; k < plan.segment_tiles[s + 1]; ++k)
-        sum += plan.partial[k];
-    return (T)clipnorm_factor(sum, plan.clipnorm);
-}
-
-template <typename T>
-static T global_factor(const HostPlan& plan) {
-    double sum = 0.0;
-    for (long long k = 0; k < plan.ntiles; ++k) sum += plan.partial[k];
-    return (T)global_clipnorm_factor(sum, plan.clipnorm);
-}
-
-// One thread's share of a step: sums of its tiles, wait for everyone's, then the
-// update of its tiles, unless a gradient is not finite and skip_nonfinite is set.
+// One thread's share of a step: its sums, wait for everyone's, then its update, unless
+// a gradient is not finite and skip_nonfinite is set.
 template <typename Rule, typename T>
 static void thread_step(int t, int n, T* p, const T* g, T* const slots[3], const HostPlan& plan,
                         const Prologue<T>& pro, const StepScalars<T>& st,
                         fo_pool::Barrier* barrier, std::atomic<int>* any_nonfinite) {
-    long long first, last;
-    thread_tiles(plan, t, n, &first, &last);
-    const bool sums = plan.clip_mode != FO_CLIP_NONE || plan.skip_nonfinite;
-    if (sums) {
-        int bad = 0;
-        for (long long k = first; k < last; ++k) {
-            const long long b = plan.tile_start[k], e = plan.tile_start[k + 1];
-            plan.partial[k] = plan.skip_nonfinite
-                ? tile_sum_of_squares<true>(g, b, e, pro.unscale, &plan.nonfinite[k])
-                : tile_sum_of_squares<false>(g, b, e, pro.unscale, nullptr);
-            if (plan.skip_nonfinite) bad |= plan.nonfinite[k];
-        }
-        if (bad) any_nonfinite->fetch_or(1);
+    if (plan.clip_mode != FO_CLIP_NONE || plan.skip_nonfinite) {
+        thread_sums<T>(t, n, g, plan, pro.unscale, any_nonfinite);
         if (barrier) barrier->wait();
         if (any_nonfinite->load()) return;
     }
-    // Each thread derives the factors it needs itself, from every tile's sum in the
-    // same order, so no thread waits for another's factors.
-    T factor = T(1);
-    if (plan.clip_mode == FO_CLIP_GLOBAL) factor = global_factor<T>(plan);
-    long long segment = -1;
-    T scratch[3 * FO_CHUNK];
-    for (long long k = first; k < last; ++k) {
-        if (plan.clip_mode == FO_CLIP_SEGMENT && plan.tile_segment[k] != segment) {
-            segment = plan.tile_segment[k];
-            factor = segment_factor<T>(plan, segment);
-        }
-        update_tile<Rule, T>(p, g, slots, plan.tile_start[k], plan.tile_start[k + 1], factor,
-                             pro, st, scratch);
-    }
+    thread_update<Rule, T>(t, n, p, g, slots, plan, pro, st);
 }
 
-// One optimizer step. counters = [iterations, skipped steps, last step skipped] are
-// advanced here, as the GPU's are on the device. Returns 1 if the step was applied, 0
-// if skip_nonfinite skipped it (then no buffer was written).
+// One optimizer step: its values from the hyperparameters and the counters (the
+// functions the GPU runs), the update, then the counters advanced (fo_advance), as the
+// GPU does on the device. Returns 1 if the step was applied, 0 if skip_nonfinite
+// skipped it (then no buffer was written).
 template <typename Rule, typename T>
-static int host_step(T* p, const T* g, T* s0, T* s1, T* s2, HostPlan* plan,
-                     const Prologue<T>* pro, const StepScalars<T>* st, long long* counters) {
+static int host_step(T* p, const T* g, T* s0, T* s1, T* s2, HostPlan* plan, const Hyper* h,
+                     StepState* state) {
+    const StepValues values = fo_step_values<Rule>(*h, *state);
+    const StepScalars<T> st = fo_narrow<T>(values);
+    const Prologue<T> pro = fo_prologue<T>(*h);
+    plan->clipnorm = h->clipnorm;
     T* const slots[3] = {s0, s1, s2};
     std::atomic<int> any_nonfinite(0);
     const long long size = plan->tile_start[plan->ntiles];
@@ -301,29 +395,38 @@ static int host_step(T* p, const T* g, T* s0, T* s1, T* s2, HostPlan* plan,
     if (size < FO_MIN_PARALLEL || n < 1) n = 1;
     plan->threads_used = (int)n;
     if (n == 1) {
-        thread_step<Rule, T>(0, 1, p, g, slots, *plan, *pro, *st, nullptr, &any_nonfinite);
+        thread_step<Rule, T>(0, 1, p, g, slots, *plan, pro, st, nullptr, &any_nonfinite);
     } else {
         fo_pool::Barrier barrier((int)n);
         fo_pool::pool().run((int)n, [&](int t, int threads) {
-            thread_step<Rule, T>(t, threads, p, g, slots, *plan, *pro, *st, &barrier,
+            thread_step<Rule, T>(t, threads, p, g, slots, *plan, pro, st, &barrier,
                                  &any_nonfinite);
         });
     }
-    if (any_nonfinite.load()) {
-        counters[1] += 1;
-        counters[2] = 1;
-        return 0;
-    }
-    counters[0] += 1;
-    counters[2] = 0;
-    return 1;
+    const bool skipped = any_nonfinite.load() != 0;
+    fo_advance(*state, values, skipped);
+    return skipped ? 0 : 1;
+}
+
+// The benchmark's copy ceiling (fusedopt/bench.py): dst <- src with the same pool and
+// the same split of the buffer across threads as a step.
+extern "C" void fusedopt_host_copy(void* dst, const void* src, long long bytes, int num_threads) {
+    const long long align = 4096;  // each thread starts on its own page
+    long long n = num_threads < 1 ? 1 : num_threads;
+    if (bytes < (long long)FO_MIN_PARALLEL * 4) n = 1;
+    auto part = [&](int t, int threads) {
+        long long a = bytes / threads * t / align * align;
+        long long b = t + 1 == threads ? bytes : bytes / threads * (t + 1) / align * align;
+        memcpy((char*)dst + a, (const char*)src + a, (size_t)(b - a));
+    };
+    if (n == 1) part(0, 1);
+    else fo_pool::pool().run((int)n, part);
 }
 
 #ifdef FUSEDOPT_RULE
 extern "C" int fusedopt_host_step(FUSEDOPT_T* p, const FUSEDOPT_T* g, FUSEDOPT_T* s0,
                                   FUSEDOPT_T* s1, FUSEDOPT_T* s2, HostPlan* plan,
-                                  const Prologue<FUSEDOPT_T>* pro,
-                                  const StepScalars<FUSEDOPT_T>* st, long long* counters) {
-    return host_step<FUSEDOPT_RULE, FUSEDOPT_T>(p, g, s0, s1, s2, plan, pro, st, counters);
+                                  const Hyper* hyper, StepState* state) {
+    return host_step<FUSEDOPT_RULE, FUSEDOPT_T>(p, g, s0, s1, s2, plan, hyper, state);
 }
 #endif

@@ -1,14 +1,18 @@
-// reduce.cu: the gradient reductions a step may need before the update kernel, all on
-// the device so a step never waits for the host:
+// reduce.cu: the small kernels around the update, all on the device so a step never
+// waits for the host:
 //   fusedopt_sumsq        sum of (g/loss_scale)^2 per tile in double, and whether the
 //                         tile holds inf or NaN;
 //   fusedopt_clip_factors per-segment (clipnorm) or global (global_clipnorm) factors;
-//   fusedopt_skip_check   skip_nonfinite bookkeeping: count the step or the skip.
+//   fusedopt_skip_check   skip_nonfinite: the verdict on this step, for the update;
+//   fusedopt_write_hyper, fusedopt_write_state
+//                         the host's writes of the step state (kernels/step.cuh), made
+//                         when a hyperparameter or the counters are set, never per step:
+//                         by value, so they are stream-ordered and need no staging.
 // Deterministic by construction: the tiles are fixed by the layout, each thread sums a
-// fixed set of elements in order and blocks combine them in a fixed tree; there are
-// no floating-point atomics. Built once per dtype with FUSEDOPT_T defined.
+// fixed set of elements in a fixed order and blocks combine them in a fixed tree; there
+// are no floating-point atomics. Built once per dtype with FUSEDOPT_T defined.
 #pragma once
-#include "common.cuh"
+#include "step.cuh"
 
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)
 
@@ -26,21 +30,82 @@ __device__ __forceinline__ void block_reduce(double* sums, int* flags, double va
     }
 }
 
+// The elements of one 16-byte chunk, loaded as one vector when `vector` (g is 16-byte
+// aligned) and one by one otherwise: the same values either way.
+template <typename T>
+struct Chunk {
+    typedef typename Vec16<T>::type V16;
+    static constexpr int V = sizeof(V16) / sizeof(T);
+    union { V16 v; T x[V]; };
+
+    __device__ __forceinline__ void load(const T* g, long long c, bool vector) {
+        if (vector) {
+            v = fo_load(reinterpret_cast<const V16*>(g) + c);
+        } else {
+#pragma unroll
+            for (int k = 0; k < V; ++k) x[k] = fo_load(g + c * V + k);
+        }
+    }
+};
+
+template <typename T>
+__device__ __forceinline__ double square(T x, T unscale, int& nonfinite) {
+    nonfinite |= !fo_isfinite(x);
+    const double scaled = (double)(x * unscale);
+    return scaled * scaled;
+}
+
+// This thread's share of the sum of squares of tile [begin, end). The chunks are the
+// buffer's 16-byte groups of elements (chunk c = elements [cV, cV + V)): thread t takes
+// chunks C0 + t, C0 + t + B, ..., UNROLL of them per round into UNROLL accumulators,
+// plus element begin + t of the head before the first whole chunk and element
+// C1*V + t of the tail after the last. Which element goes into which sum in which
+// order depends only on the layout, never on the buffer's address: the same bits on
+// the vector and the scalar path.
+template <typename T>
+__device__ __forceinline__ double tile_sumsq(const T* __restrict__ g, long long begin,
+                                             long long end, T unscale, bool vector,
+                                             int& nonfinite) {
+    constexpr int V = Chunk<T>::V, UNROLL = 4;
+    const long long t = threadIdx.x, B = blockDim.x;
+    const long long c0 = (begin + V - 1) / V, c1 = end / V;
+    const long long head_end = c0 * V < end ? c0 * V : end;
+    const long long tail_begin = c1 * V > head_end ? c1 * V : head_end;
+    double head = 0.0, tail = 0.0, acc[UNROLL] = {};
+    if (begin + t < head_end) head = square(fo_load(g + begin + t), unscale, nonfinite);
+    for (long long c = c0 + t; c < c1; c += UNROLL * B) {
+        Chunk<T> chunks[UNROLL];
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u)  // all loads first: UNROLL in flight per thread
+            if (c + u * B < c1) chunks[u].load(g, c + u * B, vector);
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            if (c + u * B >= c1) continue;
+            double s = 0.0;
+#pragma unroll
+            for (int k = 0; k < V; ++k) s += square(chunks[u].x[k], unscale, nonfinite);
+            acc[u] += s;
+        }
+    }
+    if (tail_begin + t < end) tail = square(fo_load(g + tail_begin + t), unscale, nonfinite);
+    double total = head;
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) total += acc[u];
+    return total + tail;
+}
+
 extern "C" __global__ void __launch_bounds__(FO_BLOCK) fusedopt_sumsq(
         const FUSEDOPT_T* __restrict__ g, const long long* __restrict__ tile_start,
-        long long ntiles, FUSEDOPT_T unscale, double* __restrict__ partial,
+        long long ntiles, const Hyper* __restrict__ hyper, double* __restrict__ partial,
         int* __restrict__ tile_nonfinite) {
     __shared__ double sums[FO_BLOCK];
     __shared__ int flags[FO_BLOCK];
+    const FUSEDOPT_T unscale = (FUSEDOPT_T)hyper->unscale;
+    const bool vector = (unsigned long long)g % 16 == 0;
     for (long long k = blockIdx.x; k < ntiles; k += gridDim.x) {
-        double acc = 0.0;
         int nonfinite = 0;
-        for (long long i = tile_start[k] + threadIdx.x; i < tile_start[k + 1]; i += blockDim.x) {
-            const FUSEDOPT_T x = g[i];
-            nonfinite |= !fo_isfinite(x);
-            const double scaled = (double)(x * unscale);
-            acc += scaled * scaled;
-        }
+        const double acc = tile_sumsq(g, tile_start[k], tile_start[k + 1], unscale, vector,
+                                      nonfinite);
         block_reduce(sums, flags, acc, nonfinite);
         if (threadIdx.x == 0) {
             partial[k] = sums[0];
@@ -54,9 +119,11 @@ extern "C" __global__ void __launch_bounds__(FO_BLOCK) fusedopt_sumsq(
 // the host passes one segment spanning every tile and global_norm = 1.
 extern "C" __global__ void __launch_bounds__(FO_BLOCK) fusedopt_clip_factors(
         const double* __restrict__ partial, const long long* __restrict__ segment_tiles,
-        long long nsegments, double clipnorm, int global_norm, FUSEDOPT_T* __restrict__ factors) {
+        long long nsegments, int global_norm, const Hyper* __restrict__ hyper,
+        FUSEDOPT_T* __restrict__ factors) {
     __shared__ double sums[FO_BLOCK];
     __shared__ int flags[FO_BLOCK];
+    const double clipnorm = hyper->clipnorm;
     for (long long s = blockIdx.x; s < nsegments; s += gridDim.x) {
         double acc = 0.0;
         for (long long k = segment_tiles[s] + threadIdx.x; k < segment_tiles[s + 1]; k += blockDim.x)
@@ -71,27 +138,26 @@ extern "C" __global__ void __launch_bounds__(FO_BLOCK) fusedopt_clip_factors(
     }
 }
 
-// One block. Records this attempt's scalars as the row of iteration `row_index +
-// counters[3]` (the newest iteration the device can be at), then counts the step:
-// counters = [iterations, skipped steps, last step skipped, first row's iteration].
+// One block: does any tile hold inf or NaN? The update reads the verdict from the step
+// state, skips the step if so, and counts it either way (fused.cu, take_ticket).
 extern "C" __global__ void __launch_bounds__(FO_BLOCK) fusedopt_skip_check(
-        const int* __restrict__ tile_nonfinite, long long ntiles, long long* counters,
-        StepScalars<FUSEDOPT_T> row, long long row_index, StepScalars<FUSEDOPT_T>* table) {
+        const int* __restrict__ tile_nonfinite, long long ntiles, StepState* state) {
     __shared__ double sums[FO_BLOCK];
     __shared__ int flags[FO_BLOCK];
     int nonfinite = 0;
     for (long long k = threadIdx.x; k < ntiles; k += blockDim.x) nonfinite |= tile_nonfinite[k];
     block_reduce(sums, flags, 0.0, nonfinite);
-    if (threadIdx.x == 0) {
-        table[row_index] = row;
-        if (flags[0]) {
-            counters[1] += 1;
-            counters[2] = 1;
-        } else {
-            counters[0] += 1;
-            counters[2] = 0;
-        }
-    }
+    if (threadIdx.x == 0) state->skip = flags[0] != 0;
+}
+
+extern "C" __global__ void __launch_bounds__(FO_BLOCK) fusedopt_write_hyper(Hyper* hyper,
+                                                                           Hyper value) {
+    if (blockIdx.x == 0 && threadIdx.x == 0) *hyper = value;
+}
+
+extern "C" __global__ void __launch_bounds__(FO_BLOCK) fusedopt_write_state(StepState* state,
+                                                                           StepState value) {
+    if (blockIdx.x == 0 && threadIdx.x == 0) *state = value;
 }
 
 #endif  // __CUDACC__

@@ -89,7 +89,28 @@ OPTION_CASES = [
     for opt, kwargs in OPTIONS.items()
 ]
 
-CASES = RULE_CASES + OPTION_CASES
+# The loss scale divides the gradient before any clipping: these catch the two in the
+# wrong order (a single option cannot).
+COMBINED_CASES = [
+    ("adam+loss_scale+clipvalue", "Adam", {"loss_scale_factor": 4.0, "clipvalue": 0.1}),
+    ("adamw+loss_scale+clipnorm", "AdamW", {"loss_scale_factor": 4.0, "clipnorm": 1.0}),
+    ("sgd-momentum+loss_scale+clipnorm", "SGD",
+     {"momentum": 0.9, "loss_scale_factor": 0.25, "clipnorm": 1.0}),
+    ("lion+loss_scale+clipvalue", "Lion", {"loss_scale_factor": 8.0, "clipvalue": 0.05}),
+    ("adagrad+loss_scale+clipnorm", "Adagrad", {"loss_scale_factor": 3.0, "clipnorm": 0.5}),
+]
+
+# fusedopt's own options, which Keras does not have: every executor runs them, the
+# Keras parity test does not (KERAS_CASES).
+FUSEDOPT_ONLY_CASES = [
+    ("adam-torch-epsilon", "Adam",
+     {"epsilon_after_bias_correction": True, "epsilon": 0.3, "beta_2": 0.7}),
+    ("adamw-amsgrad-torch-epsilon", "AdamW",
+     {"epsilon_after_bias_correction": True, "amsgrad": True, "epsilon": 0.01}),
+]
+
+KERAS_CASES = RULE_CASES + OPTION_CASES + COMBINED_CASES
+CASES = KERAS_CASES + FUSEDOPT_ONLY_CASES
 
 
 def _runs_on_kernels(case):

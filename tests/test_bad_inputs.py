@@ -826,3 +826,21 @@ def test_ftrl_learning_rate_setter_refuses_zero():
 def test_nan_beta_message_states_the_range():
     with pytest.raises(ValueError, match=r"beta_1.*\[0\.0, 1\.0\)"):
         fusedopt.Adam(beta_1=math.nan)
+
+
+@pytest.mark.parametrize("grads, params, name", [
+    (np.ones(4, "float16"), np.ones(4, "float16"), "params"),
+    (np.ones(4, "int64"), np.ones(4, "int64"), "params"),
+    (np.ones(4), np.ones(8)[::2], "params"),
+    (np.ones(4, "float16"), np.ones(4, "float32"), "grads"),
+    (np.ones(8)[::2], np.ones(4), "grads"),
+], ids=["float16", "int64", "strided-params", "float16-grads", "strided-grads"])
+def test_raw_array_errors_name_params_and_grads(grads, params, name):
+    """Raw arrays are wrapped in a FlatBuffer internally; its argument `data` must not
+    leak into the message."""
+    opt = fusedopt.Adam()
+    with pytest.raises(ValueError) as info:
+        opt.apply(grads, params)
+    message = str(info.value)
+    assert f"`{name}`" in message and "`data`" not in message, message
+    assert not opt.built

@@ -39,6 +39,9 @@ def test_model_like_layout_adds_up():
     shapes = bench.model_like_shapes(2**20)
     assert len(shapes) == 200 and sum(s[0] for s in shapes) == 2**20
     assert min(s[0] for s in shapes) >= 1 and len({s for s in shapes}) > 50
+    for n in (200, 2**8, 2**10, 2**12):  # the smallest sizes --sizes allows
+        shapes = bench.model_like_shapes(n)
+        assert sum(s[0] for s in shapes) == n and min(s[0] for s in shapes) >= 1, n
 
 
 def test_bench_command_writes_the_record(tmp_path, capsys):
@@ -52,8 +55,9 @@ def test_bench_command_writes_the_record(tmp_path, capsys):
     assert record["copy_gbps"] > 0 and record["versions"]["fusedopt"]
     for r in record["rows"]:
         assert ROW_KEYS <= set(r)
-        assert r["impl"] in bench.IMPLS and r["layout"] in ("flat", "200-tensors", "small-model")
-        assert r["clip"] in (None, "global")
+        assert r["impl"] in bench.IMPLS
+        assert r["layout"] in ("flat", "200-tensors", "small-model", *bench.SEGMENT_LAYOUTS)
+        assert r["clip"] in (None, "global", "segment")
         assert r["median_ms"] > 0 and r["gbps"] == pytest.approx(r["bytes"] / (r["median_ms"] * 1e6))
     impls = {(r["impl"], r["optimizer"], r["n"], r["layout"], r["clip"]) for r in record["rows"]}
     assert ("fusedopt", "lion", 2**14, "flat", None) in impls
@@ -83,6 +87,97 @@ def test_missing_peers_are_reported_not_faked(monkeypatch):
 
 
 def test_bench_refuses_a_gpu_it_does_not_have(monkeypatch, capsys):
-    monkeypatch.setattr(bench.cuda, "gpu_available", lambda: False)
+    monkeypatch.setattr(bench.cuda, "gpu_problem", lambda: "no GPU in this test")
     assert cli.main(["bench", "--device", "gpu"]) == 2
-    assert "no CUDA GPU" in capsys.readouterr().err
+    assert "no usable GPU here: no GPU in this test" in capsys.readouterr().err
+
+
+def run_bench(argv, capsys):
+    try:
+        code = cli.main(["bench", *argv])
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--sizes", "40"], "--sizes are log2 element counts, at most 36"),
+    (["--sizes", "4-12"], "--sizes are log2 element counts, at least 8"),
+    (["--sizes", "24-20"], "--sizes: the range '24-20' runs backwards"),
+    (["--sizes", "x"], "--sizes takes log2 sizes"),
+    (["--repeats", "-3"], "--repeats: expected an integer >= 1, got '-3'"),
+    (["--repeats", "0"], "--repeats: expected an integer >= 1"),
+    (["--warmup", "-1"], "--warmup: expected an integer >= 0"),
+    (["--optimizers", "adam,nosuch"], "--optimizers: unknown optimizer(s) ['nosuch']"),
+    (["--tests", "/no/such/tests.json"], "--tests: cannot read /no/such/tests.json"),
+    (["--out", __file__], "--out: "),
+])
+def test_bad_arguments_are_refused_before_anything_runs(argv, message, monkeypatch, capsys):
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("measuring started")
+
+    monkeypatch.setattr(bench, "build_plan", must_not_run)
+    code, out, err = run_bench(["--device", "cpu", "--quiet", *argv], capsys)
+    assert code == 2 and message in err and "Traceback" not in err and out == ""
+
+
+def test_a_run_larger_than_memory_is_refused_before_allocating(monkeypatch, capsys):
+    monkeypatch.setattr(bench, "cpu_available_bytes", lambda: 1 << 30)  # 1 GiB free
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("measuring started")
+
+    monkeypatch.setattr(bench, "build_plan", must_not_run)
+    code, _, err = run_bench(["--device", "cpu", "--sizes", "28", "--quiet"], capsys)
+    assert code == 2
+    assert ("--sizes: the largest point (2^28 float32 elements) needs about 7.0 GiB, but only "
+            "1.0 GiB of CPU memory is available" in err)
+
+
+def test_memory_estimate_covers_buffers_slots_and_temporaries():
+    ctx = bench.CpuContext()
+    n = 1 << 26  # large enough that one buffer set exceeds twice the L2 size
+    # params + grads + Adam's two slots + temporaries, float32
+    assert bench.estimate_peak_bytes(ctx, [n], ["adam"], peers=False) == 4 * n * (4 + 3)
+    assert bench.estimate_peak_bytes(ctx, [n], ["sgd"], peers=False) == 4 * n * (3 + 3)
+    assert bench.estimate_peak_bytes(ctx, [n], ["sgd"], peers=True) == 4 * n * (4 + 3)
+    # Small sizes rotate through several buffer sets (at most 64) to defeat the cache.
+    small = bench.estimate_peak_bytes(ctx, [1 << 10], ["adam"], peers=False)
+    assert small == 64 * 4 * (1 << 10) * (4 + 3)
+
+
+def record_with(rows):
+    return {"device": "Test CPU (2 cores)", "date": "2026-01-02", "versions": {},
+            "copy_gbps": 10.0, "tests": None, "rows": rows}
+
+
+def test_missing_peers_are_listed_once_below_the_results():
+    measured = bench.row("adam", "fusedopt", 1024, "flat", None, 0.5, 28 * 1024)
+    rows = [measured]
+    for n in (1024, 4096, 16384):
+        for layout in ("flat", "200-tensors"):
+            for impl in ("torch-fused", "torch-foreach"):
+                rows += bench.missing("adam", impl, n, layout, None, "torch is not installed")
+        rows += bench.missing("adam", "optax", n, "flat", None, "jax/optax not installed")
+    table = bench.markdown_table(record_with(rows))
+    assert table.count("torch is not installed") == 1
+    assert table.count("jax/optax not installed") == 1
+    assert "- torch-fused, torch-foreach: torch is not installed" in table
+    assert "- optax: jax/optax not installed" in table
+    table_rows = [line for line in table.splitlines() if line.startswith("| adam")]
+    assert table_rows == ["| adam | fusedopt | flat |  | 1024 | 0.5000 | 0.1 | 1% |"]
+
+
+def test_same_day_records_are_kept_not_overwritten(tmp_path):
+    record = record_with([bench.row(None, "copy", 1024, "flat", None, 0.01, 8192)])
+    first = bench.write_record(record, tmp_path)
+    before = {p: p.read_bytes() for p in first}
+    second = bench.write_record(record, tmp_path)
+    third = bench.write_record(record, tmp_path)
+    assert [p.name for p in first[:2]] == ["2026-01-02-test-cpu-2-cores.json",
+                                            "2026-01-02-test-cpu-2-cores.md"]
+    assert [p.name for p in second[:2]] == ["2026-01-02-test-cpu-2-cores-2.json",
+                                             "2026-01-02-test-cpu-2-cores-2.md"]
+    assert third[0].name == "2026-01-02-test-cpu-2-cores-3.json"
+    assert all(p.read_bytes() == data for p, data in before.items())

@@ -1,4 +1,6 @@
-"""Checkpoints: exact resume, atomic writes, refusal of bad files with nothing changed."""
+"""Checkpoints: exact resume, atomic writes, refusal of bad files with nothing changed,
+in both containers (safetensors, the default, and .npz; see test_checkpoint_formats.py
+for what is particular to each)."""
 
 import os
 import signal
@@ -14,6 +16,7 @@ import fusedopt
 from conftest import CASES, case_ids
 
 LAYOUT = [(40, 3), (17,), (), (0,), (1,)]
+CONTAINERS = pytest.mark.parametrize("ext", ["safetensors", "npz"])
 
 
 def make_params(dtype=np.float64, seed=0):
@@ -44,17 +47,18 @@ def assert_same(a, b):
             assert x == y
 
 
+@CONTAINERS
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("case", CASES, ids=case_ids(CASES))
-def test_resume_from_disk_is_bitwise_identical(tmp_path, case, dtype):
+def test_resume_from_disk_is_bitwise_identical(tmp_path, case, dtype, ext):
     _, cls_name, kwargs = case
     straight_opt, straight = getattr(fusedopt, cls_name)(**kwargs), make_params(dtype)
     run(straight_opt, straight, 0, 12, dtype)
     opt, params = getattr(fusedopt, cls_name)(**kwargs), make_params(dtype)
     run(opt, params, 0, 5, dtype)
-    fusedopt.save(tmp_path / "ckpt.npz", opt, params)
+    fusedopt.save(tmp_path / f"ckpt.{ext}", opt, params)
     del opt, params
-    opt, params = fusedopt.load(tmp_path / "ckpt.npz")
+    opt, params = fusedopt.load(tmp_path / f"ckpt.{ext}")
     updates = 5 // (kwargs.get("gradient_accumulation_steps") or 1)
     assert type(opt).__name__ == cls_name and opt.iterations == updates
     run(opt, params, 5, 12, dtype)
@@ -85,10 +89,11 @@ def test_load_into_existing_objects(tmp_path):
     assert_same(snapshot(target_opt, target_params), snapshot(opt, params))
 
 
-def test_crash_mid_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+@CONTAINERS
+def test_crash_mid_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch, ext):
     opt, params = fusedopt.Adam(), make_params()
     run(opt, params, 0, 2)
-    path = tmp_path / "c.npz"
+    path = tmp_path / f"c.{ext}"
     fusedopt.save(path, opt, params)
     before = path.read_bytes()
     run(opt, params, 2, 4)
@@ -100,7 +105,7 @@ def test_crash_mid_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         fusedopt.save(path, opt, params)
     assert path.read_bytes() == before
-    assert os.listdir(tmp_path) == ["c.npz"]  # no temporary file left behind
+    assert os.listdir(tmp_path) == [f"c.{ext}"]  # no temporary file left behind
     assert fusedopt.load(path)[0].iterations == 2
 
 
@@ -122,7 +127,7 @@ def test_kill_during_training_then_resume_exactly(tmp_path, delay):
     mid-save): the checkpoint on disk is whole and resuming from it reproduces the
     uninterrupted run bit for bit."""
     steps = 400
-    script, path = tmp_path / "train.py", tmp_path / "ckpt.npz"
+    script, path = tmp_path / "train.py", tmp_path / "ckpt.safetensors"
     script.write_text(KILL_SCRIPT)
     proc = subprocess.Popen([sys.executable, str(script), str(path), str(steps)],
                             stdout=subprocess.PIPE, text=True)
@@ -154,14 +159,24 @@ def corrupt_variants(data):
         "empty": b"",
         "flipped-byte": bytes(flipped),
         "not-a-zip": b"hello, I am not a checkpoint" * 10,
+        "first-byte": bytes([data[0] ^ 0x01]) + data[1:],  # the header length or zip magic
+        # safetensors only: a zip reader rightly ignores its local headers' extra fields
+        # (byte 40 of an .npz) and data after the archive; the checksums guard the content.
+        "byte-40": data[:40] + bytes([data[40] ^ 0x20]) + data[41:],  # in the JSON header
+        "appended": data + b"\0" * 8,
     }
 
 
-@pytest.mark.parametrize("variant", list(corrupt_variants(b"x" * 100)))
-def test_corrupt_files_are_refused_and_nothing_changes(tmp_path, variant):
+CORRUPTIONS = [(ext, variant) for ext in ("safetensors", "npz")
+               for variant in corrupt_variants(b"x" * 100)
+               if ext == "safetensors" or variant not in ("byte-40", "appended")]
+
+
+@pytest.mark.parametrize("ext, variant", CORRUPTIONS)
+def test_corrupt_files_are_refused_and_nothing_changes(tmp_path, variant, ext):
     opt, params = fusedopt.Adam(), make_params()
     run(opt, params, 0, 2)
-    path = tmp_path / "c.npz"
+    path = tmp_path / f"c.{ext}"
     fusedopt.save(path, opt, params)
     path.write_bytes(corrupt_variants(path.read_bytes())[variant])
     target_opt, target_params = fusedopt.Adam(), make_params(seed=5)
@@ -177,13 +192,19 @@ def test_a_file_that_is_not_a_checkpoint_is_refused(tmp_path):
     np.savez(path, params=np.ones(3))
     with pytest.raises(ValueError, match="not a fusedopt checkpoint"):
         fusedopt.load(path)
+    path = tmp_path / "other.safetensors"
+    with open(path, "wb") as f:
+        fusedopt._safetensors.write(f, {"params": np.ones(3)}, {"format": "pt"})
+    with pytest.raises(ValueError, match="not a fusedopt checkpoint"):
+        fusedopt.load(path)
 
 
+@CONTAINERS
 @pytest.mark.parametrize("mismatch", ["optimizer", "layout", "dtype", "slots"])
-def test_mismatched_checkpoint_is_refused_and_nothing_changes(tmp_path, mismatch):
+def test_mismatched_checkpoint_is_refused_and_nothing_changes(tmp_path, mismatch, ext):
     opt, params = fusedopt.Adam(), make_params()
     run(opt, params, 0, 2)
-    path = tmp_path / "c.npz"
+    path = tmp_path / f"c.{ext}"
     fusedopt.save(path, opt, params)
     target_opt = {"optimizer": fusedopt.SGD(momentum=0.5),
                   "slots": fusedopt.Adam(amsgrad=True)}.get(mismatch, fusedopt.Adam())
@@ -203,5 +224,30 @@ def test_mismatched_checkpoint_is_refused_and_nothing_changes(tmp_path, mismatch
 def test_callable_learning_rate_cannot_be_saved(tmp_path):
     opt, params = fusedopt.SGD(learning_rate=lambda: 0.1), make_params()
     with pytest.raises(ValueError, match="learning_rate"):
-        fusedopt.save(tmp_path / "c.npz", opt, params)
-    assert not (tmp_path / "c.npz").exists()
+        fusedopt.save(tmp_path / "c.safetensors", opt, params)
+    assert not os.listdir(tmp_path)
+
+
+def test_saving_into_a_missing_folder_names_the_users_path(tmp_path):
+    opt, params = fusedopt.Adam(), make_params()
+    path = tmp_path / "nodir" / "x.npz"
+    with pytest.raises(FileNotFoundError) as info:
+        fusedopt.save(path, opt, params)
+    assert info.value.filename == str(path) and "nodir" in str(info.value)
+    assert ".tmp" not in str(info.value) and ".fusedopt-" not in str(info.value)
+    assert not opt.built  # refused before anything was built
+
+
+def test_a_failed_write_names_the_users_path_and_leaves_no_temporary(tmp_path, monkeypatch):
+    import errno
+
+    def disk_full(file, **arrays):
+        raise OSError(errno.ENOSPC, "No space left on device", file.name)
+
+    monkeypatch.setattr(fusedopt.checkpoint.np, "savez", disk_full)
+    path = tmp_path / "c.npz"
+    with pytest.raises(OSError) as info:
+        fusedopt.save(path, fusedopt.Adam(), make_params())
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(path)
+    assert "No space left" in str(info.value) and ".fusedopt-" not in str(info.value)
+    assert os.listdir(tmp_path) == []

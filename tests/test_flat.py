@@ -147,6 +147,14 @@ def test_from_arrays_refuses_non_arrays(bad):
         FlatBuffer.from_arrays(bad)
 
 
+@pytest.mark.parametrize("array", [np.ones((3, 2), "float32"), np.ones(4), np.float64(1.0)],
+                         ids=["2-D", "1-D", "numpy-scalar"])
+def test_from_arrays_refuses_one_array_instead_of_a_list(array):
+    """Iterating an array gives its rows: a (3, 2) array would become 3 segments."""
+    with pytest.raises(TypeError, match=r"`arrays` must be a list of arrays.*\[array\]"):
+        FlatBuffer.from_arrays(array)
+
+
 def test_from_arrays_refuses_mixed_devices():
     class FakeGpuArray:  # enough of a CuPy array to be seen on gpu:0, no CuPy needed
         __module__ = "cupy._core.core"

@@ -41,9 +41,10 @@ DEFAULTS = {
     "RMSprop": dict(learning_rate=0.001, rho=0.9, momentum=0.0, epsilon=1e-7, centered=False),
     "Adagrad": dict(learning_rate=0.001, initial_accumulator_value=0.1, epsilon=1e-7),
     "Adadelta": dict(learning_rate=0.001, rho=0.95, epsilon=1e-7),
-    "Adam": dict(learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7, amsgrad=False),
+    "Adam": dict(learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7, amsgrad=False,
+                 epsilon_after_bias_correction=False),
     "AdamW": dict(learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7, amsgrad=False,
-                  weight_decay=0.004),
+                  epsilon_after_bias_correction=False, weight_decay=0.004),
     "Adamax": dict(learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7),
     "Nadam": dict(learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7,
                   schedule_decay=None),
@@ -129,7 +130,8 @@ def adadelta(h, s, p, g, lr, t):
 
 def adam(h, s, p, g, lr, t):
     """Textbook form: lr*m_hat/(sqrt(v_hat) + eps_hat). Keras' eps sits outside the sqrt
-    of the *uncorrected* v, so here it becomes eps_hat = eps/sqrt(1 - beta_2^t)."""
+    of the *uncorrected* v, so here it becomes eps_hat = eps/sqrt(1 - beta_2^t); torch's
+    (epsilon_after_bias_correction) is the textbook's own, eps_hat = eps."""
     b1, b2 = h["beta_1"], h["beta_2"]
     s["momentum"] = b1 * s["momentum"] + (1 - b1) * g
     s["velocity"] = b2 * s["velocity"] + (1 - b2) * g * g
@@ -138,7 +140,9 @@ def adam(h, s, p, g, lr, t):
         s["velocity_hat"] = v = max(s["velocity_hat"], v)  # the max of the raw v
     correction_2 = 1 - b2 ** t
     m_hat, v_hat = s["momentum"] / (1 - b1 ** t), v / correction_2
-    return p - lr * m_hat / (math.sqrt(v_hat) + h["epsilon"] / math.sqrt(correction_2))
+    eps_hat = h["epsilon"] if h["epsilon_after_bias_correction"] else \
+        h["epsilon"] / math.sqrt(correction_2)
+    return p - lr * m_hat / (math.sqrt(v_hat) + eps_hat)
 
 
 def adamax(h, s, p, g, lr, t):

@@ -5,8 +5,11 @@ params and every slot after every one of 20 steps, starting from random state.
 Buffers sit between guard regions filled with a sentinel bit pattern, checked after
 the steps, so an out-of-bounds write cannot go unnoticed. Also: bitwise determinism,
 no host synchronisation in a step (a step is captured into a CUDA graph, which CUDA
-refuses when anything synchronises), state moving between CPU and GPU, and a buffer
-of more than 2**31 elements where the device has the memory.
+refuses when anything synchronises), cuda_graph() replays equal to eager steps,
+a learning rate set after a skipped step, buffers sharing a misalignment, the clip
+option switched between steps, two optimizers on two streams, state moving between
+CPU and GPU, and a buffer of more than 2**31 elements where the device has the memory.
+The emulator runs the same cases on the CPU (tests/test_emulated_step_state.py).
 """
 
 import numpy as np
@@ -15,6 +18,7 @@ import pytest
 import fusedopt
 from conftest import KERNEL_CASES, case_ids
 from fusedopt import cuda
+from fusedopt import schedules as S
 
 pytestmark = pytest.mark.skipif(not cuda.gpu_available(), reason="no CUDA GPU")
 
@@ -234,9 +238,9 @@ def test_gpu_checkpoint_resume_is_bitwise_identical(tmp_path, kwargs):
     params = fusedopt.FlatBuffer(cp.asarray(init), shapes)
     opt = fusedopt.Adam(**kwargs)
     _gpu_run(cp, opt, params, grads[:5])
-    fusedopt.save(tmp_path / "c.npz", opt, params)
-    # GPU -> CPU -> GPU: load on the CPU, save again, load on the GPU.
-    cpu_opt, cpu_params = fusedopt.load(tmp_path / "c.npz", device="cpu")
+    fusedopt.save(tmp_path / "c.safetensors", opt, params)
+    # GPU -> CPU -> GPU, through both containers: load on the CPU, save again, load on the GPU.
+    cpu_opt, cpu_params = fusedopt.load(tmp_path / "c.safetensors", device="cpu")
     fusedopt.save(tmp_path / "c2.npz", cpu_opt, cpu_params)
     opt, params = fusedopt.load(tmp_path / "c2.npz", device="gpu")
     assert params.device.startswith("gpu")
@@ -267,3 +271,183 @@ def test_gpu_skipped_step_changes_nothing(cls_name):
     for a, b in zip(before, after):
         np.testing.assert_array_equal(a, b)
     assert (opt.iterations, opt.skipped_steps) == (1, 3)
+
+
+# ---------------------------------------------------------- the step state (issue 10)
+def _state(opt, params):
+    """Params and every slot, on the host (after the current stream's work)."""
+    return [cuda.to_device(x, "cpu") for x in [params.data] + list(opt.slots().values())]
+
+
+def _assert_same_bits(a, b, what):
+    for k, (x, y) in enumerate(zip(a, b)):
+        np.testing.assert_array_equal(x, y, err_msg=f"{what}, buffer {k}")
+
+
+REPLAY_SHAPES = [(4000,), (7,), (0,), (1,), (90,)]
+
+
+@pytest.mark.parametrize("n", [1, 3, 50])
+@pytest.mark.parametrize("case", CASES, ids=case_ids(CASES))
+def test_cuda_graph_replays_equal_eager_steps(case, n):
+    import cupy as cp
+
+    _, cls_name, kwargs = case
+    size = sum(int(np.prod(s)) for s in REPLAY_SHAPES)
+    rng = np.random.default_rng(n)
+    init = rng.normal(size=size)
+    steps = [rng.normal(size=size) * rng.uniform(0.1, 2.0) for _ in range(n)]
+    eager_params = fusedopt.FlatBuffer(cp.asarray(init), REPLAY_SHAPES)
+    graph_params = fusedopt.FlatBuffer(cp.asarray(init), REPLAY_SHAPES)
+    eager = getattr(fusedopt, cls_name)(**kwargs)
+    graphed = getattr(fusedopt, cls_name)(**kwargs)
+    grads = cp.zeros(size)
+    step = graphed.cuda_graph(grads, graph_params)
+    for g in steps:
+        grads[...] = cp.asarray(g)
+        eager.apply(grads.copy(), eager_params)
+        step()
+    _assert_same_bits(_state(graphed, graph_params), _state(eager, eager_params),
+                      f"{n} replays")
+    assert graphed.iterations == eager.iterations == n
+
+
+@pytest.mark.parametrize("cls_name,kwargs", [
+    ("Adam", {"learning_rate": S.CosineDecay(0.05, 20, warmup_target=0.1, warmup_steps=5),
+              "global_clipnorm": 1.0, "skip_nonfinite": True}),
+    ("Nadam", {"learning_rate": S.ExponentialDecay(0.01, 3, 0.5, staircase=True),
+               "clipnorm": 0.5, "weight_decay": 0.1, "skip_nonfinite": True}),
+], ids=["adam-cosine-global-skip", "nadam-exponential-clipnorm-decay-skip"])
+def test_cuda_graph_replays_with_schedules_skips_and_a_changed_hyperparameter(cls_name,
+                                                                                kwargs):
+    import cupy as cp
+
+    size, shapes = 4098, [(4000,), (98,)]
+    rng = np.random.default_rng(8)
+    init = rng.normal(size=size).astype(np.float32)
+    steps = [(rng.normal(size=size) * rng.uniform(0.1, 2.0)).astype(np.float32)
+             for _ in range(25)]
+    steps[3][7], steps[15][size - 1] = np.nan, np.inf
+    cpu_params = fusedopt.FlatBuffer(init.copy(), shapes)
+    graph_params = fusedopt.FlatBuffer(cp.asarray(init), shapes)
+    cpu = getattr(fusedopt, cls_name)(**kwargs)
+    graphed = getattr(fusedopt, cls_name)(**kwargs)
+    grads = cp.zeros(size, dtype=np.float32)
+    step = graphed.cuda_graph(grads, graph_params)
+    for k, g in enumerate(steps):
+        if k == 12:
+            for opt in (cpu, graphed):
+                opt.loss_scale_factor = 2.0
+                opt._hyperparameters_changed("loss_scale_factor")  # issue 11: assignment
+        grads[...] = cp.asarray(g)
+        step()
+        cpu.apply(g, cpu_params)
+    for got, want in zip(_state(graphed, graph_params), _state(cpu, cpu_params)):
+        assert_close(got, want, np.float32, "replays vs NumPy")
+    assert (graphed.iterations, graphed.skipped_steps) == (cpu.iterations, cpu.skipped_steps)
+
+
+def test_gpu_learning_rate_changed_after_a_skipped_step_is_used():
+    import cupy as cp
+
+    params = fusedopt.FlatBuffer(cp.full(5, -1.0), [(5,)])
+    opt = fusedopt.SGD(0.1, skip_nonfinite=True)
+    opt.apply(cp.ones(5), params)
+    opt.apply(cp.full(5, np.nan), params)
+    opt.learning_rate = 0.5
+    opt.apply(cp.ones(5), params)
+    np.testing.assert_allclose(cp.asnumpy(params.data), -1.6)
+    assert (opt.iterations, opt.skipped_steps) == (2, 1)
+
+
+def _offset(cp, array, offset):
+    backing = cp.zeros(array.size + offset, dtype=array.dtype)  # 256-byte aligned
+    out = backing[offset:]
+    out[...] = cp.asarray(array)
+    return out
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("kwargs", [{}, {"global_clipnorm": 1.0}], ids=["plain", "global"])
+def test_gpu_buffers_sharing_a_misalignment_give_the_same_bits(kwargs, dtype):
+    import cupy as cp
+    from fusedopt.flat import _span
+
+    shapes = [(2**20 + 3,), (5,), (4099,)]
+    size = sum(s[0] for s in shapes)
+    rng = np.random.default_rng(2)
+    init = rng.normal(size=size).astype(dtype)
+    steps = [rng.normal(size=size).astype(dtype) for _ in range(3)]
+    out = {}
+    for name, (po, go, so) in {"aligned": (0, 0, 0), "common": (1, 1, 1),
+                               "mixed": (1, 0, 0)}.items():
+        params = fusedopt.FlatBuffer(_offset(cp, init, po), shapes)
+        opt = fusedopt.Adam(**kwargs)
+        opt.build(params)
+        opt._slots = [None if x is None else _offset(cp, x, so) for x in opt._slots]
+        opt._slot_spans = [_span(x) for x in opt._slots if x is not None]
+        for g in steps:
+            opt.apply(_offset(cp, g, go), params)
+        out[name] = _state(opt, params)
+    _assert_same_bits(out["common"], out["aligned"], "common misalignment")
+    _assert_same_bits(out["mixed"], out["aligned"], "scalar path")
+
+
+def test_gpu_clip_option_switched_between_steps():
+    import cupy as cp
+
+    shapes = [(3000,), (17,), (5000,)]
+    size = 8017
+    rng = np.random.default_rng(4)
+    init = rng.normal(size=size)
+    cpu_params = fusedopt.FlatBuffer(init.copy(), shapes)
+    gpu_params = fusedopt.FlatBuffer(cp.asarray(init), shapes)
+    cpu, gpu = fusedopt.Adam(clipnorm=0.3), fusedopt.Adam(clipnorm=0.3)
+    for k in range(6):
+        if k in (2, 4):
+            for opt in (cpu, gpu):
+                opt.clipnorm, opt.global_clipnorm = None, (0.7 if k == 2 else None)
+                opt._hyperparameters_changed("global_clipnorm")  # issue 11: assignment
+        g = rng.normal(size=size)
+        cpu.apply(g, cpu_params)
+        gpu.apply(cp.asarray(g), gpu_params)
+        for got, want in zip(_state(gpu, gpu_params), _state(cpu, cpu_params)):
+            assert_close(got, want, np.float64, f"step {k}")
+
+
+def test_two_optimizers_on_two_streams():
+    """Each optimizer has its own scratch and state: run concurrently on two streams,
+    each gives what it gives alone; one optimizer moving between streams is ordered."""
+    import cupy as cp
+
+    shapes = [(2**20,), (77,)]
+    size = 2**20 + 77
+    kwargs = {"global_clipnorm": 0.5, "skip_nonfinite": True}
+    rng = np.random.default_rng(6)
+    inits = [rng.normal(size=size).astype(np.float32) for _ in range(2)]
+    steps = [rng.normal(size=size).astype(np.float32) for _ in range(6)]
+    steps[2][11] = np.nan
+    alone = []
+    for init in inits:
+        params, opt = fusedopt.FlatBuffer(cp.asarray(init), shapes), fusedopt.Adam(**kwargs)
+        for g in steps:
+            opt.apply(cp.asarray(g), params)
+        alone.append(_state(opt, params))
+    streams = [cp.cuda.Stream(non_blocking=True) for _ in range(2)]
+    pairs = [(fusedopt.FlatBuffer(cp.asarray(init), shapes), fusedopt.Adam(**kwargs))
+             for init in inits]
+    cp.cuda.Device().synchronize()
+    for g in steps:
+        for stream, (params, opt) in zip(streams, pairs):
+            with stream:
+                opt.apply(cp.asarray(g), params)
+    for stream in streams:
+        stream.synchronize()
+    for expected, (params, opt) in zip(alone, pairs):
+        _assert_same_bits(_state(opt, params), expected, "two streams")
+    params, opt = fusedopt.FlatBuffer(cp.asarray(inits[0]), shapes), fusedopt.Adam(**kwargs)
+    for k, g in enumerate(steps):
+        with streams[k % 2]:
+            opt.apply(cp.asarray(g), params)
+    streams[1].synchronize()  # the last step's stream; it waited for the other's
+    _assert_same_bits(_state(opt, params), alone[0], "one optimizer, two streams")

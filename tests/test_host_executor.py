@@ -21,7 +21,7 @@ import fusedopt
 from conftest import CASES, KERNEL_CASES, case_ids, random_grads, random_params, require_in_ci
 from fusedopt import _kernels, host
 
-# Sizes 0 and 1, odd sizes, segments of several tiles (host tiles are 8192 elements
+# Sizes 0 and 1, odd sizes, segments of several tiles (host tiles are 16384 elements
 # here) that straddle tile boundaries when not clipping per segment, and more than
 # host.cpp's FO_MIN_PARALLEL (65536) elements so that the thread pool runs.
 LAYOUT = [(40000,), (3, 7), (), (0,), (1,), (30001,), (33,)]
@@ -92,9 +92,13 @@ def test_host_executor_small_layouts(host_ok, layout, kwargs):
     run_both("Adam", kwargs, np.float32, layout, steps=3)
 
 
-# Bigger than the pool's threshold, 200 segments of mixed sizes (per-segment tiles of
-# every length), so threads split tiles and segments differently for each count.
-THREAD_LAYOUT = [(int(s),) for s in np.random.default_rng(0).integers(0, 4000, 200)]
+# Bigger than the pool's threshold, so that threads split the tiles and segments
+# differently for each count: 200 segments of mixed sizes (per-segment tiles of every
+# length), and segments of many tiles that two or more threads share.
+THREAD_LAYOUTS = {
+    "mixed": [(int(s),) for s in np.random.default_rng(0).integers(0, 4000, 200)],
+    "big": [(250001,), (3,), (0,), (90000,), (1,), (40000,)],
+}
 
 
 @pytest.mark.parametrize("cls_name,kwargs", [
@@ -106,10 +110,11 @@ THREAD_LAYOUT = [(int(s),) for s in np.random.default_rng(0).integers(0, 4000, 2
 ], ids=["adam-global", "adam-clipnorm-decay", "nadam-skip-clipnorm", "sgd-global-scale",
         "rmsprop-clipvalue"])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
-def test_bitwise_equal_across_thread_counts(host_ok, cls_name, kwargs, dtype):
+@pytest.mark.parametrize("layout", sorted(THREAD_LAYOUTS))
+def test_bitwise_equal_across_thread_counts(host_ok, cls_name, kwargs, dtype, layout):
     results = []
-    for threads in (1, 2, 4):
-        opt, params = run_both(cls_name, kwargs, dtype, THREAD_LAYOUT, steps=4,
+    for threads in (1, 2, 3, 4):
+        opt, params = run_both(cls_name, kwargs, dtype, THREAD_LAYOUTS[layout], steps=4,
                                num_threads=threads)
         results.append([params.data.copy()] + [s.copy() for s in opt.slots().values()])
     for other in results[1:]:
@@ -162,6 +167,59 @@ def test_skip_nonfinite_through_the_host_executor(host_ok, kwargs, dtype):
                 np.testing.assert_array_equal(a, b)
         assert_close(fast_params.data, ref_params.data, dtype, f"params, step {step}")
     assert (fast.iterations, fast.skipped_steps) == (ref.iterations, ref.skipped_steps) == (5, 3)
+
+
+S = fusedopt.schedules
+LEARNING_RATES = {
+    "exponential": lambda: S.ExponentialDecay(0.01, 3, 0.5, staircase=True),
+    "inverse-time": lambda: S.InverseTimeDecay(0.01, 2, 0.3),
+    "piecewise": lambda: S.PiecewiseConstantDecay([2, 4], [0.01, 0.005, 0.001]),
+    "polynomial": lambda: S.PolynomialDecay(0.01, 5, 0.001, power=2.0, cycle=True),
+    "cosine-warmup": lambda: S.CosineDecay(0.001, 6, alpha=0.1, warmup_target=0.01,
+                                           warmup_steps=2),
+    "cosine-restarts": lambda: S.CosineDecayRestarts(0.01, 2, t_mul=2.0, m_mul=0.5),
+    "callable": lambda: (lambda: 0.003),
+}
+
+
+@pytest.mark.parametrize("cls_name", ["Nadam", "Adam", "Ftrl"])
+@pytest.mark.parametrize("lr", sorted(LEARNING_RATES), ids=sorted(LEARNING_RATES))
+def test_learning_rates_come_from_the_step_state(host_ok, cls_name, lr):
+    """Schedules, callables, skipped steps and Nadam's running product: the host
+    computes each step's values with kernels/step.cuh, the reference in Python."""
+    layout = [(300,), (7,)]
+    grads = random_grads(layout, np.float64, seed=51, steps=9)
+    grads[3][0].flat[2] = np.nan
+    init = random_params(layout, np.float64, seed=52)
+    fast_params, ref_params = (fusedopt.FlatBuffer.from_arrays(init) for _ in range(2))
+    kwargs = {"learning_rate": None, "skip_nonfinite": True}
+    fast = getattr(fusedopt, cls_name)(executor="host", **{**kwargs, "learning_rate":
+                                                           LEARNING_RATES[lr]()})
+    ref = getattr(fusedopt, cls_name)(executor="numpy", **{**kwargs, "learning_rate":
+                                                           LEARNING_RATES[lr]()})
+    for step, g in enumerate(grads):
+        g = fusedopt.FlatBuffer.from_arrays(g).data
+        fast.apply(g, fast_params)
+        ref.apply(g, ref_params)
+        assert_close(fast_params.data, ref_params.data, np.float64, f"params, step {step}")
+    assert fast.executor_name == "host" and (fast.iterations, fast.skipped_steps) == (8, 1)
+
+
+def test_assignments_and_keras2_decay_reach_the_host_step(host_ok):
+    """A rate assigned after a skipped step is used by the next one (issue 10's second
+    wrong result on the GPU), with Keras 2's decay applied by the step state."""
+    with pytest.warns(DeprecationWarning):
+        fast, ref = (fusedopt.SGD(0.1, decay=0.5, skip_nonfinite=True, executor=e)
+                     for e in ("host", "numpy"))
+    fast_params, ref_params = (fusedopt.FlatBuffer.from_arrays([np.ones(5)]) for _ in range(2))
+    for g, lr in [(0.5, None), (np.nan, None), (0.5, 0.5), (0.25, (lambda: 0.2))]:
+        if lr is not None:
+            fast.learning_rate = ref.learning_rate = lr
+        fast.apply(np.full(5, g), fast_params)
+        ref.apply(np.full(5, g), ref_params)
+        np.testing.assert_array_equal(fast_params.data, ref_params.data)
+    np.testing.assert_allclose(fast_params.data, 1 - 0.05 - 0.5 * 0.5 / 1.5 - 0.2 * 0.25 / 2.0,
+                               rtol=1e-15)
 
 
 def test_checkpoint_resume_through_the_host_executor(host_ok, tmp_path):
@@ -357,9 +415,7 @@ def test_host_source_compiles_without_warnings(host_ok, tmp_path):
     source = "".join(f'#include "{r}.cuh"\n' for r in rules) + '#include "host.cpp"\n'
     for rule in rules:
         for t in ("float", "double"):
-            source += (f"template int host_step<{rule}, {t}>({t}*, const {t}*, {t}*, {t}*, {t}*,"
-                       f" HostPlan*, const Prologue<{t}>*, const StepScalars<{t}>*,"
-                       f" long long*);\n")
+            source += f"auto step_{rule}_{t} = &host_step<{rule}, {t}>;\n"  # instantiates
     path, _, _ = host.find_compiler()
     result = subprocess.run(
         [path, "-std=c++17", "-O2", "-Wall", "-Wextra", "-Werror", "-pthread", "-c", "-x", "c++",
@@ -374,3 +430,13 @@ def test_rule_names_come_from_the_kernel_sources():
 
     assert _kernels.rule_names() == sorted({cls.rule for cls in _REGISTRY.values()})
     assert "common" not in _kernels.rule_names()
+
+
+@pytest.mark.parametrize("nbytes", [0, 3, 4096 * 5 + 7, 1 << 20])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_the_benchmarks_copy_copies_every_byte(host_ok, nbytes, threads):
+    src = np.random.default_rng(nbytes).integers(0, 255, nbytes, dtype=np.uint8)
+    dst = np.zeros(nbytes + 1, np.uint8)
+    host.copy_function()(dst.ctypes.data, src.ctypes.data, nbytes, threads)
+    np.testing.assert_array_equal(dst[:nbytes], src)
+    assert dst[nbytes] == 0

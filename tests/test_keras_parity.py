@@ -1,6 +1,6 @@
 """fusedopt against Keras 3's own optimizers, step by step (skipped where Keras is absent).
 
-Keras runs on its JAX backend with 64-bit floats enabled. Every case of CASES runs
+Keras runs on its JAX backend with 64-bit floats enabled. Every case of KERAS_CASES runs
 for tens of steps on several variables; params must agree after every step
 (float64 to 1e-10 relative, float32 to 2e-5) and the state slots at the end.
 """
@@ -18,7 +18,7 @@ if keras.backend.backend() != "jax":  # pragma: no cover - depends on the enviro
     pytest.skip("parity tests use Keras' JAX backend", allow_module_level=True)
 
 import fusedopt  # noqa: E402
-from conftest import CASES, case_ids, random_grads, random_params  # noqa: E402
+from conftest import KERAS_CASES, case_ids, random_grads, random_params  # noqa: E402
 
 STEPS = 25
 LAYOUT = [(3, 4), (5,), (), (1,), (2, 1, 3)]
@@ -112,7 +112,7 @@ def compare_slots(kopt, fopt, dtype):
 
 
 @pytest.mark.parametrize("floatx", [np.float64, np.float32], indirect=True, ids=["f64", "f32"])
-@pytest.mark.parametrize("case", CASES, ids=case_ids(CASES))
+@pytest.mark.parametrize("case", KERAS_CASES, ids=case_ids(KERAS_CASES))
 def test_matches_keras(case, floatx, monkeypatch):
     _, cls_name, kwargs = case
     if cls_name in ("Adafactor", "Muon"):

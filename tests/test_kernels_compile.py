@@ -40,6 +40,19 @@ def compiled():
     return get
 
 
+def assert_whole_elf(cubin, label):
+    """The cubin is a complete ELF64 image: its program and section header tables (NVRTC
+    puts them last) lie inside the bytes we have, so a stripped tail would show."""
+    assert cubin[:4] == b"\x7fELF" and cubin[4] == 2, f"{label}: not an ELF64 image"
+
+    def field(offset, size):
+        return int.from_bytes(cubin[offset:offset + size], "little")
+
+    program_end = field(0x20, 8) + field(0x36, 2) * field(0x38, 2)
+    section_end = field(0x28, 8) + field(0x3A, 2) * field(0x3C, 2)
+    assert max(program_end, section_end) <= len(cubin), f"{label}: cubin is cut short"
+
+
 def instructions(ptx):
     """PTX instruction lines, without comments, directives and labels."""
     lines = (line.split("//")[0].strip() for line in ptx.splitlines())
@@ -58,7 +71,7 @@ def uses_pow(label):
 def test_kernel_compiles_with_the_production_flags(compiled, unit, arch):
     label, _, kernels = unit
     cubin, ptx, log = compiled(unit, arch)
-    assert len(cubin) > 0
+    assert_whole_elf(cubin, label)
     for kernel in kernels:
         assert f".entry {kernel}(" in ptx, f"{kernel} missing from {label}"
     assert "warning" not in log.lower(), log

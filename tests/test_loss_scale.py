@@ -199,8 +199,9 @@ def run(opt, params, grads):
         opt.apply(FlatBuffer.from_arrays(g), params)
 
 
+@pytest.mark.parametrize("ext", ["npz", "safetensors"])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
-def test_checkpoint_resume_is_bitwise_exact(tmp_path, dtype):
+def test_checkpoint_resume_is_bitwise_exact(tmp_path, dtype, ext):
     grads = poisoned_grads(dtype, 12, scale=16.0)
 
     def make():
@@ -211,8 +212,8 @@ def test_checkpoint_resume_is_bitwise_exact(tmp_path, dtype):
     run(straight, straight_params, grads)
     opt, params = make(), FlatBuffer.from_arrays(random_params(LAYOUT, dtype, 1))
     run(opt, params, grads[:8])
-    fusedopt.save(tmp_path / "lso.npz", opt, params)
-    loaded, loaded_params = fusedopt.load(tmp_path / "lso.npz")
+    fusedopt.save(tmp_path / f"lso.{ext}", opt, params)
+    loaded, loaded_params = fusedopt.load(tmp_path / f"lso.{ext}")
     assert isinstance(loaded, LossScaleOptimizer)
     assert (loaded.dynamic_scale, loaded.step_counter) == (opt.dynamic_scale, opt.step_counter)
     run(loaded, loaded_params, grads[8:])

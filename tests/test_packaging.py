@@ -49,6 +49,15 @@ def test_import_works_without_cupy(tmp_path):
     subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
 
 
+def test_import_works_without_torch(tmp_path):
+    """`import fusedopt` and a CPU step never import torch (only fusedopt.torch does)."""
+    code = ("import sys, numpy as np, fusedopt\n"
+            "p = fusedopt.FlatBuffer.from_arrays([np.ones(3)])\n"
+            "fusedopt.Adam().apply(p.full_like(0.5), p)\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
+
+
 def test_only_cuda_py_imports_cupy():
     importers = [p.name for p in (ROOT / "fusedopt").glob("*.py")
                  if re.search(r"^\s*(import cupy|from cupy)", p.read_text(), re.M)]

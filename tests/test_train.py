@@ -186,13 +186,60 @@ def test_compare_json_reports_every_optimizer(tmp_path, capsys):
     assert [r["optimizer"] for r in results] == fusedopt.available()
 
 
+def test_plot_and_table_without_compare_write_the_single_run(tmp_path, monkeypatch, capsys):
+    """--plot used to be ignored without --compare; it now plots the run it made."""
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(["--epochs", "2", "--optimizer", "sgd", "--plot", "one.png",
+                              "--table", "one.md"], capsys)
+    assert code == 0 and "test accuracy" in out
+    png = (tmp_path / "one.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    rows = [line for line in (tmp_path / "one.md").read_text().splitlines()
+            if line.startswith("| sgd |")]
+    assert len(rows) == 1
+    assert "wrote one.png and one.md" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.md", "one.png"]
+
+
+def test_a_single_run_writes_no_files_unless_asked(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert run_cli(["--epochs", "1", "--quiet"], capsys)[0] == 0
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_compare_writes_its_default_files(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert run_cli(["--compare", "--epochs", "1", "--quiet"], capsys)[0] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [tr.DEFAULT_TABLE, tr.DEFAULT_PLOT]
+
+
+def test_markdown_prints_the_reproducible_table_only(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    argv = ["--compare", "--markdown", "--epochs", "1", "--quiet", "--plot", "p.png"]
+    code, first, err = run_cli(argv, capsys)
+    assert code == 0 and err == ""
+    lines = first.splitlines()
+    assert lines[0] == "| optimizer | settings | final train loss | test accuracy |"
+    assert [line.split("|")[1].strip() for line in lines[2:]] == fusedopt.available()
+    assert "steps/s" not in first
+    assert run_cli(argv, capsys)[1] == first  # no timings: the same on every run
+    code, single, _ = run_cli(["--markdown", "--epochs", "1", "--quiet"], capsys)
+    assert code == 0 and single.splitlines()[2].startswith("| adam | `adam(learning_rate=0.001)` |")
+
+
 @pytest.mark.parametrize("argv, message", [
-    (["--optimizer", "nope"], "Unknown optimizer"),
-    (["--learning-rate", "-1"], "learning_rate"),
-    (["--learning-rate", "nan"], "learning_rate"),
-    (["--optimizer", "ftrl", "--learning-rate", "0"], "learning_rate"),
-    (["--weight-decay", "-0.5"], "weight_decay"),
-    (["--clipnorm", "1", "--clipvalue", "1"], "Only one of"),
+    (["--optimizer", "nope"], "--optimizer: unknown optimizer 'nope'"),
+    (["--learning-rate", "-1"], "--learning-rate must be"),
+    (["--learning-rate", "nan"], "--learning-rate must be finite"),
+    (["--optimizer", "ftrl", "--learning-rate", "0"], "--learning-rate must be > 0"),
+    (["--weight-decay", "-0.5"], "--weight-decay must be in [0.0, inf)"),
+    (["--clipnorm", "1", "--clipvalue", "1"],
+     "Only one of --clipnorm, --clipvalue and --global-clipnorm can be set; "
+     "got --clipnorm, --clipvalue"),
+    (["--global-clipnorm", "-1"], "--global-clipnorm must be"),
+    (["--json", "--markdown"], "cannot be combined"),
+    (["--plot", "/no/such/folder/p.png"], "--plot: cannot write"),
+    (["--compare", "--table", "/no/such/folder/t.md"], "--table: cannot write"),
     (["--dtype", "float16"], "--dtype"),
     (["--epochs", "0"], "--epochs"),
     (["--batch-size", "x"], "--batch-size"),
@@ -207,41 +254,18 @@ def test_bad_arguments_exit_2_with_a_message(argv, message, capsys):
     assert code == 2
     assert "error" in err and message in err
     assert "Traceback" not in err and out == ""
+    # The command line's spelling, never the API's (`learning_rate`).
+    assert not any(f"`{name}`" in err for name in tr.OPTIMIZER_OPTIONS), err
 
 
 def test_gpu_without_a_gpu_is_a_clear_error(monkeypatch, capsys):
     # Pretend there is no GPU, so the test means the same on every machine.
-    monkeypatch.setattr(fusedopt.cuda, "gpu_available", lambda: False)
+    monkeypatch.setattr(fusedopt.cuda, "gpu_problem", lambda: "no GPU in this test")
     code, _, err = run_cli(["--device", "gpu", "--epochs", "1"], capsys)
     assert code == 2
     assert "no usable GPU" in err and "--device cpu" in err
     code, out, _ = run_cli(["--device", "auto", "--epochs", "1", "--json", "--quiet"], capsys)
     assert code == 0 and json.loads(out)["device"] == "cpu"
-
-
-# ------------------------------------------------------------------- progress
-class FakeTerminal:
-    def __init__(self):
-        self.text = ""
-
-    def write(self, s):
-        self.text += s
-
-    def flush(self):
-        pass
-
-    def isatty(self):
-        return True
-
-
-def test_progress_bar_redraws_in_place_on_a_terminal():
-    stream = FakeTerminal()
-    bar = tr.ProgressBar(stream=stream)
-    bar.update("epoch 1/2", 5, 10, 0.5)
-    bar.finish("epoch 1/2", 10, 0.25, " test acc 90.00%")
-    assert stream.text.startswith("\repoch 1/2 [############------------]  50% loss 0.5000")
-    assert stream.text.endswith("\repoch 1/2 [########################] 100% loss 0.2500"
-                                " test acc 90.00%\n")
 
 
 def test_json_has_no_nan():

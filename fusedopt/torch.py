@@ -1,0 +1,778 @@
+"""fusedopt from PyTorch: a model's parameters and gradients in flat buffers, and a
+`torch.optim.Optimizer` that updates them with fusedopt's fused step.
+
+    opt = fusedopt.torch.AdamW(model.parameters(), lr=1e-3)          # torch's AdamW
+    opt = fusedopt.torch.FusedOptimizer(model.parameters(), "nadam")  # a Keras 3 rule
+    loss.backward(); opt.step(); opt.zero_grad()
+
+Flattening: the parameters of each group and dtype are copied once into one 1-D
+tensor, and every `param.data` becomes a view of it; every `param.grad` becomes a view
+of a second flat tensor, so `backward()` accumulates straight into the flat gradients.
+fusedopt sees the same memory through DLPack (NumPy on the CPU, CuPy on a GPU): no
+copy, one fused step per flat buffer.
+
+Semantics: `FusedOptimizer(params, name, ...)` runs fusedopt's rule `name` with
+Keras 3 semantics and Keras' argument names (`lr` is torch's name for
+`learning_rate`). `Adam` and `AdamW` take torch.optim's arguments and defaults and
+update as torch does (epsilon added after the bias correction, decoupled decay by
+lr*weight_decay). Not available yet (they need kernel or pipeline changes): torch
+Adam's coupled `weight_decay` (L2 added to the gradient), `maximize`, torch's SGD.
+
+Importing this module imports torch; `import fusedopt` never does.
+"""
+
+import contextlib
+import math
+import numbers
+import weakref
+from collections.abc import Mapping
+
+import numpy as np
+
+try:
+    import torch
+except ImportError as e:  # pragma: no cover - depends on the machine
+    raise ImportError("fusedopt.torch needs PyTorch: pip install 'fusedopt[torch]'") from e
+
+from . import cuda
+from .flat import FlatBuffer
+from .optimizer import get as _get_optimizer
+
+__all__ = ["FlatParameters", "flatten_parameters", "FusedOptimizer", "Adam", "AdamW"]
+
+SUPPORTED_DTYPES = (torch.float32, torch.float64)
+
+
+# ==================================================================== flattening
+class FlatParameters:
+    """Parameters of one device and dtype whose storage is one flat tensor.
+
+    Made by `flatten_parameters` (or by an optimizer of this module). Attributes:
+        params: the parameters, in order.
+        data: the flat 1-D tensor; `params[i].data` is a view of it.
+        grad: the flat 1-D gradient tensor; `params[i].grad` is a view of it.
+        flat_params, flat_grads: fusedopt FlatBuffers whose `data` aliases `data`
+            and `grad` (NumPy arrays on the CPU, CuPy on a GPU, through DLPack).
+    """
+
+    def __init__(self, params):
+        self.params = list(params)
+        first = self.params[0]
+        self.shapes = [tuple(p.shape) for p in self.params]
+        sizes = [p.numel() for p in self.params]
+        self.offsets = np.concatenate(([0], np.cumsum(sizes, dtype=np.int64))).tolist()
+        self.data = torch.empty(self.offsets[-1], dtype=first.dtype, device=first.device)
+        self.grad = torch.zeros_like(self.data)
+        self._grad_views = []
+        with torch.no_grad():
+            for i, p in enumerate(self.params):
+                view, grad_view = self._segment(self.data, i), self._segment(self.grad, i)
+                view.copy_(p)
+                if p.grad is not None:  # keep what was accumulated before flattening
+                    grad_view.copy_(p.grad)
+                p.data = view
+                p.grad = grad_view
+                self._grad_views.append(grad_view)
+                p._fusedopt_flat = weakref.ref(self)  # for the "flattened twice" check
+        self._param_pointers = [p.data_ptr() for p in self.params]
+        self.flat_params = FlatBuffer(_array_alias(self.data), self.shapes)
+        self.flat_grads = FlatBuffer(_array_alias(self.grad), self.shapes)
+
+    @property
+    def device(self):
+        return self.data.device
+
+    @property
+    def dtype(self):
+        return self.data.dtype
+
+    def __len__(self):
+        return len(self.params)
+
+    def __repr__(self):
+        return (f"FlatParameters({len(self)} parameters, {self.data.numel()} elements, "
+                f"{self.dtype}, {self.device})")
+
+    def _segment(self, flat, i):
+        return flat[self.offsets[i]:self.offsets[i + 1]].view(self.shapes[i])
+
+    def holds(self, param):
+        """Whether `param`'s storage is still this buffer's (model.to(dtype) or
+        .cuda() after flattening give a parameter new storage)."""
+        start = self.data.data_ptr()
+        return start <= param.data_ptr() < start + max(1, self.data.nbytes) \
+            and param.dtype == self.dtype and param.device == self.device
+
+    def check_in_place(self, where="`params`"):
+        """Raise ValueError if a parameter no longer lives in the flat buffer. Pointers
+        suffice (checked every step, so kept cheap): `data` keeps the buffer's memory
+        alive, so no new storage can appear at a parameter's old address."""
+        pointers = [p.data_ptr() for p in self.params]
+        if pointers == self._param_pointers:
+            return
+        for i, (p, pointer) in enumerate(zip(self.params, self._param_pointers)):
+            if p.data_ptr() != pointer:
+                raise ValueError(
+                    f"{where}: parameter {i} (shape {tuple(p.shape)}) no longer lives in the "
+                    "flat buffer: its storage was replaced after flattening (model.to(), "
+                    ".cuda(), .double() or an assignment to .data). Move the model first, "
+                    "then create the optimizer")
+
+    def stray_gradients(self, where="`params`"):
+        """[(i, grad)] for each parameter whose .grad is not its view of the flat
+        gradient (backward() after Module.zero_grad(), create_graph=True, or an
+        assignment). Raise ValueError for a missing or sparse gradient."""
+        if all(p.grad is view for p, view in zip(self.params, self._grad_views)):
+            return []  # the common case, checked every step
+        strays = []
+        for i, (p, view) in enumerate(zip(self.params, self._grad_views)):
+            g = p.grad
+            if g is view:
+                continue
+            if g is None:
+                raise ValueError(
+                    f"{where}: parameter {i} (shape {tuple(p.shape)}) has no gradient "
+                    "(.grad is None, e.g. after Module.zero_grad() and a backward pass that "
+                    "did not reach it). torch.optim would skip it, but a fused step updates "
+                    "every parameter of its flat buffer (momentum and weight decay would "
+                    "move it): use this optimizer's zero_grad(), which zeroes gradients in "
+                    "place, or leave the parameter out of the optimizer")
+            if g.layout != torch.strided:
+                raise ValueError(
+                    f"{where}: parameter {i} (shape {tuple(p.shape)}) has a sparse gradient "
+                    f"({g.layout}); fusedopt.torch needs dense gradients (e.g. "
+                    "nn.Embedding(sparse=False))")
+            strays.append((i, g))
+        return strays
+
+    def adopt_gradients(self, strays):
+        """Copy stray gradients into the flat buffer and make .grad its view again."""
+        with torch.no_grad():
+            for i, g in strays:
+                self._grad_views[i].copy_(g)
+                self.params[i].grad = self._grad_views[i]
+
+    def reattach_gradients(self):
+        """Make every .grad its view of the flat gradient again (values not kept)."""
+        for p, view in zip(self.params, self._grad_views):
+            if p.grad is not view:
+                p.grad = view
+
+
+def flatten_parameters(params):
+    """Move the parameters of a module (or an iterable of parameters) into flat
+    buffers, one per dtype, and return them as a list of FlatParameters.
+
+    Every parameter must be a leaf tensor that requires grad, float32 or float64, on
+    one CPU or CUDA device, and not flattened already; each violation raises a
+    TypeError or ValueError before any parameter changes. Afterwards `param.data` and
+    `param.grad` are views of `flat.data` and `flat.grad`; the parameters keep their
+    values and any gradient they had.
+
+    Use the FlatBuffers with any fusedopt optimizer:
+        (flat,) = flatten_parameters(model)
+        opt = fusedopt.Adam()
+        loss.backward(); opt.apply(flat.flat_grads, flat.flat_params)
+    """
+    if isinstance(params, torch.nn.Module):
+        params = params.parameters()
+    tensors = _checked_parameters(params)
+    return [FlatParameters(same_dtype) for same_dtype in _by_dtype(tensors)]
+
+
+def _checked_parameters(params, taken=(), device=None, where="`params`"):
+    """`params` as a list of tensors, each fit to be flattened; `taken` holds ids of
+    parameters already in the optimizer, `device` the device they live on."""
+    if isinstance(params, torch.Tensor):
+        raise TypeError(f"{where} must be an iterable of tensors, got a single tensor; "
+                        "wrap it in a list")
+    if isinstance(params, (set, frozenset)):
+        raise TypeError(f"{where} must be an ordered collection (a list), not a set: the "
+                        "order of a set changes between runs")
+    try:
+        tensors = list(params)
+    except TypeError:
+        raise TypeError(f"{where} must be an iterable of tensors, got "
+                        f"{type(params).__name__}") from None
+    if not tensors:
+        raise ValueError(f"{where} is empty: there is nothing to optimize")
+    for i, p in enumerate(tensors):
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"{where}: item {i} is a {type(p).__name__}, not a tensor")
+    devices = {p.device for p in tensors} | ({device} if device is not None else set())
+    if len(devices) > 1:
+        raise ValueError(
+            f"{where} live on several devices ({', '.join(sorted(map(str, devices)))}); "
+            "one fusedopt.torch optimizer steps the parameters of one device: create one "
+            "optimizer per device")
+    seen = set(taken)
+    for i, p in enumerate(tensors):
+        _check_parameter(p, i, where)
+        if id(p) in seen:
+            raise ValueError(f"{where}: parameter {i} (shape {tuple(p.shape)}) is given twice "
+                             "(or is already in this optimizer)")
+        seen.add(id(p))
+    return tensors
+
+
+def _check_parameter(p, i, where):
+    shape = tuple(p.shape)
+    if not p.is_leaf:
+        raise ValueError(f"{where}: parameter {i} (shape {shape}) is not a leaf tensor (it is "
+                         "computed from other tensors); only leaves can be optimized")
+    if not p.requires_grad:
+        raise ValueError(
+            f"{where}: parameter {i} (shape {shape}) does not require grad; a fused step "
+            "would still update it. Pass only trainable parameters, e.g. "
+            "[p for p in model.parameters() if p.requires_grad]")
+    if p.layout != torch.strided:
+        raise ValueError(f"{where}: parameter {i} (shape {shape}) is sparse ({p.layout}); "
+                         "only dense parameters can be flattened")
+    if p.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"{where}: parameter {i} (shape {shape}) has dtype {p.dtype}; "
+                         "fusedopt supports torch.float32 and torch.float64")
+    if p.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{where}: parameter {i} (shape {shape}) lives on {p.device}; "
+                         "fusedopt runs on the CPU and on CUDA devices")
+    if p.grad is not None and p.grad.layout != torch.strided:
+        raise ValueError(f"{where}: parameter {i} (shape {shape}) has a sparse gradient; "
+                         "fusedopt.torch needs dense gradients")
+    owner = getattr(p, "_fusedopt_flat", None)
+    owner = owner() if owner is not None else None
+    if owner is not None and owner.holds(p):
+        raise ValueError(f"{where}: parameter {i} (shape {shape}) is already flattened (by "
+                         "flatten_parameters or another fusedopt.torch optimizer); flattening "
+                         "it again would detach it from the first flat buffer")
+
+
+def _by_dtype(tensors):
+    groups = {}
+    for p in tensors:
+        groups.setdefault(p.dtype, []).append(p)
+    return list(groups.values())
+
+
+def _array_alias(tensor):
+    """A NumPy (CPU) or CuPy (CUDA) array sharing `tensor`'s memory, through DLPack."""
+    if tensor.device.type == "cuda":
+        return cuda.module_for(f"gpu:{tensor.device.index}").from_dlpack(tensor)
+    array = np.from_dlpack(tensor)
+    if not array.flags.writeable:  # some NumPy versions import DLPack read-only
+        array = tensor.numpy()     # the same memory, through the buffer protocol
+    return array
+
+
+def _torch_stream(device):
+    """Run fusedopt's CUDA launches on torch's current stream, so that a step is
+    ordered after the backward pass that wrote the gradients (no sync)."""
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    cupy = cuda.module_for(f"gpu:{device.index}")
+    stream = torch.cuda.current_stream(device)
+    return cupy.cuda.ExternalStream(stream.cuda_stream, device.index)
+
+
+def _bump_versions(params):
+    """fusedopt writes the parameters through NumPy/CuPy, which torch's version
+    counters do not see; bump them as an in-place torch update would, so autograd still
+    refuses a backward pass through values the step overwrote."""
+    try:
+        torch.autograd.graph.increment_version(params)
+    except TypeError:  # torch versions whose increment_version takes one tensor
+        for p in params:
+            torch.autograd.graph.increment_version(p)
+
+
+# ===================================================================== optimizers
+class _Bucket:
+    """One flat buffer (the parameters of group `group_index`, one dtype) and the
+    fusedopt optimizer that steps it, built from `config` = (name, arguments)."""
+
+    def __init__(self, group_index, flat, optimizer, config):
+        self.group_index = group_index
+        self.flat = flat
+        self.optimizer = optimizer
+        self.config = config
+        self.slot_tensors = _slot_tensors(optimizer)
+
+    def replace_optimizer(self, optimizer, config):
+        self.optimizer, self.config = optimizer, config
+        self.slot_tensors = _slot_tensors(optimizer)
+
+
+def _slot_tensors(optimizer):
+    """{slot name: a torch tensor aliasing the fusedopt state buffer} (DLPack)."""
+    return {name: torch.from_dlpack(buf) for name, buf in optimizer.slots().items()}
+
+
+class _ParameterState(Mapping):
+    """`optimizer.state[param]`: live views of the parameter's segment of each state
+    buffer, under torch's names, and its step count (read when asked)."""
+
+    def __init__(self, optimizer, bucket, index):
+        self._optimizer, self._bucket, self._index = optimizer, bucket, index
+
+    def _names(self):
+        return {self._optimizer._state_name(n): n for n in self._bucket.slot_tensors}
+
+    def __getitem__(self, key):
+        bucket = self._bucket
+        if key == "step":
+            return torch.tensor(float(bucket.optimizer.iterations), dtype=torch.float32)
+        name = self._names()[key]
+        return bucket.flat._segment(bucket.slot_tensors[name], self._index)
+
+    def __iter__(self):
+        return iter(["step", *self._names()])
+
+    def __len__(self):
+        return 1 + len(self._bucket.slot_tensors)
+
+    def __repr__(self):
+        return repr({k: self[k] for k in self})
+
+
+class FusedOptimizer(torch.optim.Optimizer):
+    """A torch.optim.Optimizer running fusedopt's rule `optimizer` (Keras 3 semantics).
+
+    Args:
+        params: an iterable of parameters, or of dicts (parameter groups), as for any
+            torch optimizer (named parameters too).
+        optimizer: a fusedopt name: one of fusedopt.available().
+        lr: the learning rate (default: the rule's Keras default). The step uses
+            `param_groups[i]["lr"]`, so torch.optim.lr_scheduler works.
+        **hyperparameters: the rule's Keras arguments (weight_decay, beta_1,
+            clipnorm, ...). Each is also a key of every parameter group, so a group can
+            set its own, e.g. {"params": biases, "weight_decay": 0.0}.
+
+    Each group's parameters are flattened, one flat buffer per dtype, and stepped by
+    their own fusedopt optimizer: one fused pass per group and dtype. Per-group
+    values are therefore exact for every rule; `clipnorm` is per parameter, and
+    `global_clipnorm` clips each group's (and dtype's) gradients together.
+
+    Differences from torch.optim:
+        - zero_grad() zeroes the gradients in place (set_to_none is accepted but
+          gradients stay views of the flat buffer), and step() refuses a parameter
+          whose .grad is None instead of skipping it: a fused step updates its whole
+          flat buffer.
+        - Every parameter must be a float32/float64 leaf that requires grad, all on one
+          device; create the optimizer after moving the model (model.to()).
+        - add_param_group() is supported: the new group gets its own flat buffer.
+        - With torch.amp.GradScaler the step unscales the gradients inside the fused
+          pass (fusedopt's loss_scale_factor) and is skipped when they hold inf/NaN;
+          it reads the scale and the inf flag on the host (one sync per step on a GPU).
+    """
+
+    _state_names = {}  # fusedopt slot name -> the name in `state` (torch's, for Adam)
+    # torch.amp.GradScaler then hands step() its scale and inf flag (as the attributes
+    # grad_scale and found_inf) instead of unscaling every gradient in a pass of its
+    # own: the fused step unscales them on the way.
+    _step_supports_amp_scaling = True
+    _not_group_keys = ("name", "learning_rate", "use_ema", "ema_momentum",
+                       "ema_overwrite_frequency", "gradient_accumulation_steps")
+
+    def __init__(self, params, optimizer="adam", lr=None, **hyperparameters):
+        if not isinstance(optimizer, str):
+            raise TypeError(f"`optimizer` must be a fusedopt optimizer name such as 'adamw', "
+                            f"got {type(optimizer).__name__}")
+        for key, why in (("learning_rate", "pass lr= (torch's name, kept in param_groups)"),
+                         ("decay", "use a torch.optim.lr_scheduler"),
+                         ("skip_nonfinite", "use torch.amp.GradScaler, which skips steps "
+                                            "with inf/NaN gradients")):
+            if key in hyperparameters:
+                raise ValueError(f"`{key}` is not an argument of fusedopt.torch.FusedOptimizer: "
+                                 f"{why}")
+        if lr is not None:
+            hyperparameters["learning_rate"] = _learning_rate(lr, "`lr`")
+        template = _get_optimizer({"class_name": optimizer, "config": hyperparameters})
+        config = template.get_config()
+        self._rule_name = optimizer.lower()
+        self._keras_keys = [k for k in config if k not in self._not_group_keys]
+        defaults = {"lr": config["learning_rate"], **{k: config[k] for k in self._keras_keys}}
+        self._setup(params, defaults)
+
+    # ------------------------------------------------------------ subclass API
+    def _fusedopt_config(self, group, where):
+        """(fusedopt name, constructor arguments) for a parameter group; raises
+        TypeError/ValueError naming the group's key for a bad value."""
+        arguments = {"learning_rate": _learning_rate(group["lr"], f"{where}['lr']")}
+        arguments.update({k: group[k] for k in self._keras_keys})
+        return self._rule_name, arguments
+
+    def _state_name(self, slot):
+        return self._state_names.get(slot, slot)
+
+    # ------------------------------------------------------------------ set-up
+    def _setup(self, params, defaults):
+        self._buckets = []
+        if isinstance(params, torch.Tensor):
+            raise TypeError("`params` must be an iterable of tensors or of dicts (parameter "
+                            "groups), got a single tensor; wrap it in a list")
+        if isinstance(params, (set, frozenset)):
+            raise TypeError("`params` must be an ordered collection (a list), not a set: the "
+                            "order of a set changes between runs")
+        groups = list(params)
+        if not groups:
+            raise ValueError("`params` is empty: there is nothing to optimize")
+        if not isinstance(groups[0], dict):
+            groups = [{"params": groups}]
+        # Every group is checked before the first is flattened, so a bad group leaves
+        # every parameter as it was.
+        taken, device = set(), None
+        for i, group in enumerate(groups):
+            tensors = self._check_group(group, defaults, taken, device, f"param_groups[{i}]")
+            taken.update(id(p) for p in tensors)
+            device = tensors[0].device
+        super().__init__(groups, defaults)  # calls add_param_group for each group
+
+    def _check_group(self, group, defaults, taken, device, where):
+        """Check a parameter group completely (its parameters and its hyperparameters)
+        without changing anything; return its tensors."""
+        if not isinstance(group, dict):
+            raise TypeError(f"{where} must be a dict, got {type(group).__name__}")
+        if "params" not in group:
+            raise ValueError(f"{where} has no 'params'")
+        params = group["params"]
+        if isinstance(params, torch.Tensor):
+            params = [params]
+        elif not isinstance(params, (set, frozenset)):
+            params = list(params)  # a generator is read once, here, as torch does
+        group["params"] = params
+        tensors = _checked_parameters([p[1] if isinstance(p, tuple) else p for p in params],
+                                      taken, device, f"{where}['params']")
+        self._new_fusedopt({**defaults, **group}, where)
+        return tensors
+
+    def _new_fusedopt(self, group, where):
+        config = self._fusedopt_config(group, where)
+        name, arguments = config
+        try:
+            return _get_optimizer({"class_name": name, "config": dict(arguments)}), config
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{where}: {e}") from e
+
+    def add_param_group(self, param_group):
+        """Add a group (a dict with 'params' and any hyperparameters); its parameters
+        are flattened into new flat buffers of their own, stepped from 0 as torch
+        steps new parameters. Raises before anything changes."""
+        where = f"param_groups[{len(self.param_groups)}]"
+        taken = {id(p) for g in self.param_groups for p in g["params"]}
+        device = self._buckets[0].flat.device if self._buckets else None
+        tensors = self._check_group(param_group, self.defaults, taken, device, where)
+        super().add_param_group(param_group)  # torch's bookkeeping: defaults, names
+        for same_dtype in _by_dtype(tensors):
+            flat = FlatParameters(same_dtype)
+            optimizer, config = self._new_fusedopt(param_group, where)
+            optimizer.build(flat.flat_params)
+            bucket = _Bucket(len(self.param_groups) - 1, flat, optimizer, config)
+            self._buckets.append(bucket)
+            for i, p in enumerate(flat.params):
+                self.state[p] = _ParameterState(self, bucket, i)
+
+    @property
+    def flat_parameters(self):
+        """The FlatParameters of every group and dtype, in order."""
+        return [b.flat for b in self._buckets]
+
+    # -------------------------------------------------------------------- step
+    def zero_grad(self, set_to_none=True):
+        """Zero every gradient in place: one fill per flat buffer. `set_to_none` is
+        accepted for torch's signature, but gradients are never set to None: they stay
+        views of the flat gradient buffer that backward() accumulates into."""
+        for bucket in self._buckets:
+            bucket.flat.check_in_place()
+            bucket.flat.reattach_gradients()
+            bucket.flat.grad.zero_()
+
+    def step(self, closure=None):
+        """One fused step of every flat buffer; returns the closure's loss, if any.
+
+        Everything is checked first (parameters still in their buffers, gradients,
+        every group's hyperparameters); a bad value raises with nothing changed.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        plans = [self._plan(bucket) for bucket in self._buckets]
+        scale, skip = self._grad_scaler_request()
+        if skip:  # GradScaler found inf/NaN: nothing changes, as in torch's fused step
+            return loss
+        for bucket, (strays, change) in zip(self._buckets, plans):
+            bucket.flat.adopt_gradients(strays)
+            if change is not None:
+                change()
+        for bucket in self._buckets:
+            self._run(bucket, scale)
+        return loss
+
+    def _plan(self, bucket):
+        """(stray gradients, the change of the bucket's optimizer or None): all checks
+        of a step, with nothing changed yet."""
+        group = self.param_groups[bucket.group_index]
+        where = f"param_groups[{bucket.group_index}]"
+        bucket.flat.check_in_place(f"{where}['params']")
+        strays = bucket.flat.stray_gradients(f"{where}['params']")
+        config = self._fusedopt_config(group, where)
+        if config == bucket.config:
+            return strays, None
+        (name, arguments), (old_name, old_arguments) = config, bucket.config
+        if name == old_name and _without_lr(arguments) == _without_lr(old_arguments):
+            optimizer, lr = bucket.optimizer, arguments["learning_rate"]
+
+            def set_learning_rate():
+                optimizer.learning_rate = lr
+                bucket.config = config
+            return strays, set_learning_rate
+        # Another hyperparameter changed (a scheduler cycling betas, a user editing a
+        # group): a new fusedopt optimizer with the same state, built through its public
+        # API, so its own checks apply.
+        optimizer, _ = self._new_fusedopt(group, where)
+        state = bucket.optimizer.state_dict()
+        state["optimizer"] = type(optimizer).__name__.lower()  # e.g. adam <-> adamw
+        try:
+            optimizer.load_state_dict(state)
+        except ValueError as e:
+            raise ValueError(f"{where}: this change alters the optimizer's state slots, "
+                             f"which cannot change after construction: {e}") from e
+        optimizer.build(bucket.flat.flat_params)
+        return strays, lambda: bucket.replace_optimizer(optimizer, config)
+
+    def _grad_scaler_request(self):
+        """(scale or None, skip): what torch.amp.GradScaler asks of this step. GradScaler
+        sets `grad_scale` (None when unscale_() already ran) and `found_inf` on an
+        optimizer with `_step_supports_amp_scaling` around its call to step()."""
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        if grad_scale is None and found_inf is None:
+            return None, False
+        # fusedopt takes the scale as a host scalar and skips on the host's word: one
+        # read of both values (a sync on a GPU).
+        found, scale = _read_scalars(0.0 if found_inf is None else found_inf,
+                                     1.0 if grad_scale is None else grad_scale)
+        if found != 0:
+            return None, True
+        if grad_scale is None:
+            return None, False
+        if not (math.isfinite(scale) and scale > 0):
+            raise ValueError(f"`grad_scale` from the GradScaler must be finite and > 0, "
+                             f"got {scale!r}")
+        return scale, False
+
+    def _run(self, bucket, scale):
+        optimizer, flat = bucket.optimizer, bucket.flat
+        own_scale = optimizer.loss_scale_factor
+        if scale is not None:
+            optimizer.loss_scale_factor = scale * (own_scale or 1.0)
+        try:
+            with _torch_stream(flat.device):
+                optimizer.apply(flat.flat_grads, flat.flat_params)
+        finally:
+            optimizer.loss_scale_factor = own_scale
+        _bump_versions(flat.params)
+
+    # ------------------------------------------------------------------- state
+    def state_dict(self):
+        """torch's layout: {"state": {index: {"step": tensor, slot: tensor}},
+        "param_groups": [...]}, with copies of the state (not live views)."""
+        state_dict = super().state_dict()
+        state_dict["state"] = {
+            index: {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in s.items()}
+            for index, s in state_dict["state"].items()}
+        return state_dict
+
+    def load_state_dict(self, state_dict):
+        """Restore a state_dict() of this optimizer (or torch.optim's Adam/AdamW for
+        this module's Adam/AdamW): hyperparameters of every group, the step count and
+        every state tensor. Refused, with nothing changed, if it does not fit."""
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        groups, states = self._parse_state_dict(state_dict)
+        changes = []
+        for bucket in self._buckets:
+            index = bucket.group_index
+            saved = {**self.param_groups[index], **groups[index]}
+            optimizer, config = self._new_fusedopt(saved, f"state_dict['param_groups'][{index}]")
+            fused_state = self._bucket_state(bucket, optimizer, states)
+            if fused_state is not None:
+                optimizer.load_state_dict(fused_state)
+            optimizer.build(bucket.flat.flat_params)
+            changes.append((bucket, optimizer, config))
+        for group, saved in zip(self.param_groups, groups):
+            group.update(saved)
+        for bucket, optimizer, config in changes:
+            bucket.replace_optimizer(optimizer, config)
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
+
+    def _parse_state_dict(self, state_dict):
+        """(saved hyperparameters of each group, {parameter id: its saved state})."""
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= set(state_dict):
+            raise ValueError("`state_dict` must be a dict with 'state' and 'param_groups', "
+                             "as state_dict() returns")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"`state_dict` has {len(saved_groups)} parameter groups, this "
+                             f"optimizer {len(self.param_groups)}")
+        groups, states = [], {}
+        for i, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if not isinstance(saved, dict) or "params" not in saved:
+                raise ValueError(f"`state_dict['param_groups'][{i}]` must be a dict with "
+                                 "'params'")
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"`state_dict` group {i} has {len(saved['params'])} parameters, "
+                                 f"this optimizer's {len(group['params'])}")
+            for index, p in zip(saved["params"], group["params"]):
+                if index in state_dict["state"]:
+                    states[id(p)] = state_dict["state"][index]
+            groups.append({k: v for k, v in saved.items()
+                           if k not in ("params", "param_names")})
+        return groups, states
+
+    def _bucket_state(self, bucket, optimizer, states):
+        """fusedopt's state_dict for a bucket from torch's per-parameter states, or
+        None when no parameter has one (a fresh start, as torch's lazy state)."""
+        flat, where = bucket.flat, "`state_dict['state']`"
+        present = [states.get(id(p)) for p in flat.params]
+        if all(s is None for s in present):
+            return None
+        if any(s is None for s in present):
+            raise ValueError(f"{where} holds state for some parameters of a flat buffer but "
+                             "not for others; fusedopt steps them together")
+        expected = {"step", *(self._state_name(n) for n in optimizer.slot_names)}
+        steps = set()
+        for i, (p, s) in enumerate(zip(flat.params, present)):
+            if set(s) != expected:
+                raise ValueError(f"{where}: a parameter's state holds {sorted(s)}, this "
+                                 f"configuration keeps {sorted(expected)}")
+            steps.add(float(s["step"]))
+            for key in expected - {"step"}:
+                if tuple(s[key].shape) != tuple(p.shape):
+                    raise ValueError(f"{where}: {key!r} has shape {tuple(s[key].shape)}, its "
+                                     f"parameter {tuple(p.shape)}")
+        if len(steps) != 1 or not float(next(iter(steps))).is_integer():
+            raise ValueError(f"{where}: the parameters of one flat buffer must share one whole "
+                             f"step count, got {sorted(steps)}")
+        dtype = np.dtype(str(flat.dtype).replace("torch.", ""))
+        slots = {name: np.concatenate([
+            s[self._state_name(name)].detach().to("cpu", torch.float64).reshape(-1).numpy()
+            for s in present]).astype(dtype) for name in optimizer.slot_names}
+        return {"optimizer": type(optimizer).__name__.lower(), "iterations": int(steps.pop()),
+                "layout": flat.flat_params.layout.to_dict(), "slots": slots}
+
+
+def _read_scalars(*values):
+    """Python floats of numbers and 1-element tensors, read from a device at once."""
+    device = next((v.device for v in values if isinstance(v, torch.Tensor)), "cpu")
+    stacked = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(())
+                           for v in values])
+    return stacked.tolist()
+
+
+def _without_lr(arguments):
+    return {k: v for k, v in arguments.items() if k != "learning_rate"}
+
+
+def _learning_rate(lr, where):
+    """A group's lr as a float (a 0-d tensor is read once, on change checks)."""
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"{where} must be a number or a 1-element tensor, got shape "
+                             f"{tuple(lr.shape)}")
+        lr = lr.item()
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real):
+        raise TypeError(f"{where} must be a number, got {type(lr).__name__}")
+    lr = float(lr)
+    if not (math.isfinite(lr) and lr >= 0):
+        raise ValueError(f"{where} must be finite and >= 0, got {lr!r}")
+    return lr
+
+
+# ======================================================== torch-compatible Adam
+class Adam(FusedOptimizer):
+    """torch.optim.Adam's arguments, defaults and update, as one fused step.
+
+    The update is torch's: epsilon is added after bias-correcting sqrt(v) (fusedopt's
+    Adam with epsilon_after_bias_correction=True), and with decoupled_weight_decay
+    (or AdamW) p *= 1 - lr*weight_decay before it. `state[p]` holds torch's
+    "step", "exp_avg", "exp_avg_sq" (and "max_exp_avg_sq" with amsgrad), and
+    state_dict() has torch's layout, so checkpoints move between this class and
+    torch.optim.Adam.
+
+    Not supported yet (a ValueError): weight_decay != 0 without decoupled decay (torch
+    adds wd*p to the gradient, an L2 term fusedopt's pipeline does not have),
+    maximize=True, capturable=True, differentiable=True. `foreach` and `fused` are
+    accepted and change nothing: the step is always one fused pass per flat buffer.
+    """
+
+    _state_names = {"momentum": "exp_avg", "velocity": "exp_avg_sq",
+                    "velocity_hat": "max_exp_avg_sq"}
+    _always_decoupled = False
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 amsgrad=False, *, foreach=None, maximize=False, capturable=False,
+                 differentiable=False, fused=None, decoupled_weight_decay=False):
+        defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay,
+                    "amsgrad": amsgrad, "maximize": maximize, "foreach": foreach,
+                    "capturable": capturable, "differentiable": differentiable,
+                    "fused": fused, "decoupled_weight_decay": decoupled_weight_decay}
+        self._setup(params, defaults)
+
+    def _fusedopt_config(self, group, where):
+        for key in ("maximize", "capturable", "differentiable"):
+            if group.get(key):
+                raise ValueError(f"{where}['{key}']=True is not supported by fusedopt.torch yet")
+        betas = group["betas"]
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+            raise TypeError(f"{where}['betas'] must be a pair (beta1, beta2), got {betas!r}")
+        beta_1, beta_2 = (_real(b, f"{where}['betas']") for b in betas)
+        for b in (beta_1, beta_2):
+            if not 0.0 <= b < 1.0:
+                raise ValueError(f"{where}['betas'] must lie in [0, 1), got {tuple(betas)}")
+        eps = _real(group["eps"], f"{where}['eps']")
+        weight_decay = _real(group["weight_decay"], f"{where}['weight_decay']")
+        if not (math.isfinite(eps) and eps >= 0):
+            raise ValueError(f"{where}['eps'] must be finite and >= 0, got {eps!r}")
+        if not (math.isfinite(weight_decay) and weight_decay >= 0):
+            raise ValueError(f"{where}['weight_decay'] must be finite and >= 0, got "
+                             f"{weight_decay!r}")
+        decoupled = self._always_decoupled or bool(group.get("decoupled_weight_decay"))
+        if weight_decay and not decoupled:
+            raise ValueError(
+                f"{where}['weight_decay']={weight_decay}: torch's Adam adds weight_decay*p to "
+                "the gradient (L2), which fusedopt does not implement yet; use "
+                "fusedopt.torch.AdamW (decoupled decay) or decoupled_weight_decay=True")
+        if not isinstance(group["amsgrad"], bool):
+            raise TypeError(f"{where}['amsgrad'] must be a bool, got {group['amsgrad']!r}")
+        arguments = {"learning_rate": _learning_rate(group["lr"], f"{where}['lr']"),
+                     "beta_1": beta_1, "beta_2": beta_2, "epsilon": eps,
+                     "amsgrad": group["amsgrad"], "epsilon_after_bias_correction": True}
+        if decoupled:
+            return "adamw", {**arguments, "weight_decay": weight_decay}
+        return "adam", arguments
+
+
+class AdamW(Adam):
+    """torch.optim.AdamW's arguments, defaults and update, as one fused step: Adam with
+    p *= 1 - lr*weight_decay first (weight_decay defaults to 0.01, torch's).
+    See Adam for the state layout and what is not supported."""
+
+    _always_decoupled = True
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                 amsgrad=False, *, foreach=None, maximize=False, capturable=False,
+                 differentiable=False, fused=None):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
+                         maximize=maximize, capturable=capturable,
+                         differentiable=differentiable, fused=fused,
+                         decoupled_weight_decay=True)
+
+
+def _real(value, where):
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{where} must be a number, got {type(value).__name__}")
+    return float(value)

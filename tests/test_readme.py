@@ -1,0 +1,212 @@
+"""The README states only what is true and every code block in it runs.
+
+- Its python blocks run, in order, in one namespace, with small stand-ins for the
+  placeholders a reader fills in (`batches`, `forward_backward`).
+- Every command of its bash blocks is checked: `python -m fusedopt ...` commands parse
+  and run with tiny settings, pip extras exist, pytest paths exist, docker build
+  arguments are the Dockerfile's.
+- Its `train --compare` table is what the command it names prints (the real run, about
+  10 s), and the other figures of that section are computed, not typed.
+- Its CPU benchmark figures are those of the record it links to.
+"""
+
+import ast
+import json
+import re
+import shlex
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import fusedopt
+from fusedopt import train as tr
+from fusedopt.__main__ import main
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def code_blocks(language):
+    return re.findall(rf"^```{language}\n(.*?)^```", README, re.M | re.S)
+
+
+# ------------------------------------------------------------------ python blocks
+def forward_backward(batch, params, grads):
+    """Stand-in for the reader's model: writes a gradient into every view."""
+    rng = np.random.default_rng(batch)
+    for g in grads:
+        g[...] = rng.normal(size=g.shape)
+    return float(sum(np.sum(p * p) for p in params))
+
+
+GPU_ONLY = "# GPU only"  # the first line of a block that needs CuPy and a GPU
+
+
+def test_python_blocks_run(tmp_path, monkeypatch):
+    blocks = [b for b in code_blocks("python") if not b.startswith(GPU_ONLY)]
+    assert len(blocks) >= 2  # Quick start and Checkpoints
+    monkeypatch.chdir(tmp_path)  # the checkpoint example writes run.npz
+    namespace = {"batches": range(3), "forward_backward": forward_backward}
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), namespace)
+    # The quick start trained what it built: three steps, state to resume from.
+    assert namespace["opt"].iterations == 3
+
+
+def test_gpu_python_blocks_run_on_a_gpu(tmp_path, monkeypatch):
+    """Blocks marked GPU only compile everywhere and run, each on its own, on a GPU."""
+    from fusedopt import cuda
+
+    blocks = [b for b in code_blocks("python") if b.startswith(GPU_ONLY)]
+    assert blocks  # the CUDA graph example
+    for block in blocks:
+        compile(block, "README.md", "exec")
+    if not cuda.gpu_available():
+        pytest.skip("no CUDA GPU")
+    monkeypatch.chdir(tmp_path)
+    for block in blocks:
+        namespace = {"batches": range(3), "forward_backward": forward_backward}
+        exec(compile(block, "README.md", "exec"), namespace)
+        assert namespace["opt"].iterations == 3
+
+
+# -------------------------------------------------------------------- bash blocks
+def bash_commands():
+    """Every command of every bash block (lines split at &&), as argument lists."""
+    commands = []
+    for block in code_blocks("bash"):
+        for line in block.splitlines():
+            for command in line.split("&&"):
+                argv = shlex.split(command, comments=True)
+                if argv:
+                    commands.append(argv)
+    return commands
+
+
+def setup_extras():
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.keyword) and node.arg == "extras_require":
+            return {key.value for key in node.value.keys}
+    raise AssertionError("setup.py has no extras_require")
+
+
+def check_pip(argv):
+    for arg in argv[argv.index("install") + 1:]:
+        match = re.fullmatch(r"\.\[([\w,]+)\]", arg)
+        if match:
+            assert set(match.group(1).split(",")) <= setup_extras(), arg
+        else:
+            assert arg in (".", "-q", "-e"), f"pip argument {arg!r} is not checked"
+
+
+def check_docker(argv):
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    for i, arg in enumerate(argv):
+        if arg == "--build-arg":
+            name = argv[i + 1].split("=")[0]
+            assert re.search(rf"^ARG {name}=", dockerfile, re.M), name
+    assert argv[1] in ("build", "run")
+
+
+def check_gpu_job(argv):
+    """`bash bench/run_gpu.sh OUT [PART...]`: every part named is one the script runs."""
+    script = (ROOT / "bench" / "run_gpu.sh").read_text()
+    parts = re.search(r"parts=\(([^)$]*)\)", script).group(1).split()
+    assert set(argv[3:]) <= set(parts) | {"all"}, argv
+
+
+def run_fusedopt(argv, tmp_path, monkeypatch, capsys):
+    """Run `python -m fusedopt <argv>` with tiny settings appended (argparse keeps
+    the last value of a repeated option)."""
+    command = argv[0]
+    tiny = {"train": ["--epochs", "1", "--quiet"],
+            "bench": ["--sizes", "10", "--repeats", "1", "--warmup", "0", "--no-peers",
+                      "--quiet", "--out", str(tmp_path / "bench")]}[command]
+    monkeypatch.chdir(tmp_path)
+    code = main([*argv, *tiny])
+    out = capsys.readouterr().out
+    assert code == 0, argv
+    return out
+
+
+def test_bash_commands_parse_and_run(tmp_path, monkeypatch, capsys):
+    seen = set()
+    for argv in bash_commands():
+        program = Path(argv[0]).name
+        if "-m" in argv and argv[argv.index("-m") + 1] == "fusedopt":
+            run_fusedopt(argv[argv.index("-m") + 2:], tmp_path, monkeypatch, capsys)
+            seen.add("fusedopt")
+        elif argv[:3] == ["python3", "-m", "venv"]:
+            continue
+        elif program == "pip" or argv[1:3] == ["-m", "pip"]:
+            check_pip(argv)
+        elif "pytest" in argv:
+            paths = [a for a in argv[argv.index("pytest") + 1:] if not a.startswith("-")]
+            assert all((ROOT / p).exists() for p in paths), argv
+        elif program == "docker":
+            check_docker(argv)
+        elif argv[:2] == ["bash", "bench/run_gpu.sh"]:
+            check_gpu_job(argv)
+        else:
+            raise AssertionError(f"the README shows a command this test does not check: {argv}")
+    assert "fusedopt" in seen
+
+
+# ------------------------------------------------------------- the train figures
+TABLE = re.compile(r"<!-- generated by: (?P<command>[^>]*?) -->\n(?P<table>.*?)<!-- end -->",
+                   re.S)
+
+
+def test_readme_train_table_is_what_its_command_prints(tmp_path, monkeypatch, capsys):
+    """The real --compare run (not a shortened one: the table shows the real figures).
+    A table measured on another machine may differ in the last digits (BLAS); then
+    regenerate it with the command and commit it."""
+    match = TABLE.search(README)
+    assert match, "the train table must sit between its generated-by and end markers"
+    command = match["command"]
+    assert f"`{command}`" in README  # shown to the reader, not only in the marker
+    argv = shlex.split(command)
+    assert argv[:4] == ["python", "-m", "fusedopt", "train"] and "--markdown" in argv
+    monkeypatch.chdir(tmp_path)
+    assert main(argv[3:]) == 0
+    assert capsys.readouterr().out == match["table"], f"regenerate with: {command}"
+    assert list(tmp_path.iterdir()) == []  # regenerating the README leaves no files
+
+
+def test_readme_train_figures_are_computed():
+    section = README.split("## The main job")[1].split("\n## ")[0]
+    sizes = tr.layer_sizes(64, tr.DEFAULT_HIDDEN, 10)
+    assert f"MLP ({'-'.join(map(str, sizes))}, {tr.parameter_count(sizes):,} parameters" in section
+    assert (f"{tr.DEFAULT_OPTIMIZER.capitalize()}, {tr.DEFAULT_EPOCHS} epochs, "
+            f"batch {tr.DEFAULT_BATCH_SIZE}, seed 0") in section
+    assert f"{tr.DEFAULT_EPOCHS} epochs each" in section
+    assert f"{tr.DEFAULT_TEST_FRACTION:.0%} held-out" in section
+    # No typed accuracies outside the generated table.
+    prose = TABLE.sub("", section)
+    assert not re.search(r"\d+\.\d+%", prose), "figures belong in the generated table"
+
+
+# ------------------------------------------------------------ the bench figures
+def test_readme_cpu_benchmark_figures_are_the_records():
+    section = README.split("**CPU results**")[1].split("\n## ")[0]
+    record_path = re.search(r"\]\((bench/results/[^)]+)\.md\)", section).group(1)
+    record = json.loads((ROOT / f"{record_path}.json").read_text())
+    n = 2 ** int(re.search(r"median ms per step at 2(\S+)", section).group(1)
+                 .translate(str.maketrans("⁰¹²³⁴⁵⁶⁷⁸⁹", "0123456789")))
+
+    def ms(impl):
+        (row,) = [r for r in record["rows"] if r["impl"] == impl and r["n"] == n
+                  and r["optimizer"] == "adam" and r["layout"] == "flat" and not r["clip"]]
+        return row["median_ms"]
+
+    labels = {"fusedopt": "fusedopt", "torch `fused=True`": "torch-fused",
+              "torch `foreach=True`": "torch-foreach", "optax": "optax"}
+    rows = re.findall(r"^\| (.+?) \| ([\d.]+) \|$", section, re.M)
+    assert len(rows) == len(labels)
+    for label, value in rows:
+        impl = next(v for k, v in labels.items() if label.startswith(k))
+        assert value == f"{ms(impl):.1f}", label
+    ratio = re.search(r"about ([\d.]+)× faster", section).group(1)
+    assert ratio == f"{ms('fusedopt') / ms('torch-fused'):.1f}"
