@@ -288,7 +288,7 @@ def muon(h, states, ps, gs, shape, lr, t):
     (the golden layout has no names, so none is excluded by name)."""
     if len(shape) != 2:
         ah = dict(beta_1=h["adam_beta_1"], beta_2=h["adam_beta_2"], epsilon=h["epsilon"],
-                  amsgrad=False)
+                  amsgrad=False, epsilon_after_bias_correction=False)
         return [adam(ah, s, p, g, lr * h["adam_lr_ratio"], t) for s, p, g in zip(states, ps, gs)]
     mu = h["momentum"]
     for s, g in zip(states, gs):

@@ -171,10 +171,11 @@ def test_skip_nonfinite_is_read_only():
     assert opt.skip_nonfinite is True
 
 
-# fusedopt's own switches, off by default: in a config only when on, so that a Keras
-# optimizer's config stays one Keras can read.
-FUSEDOPT_ONLY = {("Adam", "epsilon_after_bias_correction"),
-                 ("AdamW", "epsilon_after_bias_correction")}
+# fusedopt's own settings, off by default: in a config only when set (to the value
+# here), so that a Keras optimizer's config stays one Keras can read.
+FUSEDOPT_ONLY = {("Adam", "epsilon_after_bias_correction"): True,
+                 ("AdamW", "epsilon_after_bias_correction"): True,
+                 ("Muon", "segment_names"): ["kernel"]}
 
 
 def test_every_rule_hyperparameter_is_declared_once_and_in_the_config():
@@ -185,7 +186,8 @@ def test_every_rule_hyperparameter_is_declared_once_and_in_the_config():
             assert isinstance(getattr(cls, name), Hyperparameter)
             if (cls_name, name) in FUSEDOPT_ONLY:
                 assert name not in config, (cls_name, name)
-                assert cls(**{name: True}).get_config()[name] is True, (cls_name, name)
+                value = FUSEDOPT_ONLY[cls_name, name]
+                assert cls(**{name: value}).get_config()[name] == value, (cls_name, name)
             elif not (cls_name == "Nadam" and name == "schedule_decay"):  # Keras 2 only
                 assert name in config, (cls_name, name)
 
