@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import fusedopt
-from conftest import CASES, RULE_CASES, case_ids, random_grads, random_params
+from conftest import KERNEL_CASES, KERNEL_RULE_CASES, case_ids, random_grads, random_params
 from emulator import EmulatorBackend, LaunchError, emulate
 from fusedopt import _kernels
 from fusedopt import schedules as S
@@ -111,10 +111,10 @@ def replay_against_eager(libraries, cls_name, kwargs, dtype, n, grads_of_step,
 
 
 @pytest.mark.parametrize("n", [1, 3, 50])
-@pytest.mark.parametrize("case", CASES, ids=case_ids(CASES))
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=case_ids(KERNEL_CASES))
 def test_replays_equal_eager_steps(libraries, case, n):
     """N replays of one captured step == N eager steps, to the bit, params and every
-    slot, for every CASES entry; and the iteration count follows the replays."""
+    slot, for every KERNEL_CASES entry; and the iteration count follows the replays."""
     _, cls_name, kwargs = case
     size = sum(int(np.prod(s)) for s in LAYOUT)
     rng = np.random.default_rng(5)
@@ -375,7 +375,7 @@ def test_one_optimizer_moving_between_streams_is_ordered(libraries):
 
 # ------------------------------------------------------------------- NaN in state
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("case", RULE_CASES, ids=case_ids(RULE_CASES))
+@pytest.mark.parametrize("case", KERNEL_RULE_CASES, ids=case_ids(KERNEL_RULE_CASES))
 def test_nan_in_a_state_slot_is_carried_like_numpy(libraries, case, dtype):
     """A NaN/inf step (no skip_nonfinite: NaN propagates, as in Keras), then finite
     steps: params and every slot have NumPy's NaN pattern (e.g. Adamax's u keeps its

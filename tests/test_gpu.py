@@ -288,7 +288,7 @@ REPLAY_SHAPES = [(4000,), (7,), (0,), (1,), (90,)]
 
 
 @pytest.mark.parametrize("n", [1, 3, 50])
-@pytest.mark.parametrize("case", CASES, ids=case_ids(CASES))
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=case_ids(KERNEL_CASES))
 def test_cuda_graph_replays_equal_eager_steps(case, n):
     import cupy as cp
 

@@ -425,10 +425,14 @@ def test_host_source_compiles_without_warnings(host_ok, tmp_path):
 
 
 def test_rule_names_come_from_the_kernel_sources():
-    """kernels/ and the optimizer classes name the same rules (principle 5)."""
+    """kernels/ and the optimizer classes name the same rules (principle 5), but for
+    the rules that only the NumPy executor runs so far (README, "Which executor runs
+    what"), which have no kernel source."""
     from fusedopt.optimizer import _REGISTRY
 
-    assert _kernels.rule_names() == sorted({cls.rule for cls in _REGISTRY.values()})
+    reference_only = {"lamb", "adafactor", "muon"}
+    assert _kernels.rule_names() == sorted({cls.rule for cls in _REGISTRY.values()}
+                                           - reference_only)
     assert "common" not in _kernels.rule_names()
 
 
