@@ -17,6 +17,7 @@ ROW_KEYS = {"optimizer", "impl", "n", "dtype", "layout", "clip", "median_ms", "b
     ("rmsprop", {}, False, 20), ("adam", {}, False, 28), ("nadam", {}, False, 28),
     ("adamax", {}, False, 28), ("adadelta", {}, False, 28), ("ftrl", {}, False, 28),
     ("lion", {}, False, 20), ("adam", {}, True, 32), ("adam", {"amsgrad": True}, False, 36),
+    ("schedulefreeadamw", {}, False, 28),
 ])
 def test_bytes_per_element_follow_the_performance_model(monkeypatch, name, kwargs, clip, expected):
     """ARCHITECTURE.md: SGD 12, SGD+momentum 20, Adagrad/RMSprop 20, Adam/Nadam/Adamax 28,
@@ -33,6 +34,15 @@ def test_sizes_and_optimizer_arguments():
         bench.parse_sizes("big", "cpu")
     with pytest.raises(ValueError, match="nosuch"):
         bench.parse_optimizers("adam,nosuch")
+
+
+def test_only_fused_optimizers_are_benchmarked():
+    """Optimizers only the NumPy executor runs have no fused step to measure."""
+    names = bench.parse_optimizers("all")
+    assert "schedulefreeadamw" in names
+    assert not {"lamb", "adafactor", "muon"} & set(names)
+    with pytest.raises(ValueError, match="lamb run only on the NumPy executor"):
+        bench.parse_optimizers("adam,lamb")
 
 
 def test_model_like_layout_adds_up():
