@@ -61,6 +61,7 @@ TASK_DEFAULTS = {
     # float32 with Keras' epsilon_1 = 1e-30: an all-zero row and column of gradients
     # (always-zero pixels, dead units) make r*c underflow to 0, and 0/0 is NaN.
     "adafactor": {"learning_rate": 0.05, "epsilon_1": 1e-12},
+    "muon": {"learning_rate": 0.001},
 }
 
 DEFAULT_OPTIMIZER = "adam"
