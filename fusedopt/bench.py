@@ -84,6 +84,7 @@ def run(args):
         print(f"error: {e}", file=sys.stderr)
         return 2
     ctx = GpuContext() if device == "gpu" else CpuContext()
+    load_before = _load_average()
     repeats = args.repeats or (30 if device == "gpu" else 7)
     rounds = args.rounds or (1 if device == "gpu" else 3)
     if rounds < 1:
@@ -99,6 +100,8 @@ def run(args):
     progress.done()
     rows = merge_rounds(measured)
     record = make_record(ctx, rows, tests=load_tests(args.tests))
+    if ctx.device == "cpu":
+        record["machine"] = cpu_machine(ctx, load_before, _load_average())
     paths = write_record(record, Path(args.out))
     print(markdown_table(record))
     print("\nwrote " + ", ".join(str(p) for p in paths))
@@ -597,6 +600,26 @@ def make_record(ctx, rows, tests=None):
     }
 
 
+def _load_average():
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def cpu_machine(ctx, load_before, load_after):
+    """What a CPU record's figures depend on besides the code: the threads the host
+    executor and the copy ceiling used, the compiler that built the host library, and
+    the machine's load average (1, 5, 15 min) before and after the run, since other
+    processes share the cores."""
+    try:
+        compiler = host.find_compiler()[1]
+    except host.HostBuildError as e:
+        compiler = f"none: {e}"
+    return {"threads": ctx.threads, "compiler": compiler,
+            "load_average_before": load_before, "load_average_after": load_after}
+
+
 def versions(ctx):
     from . import __version__
 
@@ -649,8 +672,12 @@ def write_record(record, out_dir):
 
 def markdown_table(record):
     copy = record["copy_gbps"]
+    machine = record.get("machine")
     lines = [f"## {record['device']} — {record['date']}", "",
              f"Copy ceiling: {copy:.0f} GB/s (bytes read + written)." if copy else "",
+             (f"Host executor: {machine['threads']} threads, built by {machine['compiler']}; "
+              f"load average {machine['load_average_before']} before the run, "
+              f"{machine['load_average_after']} after." if machine else ""),
              "", "| optimizer | impl | layout | clip | n | median ms | GB/s | of copy |",
              "|---|---|---|---|---|---|---|---|"]
     for r in record["rows"]:

@@ -48,7 +48,8 @@ def test_bench_command_writes_the_record(tmp_path, capsys):
     assert code == 0
     record_path = next(tmp_path.glob("*.json"))
     record = json.loads(record_path.read_text())
-    assert set(record) == {"device", "date", "versions", "copy_gbps", "tests", "rows"}
+    assert set(record) == {"device", "date", "versions", "copy_gbps", "tests", "rows", "machine"}
+    assert record["machine"]["threads"] >= 1 and len(record["machine"]["load_average_after"]) == 3
     assert record["copy_gbps"] > 0 and record["versions"]["fusedopt"]
     for r in record["rows"]:
         assert ROW_KEYS <= set(r)
