@@ -65,6 +65,7 @@ def test_bench_command_writes_the_record(tmp_path, capsys):
     assert ("fusedopt-numpy", "lion", 2**14, "flat", None) in impls  # the reference executor
     assert ("fusedopt", "adam", 2**12, "flat", "global") in impls
     assert ("copy", None, 2**14, "flat", None) in impls          # every core
+    assert ("inplace", None, 2**14, "flat", None) in impls
     assert ("copy-1thread", None, 2**14, "flat", None) in impls
     for layout, (count, n) in bench.SEGMENT_LAYOUTS.items():
         for clip in (None, "segment"):
