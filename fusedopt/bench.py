@@ -15,7 +15,8 @@ In one run on one device it measures:
     clip_grad_norm_ + fused Adam against fusedopt Adam with global_clipnorm;
   - host overhead: microseconds per step for a 1M-parameter, 100-tensor model.
 A peer that is not installed is reported as missing. On a machine without a GPU the
-same command compares the NumPy path with torch's CPU optimizers.
+same command compares the host executor and the NumPy reference with torch's fused and
+foreach CPU optimizers and optax, over every core.
 
 Timing on a GPU: CUDA events around each step, after warm-up; a spin kernel runs
 first so the host has queued the whole step before the start event fires (device
