@@ -135,6 +135,10 @@ class ShardedOptimizer:
             raise ValueError(f"`params` hold {params.size} elements, fewer than the "
                              f"{self.world_size} ranks: every rank needs a non-empty shard")
         self.outer = opt
+        # The options applied across ranks, fixed here: the shard's optimizer (`inner`)
+        # has them off, and `opt` is not read again.
+        self._options = {n: getattr(opt, n) for n in _WHOLE_MODEL_OPTIONS}
+        self._options["skip_nonfinite"] = opt.skip_nonfinite
         self.bounds = shard_bounds(params.size, self.world_size)
         self.lo, self.hi = self.bounds[self.rank]
         self.pieces = shard_pieces(params.offsets, self.lo, self.hi)
@@ -178,10 +182,11 @@ class ShardedOptimizer:
         g = self.outer._check_grads(grads, self.params)
         if not isinstance(reduced, bool):
             raise TypeError(f"`reduced` must be a bool, got {type(reduced).__name__}")
-        shard = self._reduce_scatter(g) if not reduced else g[self.lo:self.hi]
-        shard = self._prologue(shard)
-        self.inner.apply(shard, self.shard)
-        self._all_gather()
+        with cuda.on_device(self.params.device):  # this rank's GPU, not CuPy's default
+            shard = self._reduce_scatter(g) if not reduced else g[self.lo:self.hi]
+            shard = self._prologue(shard)
+            self.inner.apply(shard, self.shard)
+            self._all_gather()
 
     def _reduce_scatter(self, g):
         dist = _dist()
@@ -195,12 +200,11 @@ class ShardedOptimizer:
     def _prologue(self, g):
         """The shard's gradient unscaled and norm-clipped with factors of the whole
         model, or NaN everywhere (skip_nonfinite) when any rank's is not finite."""
-        opt, xp = self.outer, self.params.xp
-        if not (opt.loss_scale_factor or opt.clipnorm or opt.global_clipnorm
-                or opt.skip_nonfinite):
+        opt = self._options
+        if not any(opt.values()):
             return g
         dt = self.params.dtype.type
-        unscale = dt(1.0 / opt.loss_scale_factor) if opt.loss_scale_factor else None
+        unscale = dt(1.0 / opt["loss_scale_factor"]) if opt["loss_scale_factor"] else None
         if g is not self._grad:  # already-reduced grads belong to the caller
             self._grad[...] = g
             g = self._grad
@@ -208,7 +212,7 @@ class ShardedOptimizer:
         if unscale is not None:
             g *= unscale
         if factors is not None:
-            if opt.clipnorm:
+            if opt["clipnorm"]:
                 for s, a, b in self.pieces:
                     g[a - self.lo:b - self.lo] *= factors[s].astype(dt)
             else:
@@ -218,28 +222,29 @@ class ShardedOptimizer:
     def _factors(self, g, unscale):
         """Per segment (clipnorm) or one (otherwise) float64 factor on the device, from
         sums of squares and the non-finite flag of every rank; None if none applies."""
-        opt, xp = self.outer, self.params.xp
-        nseg = len(self.params) if opt.clipnorm else 1
+        opt, xp = self._options, self.params.xp
+        clipnorm, global_clipnorm = opt["clipnorm"], opt["global_clipnorm"]
+        nseg = len(self.params) if clipnorm else 1
         local = xp.zeros(nseg + 1, dtype=np.float64)
-        if opt.clipnorm:
+        if clipnorm:
             for s, a, b in self.pieces:
                 local[s] = _sum_of_squares(xp, g[a - self.lo:b - self.lo], unscale)
-        elif opt.global_clipnorm:
+        elif global_clipnorm:
             local[0] = _sum_of_squares(xp, g, unscale)
-        if opt.skip_nonfinite:
+        if opt["skip_nonfinite"]:
             local[nseg] = ~xp.isfinite(g).all()
+        if not (clipnorm or global_clipnorm or opt["skip_nonfinite"]):
+            return None  # loss_scale_factor alone needs nothing from other ranks
         total = self._sum_over_ranks(local)
         sums, bad = total[:nseg], total[nseg] > 0
-        if opt.clipnorm:
-            factors = clipnorm_factors(xp, sums, opt.clipnorm)
-        elif opt.global_clipnorm:
-            factors = global_clipnorm_factors(xp, sums, opt.global_clipnorm)
+        if clipnorm:
+            factors = clipnorm_factors(xp, sums, clipnorm)
+        elif global_clipnorm:
+            factors = global_clipnorm_factors(xp, sums, global_clipnorm)
         else:
             factors = xp.ones(1, dtype=np.float64)
-        if opt.skip_nonfinite:
+        if opt["skip_nonfinite"]:
             factors = xp.where(bad, np.nan, factors)
-        elif not (opt.clipnorm or opt.global_clipnorm):
-            return None
         return factors
 
     def _sum_over_ranks(self, local):

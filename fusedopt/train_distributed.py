@@ -75,6 +75,9 @@ def _device(device):
         return "cpu"  # gloo; a GPU run asks for it by name
     local = int(os.environ.get("LOCAL_RANK", 0))
     cuda.require_gpu(f"gpu:{local}")
+    import torch
+
+    torch.cuda.set_device(local)  # NCCL's device for this rank
     return f"gpu:{local}"
 
 
