@@ -1,7 +1,8 @@
 """pytest-benchmark benchmarks of one optimizer step (`pytest bench/`).
 
-On the CPU they time the NumPy path; with a GPU they also time the CUDA path (each
-round synchronises the device). Throughput figures for the README come from
+On the CPU they time the host executor (the kernels compiled for the CPU) and the
+NumPy reference; with a GPU they also time the CUDA path (each round synchronises the
+device). Throughput figures for the README come from
 `python -m fusedopt bench`, which times with CUDA events and measures the copy
 ceiling in the same run; these are for tracking regressions between commits.
 """
@@ -25,16 +26,19 @@ def make(xp, name, n, **kwargs):
     return opt, params, grads
 
 
+@pytest.mark.parametrize("executor", ["host", "numpy"])
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("name", NAMES)
-def test_numpy_step(benchmark, name, n):
-    opt, params, grads = make(np, name, n)
+def test_cpu_step(benchmark, name, n, executor):
+    opt, params, grads = make(np, name, n, executor=executor)
     benchmark(opt.apply, grads, params)
 
 
+@pytest.mark.parametrize("executor", ["host", "numpy"])
+@pytest.mark.parametrize("clip", ["global_clipnorm", "clipnorm"])
 @pytest.mark.parametrize("n", SIZES)
-def test_numpy_step_global_clip(benchmark, n):
-    opt, params, grads = make(np, "adam", n, global_clipnorm=1.0)
+def test_cpu_step_clip(benchmark, n, clip, executor):
+    opt, params, grads = make(np, "adam", n, executor=executor, **{clip: 1.0})
     benchmark(opt.apply, grads, params)
 
 

@@ -5,7 +5,8 @@
     opt = fusedopt.Adam(learning_rate=1e-3, clipnorm=1.0)
     opt.apply(grads, flat)
 
-NumPy buffers take the NumPy reference path; CuPy buffers take the fused CUDA path.
+NumPy buffers take the kernels compiled for the CPU (or the NumPy reference, without a
+C++ compiler or with executor="numpy"); CuPy buffers take the fused CUDA path.
 """
 
 from . import schedules

@@ -130,7 +130,7 @@ def sources_digest():
     """A hash of every kernel source file (for records and cache keys)."""
     h = hashlib.sha256()
     for entry in sorted(kernel_dir().iterdir(), key=lambda e: e.name):
-        if entry.name.endswith((".cu", ".cuh")):
+        if entry.name.endswith((".cu", ".cuh", ".cpp")):
             h.update(entry.name.encode() + entry.read_bytes())
     return h.hexdigest()[:16]
 

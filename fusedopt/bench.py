@@ -15,7 +15,8 @@ In one run on one device it measures:
     clip_grad_norm_ + fused Adam against fusedopt Adam with global_clipnorm;
   - host overhead: microseconds per step for a 1M-parameter, 100-tensor model.
 A peer that is not installed is reported as missing. On a machine without a GPU the
-same command compares the NumPy path with torch's CPU optimizers.
+same command compares the host executor and the NumPy reference with torch's fused and
+foreach CPU optimizers and optax, over every core.
 
 Timing on a GPU: CUDA events around each step, after warm-up; a spin kernel runs
 first so the host has queued the whole step before the start event fires (device
@@ -43,7 +44,8 @@ from ._progress import ProgressBar
 from .optimizer import get
 
 IMPLS = ("fusedopt", "fusedopt-numpy", "cupy-unfused", "torch-fused", "torch-foreach", "optax",
-         "torch-clip+fused", "optax-clip", "copy", "copy-1thread")
+         "torch-clip+fused", "optax-clip", "copy", "inplace", "copy-1thread")
+CEILINGS = ("copy", "inplace")  # rows whose GB/s bound a step's (see measure_copy)
 # Many small variables: (segments, elements), the layouts of the per-variable clip rows.
 SEGMENT_LAYOUTS = {"10k-segments": (10_000, 1 << 20), "50k-segments": (50_000, 1 << 22)}
 # Benchmarked configurations: Keras defaults, except SGD with the usual momentum.
@@ -97,6 +99,7 @@ def run(args):
         check_memory(ctx, sizes, optimizers, peers=not args.no_peers)
     except ValueError as e:
         return _error(str(e))
+    load_before = _load_average()
     repeats = args.repeats or (30 if device == "gpu" else 7)
     rounds = args.rounds or (1 if device == "gpu" else 3)
     if rounds < 1:
@@ -114,6 +117,8 @@ def run(args):
     progress.clear()
     rows = merge_rounds(measured)
     record = make_record(ctx, rows, tests=tests)
+    if ctx.device == "cpu":
+        record["machine"] = cpu_machine(ctx, load_before, _load_average())
     paths = write_record(record, Path(args.out))
     print(markdown_table(record))
     print("\nwrote " + ", ".join(str(p) for p in paths))
@@ -295,6 +300,9 @@ class CpuContext:
         return cpu_available_bytes()
 
     def time(self, step, sets, warmup, repeats):
+        # Let the thread pools of what ran before (torch's OpenMP threads spin after
+        # their last task) go to sleep, so they do not take the cores from this one.
+        time.sleep(0.05)
         for i in range(warmup):
             step(i % sets)
         times = []
@@ -452,8 +460,11 @@ def missing(optimizer, impl, n, layout, clip, why):
 
 # ---------------------------------------------------------------- measurements
 def measure_copy(ctx, n, warmup, repeats):
-    """The ceiling: a copy, bytes read + written. On the CPU it uses every core (as the
-    host executor and torch do), with NumPy's single-threaded copy as a second row."""
+    """The ceiling: a copy, bytes read + written. On the CPU, with every core (as the
+    host executor and torch use): a copy, and an in-place scale x <- x*1, which reads
+    and writes each byte once as a step does with its state (a copy's destination
+    costs an extra read, or slower streaming stores); NumPy's single-threaded copy is
+    recorded too. The ceiling is the faster of the two on every core."""
     nbytes = 2 * 4 * n  # read + write
     sets = rotation(ctx, nbytes)
     src = [ctx.rand(n, i) for i in range(sets)]
@@ -461,14 +472,17 @@ def measure_copy(ctx, n, warmup, repeats):
     rows = []
     if ctx.device == "cpu":
         try:
-            copy = host.copy_function()
+            copy, scale = host.ceiling_functions()
         except host.HostBuildError as e:
             rows += missing(None, "copy", n, "flat", None, f"no host library: {e}"[:120])
         else:
-            ms = ctx.time(lambda i: copy(dst[i].ctypes.data, src[i].ctypes.data, 4 * n,
+            threads = f"{ctx.threads} threads"
+            ms = ctx.time(lambda i: copy(dst[i].ctypes.data, src[i].ctypes.data, n,
                                          ctx.threads), sets, warmup, repeats)
-            rows.append(row(None, "copy", n, "flat", None, ms, nbytes,
-                            note=f"{ctx.threads} threads"))
+            rows.append(row(None, "copy", n, "flat", None, ms, nbytes, note=threads))
+            ms = ctx.time(lambda i: scale(src[i].ctypes.data, n, 1.0, ctx.threads), sets,
+                          warmup, repeats)
+            rows.append(row(None, "inplace", n, "flat", None, ms, nbytes, note=threads))
         ms = ctx.time(lambda i: np.copyto(dst[i], src[i]), sets, warmup, repeats)
         rows.append(row(None, "copy-1thread", n, "flat", None, ms, nbytes))
     else:
@@ -662,6 +676,8 @@ def measure_optax(ctx, n, warmup, repeats):
             sets[i][0], sets[i][2] = p, state
 
         times = []
+        if ctx.device == "cpu":
+            time.sleep(0.05)  # as CpuContext.time: let other thread pools go to sleep
         for i in range(warmup):
             step(i % len(sets))
         for r in range(repeats):
@@ -720,7 +736,7 @@ def _per_step_ms(ctx, step, steps, warmup, sync=None):
 
 # ---------------------------------------------------------------------- output
 def make_record(ctx, rows, tests=None):
-    copy = [r["gbps"] for r in rows if r["impl"] == "copy" and r["gbps"]]
+    copy = [r["gbps"] for r in rows if r["impl"] in CEILINGS and r["gbps"]]
     return {
         "device": ctx.name,
         "date": datetime.date.today().isoformat(),
@@ -729,6 +745,26 @@ def make_record(ctx, rows, tests=None):
         "tests": tests,
         "rows": rows,
     }
+
+
+def _load_average():
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def cpu_machine(ctx, load_before, load_after):
+    """What a CPU record's figures depend on besides the code: the threads the host
+    executor and the copy ceiling used, the compiler that built the host library, and
+    the machine's load average (1, 5, 15 min) before and after the run, since other
+    processes share the cores."""
+    try:
+        compiler = host.find_compiler()[1]
+    except host.HostBuildError as e:
+        compiler = f"none: {e}"
+    return {"threads": ctx.threads, "compiler": compiler,
+            "load_average_before": load_before, "load_average_after": load_after}
 
 
 def versions(ctx):
@@ -806,8 +842,13 @@ def markdown_table(record):
     """The measured rows as a table; peers that could not run are listed once
     below it, not once per size (they would bury the results)."""
     copy = record["copy_gbps"]
+    machine = record.get("machine")
     lines = [f"## {record['device']} — {record['date']}", "",
-             f"Copy ceiling: {copy:.0f} GB/s (bytes read + written)." if copy else "",
+             (f"Ceiling: {copy:.0f} GB/s (bytes read + written; on the CPU the faster of a "
+              "copy and an in-place scale, on every core)." if copy else ""),
+             (f"Host executor: {machine['threads']} threads, built by {machine['compiler']}; "
+              f"load average {machine['load_average_before']} before the run, "
+              f"{machine['load_average_after']} after." if machine else ""),
              "", "| optimizer | impl | layout | clip | n | median ms | GB/s | of copy |",
              "|---|---|---|---|---|---|---|---|"]
     for r in record["rows"]:
@@ -847,7 +888,10 @@ def target_table(record):
     fraction of the copy ceiling fusedopt reached at that size."""
     rows = {(r["optimizer"], r["impl"], r["layout"], r["clip"], r["n"]): r
             for r in record["rows"] if r["median_ms"]}
-    copy = {r["n"]: r["gbps"] for r in record["rows"] if r["impl"] == "copy" and r["gbps"]}
+    copy = {}
+    for r in record["rows"]:
+        if r["impl"] in CEILINGS and r["gbps"]:
+            copy[r["n"]] = max(copy.get(r["n"], 0.0), r["gbps"])
     checks = list(TARGETS) + [
         (f"{name} vs the NumPy reference", (name, "fusedopt", "flat", None),
          (name, "fusedopt-numpy", "flat", None), 3.0)
@@ -892,7 +936,11 @@ def plot(record, path):
         return None
     rows = [r for r in record["rows"] if r["gbps"] and r["layout"] != "small-model"]
     fig, (ax_adam, ax_all) = plt.subplots(1, 2, figsize=(14, 5.5), sharey=True)
-    copy = sorted((r["n"], r["gbps"]) for r in rows if r["impl"] == "copy")
+    ceiling = {}
+    for r in rows:
+        if r["impl"] in CEILINGS:
+            ceiling[r["n"]] = max(ceiling.get(r["n"], 0.0), r["gbps"])
+    copy = sorted(ceiling.items())
     for ax in (ax_adam, ax_all):
         if copy:
             ax.plot(*zip(*copy), "k--", lw=2, label="copy ceiling")

@@ -224,13 +224,16 @@ def library(rule, dtype):
     return fn
 
 
-def copy_function():
-    """copy(dst, src, nbytes, num_threads): memcpy split across the step's thread pool,
-    the benchmark's CPU copy ceiling."""
-    fn = _load("adam", "float32").fusedopt_host_copy
-    fn.restype = None
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int]
-    return fn
+def ceiling_functions():
+    """(copy, scale) over the step's thread pool, the benchmark's CPU ceilings:
+    copy(dst, src, n, num_threads) copies n floats; scale(x, n, s, num_threads)
+    multiplies n floats by s in place (read and written once, like a step's state)."""
+    lib = _load("adam", "float32")
+    copy, scale = lib.fusedopt_host_copy, lib.fusedopt_host_scale
+    copy.restype = scale.restype = None
+    copy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int]
+    scale.argtypes = [ctypes.c_void_p, ctypes.c_longlong, ctypes.c_float, ctypes.c_int]
+    return copy, scale
 
 
 # ------------------------------------------------------------------ fallback

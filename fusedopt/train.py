@@ -561,6 +561,9 @@ def add_arguments(parser):
                         help="numpy: forward/backward written on NumPy/CuPy arrays (default); "
                              "torch: the same MLP as a torch.nn.Module, trained with "
                              "fusedopt.torch (needs PyTorch)")
+    parser.add_argument("--distributed", action="store_true",
+                        help="data-parallel under torchrun, the optimizer state sharded "
+                             "across ranks (gloo on CPU; fusedopt/train_distributed.py)")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object with the results on stdout, nothing else")
     parser.add_argument("--quiet", action="store_true",
@@ -582,6 +585,10 @@ def add_arguments(parser):
 
 def run(args):
     """Run `python -m fusedopt train` with parsed `args`; returns the exit code."""
+    if args.distributed:
+        from . import train_distributed
+
+        return train_distributed.run(args)
     try:
         job = _prepare(args)
     except (ValueError, TypeError) as e:

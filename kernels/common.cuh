@@ -71,7 +71,11 @@ template <typename T>
 FO_HD T fo_clip(T x, T lo, T hi) { return x < lo ? lo : (x > hi ? hi : x); }
 
 template <typename T>
-FO_HD T fo_sign(T x) { return x > T(0) ? T(1) : (x < T(0) ? T(-1) : (x == x ? T(0) : x)); }
+FO_HD T fo_sign(T x) {
+    // One select, not nested branches: compilers turn it into vector compares and a
+    // blend (the host build of Lion vectorises; random signs made branches mispredict).
+    return x != x ? x : T(x > T(0)) - T(x < T(0));
+}
 
 FO_HD float fo_sqrt(float x) { return sqrtf(x); }
 FO_HD double fo_sqrt(double x) { return sqrt(x); }

@@ -408,19 +408,33 @@ static int host_step(T* p, const T* g, T* s0, T* s1, T* s2, HostPlan* plan, cons
     return skipped ? 0 : 1;
 }
 
-// The benchmark's copy ceiling (fusedopt/bench.py): dst <- src with the same pool and
-// the same split of the buffer across threads as a step.
-extern "C" void fusedopt_host_copy(void* dst, const void* src, long long bytes, int num_threads) {
-    const long long align = 4096;  // each thread starts on its own page
-    long long n = num_threads < 1 ? 1 : num_threads;
-    if (bytes < (long long)FO_MIN_PARALLEL * 4) n = 1;
-    auto part = [&](int t, int threads) {
-        long long a = bytes / threads * t / align * align;
-        long long b = t + 1 == threads ? bytes : bytes / threads * (t + 1) / align * align;
-        memcpy((char*)dst + a, (const char*)src + a, (size_t)(b - a));
+// The benchmark's ceilings (fusedopt/bench.py), with the same pool and the same split
+// of the buffer across threads as a step. A copy writes lines it never read (the CPU
+// reads them first, or streams them past the cache); an optimizer step writes back
+// what it has just read, as the in-place scale does: that is the step's ceiling.
+static void split_run(long long n, int num_threads, const std::function<void(long long, long long)>& part) {
+    const long long align = 1024;  // elements: each thread starts on its own cache lines
+    long long threads = num_threads < 1 ? 1 : num_threads;
+    if (n < FO_MIN_PARALLEL) threads = 1;
+    auto run = [&](int t, int count) {
+        const long long a = n / count * t / align * align;
+        part(a, t + 1 == count ? n : n / count * (t + 1) / align * align);
     };
-    if (n == 1) part(0, 1);
-    else fo_pool::pool().run((int)n, part);
+    if (threads == 1) run(0, 1);
+    else fo_pool::pool().run((int)threads, run);
+}
+
+extern "C" void fusedopt_host_copy(float* dst, const float* src, long long n, int num_threads) {
+    split_run(n, num_threads, [&](long long a, long long b) {
+        memcpy(dst + a, src + a, sizeof(float) * (size_t)(b - a));
+    });
+}
+
+extern "C" void fusedopt_host_scale(float* x, long long n, float s, int num_threads) {
+    split_run(n, num_threads, [&](long long a, long long b) {
+        float* __restrict__ y = x + a;
+        for (long long i = 0; i < b - a; ++i) y[i] = y[i] * s;
+    });
 }
 
 #ifdef FUSEDOPT_RULE

@@ -56,12 +56,13 @@ def test_model_like_layout_adds_up():
 
 def test_bench_command_writes_the_record(tmp_path, capsys):
     code = cli.main(["bench", "--device", "cpu", "--sizes", "12,14", "--optimizers", "adam,lion",
-                     "--repeats", "2", "--warmup", "1", "--no-peers", "--quiet",
+                     "--repeats", "2", "--warmup", "1", "--rounds", "2", "--no-peers", "--quiet",
                      "--out", str(tmp_path)])
     assert code == 0
     record_path = next(tmp_path.glob("*.json"))
     record = json.loads(record_path.read_text())
-    assert set(record) == {"device", "date", "versions", "copy_gbps", "tests", "rows"}
+    assert set(record) == {"device", "date", "versions", "copy_gbps", "tests", "rows", "machine"}
+    assert record["machine"]["threads"] >= 1 and len(record["machine"]["load_average_after"]) == 3
     assert record["copy_gbps"] > 0 and record["versions"]["fusedopt"]
     for r in record["rows"]:
         assert ROW_KEYS <= set(r)
@@ -69,14 +70,25 @@ def test_bench_command_writes_the_record(tmp_path, capsys):
         assert r["layout"] in ("flat", "200-tensors", "small-model", *bench.SEGMENT_LAYOUTS)
         assert r["clip"] in (None, "global", "segment")
         assert r["median_ms"] > 0 and r["gbps"] == pytest.approx(r["bytes"] / (r["median_ms"] * 1e6))
+        if r["layout"] != "small-model":  # timed in each of the two rounds
+            assert len(r["round_ms"]) == 2 and r["median_ms"] == pytest.approx(
+                sum(r["round_ms"]) / 2)
     impls = {(r["impl"], r["optimizer"], r["n"], r["layout"], r["clip"]) for r in record["rows"]}
     assert ("fusedopt", "lion", 2**14, "flat", None) in impls
+    assert ("fusedopt-numpy", "lion", 2**14, "flat", None) in impls  # the reference executor
     assert ("fusedopt", "adam", 2**12, "flat", "global") in impls
-    assert ("copy", None, 2**14, "flat", None) in impls
+    assert ("copy", None, 2**14, "flat", None) in impls          # every core
+    assert ("inplace", None, 2**14, "flat", None) in impls
+    assert ("copy-1thread", None, 2**14, "flat", None) in impls
+    for layout, (count, n) in bench.SEGMENT_LAYOUTS.items():
+        for clip in (None, "segment"):
+            assert ("fusedopt", "adam", n, layout, clip) in impls
     assert record_path.with_suffix(".md").read_text().startswith("## ")
     png = record_path.with_suffix(".png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
-    assert "| adam | fusedopt |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| adam | fusedopt |" in out
+    assert "| lion vs the NumPy reference | 16384 |" in out and "### Targets" in out
 
 
 def test_missing_peers_are_reported_not_faked(monkeypatch):
@@ -191,3 +203,24 @@ def test_same_day_records_are_kept_not_overwritten(tmp_path):
                                              "2026-01-02-test-cpu-2-cores-2.md"]
     assert third[0].name == "2026-01-02-test-cpu-2-cores-3.json"
     assert all(p.read_bytes() == data for p, data in before.items())
+
+
+def test_target_table_compares_the_points_it_names():
+    def point(optimizer, impl, ms, layout="flat", clip=None, n=1024):
+        return bench.row(optimizer, impl, n, layout, clip, ms, 28 * n)
+
+    record = {"rows": [
+        point("adam", "fusedopt", 2.0), point("adam", "torch-fused", 3.0),
+        point("adam", "fusedopt", 2.0, clip="global"),
+        point("adam", "torch-clip+fused", 2.4, clip="global"),
+        point("adam", "fusedopt", 4.0, layout="10k-segments", clip="segment", n=7),
+        point("adam", "fusedopt", 2.0, layout="10k-segments", n=7),
+        point(None, "copy", 1.0), point("sgd", "fusedopt-numpy", 1.0),
+        point("sgd", "fusedopt", 0.5)]}
+    lines = bench.target_table(record)
+    table = {line.split(" | ")[0].lstrip("| "): line for line in lines[4:]}
+    assert "| 1.50x | 1.00x | yes | 50% |" in table["adam vs torch fused"]
+    assert "| 1.20x | 1.25x | NO |" in table["adam + global clip vs torch clip_grad_norm_ + fused"]
+    assert "| 0.50x | 0.77x | NO |" in table["10k-segments clipnorm vs unclipped (within 1.3x)"]
+    assert "| 2.00x | 3.00x | NO |" in table["sgd vs the NumPy reference"]
+    assert "adam vs optax" not in table  # not measured: no row

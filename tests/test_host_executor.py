@@ -436,11 +436,15 @@ def test_rule_names_come_from_the_kernel_sources():
     assert "common" not in _kernels.rule_names()
 
 
-@pytest.mark.parametrize("nbytes", [0, 3, 4096 * 5 + 7, 1 << 20])
+@pytest.mark.parametrize("n", [0, 3, 1024 * 70 + 7, 1 << 20])
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_the_benchmarks_copy_copies_every_byte(host_ok, nbytes, threads):
-    src = np.random.default_rng(nbytes).integers(0, 255, nbytes, dtype=np.uint8)
-    dst = np.zeros(nbytes + 1, np.uint8)
-    host.copy_function()(dst.ctypes.data, src.ctypes.data, nbytes, threads)
-    np.testing.assert_array_equal(dst[:nbytes], src)
-    assert dst[nbytes] == 0
+def test_the_benchmarks_ceilings_touch_every_element(host_ok, n, threads):
+    copy, scale = host.ceiling_functions()
+    src = np.random.default_rng(n).standard_normal(n).astype(np.float32)
+    dst = np.zeros(n + 1, np.float32)
+    copy(dst.ctypes.data, src.ctypes.data, n, threads)
+    np.testing.assert_array_equal(dst[:n], src)
+    assert dst[n] == 0
+    scale(dst.ctypes.data, n, 2.0, threads)
+    np.testing.assert_array_equal(dst[:n], 2 * src)
+    assert dst[n] == 0

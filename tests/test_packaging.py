@@ -64,7 +64,7 @@ def test_only_cuda_py_imports_cupy():
     assert importers == ["cuda.py"]
 
 
-@pytest.mark.parametrize("name", ["common.cuh", "fused.cu", "reduce.cu", "adam.cuh"])
+@pytest.mark.parametrize("name", ["common.cuh", "fused.cu", "reduce.cu", "adam.cuh", "host.cpp"])
 def test_kernel_sources_ship_inside_the_package(name):
     from fusedopt import _kernels
 

@@ -10,6 +10,7 @@
 - Its CPU benchmark figures are those of the record it links to.
 """
 
+import argparse
 import ast
 import json
 import re
@@ -131,11 +132,27 @@ def run_fusedopt(argv, tmp_path, monkeypatch, capsys):
     return out
 
 
+def check_torchrun(argv):
+    """torchrun commands need a process group: their arguments are parsed here, and
+    tests/test_train_distributed.py runs the job itself; a script must exist."""
+    if "-m" in argv:
+        args = argv[argv.index("-m") + 1:]
+        assert args[:2] == ["fusedopt", "train"] and "--distributed" in args, argv
+        parser = argparse.ArgumentParser()
+        tr.add_arguments(parser)
+        parser.parse_args(args[2:])
+    else:
+        script = next(a for a in argv[1:] if a.endswith(".py"))
+        assert (ROOT / script).exists(), argv
+
+
 def test_bash_commands_parse_and_run(tmp_path, monkeypatch, capsys):
     seen = set()
     for argv in bash_commands():
         program = Path(argv[0]).name
-        if "-m" in argv and argv[argv.index("-m") + 1] == "fusedopt":
+        if program == "torchrun":
+            check_torchrun(argv)
+        elif "-m" in argv and argv[argv.index("-m") + 1] == "fusedopt":
             run_fusedopt(argv[argv.index("-m") + 2:], tmp_path, monkeypatch, capsys)
             seen.add("fusedopt")
         elif argv[:3] == ["python3", "-m", "venv"]:
