@@ -250,3 +250,59 @@ def test_a_failed_write_names_the_users_path_and_leaves_no_temporary(tmp_path, m
     assert info.value.errno == errno.ENOSPC and info.value.filename == str(path)
     assert "No space left" in str(info.value) and ".fusedopt-" not in str(info.value)
     assert os.listdir(tmp_path) == []
+
+
+def _zero_header_padding(real_writer, times):
+    """A container writer whose first `times` files come out with the header's last
+    byte zeroed (the suite once saw a header's padding zeroed under load)."""
+    calls = []
+
+    def writer_for(path, arrays, meta):
+        write = real_writer(path, arrays, meta)
+
+        def corrupting(f):
+            write(f)
+            calls.append(f.name)
+            if len(calls) <= times:
+                f.flush()
+                # The temporary file is open write-only: reach it again by its path.
+                with open(os.readlink(f"/proc/self/fd/{f.fileno()}"), "r+b") as raw:
+                    size = int.from_bytes(raw.read(8), "little")
+                    raw.seek(8 + size - 1)  # the header's last byte: padding or its '}'
+                    raw.write(b"\0")
+        return corrupting
+
+    return writer_for, calls
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs Linux's /proc")
+def test_a_checkpoint_that_does_not_read_back_is_written_again(tmp_path, monkeypatch):
+    writer, calls = _zero_header_padding(fusedopt.checkpoint._container_writer, times=1)
+    monkeypatch.setattr(fusedopt.checkpoint, "_container_writer", writer)
+    opt, params = fusedopt.Adam(), make_params()
+    opt.apply(params.full_like(0.5), params)
+    with pytest.warns(RuntimeWarning, match="did not read back"):
+        fusedopt.save(tmp_path / "c.safetensors", opt, params)
+    assert len(calls) == 2
+    again, again_params = fusedopt.load(tmp_path / "c.safetensors")
+    np.testing.assert_array_equal(again_params.data, params.data)
+    assert sorted(os.listdir(tmp_path)) == ["c.safetensors"]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs Linux's /proc")
+def test_a_checkpoint_that_never_reads_back_is_refused_and_the_old_one_kept(tmp_path,
+                                                                            monkeypatch):
+    import errno
+
+    opt, params = fusedopt.Adam(), make_params()
+    fusedopt.save(tmp_path / "c.safetensors", opt, params)
+    before = (tmp_path / "c.safetensors").read_bytes()
+    writer, calls = _zero_header_padding(fusedopt.checkpoint._container_writer, times=99)
+    monkeypatch.setattr(fusedopt.checkpoint, "_container_writer", writer)
+    opt.apply(params.full_like(0.5), params)
+    with pytest.warns(RuntimeWarning), pytest.raises(OSError) as info:
+        fusedopt.save(tmp_path / "c.safetensors", opt, params)
+    assert info.value.errno == errno.EIO and "did not read back" in str(info.value)
+    assert len(calls) == fusedopt.checkpoint.WRITE_ATTEMPTS
+    assert (tmp_path / "c.safetensors").read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["c.safetensors"]
