@@ -171,11 +171,14 @@ class ReferencePlan:
             self.counters[1] += 1
             self.counters[2] = True
             return
-        lr, scalars = self.optimizer._step_scalars(self.counters[0], host_learning_rate)
+        pairs, segment_group = self.optimizer._segment_groups()
+        # Each group's rate and scalars: m*lr, then the rule's scalars from it.
+        values = [self.optimizer._step_scalars(self.counters[0], host_learning_rate, m)
+                  + (decay,) for m, decay in pairs]
         # Non-finite gradients propagate as in Keras (or are skipped above); NumPy's
         # warnings about them would only repeat that.
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            self._pipeline(params_data, grads, slots, lr, scalars)
+            self._pipeline(params_data, grads, slots, values, segment_group)
         self.counters[0] += 1
         self.counters[2] = False
 
@@ -188,17 +191,22 @@ class ReferencePlan:
     def write_state(self, iterations, skipped_steps, last_step_skipped):
         self.counters = [iterations, skipped_steps, last_step_skipped]
 
-    def _pipeline(self, p_all, g_all, slots, lr, scalars):
+    def _pipeline(self, p_all, g_all, slots, values, segment_group):
+        """`values`: (lr, scalars, decay on) of each segment group; `segment_group`:
+        each segment's group (fusedopt.segments)."""
         opt = self.optimizer
         dt = p_all.dtype.type
-        c = tuple(dt(x) for x in scalars)
-        lr_t, wd = dt(lr), (dt(opt.weight_decay) if opt.weight_decay is not None else None)
+        wd = dt(opt.weight_decay) if opt.weight_decay is not None else None
+        groups = [(dt(lr), tuple(dt(x) for x in scalars), wd if decay else None)
+                  for lr, scalars, decay in values]
         unscale = dt(1.0 / opt.loss_scale_factor) if opt.loss_scale_factor else None
         clipvalue = dt(opt.clipvalue) if opt.clipvalue else None
         factors = clip_factors(opt, g_all, self.offsets, unscale)
         rule = globals()[opt.rule]
         scratch = np.empty(min(CHUNK, p_all.size), dtype=p_all.dtype)
-        for start, stop, segment in _chunks(self.offsets, per_segment=bool(opt.clipnorm)):
+        per_segment = bool(opt.clipnorm) or len(groups) > 1
+        for start, stop, segment in _chunks(self.offsets, per_segment):
+            lr_t, c, wd = groups[segment_group[segment] if per_segment else 0]
             g = g_all[start:stop]
             if unscale is not None or factors is not None or clipvalue is not None:
                 g = _copy_into(scratch, g)
@@ -267,7 +275,7 @@ def _all_finite(g):
 
 def _chunks(offsets, per_segment):
     """(start, stop, segment) ranges of at most CHUNK elements; with per_segment they
-    never straddle a segment boundary (each segment has its own clip factor)."""
+    never straddle a segment boundary (each segment has its own clip factor and group)."""
     if per_segment:
         for segment, (a, b) in enumerate(zip(offsets[:-1], offsets[1:])):
             for start in range(a, b, CHUNK):

@@ -43,8 +43,14 @@ template <> struct Vec16<double> { typedef double2 type; };
 // Threads per block of every kernel (fusedopt/_kernels.py reads it from here).
 #define FO_BLOCK 256
 
+// Segment groups a step can hold (fusedopt/segments.py): the distinct (learning-rate
+// multiplier, weight decay on/off) pairs of the segment table. Each block of the update
+// keeps every group's scalars in shared memory, computed by one thread per group.
+#define FO_MAX_GROUPS 64
+
 // How the gradient is prepared before the rule, in the math type (from Hyper, step.cuh).
-// weight_decay < 0 means "no weight decay" (Keras' None); 0 still computes p - p*0*lr.
+// weight_decay < 0 means "no weight decay" (Keras' None, or a segment group with decay
+// off); 0 still computes p - p*0*lr.
 template <typename T>
 struct Prologue {
     T unscale;       // 1 / loss_scale_factor (1 when unset: multiplying by 1 is exact)
@@ -53,7 +59,8 @@ struct Prologue {
 };
 
 // One step's learning rate (for weight decay) and the rule's scalars in the order of its
-// reference function (fusedopt/reference.py), in the math type: step.cuh computes them.
+// reference function (fusedopt/reference.py), in the math type: step.cuh computes them,
+// once per segment group (its learning-rate multiplier times the step's rate).
 template <typename T>
 struct StepScalars {
     T lr;
