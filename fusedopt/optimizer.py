@@ -23,7 +23,7 @@ import numpy as np
 
 from . import _validate as check
 from . import cuda, schedules
-from .segments import SegmentRequest, SegmentTable
+from .segments import SegmentRequest
 from . import executor as executors
 from .flat import SUPPORTED_DTYPES, FlatBuffer, Layout, _span
 
@@ -401,7 +401,9 @@ class FusedOptimizer:
                 + pending["layout"].describe_difference(params.layout)
             )
         buffers = BufferInfo(params.offsets, params.dtype, params.device)
-        self._segment_table = self._segment_request.resolve(len(params), params.names)
+        # A loaded state's table (resolved when it was saved) wins over the request.
+        table = None if pending is None else pending["segment_table"]
+        self._segment_table = table or self._segment_request.resolve(len(params), params.names)
         try:
             plan = executors.plan_for(self, buffers)  # may refuse
         except Exception:
@@ -464,9 +466,20 @@ class FusedOptimizer:
         if self.built:
             table = request.resolve(len(self._layout.shapes), self._segment_names)
         self._segment_request = request
+        if self._pending_state is not None:
+            self._pending_state["segment_table"] = None  # what is asked now wins
         if table is not None:
             self._segment_table = table
             self._hyperparameters_changed("segment_attributes")
+
+    def _lr_multipliers(self):
+        """The distinct learning-rate multipliers the next step will use."""
+        table = self._segment_table
+        if table is None and self._pending_state is not None:
+            table = self._pending_state["segment_table"]
+        if table is not None:
+            return set(table.multipliers)
+        return set(self._segment_request.lr_multipliers or (1.0,))
 
     def _segment_groups(self):
         """For the executors: the distinct (multiplier, decay) pairs and each segment's
@@ -536,9 +549,8 @@ class FusedOptimizer:
         it = self._plan.next_iteration if self._plan is not None else self._iterations
         raw = self._raw_learning_rate(it)
         lr = self._decayed_learning_rate(raw, it)
-        if self._segment_table is not None:
-            for m in set(self._segment_table.multipliers) - {1.0}:
-                self._check_learning_rate_value(lr * m)  # Ftrl divides by each group's rate
+        for m in self._lr_multipliers() - {1.0}:
+            self._check_learning_rate_value(lr * m)  # Ftrl divides by each group's rate
         return None if self._learning_rate_in_block() else raw[0]
 
     def _learning_rate_in_block(self):
@@ -677,8 +689,10 @@ class FusedOptimizer:
         if self.skip_nonfinite:
             state["skipped_steps"] = self.skipped_steps
             state["last_step_skipped"] = self.last_step_skipped
+        # Resolved per segment, so a state restores them without the names they may
+        # have been matched by; left out only when nothing was ever asked.
         table = self._segment_table if self.built else self._pending_state["segment_table"]
-        if table is not None and not table.is_default:
+        if table is not None and not (table.is_default and self._segment_request.is_default):
             state["segment_attributes"] = table.to_dict()
         return state
 
@@ -686,8 +700,7 @@ class FusedOptimizer:
         """Restore a `state_dict()`; refused, with nothing changed, if it comes from
         another optimizer, slot configuration, layout or dtype."""
         parsed = self._parse_state(state)
-        table = parsed["segment_table"]
-        request = self._segment_request if table is None else SegmentRequest(*table)
+        table = parsed["segment_table"]  # None: the optimizer keeps its own
         if self.built:
             if parsed["layout"] != self._layout:
                 raise ValueError(
@@ -705,7 +718,6 @@ class FusedOptimizer:
             self._hyperparameters_changed(None)
         else:
             self._pending_state = parsed
-        self._segment_request = request
         self._iterations = parsed["iterations"]
         self._skipped_steps = parsed["skipped_steps"]
         self._last_step_skipped = parsed["last_step_skipped"]
