@@ -37,6 +37,7 @@ except ImportError as e:  # pragma: no cover - depends on the machine
 from . import cuda
 from .flat import FlatBuffer
 from .optimizer import get as _get_optimizer
+from .segments import MAX_GROUPS
 
 __all__ = ["FlatParameters", "flatten_parameters", "FusedOptimizer", "Adam", "AdamW"]
 
@@ -285,19 +286,55 @@ def _bump_versions(params):
 
 # ===================================================================== optimizers
 class _Bucket:
-    """One flat buffer (the parameters of group `group_index`, one dtype) and the
-    fusedopt optimizer that steps it, built from `config` = (name, arguments)."""
+    """One flat buffer (the parameters of one dtype of the param groups `groups`, in
+    order) and the fusedopt optimizer that steps it. `configs` holds each group's
+    (fusedopt name, arguments) as the optimizer was last set up for; `segment_groups`
+    each segment's position in `groups`."""
 
-    def __init__(self, group_index, flat, optimizer, config):
-        self.group_index = group_index
+    def __init__(self, groups, segment_groups, flat, optimizer, configs):
+        self.groups = groups
+        self.segment_groups = segment_groups
         self.flat = flat
         self.optimizer = optimizer
-        self.config = config
+        self.configs = configs
         self.slot_tensors = _slot_tensors(optimizer)
 
-    def replace_optimizer(self, optimizer, config):
-        self.optimizer, self.config = optimizer, config
+    def replace_optimizer(self, optimizer, configs):
+        self.optimizer, self.configs = optimizer, configs
         self.slot_tensors = _slot_tensors(optimizer)
+
+    def where(self):
+        return " and ".join(f"param_groups[{i}]" for i in self.groups)
+
+
+def _shared(config):
+    """What param groups sharing one flat buffer must agree on: everything but the
+    learning rate and the weight decay."""
+    name, arguments = config
+    return name, {k: v for k, v in arguments.items()
+                  if k not in ("learning_rate", "weight_decay")}
+
+
+def _merged(configs, where):
+    """(name, arguments) of the one fusedopt optimizer stepping param groups whose
+    configs differ only in lr and weight_decay, with each group's (lr multiplier,
+    decay on): the optimizer's learning rate is 1 and a group's multiplier its lr, so
+    a segment steps with exactly its group's lr; the groups' weight decays must be 0
+    (decay off) or one common value. Raises ValueError naming `where` otherwise."""
+    shared = _shared(configs[0])
+    decays = {c[1].get("weight_decay") for c in configs} - {None, 0.0}
+    if any(_shared(c) != shared for c in configs) or len(decays) > 1:
+        raise ValueError(
+            f"{where} share one flat buffer (they differed only in lr and weight_decay when "
+            "they were added), so they must keep the same other hyperparameters and one "
+            "nonzero weight_decay (or 0)")
+    name, arguments = configs[0]
+    arguments = dict(arguments, learning_rate=1.0)
+    if "weight_decay" in arguments:
+        arguments["weight_decay"] = decays.pop() if decays else arguments["weight_decay"]
+    attributes = [(c[1]["learning_rate"], c[1].get("weight_decay") not in (None, 0.0))
+                  for c in configs]
+    return name, arguments, attributes
 
 
 def _slot_tensors(optimizer):
@@ -423,7 +460,10 @@ class FusedOptimizer(torch.optim.Optimizer):
             tensors = self._check_group(group, defaults, taken, device, f"param_groups[{i}]")
             taken.update(id(p) for p in tensors)
             device = tensors[0].device
+        self._initial_groups = True  # add_param_group: torch's bookkeeping only
         super().__init__(groups, defaults)  # calls add_param_group for each group
+        del self._initial_groups
+        self._add_buckets(range(len(self.param_groups)))
 
     def _check_group(self, group, defaults, taken, device, where):
         """Check a parameter group completely (its parameters and its hyperparameters)
@@ -455,19 +495,62 @@ class FusedOptimizer(torch.optim.Optimizer):
         """Add a group (a dict with 'params' and any hyperparameters); its parameters
         are flattened into new flat buffers of their own, stepped from 0 as torch
         steps new parameters. Raises before anything changes."""
+        if getattr(self, "_initial_groups", False):
+            super().add_param_group(param_group)  # checked by _setup, flattened after
+            return
         where = f"param_groups[{len(self.param_groups)}]"
         taken = {id(p) for g in self.param_groups for p in g["params"]}
         device = self._buckets[0].flat.device if self._buckets else None
-        tensors = self._check_group(param_group, self.defaults, taken, device, where)
+        self._check_group(param_group, self.defaults, taken, device, where)
         super().add_param_group(param_group)  # torch's bookkeeping: defaults, names
-        for same_dtype in _by_dtype(tensors):
-            flat = FlatParameters(same_dtype)
-            optimizer, config = self._new_fusedopt(param_group, where)
+        self._add_buckets([len(self.param_groups) - 1])
+
+    def _add_buckets(self, indices):
+        """Flatten the param groups `indices` (already checked): groups whose settings
+        differ only in lr and weight_decay (0 or one common value) share a flat buffer
+        per dtype and one fusedopt optimizer, with per-segment lr multipliers and
+        weight decay on/off (fusedopt.segments): one fused step for all of them."""
+        plans = []  # [shared config, dtype, [group index], [config], [tensor], [position]]
+        for i in indices:
+            config = self._fusedopt_config(self.param_groups[i], f"param_groups[{i}]")
+            for tensors in _by_dtype(self.param_groups[i]["params"]):
+                plan = next((b for b in plans if self._joins(b, config, tensors[0].dtype)),
+                            None)
+                if plan is None:
+                    plan = [_shared(config), tensors[0].dtype, [], [], [], []]
+                    plans.append(plan)
+                plan[2].append(i)
+                plan[3].append(config)
+                plan[4].extend(tensors)
+                plan[5].extend([len(plan[2]) - 1] * len(tensors))
+        for _, _, groups, configs, tensors, positions in plans:
+            flat = FlatParameters(tensors)
+            where = " and ".join(f"param_groups[{i}]" for i in groups)
+            optimizer = self._bucket_optimizer(positions, configs, where)
             optimizer.build(flat.flat_params)
-            bucket = _Bucket(len(self.param_groups) - 1, flat, optimizer, config)
+            bucket = _Bucket(groups, positions, flat, optimizer, configs)
             self._buckets.append(bucket)
-            for i, p in enumerate(flat.params):
-                self.state[p] = _ParameterState(self, bucket, i)
+            for k, p in enumerate(flat.params):
+                self.state[p] = _ParameterState(self, bucket, k)
+
+    @staticmethod
+    def _joins(plan, config, dtype):
+        decays = {c[1].get("weight_decay") for c in plan[3] + [config]} - {None, 0.0}
+        return (plan[0] == _shared(config) and plan[1] == dtype and len(decays) <= 1
+                and len(plan[2]) < MAX_GROUPS)
+
+    def _bucket_optimizer(self, segment_groups, configs, where):
+        """A new fusedopt optimizer (not built) for a bucket of groups with `configs`,
+        whose segment s belongs to the group configs[segment_groups[s]]."""
+        name, arguments, attributes = _merged(configs, where)
+        try:
+            optimizer = _get_optimizer({"class_name": name, "config": arguments})
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{where}: {e}") from e
+        optimizer.set_segment_attributes(
+            lr_multipliers=[attributes[g][0] for g in segment_groups],
+            decay=[attributes[g][1] for g in segment_groups])
+        return optimizer
 
     @property
     def flat_parameters(self):
@@ -509,26 +592,31 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _plan(self, bucket):
         """(stray gradients, the change of the bucket's optimizer or None): all checks
         of a step, with nothing changed yet."""
-        group = self.param_groups[bucket.group_index]
-        where = f"param_groups[{bucket.group_index}]"
+        where = bucket.where()
         bucket.flat.check_in_place(f"{where}['params']")
         strays = bucket.flat.stray_gradients(f"{where}['params']")
-        config = self._fusedopt_config(group, where)
-        if config == bucket.config:
+        configs = [self._fusedopt_config(self.param_groups[i], f"param_groups[{i}]")
+                   for i in bucket.groups]
+        if configs == bucket.configs:
             return strays, None
-        (name, arguments), (old_name, old_arguments) = config, bucket.config
-        if name == old_name and _without_lr(arguments) == _without_lr(old_arguments):
-            optimizer, lr = bucket.optimizer, arguments["learning_rate"]
+        name, arguments, attributes = _merged(configs, where)
+        if (name, arguments) == _merged(bucket.configs, where)[:2]:
+            # Only the groups' lrs or decay switches changed (an lr scheduler): new
+            # segment attributes, the same optimizer and state.
+            optimizer, segment_groups = bucket.optimizer, bucket.segment_groups
 
-            def set_learning_rate():
-                optimizer.learning_rate = lr
-                bucket.config = config
-            return strays, set_learning_rate
+            def set_attributes():
+                optimizer.set_segment_attributes(
+                    lr_multipliers=[attributes[g][0] for g in segment_groups],
+                    decay=[attributes[g][1] for g in segment_groups])
+                bucket.configs = configs
+            return strays, set_attributes
         # Another hyperparameter changed (a scheduler cycling betas, a user editing a
         # group): a new fusedopt optimizer with the same state, built through its public
         # API, so its own checks apply.
-        optimizer, _ = self._new_fusedopt(group, where)
+        optimizer = self._bucket_optimizer(bucket.segment_groups, configs, where)
         state = bucket.optimizer.state_dict()
+        state.pop("segment_attributes", None)  # the new optimizer's own apply
         state["optimizer"] = type(optimizer).__name__.lower()  # e.g. adam <-> adamw
         try:
             optimizer.load_state_dict(state)
@@ -536,7 +624,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{where}: this change alters the optimizer's state slots, "
                              f"which cannot change after construction: {e}") from e
         optimizer.build(bucket.flat.flat_params)
-        return strays, lambda: bucket.replace_optimizer(optimizer, config)
+        return strays, lambda: bucket.replace_optimizer(optimizer, configs)
 
     def _grad_scaler_request(self):
         """(scale or None, skip): what torch.amp.GradScaler asks of this step. GradScaler
@@ -592,18 +680,20 @@ class FusedOptimizer(torch.optim.Optimizer):
         groups, states = self._parse_state_dict(state_dict)
         changes = []
         for bucket in self._buckets:
-            index = bucket.group_index
-            saved = {**self.param_groups[index], **groups[index]}
-            optimizer, config = self._new_fusedopt(saved, f"state_dict['param_groups'][{index}]")
+            configs = [self._fusedopt_config({**self.param_groups[i], **groups[i]},
+                                             f"state_dict['param_groups'][{i}]")
+                       for i in bucket.groups]
+            where = " and ".join(f"state_dict['param_groups'][{i}]" for i in bucket.groups)
+            optimizer = self._bucket_optimizer(bucket.segment_groups, configs, where)
             fused_state = self._bucket_state(bucket, optimizer, states)
             if fused_state is not None:
                 optimizer.load_state_dict(fused_state)
             optimizer.build(bucket.flat.flat_params)
-            changes.append((bucket, optimizer, config))
+            changes.append((bucket, optimizer, configs))
         for group, saved in zip(self.param_groups, groups):
             group.update(saved)
-        for bucket, optimizer, config in changes:
-            bucket.replace_optimizer(optimizer, config)
+        for bucket, optimizer, configs in changes:
+            bucket.replace_optimizer(optimizer, configs)
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
@@ -669,10 +759,6 @@ def _read_scalars(*values):
     stacked = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(())
                            for v in values])
     return stacked.tolist()
-
-
-def _without_lr(arguments):
-    return {k: v for k, v in arguments.items() if k != "learning_rate"}
 
 
 def _learning_rate(lr, where):
