@@ -5,11 +5,12 @@
     opt = fusedopt.torch.FusedOptimizer(model.parameters(), "nadam")  # a Keras 3 rule
     loss.backward(); opt.step(); opt.zero_grad()
 
-Flattening: the parameters of each group and dtype are copied once into one 1-D
-tensor, and every `param.data` becomes a view of it; every `param.grad` becomes a view
-of a second flat tensor, so `backward()` accumulates straight into the flat gradients.
-fusedopt sees the same memory through DLPack (NumPy on the CPU, CuPy on a GPU): no
-copy, one fused step per flat buffer.
+Flattening: the parameters of each dtype are copied once into one 1-D tensor (one per
+set of param groups that differ only in lr and weight_decay), and every `param.data`
+becomes a view of it; every `param.grad` becomes a view of a second flat tensor, so
+`backward()` accumulates straight into the flat gradients. fusedopt sees the same
+memory through DLPack (NumPy on the CPU, CuPy on a GPU): no copy, one fused step per
+flat buffer, with each group's lr and weight decay carried per segment.
 
 Semantics: `FusedOptimizer(params, name, ...)` runs fusedopt's rule `name` with
 Keras 3 semantics and Keras' argument names (`lr` is torch's name for
@@ -382,10 +383,15 @@ class FusedOptimizer(torch.optim.Optimizer):
             clipnorm, ...). Each is also a key of every parameter group, so a group can
             set its own, e.g. {"params": biases, "weight_decay": 0.0}.
 
-    Each group's parameters are flattened, one flat buffer per dtype, and stepped by
-    their own fusedopt optimizer: one fused pass per group and dtype. Per-group
-    values are therefore exact for every rule; `clipnorm` is per parameter, and
-    `global_clipnorm` clips each group's (and dtype's) gradients together.
+    Parameter groups that differ only in `lr` and `weight_decay` (0, or one common
+    nonzero value) share one flat buffer per dtype and one fusedopt optimizer, with a
+    learning-rate multiplier and weight decay on/off per segment (fusedopt.segments):
+    one fused pass for all of them, each parameter stepped exactly with its group's lr.
+    Groups that differ in any other hyperparameter (betas, eps, amsgrad, ...) get flat
+    buffers and fused passes of their own. `clipnorm` is per parameter, and
+    `global_clipnorm` clips the gradients of each flat buffer together. Groups sharing a
+    buffer must keep sharing: a later edit giving one of them other hyperparameters
+    (or a second nonzero weight_decay) is refused at step().
 
     Differences from torch.optim:
         - zero_grad() zeroes the gradients in place (set_to_none is accepted but
