@@ -160,6 +160,41 @@ def test_emulated_attributes_changed_between_steps(emulator_libraries):
     assert_close(results[1], results[0], np.float64)
 
 
+def test_emulated_captured_step_uses_new_multipliers(emulator_libraries):
+    """A captured step replays with multipliers set after the capture (same grouping:
+    the group values are rewritten in place, the tables the graph reads are kept)."""
+    results = []
+    for emulated in (False, True):
+        opt, params = grouped("Adam", {}, np.float64, BIG_LAYOUT)
+        grads = fusedopt.FlatBuffer.from_arrays(random_grads(BIG_LAYOUT, np.float64, seed=8,
+                                                             steps=1)[0])
+        if emulated:
+            emulate(opt, params, emulator_libraries)
+            step = opt.cuda_graph(grads.data, params)
+        else:
+            def step():
+                opt.apply(grads, params)
+        step()
+        opt.set_segment_attributes(lr_multipliers=[m * 3 for m in MULTIPLIERS])
+        step()
+        results.append(params.data.copy())
+    assert_close(results[1:], results[:1], np.float64)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_host_threads_split_runs(dtype):
+    """Above the host's parallel threshold: threads' ranges start and end inside runs
+    of a group and inside clipped segments."""
+    layout = [(70001,), (3,), (50000,), (1,), (90000,), (13,)]
+    results = []
+    for executor in ("numpy", "host"):
+        opt, params = grouped("Adam", {}, dtype, layout, executor, clipnorm=5.0)
+        opt.num_threads = 4
+        results.append(run(opt, params, dtype, layout, steps=2))
+    assert opt._plan.threads_used == 4
+    assert_close(results[1], results[0], dtype)
+
+
 def test_host_attributes_changed_between_steps():
     results = []
     for executor in ("numpy", "host"):
