@@ -3,7 +3,8 @@
 The pipeline, in Keras 3's order, lives here and nowhere else:
 
     unscale (1/loss_scale_factor) -> clip (clipnorm per segment | global_clipnorm |
-    clipvalue) -> decoupled weight decay (p -= p*wd*lr) -> the rule -> iterations += 1
+    clipvalue) -> coupled weight decay (g += p*coupled_weight_decay, fusedopt's own) ->
+    decoupled weight decay (p -= p*wd*lr) -> the rule -> iterations += 1
 
 A subclass says only what its rule needs: its hyperparameters, its state slots and
 the per-step scalars its rule reads (`_rule_scalars`). The rule's math lives in
@@ -116,6 +117,9 @@ class FusedOptimizer:
             `fusedopt.schedules.LearningRateSchedule` (called with the iteration
             count before the step, 0 on the first step).
         weight_decay: decoupled weight decay, p <- p - p*weight_decay*lr before the rule.
+        coupled_weight_decay: fusedopt's own (not Keras'): an L2 term added to the
+            clipped gradient, g <- g + coupled_weight_decay*p (from p before any
+            decoupled decay), as torch.optim.Adam's `weight_decay`. None (default): off.
         clipnorm: clip each variable's (segment's) gradient to this L2 norm.
         global_clipnorm: clip all gradients together to this global L2 norm.
         clipvalue: clip each gradient element to [-clipvalue, clipvalue].
@@ -150,6 +154,7 @@ class FusedOptimizer:
 
     learning_rate = _LearningRate()
     weight_decay = Hyperparameter(check.optional_real, low=0.0)
+    coupled_weight_decay = Hyperparameter(check.optional_real, low=0.0)
     clipnorm = Hyperparameter(check.optional_real, low=0.0)
     clipvalue = Hyperparameter(check.optional_real, low=0.0)
     global_clipnorm = Hyperparameter(check.optional_real, low=0.0)
@@ -180,6 +185,7 @@ class FusedOptimizer:
         executor="auto",
         num_threads=None,
         segment_attributes=None,
+        coupled_weight_decay=None,
         **kwargs,
     ):
         # A subclass passes its own hyperparameters on in kwargs, so that all of them
@@ -212,7 +218,7 @@ class FusedOptimizer:
         self._set_hyperparameters(dict(
             learning_rate=learning_rate, weight_decay=weight_decay, clipnorm=clipnorm,
             clipvalue=clipvalue, global_clipnorm=global_clipnorm,
-            loss_scale_factor=loss_scale_factor,
+            loss_scale_factor=loss_scale_factor, coupled_weight_decay=coupled_weight_decay,
             name=name, **rule_values), notify=False)
 
     # ------------------------------------------------------------- hyperparameters
@@ -786,6 +792,8 @@ class FusedOptimizer:
         config.update({k: getattr(self, k) for k in self._hyperparameters})
         if self.skip_nonfinite:
             config["skip_nonfinite"] = True
+        if self.coupled_weight_decay is not None:  # fusedopt's own: absent by default
+            config["coupled_weight_decay"] = self.coupled_weight_decay
         segments = self._segment_request.to_config()
         if segments is not None:
             config["segment_attributes"] = segments

@@ -148,7 +148,7 @@ CHUNK = 1 << 16
 class ReferencePlan:
     """The NumPy executor for one optimizer on one layout (fusedopt.executor):
     the step's scalars from the optimizer's Python formulas (`_rule_scalars`, the
-    schedules), then unscale -> clip -> weight decay -> rule, chunk by chunk, then
+    schedules), then unscale -> clip -> weight decays -> rule, chunk by chunk, then
     count the step. Holds the counters [iterations, skipped steps, last step skipped]."""
 
     name = "numpy"
@@ -197,8 +197,9 @@ class ReferencePlan:
         opt = self.optimizer
         dt = p_all.dtype.type
         wd = dt(opt.weight_decay) if opt.weight_decay is not None else None
-        groups = [(dt(lr), tuple(dt(x) for x in scalars), wd if decay else None)
-                  for lr, scalars, decay in values]
+        l2 = dt(opt.coupled_weight_decay) if opt.coupled_weight_decay else None
+        groups = [(dt(lr), tuple(dt(x) for x in scalars), wd if decay else None,
+                   l2 if decay else None) for lr, scalars, decay in values]
         unscale = dt(1.0 / opt.loss_scale_factor) if opt.loss_scale_factor else None
         clipvalue = dt(opt.clipvalue) if opt.clipvalue else None
         factors = clip_factors(opt, g_all, self.offsets, unscale)
@@ -206,9 +207,11 @@ class ReferencePlan:
         scratch = np.empty(min(CHUNK, p_all.size), dtype=p_all.dtype)
         per_segment = bool(opt.clipnorm) or len(groups) > 1
         for start, stop, segment in _chunks(self.offsets, per_segment):
-            lr_t, c, wd = groups[segment_group[segment] if per_segment else 0]
+            lr_t, c, wd, l2 = groups[segment_group[segment] if per_segment else 0]
             g = g_all[start:stop]
-            if unscale is not None or factors is not None or clipvalue is not None:
+            p = p_all[start:stop]
+            if unscale is not None or factors is not None or clipvalue is not None \
+                    or l2 is not None:
                 g = _copy_into(scratch, g)
                 if unscale is not None:
                     g *= unscale
@@ -216,7 +219,8 @@ class ReferencePlan:
                     g *= dt(factors[segment if opt.clipnorm else 0])
                 if clipvalue is not None:
                     np.clip(g, -clipvalue, clipvalue, out=g)
-            p = p_all[start:stop]
+                if l2 is not None:  # coupled decay: L2 in the gradient, from p before decay
+                    g += p * l2
             if wd is not None:
                 p -= p * wd * lr_t
             rule(p, g, *[s[start:stop] if s is not None else None for s in slots], *c)

@@ -16,8 +16,8 @@ Semantics: `FusedOptimizer(params, name, ...)` runs fusedopt's rule `name` with
 Keras 3 semantics and Keras' argument names (`lr` is torch's name for
 `learning_rate`). `Adam` and `AdamW` take torch.optim's arguments and defaults and
 update as torch does (epsilon added after the bias correction, decoupled decay by
-lr*weight_decay). Not available yet (they need kernel or pipeline changes): torch
-Adam's coupled `weight_decay` (L2 added to the gradient), `maximize`, torch's SGD.
+lr*weight_decay, or for Adam without decoupled decay weight_decay*p added to the
+gradient: fusedopt's coupled_weight_decay). Not available yet: `maximize`, torch's SGD.
 
 Importing this module imports torch; `import fusedopt` never does.
 """
@@ -308,12 +308,22 @@ class _Bucket:
         return " and ".join(f"param_groups[{i}]" for i in self.groups)
 
 
+# The weight decays a group may switch off (fusedopt's decoupled one and the coupled L2
+# of torch's Adam); a per-segment decay switch turns both off.
+_DECAY_KEYS = ("weight_decay", "coupled_weight_decay")
+
+
 def _shared(config):
     """What param groups sharing one flat buffer must agree on: everything but the
-    learning rate and the weight decay."""
+    learning rate and the weight decays."""
     name, arguments = config
     return name, {k: v for k, v in arguments.items()
-                  if k not in ("learning_rate", "weight_decay")}
+                  if k != "learning_rate" and k not in _DECAY_KEYS}
+
+
+def _decays(config):
+    """A group's weight decays, 0 where unset: all 0 means decay off."""
+    return tuple(config[1].get(k) or 0.0 for k in _DECAY_KEYS)
 
 
 def _merged(configs, where):
@@ -323,7 +333,7 @@ def _merged(configs, where):
     a segment steps with exactly its group's lr; the groups' weight decays must be 0
     (decay off) or one common value. Raises ValueError naming `where` otherwise."""
     shared = _shared(configs[0])
-    decays = {c[1].get("weight_decay") for c in configs} - {None, 0.0}
+    decays = {_decays(c) for c in configs if any(_decays(c))}
     if any(_shared(c) != shared for c in configs) or len(decays) > 1:
         raise ValueError(
             f"{where} share one flat buffer (they differed only in lr and weight_decay when "
@@ -331,10 +341,9 @@ def _merged(configs, where):
             "nonzero weight_decay (or 0)")
     name, arguments = configs[0]
     arguments = dict(arguments, learning_rate=1.0)
-    if "weight_decay" in arguments:
-        arguments["weight_decay"] = decays.pop() if decays else arguments["weight_decay"]
-    attributes = [(c[1]["learning_rate"], c[1].get("weight_decay") not in (None, 0.0))
-                  for c in configs]
+    if decays:  # the one nonzero setting; the groups without decay switch it off
+        arguments.update({k: v for k, v in zip(_DECAY_KEYS, decays.pop()) if k in arguments})
+    attributes = [(c[1]["learning_rate"], any(_decays(c))) for c in configs]
     return name, arguments, attributes
 
 
@@ -541,7 +550,7 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     @staticmethod
     def _joins(plan, config, dtype):
-        decays = {c[1].get("weight_decay") for c in plan[3] + [config]} - {None, 0.0}
+        decays = {_decays(c) for c in plan[3] + [config] if any(_decays(c))}
         return (plan[0] == _shared(config) and plan[1] == dtype and len(decays) <= 1
                 and len(plan[2]) < MAX_GROUPS)
 
@@ -788,14 +797,14 @@ class Adam(FusedOptimizer):
 
     The update is torch's: epsilon is added after bias-correcting sqrt(v) (fusedopt's
     Adam with epsilon_after_bias_correction=True), and with decoupled_weight_decay
-    (or AdamW) p *= 1 - lr*weight_decay before it. `state[p]` holds torch's
+    (or AdamW) p *= 1 - lr*weight_decay before it; without, weight_decay*p is added to
+    the gradient (L2, fusedopt's coupled_weight_decay). `state[p]` holds torch's
     "step", "exp_avg", "exp_avg_sq" (and "max_exp_avg_sq" with amsgrad), and
     state_dict() has torch's layout, so checkpoints move between this class and
     torch.optim.Adam.
 
-    Not supported yet (a ValueError): weight_decay != 0 without decoupled decay (torch
-    adds wd*p to the gradient, an L2 term fusedopt's pipeline does not have),
-    maximize=True, capturable=True, differentiable=True. `foreach` and `fused` are
+    Not supported yet (a ValueError): maximize=True, capturable=True,
+    differentiable=True. `foreach` and `fused` are
     accepted and change nothing: the step is always one fused pass per flat buffer.
     """
 
@@ -831,11 +840,6 @@ class Adam(FusedOptimizer):
             raise ValueError(f"{where}['weight_decay'] must be finite and >= 0, got "
                              f"{weight_decay!r}")
         decoupled = self._always_decoupled or bool(group.get("decoupled_weight_decay"))
-        if weight_decay and not decoupled:
-            raise ValueError(
-                f"{where}['weight_decay']={weight_decay}: torch's Adam adds weight_decay*p to "
-                "the gradient (L2), which fusedopt does not implement yet; use "
-                "fusedopt.torch.AdamW (decoupled decay) or decoupled_weight_decay=True")
         if not isinstance(group["amsgrad"], bool):
             raise TypeError(f"{where}['amsgrad'] must be a bool, got {group['amsgrad']!r}")
         arguments = {"learning_rate": _learning_rate(group["lr"], f"{where}['lr']"),
@@ -843,7 +847,8 @@ class Adam(FusedOptimizer):
                      "amsgrad": group["amsgrad"], "epsilon_after_bias_correction": True}
         if decoupled:
             return "adamw", {**arguments, "weight_decay": weight_decay}
-        return "adam", arguments
+        # torch's Adam adds weight_decay*p to the gradient: fusedopt's coupled decay.
+        return "adam", {**arguments, "coupled_weight_decay": weight_decay or None}
 
 
 class AdamW(Adam):

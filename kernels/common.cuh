@@ -1,7 +1,7 @@
 // common.cuh: what every rule shares. Portability (the same code builds for the GPU
 // with NVRTC and for the host with a C++ compiler), NaN-propagating helpers matching
 // NumPy, the per-step scalar structs, and the gradient prologue of the pipeline:
-// unscale -> norm-clip factor -> clip by value -> decoupled weight decay.
+// unscale -> norm-clip factor -> clip by value -> coupled (L2) decay -> decoupled decay.
 #pragma once
 
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)
@@ -56,6 +56,7 @@ struct Prologue {
     T unscale;       // 1 / loss_scale_factor (1 when unset: multiplying by 1 is exact)
     T clipvalue;     // clip g to [-clipvalue, clipvalue] when > 0
     T weight_decay;  // p <- p - p*weight_decay*lr before the rule, when >= 0
+    T coupled_weight_decay;  // g <- g + coupled_weight_decay*p (L2 in the gradient), when > 0
 };
 
 // One step's learning rate (for weight decay) and the rule's scalars in the order of its
@@ -99,6 +100,9 @@ FO_HD void fused_element(T& p, T g, T& s0, T& s1, T& s2, T factor,
     g = g * pro.unscale;
     g = g * factor;
     if (pro.clipvalue > T(0)) g = fo_clip(g, -pro.clipvalue, pro.clipvalue);
+    // torch's Adam(weight_decay): the L2 term joins the clipped gradient, from p before
+    // any decoupled decay.
+    if (pro.coupled_weight_decay > T(0)) g = g + p * pro.coupled_weight_decay;
     if (pro.weight_decay >= T(0)) p = p - p * pro.weight_decay * st.lr;
     Rule::update(p, g, s0, s1, s2, st.c);
 }

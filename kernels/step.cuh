@@ -51,6 +51,7 @@ struct Hyper {
     double unscale;       // 1 / loss_scale_factor (1 when unset)
     double clipvalue;     // > 0: clip g to [-clipvalue, clipvalue]
     double weight_decay;  // >= 0: p <- p - p*weight_decay*lr; < 0: none (Keras' None)
+    double coupled_weight_decay;  // > 0: g <- g + coupled_weight_decay*p (L2, torch's Adam)
     double clipnorm;      // clipnorm or global_clipnorm: which one is the executor's layout
     double rule[FO_MAX_HYPER];  // the rule's hyperparameters: its class's _hyperparameters
     LearningRate lr;
@@ -190,5 +191,6 @@ FO_HD Prologue<T> fo_prologue(const Hyper& h, bool decay = true) {
     pro.unscale = (T)h.unscale;
     pro.clipvalue = (T)h.clipvalue;
     pro.weight_decay = decay ? (T)h.weight_decay : T(-1);
+    pro.coupled_weight_decay = decay ? (T)h.coupled_weight_decay : T(0);
     return pro;
 }

@@ -84,6 +84,25 @@ def test_reference_equals_separate_optimizers_bitwise(case, options, dtype):
             np.testing.assert_array_equal(x[a:b], y, err_msg=f"segment {s}, buffer {k}")
 
 
+@pytest.mark.parametrize("executor", ["numpy", "host"])
+def test_decay_off_also_turns_coupled_decay_off(executor):
+    """torch's Adam(weight_decay) is fusedopt's coupled decay (L2 in the gradient); a
+    segment with decay off gets neither decay."""
+    layout = [(40,), (9,)]
+    params = fusedopt.FlatBuffer.from_arrays(random_params(layout, np.float64, seed=3))
+    opt = fusedopt.Adam(0.01, coupled_weight_decay=0.1, executor=executor)
+    opt.set_segment_attributes(lr_multipliers=[1.0, 2.0], decay=[True, False])
+    grads = random_grads(layout, np.float64, seed=4, steps=3)
+    for g in grads:
+        opt.apply(fusedopt.FlatBuffer.from_arrays(g), params)
+    for s, (options, lr) in enumerate([({"coupled_weight_decay": 0.1}, 0.01), ({}, 0.02)]):
+        alone = fusedopt.FlatBuffer.from_arrays([random_params(layout, np.float64, seed=3)[s]])
+        ref = fusedopt.Adam(lr, **options, executor="numpy")
+        for g in grads:
+            ref.apply(fusedopt.FlatBuffer.from_arrays([g[s]]), alone)
+        np.testing.assert_allclose(params[s], alone.data, rtol=1e-13, atol=1e-15)
+
+
 def test_multiplier_and_decay_change_the_result():
     """The oracle test can fail: a group's multiplier or decay switch is not ignored."""
     plain = run(*grouped("AdamW", {}, np.float64), np.float64)

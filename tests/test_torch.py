@@ -364,6 +364,16 @@ def test_groups_without_decay_on_biases_share_one_buffer_and_one_step(impl, monk
     assert table.decay == tuple(p.ndim > 1 for p in flat.params)
 
 
+@pytest.mark.parametrize("impl", TORCH_IMPLEMENTATIONS)
+def test_adam_l2_groups_without_decay_share_one_buffer(impl):
+    options = {"lr": 0.01, "weight_decay": 0.1}
+    models, opts = run_against_torch(lambda p: ft.Adam(_no_decay_groups(p), **options),
+                                     lambda p: torch.optim.Adam(_no_decay_groups(p), **options,
+                                                                **impl))
+    assert_same_state(models, opts)
+    assert len(opts[0].flat_parameters) == 1
+
+
 def test_groups_differing_in_other_hyperparameters_keep_separate_buffers():
     params = list(mlp().parameters())
     opt = ft.AdamW([{"params": params[:2]}, {"params": params[2:], "betas": (0.5, 0.9)}])
@@ -440,6 +450,11 @@ ADAM_CASES = [
     pytest.param(ft.Adam, torch.optim.Adam, {"lr": 0.01, "amsgrad": True}, id="adam-amsgrad"),
     pytest.param(ft.Adam, torch.optim.Adam, {"lr": 0.01, "weight_decay": 0.1,
                                              "decoupled_weight_decay": True}, id="adam-decoupled"),
+    # torch's coupled decay: weight_decay*p added to the gradient (fusedopt's
+    # coupled_weight_decay).
+    pytest.param(ft.Adam, torch.optim.Adam, {"lr": 0.01, "weight_decay": 0.1}, id="adam-l2"),
+    pytest.param(ft.Adam, torch.optim.Adam, {"lr": 0.01, "weight_decay": 0.05, "amsgrad": True},
+                 id="adam-l2-amsgrad"),
 ]
 
 
@@ -771,7 +786,6 @@ def test_two_optimizers_cannot_share_parameters():
 
 
 @pytest.mark.parametrize("make, error, message", [
-    (lambda p: ft.Adam(p, weight_decay=0.01), ValueError, "L2"),
     (lambda p: ft.Adam(p, maximize=True), ValueError, "maximize"),
     (lambda p: ft.Adam(p, capturable=True), ValueError, "capturable"),
     (lambda p: ft.AdamW(p, differentiable=True), ValueError, "differentiable"),
