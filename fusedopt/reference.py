@@ -148,7 +148,7 @@ CHUNK = 1 << 16
 class ReferencePlan:
     """The NumPy executor for one optimizer on one layout (fusedopt.executor):
     the step's scalars from the optimizer's Python formulas (`_rule_scalars`, the
-    schedules), then unscale -> clip -> weight decay -> rule, chunk by chunk, then
+    schedules), then unscale -> clip -> weight decays -> rule, chunk by chunk, then
     count the step. Holds the counters [iterations, skipped steps, last step skipped]."""
 
     name = "numpy"
@@ -171,11 +171,14 @@ class ReferencePlan:
             self.counters[1] += 1
             self.counters[2] = True
             return
-        lr, scalars = self.optimizer._step_scalars(self.counters[0], host_learning_rate)
+        pairs, segment_group = self.optimizer._segment_groups()
+        # Each group's rate and scalars: m*lr, then the rule's scalars from it.
+        values = [self.optimizer._step_scalars(self.counters[0], host_learning_rate, m)
+                  + (decay,) for m, decay in pairs]
         # Non-finite gradients propagate as in Keras (or are skipped above); NumPy's
         # warnings about them would only repeat that.
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            self._pipeline(params_data, grads, slots, lr, scalars)
+            self._pipeline(params_data, grads, slots, values, segment_group)
         self.counters[0] += 1
         self.counters[2] = False
 
@@ -188,19 +191,27 @@ class ReferencePlan:
     def write_state(self, iterations, skipped_steps, last_step_skipped):
         self.counters = [iterations, skipped_steps, last_step_skipped]
 
-    def _pipeline(self, p_all, g_all, slots, lr, scalars):
+    def _pipeline(self, p_all, g_all, slots, values, segment_group):
+        """`values`: (lr, scalars, decay on) of each segment group; `segment_group`:
+        each segment's group (fusedopt.segments)."""
         opt = self.optimizer
         dt = p_all.dtype.type
-        c = tuple(dt(x) for x in scalars)
-        lr_t, wd = dt(lr), (dt(opt.weight_decay) if opt.weight_decay is not None else None)
+        wd = dt(opt.weight_decay) if opt.weight_decay is not None else None
+        l2 = dt(opt.coupled_weight_decay) if opt.coupled_weight_decay else None
+        groups = [(dt(lr), tuple(dt(x) for x in scalars), wd if decay else None,
+                   l2 if decay else None) for lr, scalars, decay in values]
         unscale = dt(1.0 / opt.loss_scale_factor) if opt.loss_scale_factor else None
         clipvalue = dt(opt.clipvalue) if opt.clipvalue else None
         factors = clip_factors(opt, g_all, self.offsets, unscale)
         rule = globals()[opt.rule]
         scratch = np.empty(min(CHUNK, p_all.size), dtype=p_all.dtype)
-        for start, stop, segment in _chunks(self.offsets, per_segment=bool(opt.clipnorm)):
+        per_segment = bool(opt.clipnorm) or len(groups) > 1
+        for start, stop, segment in _chunks(self.offsets, per_segment):
+            lr_t, c, wd, l2 = groups[segment_group[segment] if per_segment else 0]
             g = g_all[start:stop]
-            if unscale is not None or factors is not None or clipvalue is not None:
+            p = p_all[start:stop]
+            if unscale is not None or factors is not None or clipvalue is not None \
+                    or l2 is not None:
                 g = _copy_into(scratch, g)
                 if unscale is not None:
                     g *= unscale
@@ -208,7 +219,8 @@ class ReferencePlan:
                     g *= dt(factors[segment if opt.clipnorm else 0])
                 if clipvalue is not None:
                     np.clip(g, -clipvalue, clipvalue, out=g)
-            p = p_all[start:stop]
+                if l2 is not None:  # coupled decay: L2 in the gradient, from p before decay
+                    g += p * l2
             if wd is not None:
                 p -= p * wd * lr_t
             rule(p, g, *[s[start:stop] if s is not None else None for s in slots], *c)
@@ -267,7 +279,7 @@ def _all_finite(g):
 
 def _chunks(offsets, per_segment):
     """(start, stop, segment) ranges of at most CHUNK elements; with per_segment they
-    never straddle a segment boundary (each segment has its own clip factor)."""
+    never straddle a segment boundary (each segment has its own clip factor and group)."""
     if per_segment:
         for segment, (a, b) in enumerate(zip(offsets[:-1], offsets[1:])):
             for start in range(a, b, CHUNK):

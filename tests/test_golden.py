@@ -34,7 +34,7 @@ G = [  # one row per step, flat in LAYOUT order; signs and magnitudes vary per s
 
 # ------------------------------------------------------- the oracle: defaults (§8)
 COMMON = dict(weight_decay=None, clipnorm=None, global_clipnorm=None, clipvalue=None,
-              loss_scale_factor=None)
+              loss_scale_factor=None, coupled_weight_decay=None)
 DEFAULTS = {
     "SGD": dict(learning_rate=0.01, momentum=0.0, nesterov=False),
     "RMSprop": dict(learning_rate=0.001, rho=0.9, momentum=0.0, epsilon=1e-7, centered=False),
@@ -215,6 +215,8 @@ def golden(cls_name, kwargs, lr_at=None, sizes=SIZES, p0=P0, grads=G):
     for it, g in enumerate(grads):
         lr = lr_at(it) / (1 + decay * it)
         g = preprocess(g, h, sizes)
+        if h["coupled_weight_decay"]:  # torch Adam's L2: from p before decoupled decay
+            g = [gx + h["coupled_weight_decay"] * x for gx, x in zip(g, p)]
         if h["weight_decay"]:
             p = [x * (1 - h["weight_decay"] * lr) for x in p]
         p = [RULES[cls_name](h, s, x, gx, lr, it + 1) for s, x, gx in zip(state, p, g)]
