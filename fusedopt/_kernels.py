@@ -159,11 +159,16 @@ def _check(nvrtc, result, what):
 
 def _nvrtc_output(nvrtc, program, get_size, get):
     """The bytes NVRTC reports, exactly: a cubin is an ELF image whose last bytes may
-    be zeros, so only text outputs (the log, the PTX) are stripped of their NUL."""
+    be zeros, so only text outputs (the log, the PTX) are stripped of their NUL.
+
+    NVRTC writes into the buffer, so it must be a bytearray: an immutable bytes
+    object of one byte (an empty log) is CPython's shared b" ", and writing its NUL
+    there turned every later b" " * k in the process into zeros (checkpoint headers
+    came out padded with NUL)."""
     size = _check(nvrtc, get_size(program), get.__name__)
-    buffer = b" " * size
+    buffer = bytearray(size)
     _check(nvrtc, get(program, buffer), get.__name__)
-    return buffer
+    return bytes(buffer)
 
 
 def compile_cubin(source, arch, name="fusedopt.cu"):

@@ -74,7 +74,7 @@ def save(path, optimizer, params):
         meta["segment_attributes"] = state["segment_attributes"]
     if params.names is not None:
         meta["names"] = list(params.names)
-    _write_atomically(path, _container_writer(path, arrays, meta), verify=_read)
+    _write_atomically(path, _container_writer(path, arrays, meta))
 
 
 def _check_folder_exists(path):
@@ -183,38 +183,16 @@ def _container_writer(path, arrays, meta):
     return lambda f: np.savez(f, **npz)
 
 
-# Writes of a checkpoint that did not read back before one is refused (see below).
-WRITE_ATTEMPTS = 3
-
-
-def _write_atomically(path, write, verify=None):
-    """Call `write(f)` on a new file that then replaces `path` in one rename.
-
-    With `verify` (a reader that raises ValueError on a bad file) the new file is read
-    back before the rename, so `save` never puts a file `load` would refuse in place of
-    a good one. Under heavy concurrent load the test suite saw, a few times, a freshly
-    written checkpoint read back with its header's padding bytes zeroed (cause not
-    found); such a file is written again, and after WRITE_ATTEMPTS refused with an
-    OSError, the previous checkpoint left intact."""
+def _write_atomically(path, write):
+    """Call `write(f)` on a new file that then replaces `path` in one rename."""
     directory = os.path.dirname(os.path.abspath(path))
     tmp = None
     try:
-        for attempt in range(1, WRITE_ATTEMPTS + 1):
-            tmp, fd = _create_temporary(directory)
-            with os.fdopen(fd, "wb") as f:
-                write(f)
-                f.flush()
-                os.fsync(f.fileno())
-            problem = _read_back_problem(tmp, verify)
-            if problem is None:
-                break
-            os.unlink(tmp)
-            tmp = None
-            if attempt == WRITE_ATTEMPTS:
-                raise OSError(errno.EIO, f"the written checkpoint did not read back "
-                                         f"({WRITE_ATTEMPTS} attempts): {problem}")
-            warnings.warn(f"checkpoint {path!r}: the written file did not read back "
-                          f"({problem}); writing it again", RuntimeWarning, stacklevel=3)
+        tmp, fd = _create_temporary(directory)
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
         if tmp is not None and os.path.exists(tmp):
@@ -224,16 +202,6 @@ def _write_atomically(path, write, verify=None):
             raise type(e)(e.errno, f"cannot save a checkpoint: {e.strerror}", path) from e
         raise
     _fsync_directory(directory)
-
-
-def _read_back_problem(tmp, verify):
-    if verify is None:
-        return None
-    try:
-        verify(tmp)
-    except ValueError as e:
-        return str(e)
-    return None
 
 
 def _create_temporary(directory):
