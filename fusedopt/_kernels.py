@@ -159,11 +159,16 @@ def _check(nvrtc, result, what):
 
 def _nvrtc_output(nvrtc, program, get_size, get):
     """The bytes NVRTC reports, exactly: a cubin is an ELF image whose last bytes may
-    be zeros, so only text outputs (the log, the PTX) are stripped of their NUL."""
+    be zeros, so only text outputs (the log, the PTX) are stripped of their NUL.
+
+    NVRTC writes into the buffer, so it must be a bytearray: an immutable bytes
+    object of one byte (an empty log) is CPython's shared b" ", and writing its NUL
+    there turned every later b" " * k in the process into zeros (checkpoint headers
+    came out padded with NUL)."""
     size = _check(nvrtc, get_size(program), get.__name__)
-    buffer = b" " * size
+    buffer = bytearray(size)
     _check(nvrtc, get(program, buffer), get.__name__)
-    return buffer
+    return bytes(buffer)
 
 
 def compile_cubin(source, arch, name="fusedopt.cu"):
@@ -241,7 +246,7 @@ LEARNING_RATE = np.dtype([
 ])
 HYPER = np.dtype([
     ("unscale", np.float64), ("clipvalue", np.float64), ("weight_decay", np.float64),
-    ("clipnorm", np.float64), ("rule", np.float64, (MAX_HYPER,)), ("lr", LEARNING_RATE),
+    ("coupled_weight_decay", np.float64), ("clipnorm", np.float64), ("rule", np.float64, (MAX_HYPER,)), ("lr", LEARNING_RATE),
 ])
 STEP_STATE = np.dtype([
     ("iterations", np.int64), ("skipped_steps", np.int64), ("last_step_skipped", np.int64),
@@ -296,7 +301,7 @@ def pack_learning_rate(spec, decay=0.0):
 
 
 def pack_hyper(learning_rate, rule, loss_scale_factor=None, clipvalue=None,
-               weight_decay=None, clipnorm=None):
+               weight_decay=None, clipnorm=None, coupled_weight_decay=None):
     """The Hyper block: `learning_rate` from pack_learning_rate, `rule` the rule's
     hyperparameters (its class's _hyperparameters, in order), the pipeline's options
     with their Keras spellings (None: off)."""
@@ -306,6 +311,7 @@ def pack_hyper(learning_rate, rule, loss_scale_factor=None, clipvalue=None,
     out["unscale"] = 1.0 / loss_scale_factor if loss_scale_factor else 1.0
     out["clipvalue"] = clipvalue or 0.0
     out["weight_decay"] = -1.0 if weight_decay is None else weight_decay
+    out["coupled_weight_decay"] = coupled_weight_decay or 0.0
     out["clipnorm"] = clipnorm or 0.0
     out["rule"][: len(rule)] = rule
     out["lr"] = learning_rate
@@ -324,7 +330,8 @@ def optimizer_hyper(opt, host_learning_rate=0.0):
     if host_evaluated:
         lr = pack_learning_rate(float(host_learning_rate), opt._decay)
     hyper = pack_hyper(lr, opt._device_hyperparameters(), opt.loss_scale_factor,
-                       opt.clipvalue, opt.weight_decay, opt.clipnorm or opt.global_clipnorm)
+                       opt.clipvalue, opt.weight_decay, opt.clipnorm or opt.global_clipnorm,
+                       opt.coupled_weight_decay)
     return hyper, host_evaluated
 
 
@@ -338,7 +345,8 @@ def pack_step_state(iterations, skipped_steps=0, last_step_skipped=False, produc
 # The host build's tests also run the element math with Python's own scalars.
 def prologue_dtype(dtype):
     """numpy mirror of Prologue<T> in common.cuh."""
-    return np.dtype([("unscale", dtype), ("clipvalue", dtype), ("weight_decay", dtype)])
+    return np.dtype([("unscale", dtype), ("clipvalue", dtype), ("weight_decay", dtype),
+                     ("coupled_weight_decay", dtype)])
 
 
 def step_scalars_dtype(dtype):
@@ -346,11 +354,12 @@ def step_scalars_dtype(dtype):
     return np.dtype([("lr", dtype), ("c", dtype, (MAX_SCALARS,))])
 
 
-def pack_prologue(dtype, loss_scale_factor, clipvalue, weight_decay):
+def pack_prologue(dtype, loss_scale_factor, clipvalue, weight_decay, coupled_weight_decay=None):
     out = np.zeros(1, prologue_dtype(dtype))
     out["unscale"] = 1.0 / loss_scale_factor if loss_scale_factor else 1.0
     out["clipvalue"] = clipvalue or 0.0
     out["weight_decay"] = -1.0 if weight_decay is None else weight_decay
+    out["coupled_weight_decay"] = coupled_weight_decay or 0.0
     return out
 
 

@@ -4,7 +4,8 @@
     opt, params = fusedopt.load("run.safetensors", device="gpu")
 
 The file holds the parameter buffer, every state slot, the layout, the optimizer's
-config, its iteration and skip counters, and a SHA-256 of every array. It is
+config, its iteration and skip counters, the per-segment attributes (lr multipliers,
+weight decay on/off) and segment names when set, and a SHA-256 of every array. It is
 written to a temporary file in the same directory, flushed to disk and renamed over
 the target, so a crash mid-save leaves the previous checkpoint intact. Loading
 checks everything before building or changing anything: a truncated, corrupt or
@@ -72,6 +73,10 @@ def save(path, optimizer, params):
         "layout": state["layout"],
         "sha256": {k: _digest(v) for k, v in arrays.items()},
     }
+    if "segment_attributes" in state:  # per-segment lr multipliers and weight decay
+        meta["segment_attributes"] = state["segment_attributes"]
+    if params.names is not None:
+        meta["names"] = list(params.names)
     _write_atomically(path, _container_writer(path, arrays, meta))
 
 
@@ -125,9 +130,12 @@ def load(path, device="cpu", optimizer=None, params=None):
         "skipped_steps": meta["skipped_steps"],
         "last_step_skipped": meta["last_step_skipped"],
     }
+    if "segment_attributes" in meta:
+        state["segment_attributes"] = meta["segment_attributes"]
     _check_target(path, optimizer, params, layout, device, state)
     if params is None:
-        params = FlatBuffer(cuda.to_device(arrays["params"], device), list(layout.shapes))
+        params = FlatBuffer(cuda.to_device(arrays["params"], device), list(layout.shapes),
+                            meta.get("names"))
     else:
         with cuda.on_device(params.device):
             params.data[...] = cuda.to_device(arrays["params"], params.device)

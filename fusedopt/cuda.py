@@ -304,17 +304,30 @@ class StepPlan:
         return self.tiles.grid(self.backend.sm_count, blocks)
 
     def _build_tables(self):
-        """The tile tables and scratch for the current clip mode: built here, when the
-        mode is set, never inside a step (a step allocates nothing)."""
+        """The tile tables and scratch for the current clip mode and segment groups:
+        built here, when they are set, never inside a step (a step allocates nothing)."""
+        from . import segments
+
         xp, k, opt = self.backend.xp, self._k, self.optimizer
         self.mode = self.clip_mode()
-        tiles = k.TileTable(self.offsets, per_segment=(self.mode == "segment"),
-                            sm_count=self.backend.sm_count)
+        pairs, segment_group = opt._segment_groups()
+        if self.mode == "segment":  # tiles inside segments, so inside groups too
+            tiles = k.TileTable(self.offsets, per_segment=True, sm_count=self.backend.sm_count)
+            tile_group = np.asarray(segment_group, dtype=np.int32)[tiles.segment]
+        else:  # tiles inside runs of one group (one run without groups)
+            runs, run_group = segments.group_runs(self.offsets, segment_group)
+            tiles = k.TileTable(runs, per_segment=True, sm_count=self.backend.sm_count)
+            tile_group = run_group[tiles.segment]
         self.tiles = tiles
+        self.group_structure = (len(pairs), tuple(segment_group))
         self.tile_start = xp.asarray(tiles.start)
         self.tile_segment = xp.asarray(tiles.segment)
-        self.segment_tiles = xp.asarray(tiles.segment_tiles)
-        self.nsegments = len(tiles.segment_tiles) - 1
+        self.tile_group = xp.asarray(tile_group)
+        self.groups = xp.asarray(segments.group_values(pairs))
+        # Norm sums per segment (clipnorm) or over every tile (global_clipnorm).
+        self.segment_tiles = xp.asarray(tiles.segment_tiles if self.mode == "segment"
+                                        else np.array([0, tiles.count], dtype=np.int64))
+        self.nsegments = len(tiles.segment_tiles) - 1 if self.mode == "segment" else 1
         reduce = self.mode is not None or opt.skip_nonfinite
         self.partial = xp.zeros(tiles.count, dtype=np.float64) if reduce else None
         self.tile_nonfinite = (xp.zeros(tiles.count, dtype=np.int32)
@@ -334,11 +347,19 @@ class StepPlan:
 
     # ----------------------------------------------------------- the step state
     def hyperparameters_changed(self, name):
-        """A hyperparameter was set (`name`, or None for any): new tables if the clip
-        mode changed, and the block rewritten, queued on the current stream."""
+        """A hyperparameter was set (`name`, or None for any; "segment_attributes" for
+        the segment table): new tables if the clip mode or the grouping of segments
+        changed, else new group values written in place (a captured step keeps
+        working), and the block rewritten, queued on the current stream."""
         with self.backend.on_device():
-            if self.clip_mode() != self.mode:
+            pairs, segment_group = self.optimizer._segment_groups()
+            if self.clip_mode() != self.mode or \
+                    (len(pairs), tuple(segment_group)) != self.group_structure:
                 self._build_tables()
+            else:
+                from . import segments
+
+                self.groups[...] = self.backend.xp.asarray(segments.group_values(pairs))
             self.write_hyperparameters()
         if name in self.optimizer._running_product_inputs:
             # The product is a function of the step count and these hyperparameters
@@ -411,8 +432,9 @@ class StepPlan:
         s = list(slots) + [None] * (3 - len(slots))
         self._enqueue(opt.rule, f"fusedopt_{opt.rule}", self.update_grid, self._k.BLOCK, (
             params_data, grads, s[0], s[1], s[2], self.tile_start, self.tile_segment,
-            np.int64(self.tiles.count), self.factors,
-            np.int32(1 if mode == "global" else self.nsegments), self.hyper, self.state))
+            self.tile_group, np.int64(self.tiles.count), self.factors,
+            np.int32(1 if mode == "global" else self.nsegments), self.groups,
+            np.int32(self.groups.size // 2), self.hyper, self.state))
 
     def _enqueue(self, rule, name, grid, block, args):
         if not self._capturing:

@@ -25,11 +25,14 @@ class FlatBuffer:
         data: a contiguous 1-D NumPy or CuPy array of float32 or float64.
         shapes: the shape of each variable, in order; their sizes must add up to
             `data.size`.
+        names: optional, a name per variable (strings), e.g. "dense/bias": what an
+            optimizer's exclude_from_weight_decay(var_names=...) matches. Names are not
+            part of the layout: buffers differing only in names are interchangeable.
 
     The buffer is used as is (not copied): the FlatBuffer aliases `data`.
     """
 
-    def __init__(self, data, shapes):
+    def __init__(self, data, shapes, names=None):
         if not (isinstance(data, np.ndarray) or cuda.is_gpu_array(data)):
             raise TypeError(
                 f"`data` must be a NumPy or CuPy array, got {type(data).__name__}"
@@ -45,6 +48,7 @@ class FlatBuffer:
             raise ValueError(
                 f"`shapes` hold {sum(sizes)} elements but `data` has {data.size}"
             )
+        self._names = _check_names(names, len(shapes))
         self._data = data
         self._shapes = shapes
         self._offsets = tuple(int(x) for x in np.concatenate(([0], np.cumsum(sizes, dtype=np.int64))))
@@ -55,7 +59,7 @@ class FlatBuffer:
 
     # ------------------------------------------------------------------ creation
     @classmethod
-    def from_arrays(cls, arrays, dtype=None):
+    def from_arrays(cls, arrays, dtype=None, names=None):
         """Copy `arrays` (a list of NumPy arrays, or of CuPy arrays) into one new
         contiguous buffer, one segment per array.
 
@@ -96,10 +100,12 @@ class FlatBuffer:
         device = kinds.pop() if kinds else "cpu"
         xp = cuda.module_for(device)
         shapes = [tuple(a.shape) for a in arrays]
+        names = _check_names(names, len(shapes))
         flat = cls.zeros(shapes, dtype, device=device)
         with cuda.on_device(device):
             for view, a in zip(flat.views(), arrays):
                 view[...] = xp.asarray(a, dtype=dtype)
+        flat._names = names
         return flat
 
     @classmethod
@@ -127,6 +133,11 @@ class FlatBuffer:
     @property
     def shapes(self):
         return self._shapes
+
+    @property
+    def names(self):
+        """The segments' names (a tuple of strings), or None."""
+        return self._names
 
     @property
     def offsets(self):
@@ -202,11 +213,12 @@ class FlatBuffer:
 
     def full_like(self, value):
         with cuda.on_device(self.device):
-            return FlatBuffer(self.xp.full(self.size, value, dtype=self.dtype), self._shapes)
+            return FlatBuffer(self.xp.full(self.size, value, dtype=self.dtype), self._shapes,
+                              self._names)
 
     def copy(self):
         with cuda.on_device(self.device):
-            return FlatBuffer(self._data.copy(), self._shapes)
+            return FlatBuffer(self._data.copy(), self._shapes, self._names)
 
     def to(self, device):
         """A copy on `device` ("cpu", "gpu", "gpu:N"); the same object if already there."""
@@ -215,7 +227,7 @@ class FlatBuffer:
         device = cuda.normalize_device(device)
         if device == self.device:
             return self
-        return FlatBuffer(cuda.to_device(self._data, device), self._shapes)
+        return FlatBuffer(cuda.to_device(self._data, device), self._shapes, self._names)
 
 
 class Layout(tuple):
@@ -280,6 +292,21 @@ def _check_dtype(name, dtype):
     if dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"`{name}` must be float32 or float64, got {dtype}")
     return dtype
+
+
+def _check_names(names, count):
+    if names is None:
+        return None
+    if isinstance(names, (str, bytes)) or not hasattr(names, "__iter__"):
+        raise TypeError(f"`names` must be a list of strings, one per variable, got "
+                        f"{type(names).__name__}")
+    names = tuple(names)
+    for i, n in enumerate(names):
+        if not isinstance(n, str):
+            raise TypeError(f"`names[{i}]` must be a string, got {type(n).__name__}")
+    if len(names) != count:
+        raise ValueError(f"`names` has {len(names)} entries but there are {count} variables")
+    return names
 
 
 def _normalize_shapes(shapes):

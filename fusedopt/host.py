@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import _kernels
+from . import _kernels, segments
 
 # Bumped when the way libraries are built changes in a way the key does not see.
 CACHE_FORMAT = 1
@@ -293,6 +293,11 @@ class _Plan(ctypes.Structure):
         ("nonfinite", ctypes.c_void_p),
         ("num_threads", ctypes.c_int),
         ("threads_used", ctypes.c_int),
+        ("run_start", ctypes.c_void_p),
+        ("run_group", ctypes.c_void_p),
+        ("nruns", ctypes.c_longlong),
+        ("groups", ctypes.c_void_p),
+        ("ngroups", ctypes.c_longlong),
     ]
 
 
@@ -331,10 +336,12 @@ class HostPlan:
         self.hyperparameters_changed(None)
 
     def hyperparameters_changed(self, name):
-        """Rewrite the hyperparameter block; new tile tables if the clip option changed."""
+        """Rewrite the hyperparameter block and the segment groups; new tile tables if
+        the clip option changed."""
         block, self.host_learning_rate = _kernels.optimizer_hyper(self.optimizer)
         self.hyper[...] = block
         opt = self.optimizer
+        self._write_groups()
         mode = "segment" if opt.clipnorm else "global" if opt.global_clipnorm else None
         if mode != self._mode:
             # The update runs over self.tiles; sums per segment need tiles that never
@@ -355,6 +362,15 @@ class HostPlan:
             # The running product (Nadam's) is a function of the step count and these
             # hyperparameters: recompute it, as the NumPy executor does.
             self.write_state(*self.read_state())
+
+    def _write_groups(self):
+        """The segment groups' values and runs (fusedopt/segments.py) for the library."""
+        pairs, segment_group = self.optimizer._segment_groups()
+        runs, run_group = segments.group_runs(self.offsets.tolist(), segment_group)
+        self._groups = (runs, run_group, segments.group_values(pairs))
+        plan = self._plan
+        plan.run_start, plan.run_group, plan.groups = (a.ctypes.data for a in self._groups)
+        plan.nruns, plan.ngroups = len(run_group), len(pairs)
 
     @property
     def next_iteration(self):

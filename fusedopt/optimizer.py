@@ -3,7 +3,8 @@
 The pipeline, in Keras 3's order, lives here and nowhere else:
 
     unscale (1/loss_scale_factor) -> clip (clipnorm per segment | global_clipnorm |
-    clipvalue) -> decoupled weight decay (p -= p*wd*lr) -> the rule -> iterations += 1
+    clipvalue) -> coupled weight decay (g += p*coupled_weight_decay, fusedopt's own) ->
+    decoupled weight decay (p -= p*wd*lr) -> the rule -> iterations += 1
 
 A subclass says only what its rule needs: its hyperparameters, its state slots and
 the per-step scalars its rule reads (`_rule_scalars`). The rule's math lives in
@@ -23,6 +24,7 @@ import numpy as np
 
 from . import _kernels, cuda, schedules
 from . import _validate as check
+from .segments import SegmentRequest
 from . import executor as executors
 from .flat import SUPPORTED_DTYPES, FlatBuffer, Layout, _span
 from .reference import COLUMNS, PARAMS, ROWS, slot_shapes  # noqa: F401 (slot specs use them)
@@ -120,6 +122,9 @@ class FusedOptimizer:
             `fusedopt.schedules.LearningRateSchedule` (called with the iteration
             count before the step, 0 on the first step).
         weight_decay: decoupled weight decay, p <- p - p*weight_decay*lr before the rule.
+        coupled_weight_decay: fusedopt's own (not Keras'): an L2 term added to the
+            clipped gradient, g <- g + coupled_weight_decay*p (from p before any
+            decoupled decay), as torch.optim.Adam's `weight_decay`. None (default): off.
         clipnorm: clip each variable's (segment's) gradient to this L2 norm.
         global_clipnorm: clip all gradients together to this global L2 norm.
         clipvalue: clip each gradient element to [-clipvalue, clipvalue].
@@ -135,6 +140,9 @@ class FusedOptimizer:
             reference). CuPy buffers always run the CUDA kernels ("auto" or "cuda").
         num_threads: threads of the host executor; None (default) uses every core
             this process may run on. Results do not depend on it.
+        segment_attributes: per-segment learning-rate multipliers and weight decay
+            on/off, as get_config() writes them (see set_segment_attributes and
+            exclude_from_weight_decay); None (default): every segment alike.
     executor and num_threads are not hyperparameters: they are not in get_config().
     Keras 2 spellings are accepted: `lr=` (alias of learning_rate) and `decay=`
     (inverse-time decay, lr / (1 + decay * iterations)), with a DeprecationWarning.
@@ -151,6 +159,7 @@ class FusedOptimizer:
 
     learning_rate = _LearningRate()
     weight_decay = Hyperparameter(check.optional_real, low=0.0)
+    coupled_weight_decay = Hyperparameter(check.optional_real, low=0.0)
     clipnorm = Hyperparameter(check.optional_real, low=0.0)
     clipvalue = Hyperparameter(check.optional_real, low=0.0)
     global_clipnorm = Hyperparameter(check.optional_real, low=0.0)
@@ -189,6 +198,8 @@ class FusedOptimizer:
         skip_nonfinite=False,
         executor="auto",
         num_threads=None,
+        segment_attributes=None,
+        coupled_weight_decay=None,
         **kwargs,
     ):
         # A subclass passes its own hyperparameters on in kwargs, so that all of them
@@ -204,6 +215,9 @@ class FusedOptimizer:
         self._skip_nonfinite = check.boolean("skip_nonfinite", skip_nonfinite)
         self._executor = executors.check_executor(executor)
         self._num_threads = _check_num_threads(num_threads)
+        self._segment_request = SegmentRequest.from_config(segment_attributes)
+        self._segment_table = None  # the request resolved against the buffer by build()
+        self._buffer_names = None  # the FlatBuffer's segment names, set by build()
         # The step counters until build(); then the plan holds them.
         self._iterations = 0
         self._skipped_steps = 0
@@ -218,7 +232,8 @@ class FusedOptimizer:
         self._set_hyperparameters(dict(
             learning_rate=learning_rate, weight_decay=weight_decay, clipnorm=clipnorm,
             clipvalue=clipvalue, global_clipnorm=global_clipnorm,
-            loss_scale_factor=loss_scale_factor, use_ema=use_ema, ema_momentum=ema_momentum,
+            loss_scale_factor=loss_scale_factor, coupled_weight_decay=coupled_weight_decay,
+            use_ema=use_ema, ema_momentum=ema_momentum,
             ema_overwrite_frequency=ema_overwrite_frequency,
             gradient_accumulation_steps=gradient_accumulation_steps,
             name=name, **rule_values), notify=False)
@@ -453,7 +468,14 @@ class FusedOptimizer:
                 + pending["layout"].describe_difference(params.layout)
             )
         buffers = BufferInfo(params.offsets, params.dtype, params.device, params.shapes)
-        plan = executors.plan_for(self, buffers)  # may refuse; nothing is changed yet
+        # A loaded state's table (resolved when it was saved) wins over the request.
+        table = None if pending is None else pending["segment_table"]
+        self._segment_table = table or self._segment_request.resolve(len(params), params.names)
+        try:
+            plan = executors.plan_for(self, buffers)  # may refuse
+        except Exception:
+            self._segment_table = None
+            raise
         with cuda.on_device(params.device):
             slots = [None if spec is None else self._new_slot(spec, params, pending)
                      for spec in self._slot_specs()]
@@ -465,6 +487,7 @@ class FusedOptimizer:
                             if s is not None and s.size]
         self._layout = params.layout
         self._device = params.device
+        self._buffer_names = params.names
         self._pending_state = None
         self._plan = plan
         self._buffers = buffers
@@ -525,6 +548,66 @@ class FusedOptimizer:
         self._check_same_layout(params.layout, params.device, "params")
         _check_writable(params.data)
         return params
+
+    # ------------------------------------------------------------ segment attributes
+    _KEEP = object()
+
+    def set_segment_attributes(self, *, lr_multipliers=_KEEP, decay=_KEEP):
+        """Per-segment learning-rate multipliers and weight decay on/off (fusedopt.segments):
+        `lr_multipliers` one number >= 0 per segment (segment s steps with m[s]*lr, as
+        this optimizer with learning rate m[s]*lr would), `decay` one bool per segment
+        (False: no weight decay there). An argument left out is kept; None resets it
+        to the default (1, on). Before build() the lengths are checked when the buffer
+        is known; afterwards at once. Allowed between steps: the next step uses them.
+        Refused with nothing changed (TypeError/ValueError naming the argument)."""
+        changes = {}
+        if lr_multipliers is not self._KEEP:
+            changes["lr_multipliers"] = lr_multipliers
+        if decay is not self._KEEP:
+            changes["decay"] = decay
+        self._set_segment_request(self._segment_request.replace(**changes))
+
+    def exclude_from_weight_decay(self, var_list=None, var_names=None):
+        """Keras' exclusion from weight decay: segments given by index in `var_list`,
+        and segments whose name (FlatBuffer(..., names=...)) contains a match of any
+        regular expression in `var_names` (re.search, as Keras matches variable
+        names). Replaces the previous exclusions; as in Keras, only before build()."""
+        if self.built:
+            raise ValueError("`exclude_from_weight_decay()` can only be configured before "
+                             "the optimizer is built.")
+        self._set_segment_request(self._segment_request.replace(
+            exclude_indices=var_list or (), exclude_names=var_names or ()))
+
+    @property
+    def segment_table(self):
+        """Each segment's (lr multiplier, weight decay on) as resolved by build():
+        a fusedopt.segments.SegmentTable, or None before build()."""
+        return self._segment_table
+
+    def _set_segment_request(self, request):
+        table = None
+        if self.built:
+            table = request.resolve(len(self._layout.shapes), self._buffer_names)
+        self._segment_request = request
+        if self._pending_state is not None:
+            self._pending_state["segment_table"] = None  # what is asked now wins
+        if table is not None:
+            self._segment_table = table
+            self._hyperparameters_changed("segment_attributes")
+
+    def _lr_multipliers(self):
+        """The distinct learning-rate multipliers the next step will use."""
+        table = self._segment_table
+        if table is None and self._pending_state is not None:
+            table = self._pending_state["segment_table"]
+        if table is not None:
+            return set(table.multipliers)
+        return set(self._segment_request.lr_multipliers or (1.0,))
+
+    def _segment_groups(self):
+        """For the executors: the distinct (multiplier, decay) pairs and each segment's
+        group (fusedopt.segments.SegmentTable.groups)."""
+        return self._segment_table.groups()
 
     # ----------------------------------------------------------------------- apply
     def apply(self, grads, params):
@@ -591,7 +674,9 @@ class FusedOptimizer:
         # skipped; the plan names the newest iteration the step can be.
         it = self._plan.next_iteration if self._plan is not None else self._iterations
         raw = self._raw_learning_rate(it)
-        self._decayed_learning_rate(raw, it)
+        lr = self._decayed_learning_rate(raw, it)
+        for m in self._lr_multipliers() - {1.0}:
+            self._check_learning_rate_value(lr * m)  # Ftrl divides by each group's rate
         return None if self._learning_rate_in_block() else raw[0]
 
     def _learning_rate_in_block(self):
@@ -615,11 +700,15 @@ class FusedOptimizer:
     # The oracle's per-step scalars (the NumPy executor and the tests use them; the
     # kernels compute the same in kernels/step.cuh). `it` counts the calls applied:
     # schedules see it, the rule sees t = it // N + 1 (Keras' gradient accumulation).
-    def _step_scalars(self, it, host_learning_rate=None):
+    def _step_scalars(self, it, host_learning_rate=None, multiplier=1.0):
+        """(lr, the rule's scalars) of step `it` for a segment group whose learning-rate
+        multiplier is `multiplier`: the rate is multiplied before the scalars are
+        computed from it (fusedopt.segments), exactly as kernels/step.cuh does."""
         if host_learning_rate is None:
             lr = self._learning_rate_at(it)
         else:
             lr = self._decayed_learning_rate((host_learning_rate, "the learning_rate callable"), it)
+        lr = lr * multiplier
         t = it // self._accumulation + 1
         return lr, tuple(float(x) for x in self._rule_scalars(lr, t))
 
@@ -730,18 +819,26 @@ class FusedOptimizer:
         if self.skip_nonfinite:
             state["skipped_steps"] = self.skipped_steps
             state["last_step_skipped"] = self.last_step_skipped
+        # Resolved per segment, so a state restores them without the names they may
+        # have been matched by; left out only when nothing was ever asked.
+        table = self._segment_table if self.built else self._pending_state["segment_table"]
+        if table is not None and not (table.is_default and self._segment_request.is_default):
+            state["segment_attributes"] = table.to_dict()
         return state
 
     def load_state_dict(self, state):
         """Restore a `state_dict()`; refused, with nothing changed, if it comes from
         another optimizer, slot configuration, layout or dtype."""
         parsed = self._parse_state(state)
+        table = parsed["segment_table"]  # None: the optimizer keeps its own
         if self.built:
             if parsed["layout"] != self._layout:
                 raise ValueError(
                     "the state_dict's layout does not match this optimizer's: "
                     + self._layout.describe_difference(parsed["layout"])
                 )
+            if table is not None:
+                self._segment_table = table
             self._plan.join_current_stream()
             with cuda.on_device(self._device):
                 for name, buf in self.slots().items():
@@ -789,7 +886,9 @@ class FusedOptimizer:
                 raise ValueError(f"slot {name!r} has dtype {arr.dtype}, expected {layout.dtype}")
         skipped = check.integer("state['skipped_steps']", state.get("skipped_steps", 0), low=0)
         last = check.boolean("state['last_step_skipped']", state.get("last_step_skipped", False))
+        table = _parse_segment_table(state.get("segment_attributes"), len(layout.shapes))
         return {
+            "segment_table": table,
             "iterations": iterations,
             "layout": layout,
             "slots": {k: v.copy() for k, v in slots.items()},
@@ -819,6 +918,11 @@ class FusedOptimizer:
         config.update({k: getattr(self, k) for k in self._hyperparameters})
         if self.skip_nonfinite:
             config["skip_nonfinite"] = True
+        if self.coupled_weight_decay is not None:  # fusedopt's own: absent by default
+            config["coupled_weight_decay"] = self.coupled_weight_decay
+        segments = self._segment_request.to_config()
+        if segments is not None:
+            config["segment_attributes"] = segments
         if self._decay:
             config["decay"] = self._decay
         return config
@@ -899,6 +1003,21 @@ def _as_params(params):
             raise ValueError(f"`params` must be float32 or float64, got {params.dtype}")
         return FlatBuffer(params, [params.shape])
     raise TypeError(f"`params` must be a FlatBuffer or a 1-D array, got {type(params).__name__}")
+
+
+def _parse_segment_table(saved, nsegments):
+    """A state_dict's 'segment_attributes' as a SegmentTable (None when absent: the
+    optimizer keeps its own); ValueError/TypeError naming the key."""
+    if saved is None:
+        return None
+    where = "state['segment_attributes']"
+    if not isinstance(saved, dict) or set(saved) != {"lr_multipliers", "decay"}:
+        raise ValueError(f"`{where}` must be a dict with 'lr_multipliers' and 'decay'")
+    try:
+        table = SegmentRequest(saved["lr_multipliers"], saved["decay"]).resolve(nsegments)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"`{where}`: {e}") from e
+    return table
 
 
 def _check_num_threads(value):

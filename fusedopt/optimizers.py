@@ -481,9 +481,10 @@ class Muon(FusedOptimizer):
     Weight decay is weight_decay on Muon variables and adam_weight_decay on AdamW ones.
 
     Keras excludes variables by their path: "embedding" in it (exclude_embeddings) or
-    a match of a regex of exclude_layers. Flat-buffer segments have no names, so
-    `segment_names` (fusedopt's own, one name per segment, kept in the config) gives
-    them; without it no segment is excluded by name, and exclude_layers is refused.
+    a match of a regex of exclude_layers. A segment's name is the FlatBuffer's
+    (`FlatBuffer(..., names=...)`), or `segment_names` (fusedopt's own, one name per
+    segment, kept in the config) when given; a segment without a name is never
+    excluded by name, and exclude_layers without any names is refused at build().
     """
 
     rule = "muon"
@@ -517,12 +518,6 @@ class Muon(FusedOptimizer):
             momentum=momentum, ns_steps=ns_steps, nesterov=nesterov, rms_rate=rms_rate,
             segment_names=segment_names, **kwargs)
 
-    def _check_hyperparameters(self):
-        if self.exclude_layers and self.segment_names is None:
-            raise ValueError("`exclude_layers` matches variable names, which flat-buffer "
-                             "segments lack: pass `segment_names` (one per segment) too")
-        super()._check_hyperparameters()
-
     def get_config(self):
         config = super().get_config()
         if self.segment_names is None:  # fusedopt's own: absent from Keras' configs
@@ -532,21 +527,30 @@ class Muon(FusedOptimizer):
         return config
 
     def build(self, params):
-        if self.segment_names is not None and not self.built:
+        if not self.built:
             count = len(params.shapes) if hasattr(params, "shapes") else 1
-            if count != len(self.segment_names):
+            if self.segment_names is not None and count != len(self.segment_names):
                 raise ValueError(f"`segment_names` names {len(self.segment_names)} segments, "
                                  f"but `params` has {count}")
+            if self.exclude_layers and self.segment_names is None and \
+                    getattr(params, "names", None) is None:
+                raise ValueError("`exclude_layers` matches variable names, but the segments "
+                                 "have none: build the FlatBuffer with names=, or pass "
+                                 "`segment_names`")
         super().build(params)
+
+    def _names(self):
+        return self.segment_names if self.segment_names is not None else self._buffer_names
 
     def uses_adamw(self, index, shape):
         """Whether segment `index` (of `shape`) takes the AdamW step (Keras'
         Muon._should_use_adamw, on the segment's name when it has one)."""
         if len(shape) != 2:
             return True
-        if self.segment_names is None:
+        names = self._names()
+        if names is None:
             return False
-        name = self.segment_names[index]
+        name = names[index]
         if self.exclude_embeddings and "embedding" in name.lower():
             return True
         return any(re.search(pattern, name) for pattern in self.exclude_layers)

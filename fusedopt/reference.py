@@ -325,9 +325,9 @@ CHUNK = 1 << 16
 class ReferencePlan:
     """The NumPy executor for one optimizer on one layout (fusedopt.executor): the
     step's scalars from the optimizer's Python formulas (`_rule_scalars`, the
-    schedules), then, in Keras 3's order,
+    schedules; per segment group, fusedopt.segments), then, in Keras 3's order,
 
-        unscale -> [accumulate] -> clip -> weight decay -> rule -> [EMA]
+        unscale -> [accumulate] -> clip -> weight decays -> rule -> [EMA]
 
     chunk by chunk (or segment by segment for rules that read whole variables), then
     count the call. Holds the counters [calls applied, skipped steps, last step
@@ -362,7 +362,10 @@ class ReferencePlan:
             self.counters[2] = True
             return
         calls = self.counters[0]
-        lr, scalars = opt._step_scalars(calls, host_learning_rate)
+        pairs, segment_group = opt._segment_groups()
+        # Each group's rate and scalars: m*lr, then the rule's scalars from it.
+        values = [opt._step_scalars(calls, host_learning_rate, m) + (decay,)
+                  for m, decay in pairs]
         dt = params_data.dtype.type
         unscale = dt(1.0 / opt.loss_scale_factor) if opt.loss_scale_factor else None
         # Non-finite gradients propagate as in Keras (or are skipped above); NumPy's
@@ -374,7 +377,7 @@ class ReferencePlan:
                 grads = accumulate(accumulator, grads, unscale, n, (calls + 1) % n == 0)
                 unscale = None
             if grads is not None:
-                self._pipeline(params_data, grads, slots, lr, scalars, unscale)
+                self._pipeline(params_data, grads, slots, values, segment_group, unscale)
             average = opt._option_slots.get("average")
             if average is not None:
                 self._moving_average(params_data, average, calls // opt._accumulation)
@@ -398,21 +401,27 @@ class ReferencePlan:
         if frequency and (iterations + 1) % frequency == 0:
             p[...] = average
 
-    def _pipeline(self, p_all, g_all, slots, lr, scalars, unscale):
+    def _pipeline(self, p_all, g_all, slots, values, segment_group, unscale):
+        """`values`: (lr, scalars, decay on) of each segment group; `segment_group`:
+        each segment's group (fusedopt.segments)."""
         opt = self.optimizer
         dt = p_all.dtype.type
-        c = tuple(dt(x) for x in scalars)
-        lr_t = dt(lr)
+        l2 = dt(opt.coupled_weight_decay) if opt.coupled_weight_decay else None
+        groups = [(dt(lr), tuple(dt(x) for x in scalars), decay, l2 if decay else None)
+                  for lr, scalars, decay in values]
         clipvalue = dt(opt.clipvalue) if opt.clipvalue else None
         factors = clip_factors(opt, g_all, self.offsets, unscale)
         rule = globals()[opt.rule]
-        whole = getattr(opt, "whole_variable", False)
-        scratch = np.empty(min(CHUNK, p_all.size) if not whole else p_all.size, p_all.dtype)
-        chunks = _segments(self.offsets) if whole else \
-            _chunks(self.offsets, per_segment=bool(opt.clipnorm))
+        whole = opt.whole_variable
+        scratch = np.empty(p_all.size if whole else min(CHUNK, p_all.size), dtype=p_all.dtype)
+        per_segment = bool(opt.clipnorm) or len(groups) > 1 or whole
+        chunks = _segments(self.offsets) if whole else _chunks(self.offsets, per_segment)
         for start, stop, segment in chunks:
+            lr_t, c, decay, l2 = groups[segment_group[segment] if per_segment else 0]
             g = g_all[start:stop]
-            if unscale is not None or factors is not None or clipvalue is not None:
+            p = p_all[start:stop]
+            if unscale is not None or factors is not None or clipvalue is not None \
+                    or l2 is not None:
                 g = _copy_into(scratch, g)
                 if unscale is not None:
                     g *= unscale
@@ -420,14 +429,15 @@ class ReferencePlan:
                     g *= dt(factors[segment if opt.clipnorm else 0])
                 if clipvalue is not None:
                     np.clip(g, -clipvalue, clipvalue, out=g)
-            p = p_all[start:stop]
+                if l2 is not None:  # coupled decay: L2 in the gradient, from p before decay
+                    g += p * l2
             if not whole:
-                if opt.weight_decay is not None:
+                if decay and opt.weight_decay is not None:
                     p -= p * dt(opt.weight_decay) * lr_t
                 rule(p, g, *[s[start:stop] if s is not None else None for s in slots], *c)
                 continue
             shape = self.shapes[segment]
-            wd = opt._segment_weight_decay(segment, shape)
+            wd = opt._segment_weight_decay(segment, shape) if decay else None
             if wd is not None:
                 p -= p * dt(wd) * lr_t
             state = [None if s is None else s[o[segment]:o[segment + 1]]
@@ -513,7 +523,7 @@ def _segments(offsets):
 
 def _chunks(offsets, per_segment):
     """(start, stop, segment) ranges of at most CHUNK elements; with per_segment they
-    never straddle a segment boundary (each segment has its own clip factor)."""
+    never straddle a segment boundary (each segment has its own clip factor and group)."""
     if per_segment:
         for segment, (a, b) in enumerate(zip(offsets[:-1], offsets[1:])):
             for start in range(a, b, CHUNK):

@@ -5,18 +5,19 @@
     opt = fusedopt.torch.FusedOptimizer(model.parameters(), "nadam")  # a Keras 3 rule
     loss.backward(); opt.step(); opt.zero_grad()
 
-Flattening: the parameters of each group and dtype are copied once into one 1-D
-tensor, and every `param.data` becomes a view of it; every `param.grad` becomes a view
-of a second flat tensor, so `backward()` accumulates straight into the flat gradients.
-fusedopt sees the same memory through DLPack (NumPy on the CPU, CuPy on a GPU): no
-copy, one fused step per flat buffer.
+Flattening: the parameters of each dtype are copied once into one 1-D tensor (one per
+set of param groups that differ only in lr and weight_decay), and every `param.data`
+becomes a view of it; every `param.grad` becomes a view of a second flat tensor, so
+`backward()` accumulates straight into the flat gradients. fusedopt sees the same
+memory through DLPack (NumPy on the CPU, CuPy on a GPU): no copy, one fused step per
+flat buffer, with each group's lr and weight decay carried per segment.
 
 Semantics: `FusedOptimizer(params, name, ...)` runs fusedopt's rule `name` with
 Keras 3 semantics and Keras' argument names (`lr` is torch's name for
 `learning_rate`). `Adam` and `AdamW` take torch.optim's arguments and defaults and
 update as torch does (epsilon added after the bias correction, decoupled decay by
-lr*weight_decay). Not available yet (they need kernel or pipeline changes): torch
-Adam's coupled `weight_decay` (L2 added to the gradient), `maximize`, torch's SGD.
+lr*weight_decay, or for Adam without decoupled decay weight_decay*p added to the
+gradient: fusedopt's coupled_weight_decay). Not available yet: `maximize`, torch's SGD.
 
 Importing this module imports torch; `import fusedopt` never does.
 """
@@ -37,6 +38,7 @@ except ImportError as e:  # pragma: no cover - depends on the machine
 from . import cuda
 from .flat import FlatBuffer
 from .optimizer import get as _get_optimizer
+from .segments import MAX_GROUPS
 
 __all__ = ["FlatParameters", "flatten_parameters", "FusedOptimizer", "Adam", "AdamW"]
 
@@ -285,19 +287,64 @@ def _bump_versions(params):
 
 # ===================================================================== optimizers
 class _Bucket:
-    """One flat buffer (the parameters of group `group_index`, one dtype) and the
-    fusedopt optimizer that steps it, built from `config` = (name, arguments)."""
+    """One flat buffer (the parameters of one dtype of the param groups `groups`, in
+    order) and the fusedopt optimizer that steps it. `configs` holds each group's
+    (fusedopt name, arguments) as the optimizer was last set up for; `segment_groups`
+    each segment's position in `groups`."""
 
-    def __init__(self, group_index, flat, optimizer, config):
-        self.group_index = group_index
+    def __init__(self, groups, segment_groups, flat, optimizer, configs):
+        self.groups = groups
+        self.segment_groups = segment_groups
         self.flat = flat
         self.optimizer = optimizer
-        self.config = config
+        self.configs = configs
         self.slot_tensors = _slot_tensors(optimizer)
 
-    def replace_optimizer(self, optimizer, config):
-        self.optimizer, self.config = optimizer, config
+    def replace_optimizer(self, optimizer, configs):
+        self.optimizer, self.configs = optimizer, configs
         self.slot_tensors = _slot_tensors(optimizer)
+
+    def where(self):
+        return " and ".join(f"param_groups[{i}]" for i in self.groups)
+
+
+# The weight decays a group may switch off (fusedopt's decoupled one and the coupled L2
+# of torch's Adam); a per-segment decay switch turns both off.
+_DECAY_KEYS = ("weight_decay", "coupled_weight_decay")
+
+
+def _shared(config):
+    """What param groups sharing one flat buffer must agree on: everything but the
+    learning rate and the weight decays."""
+    name, arguments = config
+    return name, {k: v for k, v in arguments.items()
+                  if k != "learning_rate" and k not in _DECAY_KEYS}
+
+
+def _decays(config):
+    """A group's weight decays, 0 where unset: all 0 means decay off."""
+    return tuple(config[1].get(k) or 0.0 for k in _DECAY_KEYS)
+
+
+def _merged(configs, where):
+    """(name, arguments) of the one fusedopt optimizer stepping param groups whose
+    configs differ only in lr and weight_decay, with each group's (lr multiplier,
+    decay on): the optimizer's learning rate is 1 and a group's multiplier its lr, so
+    a segment steps with exactly its group's lr; the groups' weight decays must be 0
+    (decay off) or one common value. Raises ValueError naming `where` otherwise."""
+    shared = _shared(configs[0])
+    decays = {_decays(c) for c in configs if any(_decays(c))}
+    if any(_shared(c) != shared for c in configs) or len(decays) > 1:
+        raise ValueError(
+            f"{where} share one flat buffer (they differed only in lr and weight_decay when "
+            "they were added), so they must keep the same other hyperparameters and one "
+            "nonzero weight_decay (or 0)")
+    name, arguments = configs[0]
+    arguments = dict(arguments, learning_rate=1.0)
+    if decays:  # the one nonzero setting; the groups without decay switch it off
+        arguments.update({k: v for k, v in zip(_DECAY_KEYS, decays.pop()) if k in arguments})
+    attributes = [(c[1]["learning_rate"], any(_decays(c))) for c in configs]
+    return name, arguments, attributes
 
 
 def _slot_tensors(optimizer):
@@ -345,10 +392,15 @@ class FusedOptimizer(torch.optim.Optimizer):
             clipnorm, ...). Each is also a key of every parameter group, so a group can
             set its own, e.g. {"params": biases, "weight_decay": 0.0}.
 
-    Each group's parameters are flattened, one flat buffer per dtype, and stepped by
-    their own fusedopt optimizer: one fused pass per group and dtype. Per-group
-    values are therefore exact for every rule; `clipnorm` is per parameter, and
-    `global_clipnorm` clips each group's (and dtype's) gradients together.
+    Parameter groups that differ only in `lr` and `weight_decay` (0, or one common
+    nonzero value) share one flat buffer per dtype and one fusedopt optimizer, with a
+    learning-rate multiplier and weight decay on/off per segment (fusedopt.segments):
+    one fused pass for all of them, each parameter stepped exactly with its group's lr.
+    Groups that differ in any other hyperparameter (betas, eps, amsgrad, ...) get flat
+    buffers and fused passes of their own. `clipnorm` is per parameter, and
+    `global_clipnorm` clips the gradients of each flat buffer together. Groups sharing a
+    buffer must keep sharing: a later edit giving one of them other hyperparameters
+    (or a second nonzero weight_decay) is refused at step().
 
     Differences from torch.optim:
         - zero_grad() zeroes the gradients in place (set_to_none is accepted but
@@ -423,7 +475,10 @@ class FusedOptimizer(torch.optim.Optimizer):
             tensors = self._check_group(group, defaults, taken, device, f"param_groups[{i}]")
             taken.update(id(p) for p in tensors)
             device = tensors[0].device
+        self._initial_groups = True  # add_param_group: torch's bookkeeping only
         super().__init__(groups, defaults)  # calls add_param_group for each group
+        del self._initial_groups
+        self._add_buckets(range(len(self.param_groups)))
 
     def _check_group(self, group, defaults, taken, device, where):
         """Check a parameter group completely (its parameters and its hyperparameters)
@@ -455,19 +510,62 @@ class FusedOptimizer(torch.optim.Optimizer):
         """Add a group (a dict with 'params' and any hyperparameters); its parameters
         are flattened into new flat buffers of their own, stepped from 0 as torch
         steps new parameters. Raises before anything changes."""
+        if getattr(self, "_initial_groups", False):
+            super().add_param_group(param_group)  # checked by _setup, flattened after
+            return
         where = f"param_groups[{len(self.param_groups)}]"
         taken = {id(p) for g in self.param_groups for p in g["params"]}
         device = self._buckets[0].flat.device if self._buckets else None
-        tensors = self._check_group(param_group, self.defaults, taken, device, where)
+        self._check_group(param_group, self.defaults, taken, device, where)
         super().add_param_group(param_group)  # torch's bookkeeping: defaults, names
-        for same_dtype in _by_dtype(tensors):
-            flat = FlatParameters(same_dtype)
-            optimizer, config = self._new_fusedopt(param_group, where)
+        self._add_buckets([len(self.param_groups) - 1])
+
+    def _add_buckets(self, indices):
+        """Flatten the param groups `indices` (already checked): groups whose settings
+        differ only in lr and weight_decay (0 or one common value) share a flat buffer
+        per dtype and one fusedopt optimizer, with per-segment lr multipliers and
+        weight decay on/off (fusedopt.segments): one fused step for all of them."""
+        plans = []  # [shared config, dtype, [group index], [config], [tensor], [position]]
+        for i in indices:
+            config = self._fusedopt_config(self.param_groups[i], f"param_groups[{i}]")
+            for tensors in _by_dtype(self.param_groups[i]["params"]):
+                plan = next((b for b in plans if self._joins(b, config, tensors[0].dtype)),
+                            None)
+                if plan is None:
+                    plan = [_shared(config), tensors[0].dtype, [], [], [], []]
+                    plans.append(plan)
+                plan[2].append(i)
+                plan[3].append(config)
+                plan[4].extend(tensors)
+                plan[5].extend([len(plan[2]) - 1] * len(tensors))
+        for _, _, groups, configs, tensors, positions in plans:
+            flat = FlatParameters(tensors)
+            where = " and ".join(f"param_groups[{i}]" for i in groups)
+            optimizer = self._bucket_optimizer(positions, configs, where)
             optimizer.build(flat.flat_params)
-            bucket = _Bucket(len(self.param_groups) - 1, flat, optimizer, config)
+            bucket = _Bucket(groups, positions, flat, optimizer, configs)
             self._buckets.append(bucket)
-            for i, p in enumerate(flat.params):
-                self.state[p] = _ParameterState(self, bucket, i)
+            for k, p in enumerate(flat.params):
+                self.state[p] = _ParameterState(self, bucket, k)
+
+    @staticmethod
+    def _joins(plan, config, dtype):
+        decays = {_decays(c) for c in plan[3] + [config] if any(_decays(c))}
+        return (plan[0] == _shared(config) and plan[1] == dtype and len(decays) <= 1
+                and len(plan[2]) < MAX_GROUPS)
+
+    def _bucket_optimizer(self, segment_groups, configs, where):
+        """A new fusedopt optimizer (not built) for a bucket of groups with `configs`,
+        whose segment s belongs to the group configs[segment_groups[s]]."""
+        name, arguments, attributes = _merged(configs, where)
+        try:
+            optimizer = _get_optimizer({"class_name": name, "config": arguments})
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"{where}: {e}") from e
+        optimizer.set_segment_attributes(
+            lr_multipliers=[attributes[g][0] for g in segment_groups],
+            decay=[attributes[g][1] for g in segment_groups])
+        return optimizer
 
     @property
     def flat_parameters(self):
@@ -509,26 +607,31 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _plan(self, bucket):
         """(stray gradients, the change of the bucket's optimizer or None): all checks
         of a step, with nothing changed yet."""
-        group = self.param_groups[bucket.group_index]
-        where = f"param_groups[{bucket.group_index}]"
+        where = bucket.where()
         bucket.flat.check_in_place(f"{where}['params']")
         strays = bucket.flat.stray_gradients(f"{where}['params']")
-        config = self._fusedopt_config(group, where)
-        if config == bucket.config:
+        configs = [self._fusedopt_config(self.param_groups[i], f"param_groups[{i}]")
+                   for i in bucket.groups]
+        if configs == bucket.configs:
             return strays, None
-        (name, arguments), (old_name, old_arguments) = config, bucket.config
-        if name == old_name and _without_lr(arguments) == _without_lr(old_arguments):
-            optimizer, lr = bucket.optimizer, arguments["learning_rate"]
+        name, arguments, attributes = _merged(configs, where)
+        if (name, arguments) == _merged(bucket.configs, where)[:2]:
+            # Only the groups' lrs or decay switches changed (an lr scheduler): new
+            # segment attributes, the same optimizer and state.
+            optimizer, segment_groups = bucket.optimizer, bucket.segment_groups
 
-            def set_learning_rate():
-                optimizer.learning_rate = lr
-                bucket.config = config
-            return strays, set_learning_rate
+            def set_attributes():
+                optimizer.set_segment_attributes(
+                    lr_multipliers=[attributes[g][0] for g in segment_groups],
+                    decay=[attributes[g][1] for g in segment_groups])
+                bucket.configs = configs
+            return strays, set_attributes
         # Another hyperparameter changed (a scheduler cycling betas, a user editing a
         # group): a new fusedopt optimizer with the same state, built through its public
         # API, so its own checks apply.
-        optimizer, _ = self._new_fusedopt(group, where)
+        optimizer = self._bucket_optimizer(bucket.segment_groups, configs, where)
         state = bucket.optimizer.state_dict()
+        state.pop("segment_attributes", None)  # the new optimizer's own apply
         state["optimizer"] = type(optimizer).__name__.lower()  # e.g. adam <-> adamw
         try:
             optimizer.load_state_dict(state)
@@ -536,7 +639,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"{where}: this change alters the optimizer's state slots, "
                              f"which cannot change after construction: {e}") from e
         optimizer.build(bucket.flat.flat_params)
-        return strays, lambda: bucket.replace_optimizer(optimizer, config)
+        return strays, lambda: bucket.replace_optimizer(optimizer, configs)
 
     def _grad_scaler_request(self):
         """(scale or None, skip): what torch.amp.GradScaler asks of this step. GradScaler
@@ -592,18 +695,20 @@ class FusedOptimizer(torch.optim.Optimizer):
         groups, states = self._parse_state_dict(state_dict)
         changes = []
         for bucket in self._buckets:
-            index = bucket.group_index
-            saved = {**self.param_groups[index], **groups[index]}
-            optimizer, config = self._new_fusedopt(saved, f"state_dict['param_groups'][{index}]")
+            configs = [self._fusedopt_config({**self.param_groups[i], **groups[i]},
+                                             f"state_dict['param_groups'][{i}]")
+                       for i in bucket.groups]
+            where = " and ".join(f"state_dict['param_groups'][{i}]" for i in bucket.groups)
+            optimizer = self._bucket_optimizer(bucket.segment_groups, configs, where)
             fused_state = self._bucket_state(bucket, optimizer, states)
             if fused_state is not None:
                 optimizer.load_state_dict(fused_state)
             optimizer.build(bucket.flat.flat_params)
-            changes.append((bucket, optimizer, config))
+            changes.append((bucket, optimizer, configs))
         for group, saved in zip(self.param_groups, groups):
             group.update(saved)
-        for bucket, optimizer, config in changes:
-            bucket.replace_optimizer(optimizer, config)
+        for bucket, optimizer, configs in changes:
+            bucket.replace_optimizer(optimizer, configs)
         for hook in self._optimizer_load_state_dict_post_hooks.values():
             hook(self)
 
@@ -671,10 +776,6 @@ def _read_scalars(*values):
     return stacked.tolist()
 
 
-def _without_lr(arguments):
-    return {k: v for k, v in arguments.items() if k != "learning_rate"}
-
-
 def _learning_rate(lr, where):
     """A group's lr as a float (a 0-d tensor is read once, on change checks)."""
     if isinstance(lr, torch.Tensor):
@@ -696,14 +797,14 @@ class Adam(FusedOptimizer):
 
     The update is torch's: epsilon is added after bias-correcting sqrt(v) (fusedopt's
     Adam with epsilon_after_bias_correction=True), and with decoupled_weight_decay
-    (or AdamW) p *= 1 - lr*weight_decay before it. `state[p]` holds torch's
+    (or AdamW) p *= 1 - lr*weight_decay before it; without, weight_decay*p is added to
+    the gradient (L2, fusedopt's coupled_weight_decay). `state[p]` holds torch's
     "step", "exp_avg", "exp_avg_sq" (and "max_exp_avg_sq" with amsgrad), and
     state_dict() has torch's layout, so checkpoints move between this class and
     torch.optim.Adam.
 
-    Not supported yet (a ValueError): weight_decay != 0 without decoupled decay (torch
-    adds wd*p to the gradient, an L2 term fusedopt's pipeline does not have),
-    maximize=True, capturable=True, differentiable=True. `foreach` and `fused` are
+    Not supported yet (a ValueError): maximize=True, capturable=True,
+    differentiable=True. `foreach` and `fused` are
     accepted and change nothing: the step is always one fused pass per flat buffer.
     """
 
@@ -739,11 +840,6 @@ class Adam(FusedOptimizer):
             raise ValueError(f"{where}['weight_decay'] must be finite and >= 0, got "
                              f"{weight_decay!r}")
         decoupled = self._always_decoupled or bool(group.get("decoupled_weight_decay"))
-        if weight_decay and not decoupled:
-            raise ValueError(
-                f"{where}['weight_decay']={weight_decay}: torch's Adam adds weight_decay*p to "
-                "the gradient (L2), which fusedopt does not implement yet; use "
-                "fusedopt.torch.AdamW (decoupled decay) or decoupled_weight_decay=True")
         if not isinstance(group["amsgrad"], bool):
             raise TypeError(f"{where}['amsgrad'] must be a bool, got {group['amsgrad']!r}")
         arguments = {"learning_rate": _learning_rate(group["lr"], f"{where}['lr']"),
@@ -751,7 +847,8 @@ class Adam(FusedOptimizer):
                      "amsgrad": group["amsgrad"], "epsilon_after_bias_correction": True}
         if decoupled:
             return "adamw", {**arguments, "weight_decay": weight_decay}
-        return "adam", arguments
+        # torch's Adam adds weight_decay*p to the gradient: fusedopt's coupled decay.
+        return "adam", {**arguments, "coupled_weight_decay": weight_decay or None}
 
 
 class AdamW(Adam):

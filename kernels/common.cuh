@@ -1,7 +1,7 @@
 // common.cuh: what every rule shares. Portability (the same code builds for the GPU
 // with NVRTC and for the host with a C++ compiler), NaN-propagating helpers matching
 // NumPy, the per-step scalar structs, and the gradient prologue of the pipeline:
-// unscale -> norm-clip factor -> clip by value -> decoupled weight decay.
+// unscale -> norm-clip factor -> clip by value -> coupled (L2) decay -> decoupled decay.
 #pragma once
 
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)
@@ -43,17 +43,25 @@ template <> struct Vec16<double> { typedef double2 type; };
 // Threads per block of every kernel (fusedopt/_kernels.py reads it from here).
 #define FO_BLOCK 256
 
+// Segment groups a step can hold (fusedopt/segments.py): the distinct (learning-rate
+// multiplier, weight decay on/off) pairs of the segment table. Each block of the update
+// keeps every group's scalars in shared memory, computed by one thread per group.
+#define FO_MAX_GROUPS 64
+
 // How the gradient is prepared before the rule, in the math type (from Hyper, step.cuh).
-// weight_decay < 0 means "no weight decay" (Keras' None); 0 still computes p - p*0*lr.
+// weight_decay < 0 means "no weight decay" (Keras' None, or a segment group with decay
+// off); 0 still computes p - p*0*lr.
 template <typename T>
 struct Prologue {
     T unscale;       // 1 / loss_scale_factor (1 when unset: multiplying by 1 is exact)
     T clipvalue;     // clip g to [-clipvalue, clipvalue] when > 0
     T weight_decay;  // p <- p - p*weight_decay*lr before the rule, when >= 0
+    T coupled_weight_decay;  // g <- g + coupled_weight_decay*p (L2 in the gradient), when > 0
 };
 
 // One step's learning rate (for weight decay) and the rule's scalars in the order of its
-// reference function (fusedopt/reference.py), in the math type: step.cuh computes them.
+// reference function (fusedopt/reference.py), in the math type: step.cuh computes them,
+// once per segment group (its learning-rate multiplier times the step's rate).
 template <typename T>
 struct StepScalars {
     T lr;
@@ -96,6 +104,9 @@ FO_HD void fused_element(T& p, T g, T& s0, T& s1, T& s2, T factor,
     g = g * pro.unscale;
     g = g * factor;
     if (pro.clipvalue > T(0)) g = fo_clip(g, -pro.clipvalue, pro.clipvalue);
+    // torch's Adam(weight_decay): the L2 term joins the clipped gradient, from p before
+    // any decoupled decay.
+    if (pro.coupled_weight_decay > T(0)) g = g + p * pro.coupled_weight_decay;
     if (pro.weight_decay >= T(0)) p = p - p * pro.weight_decay * st.lr;
     Rule::update(p, g, s0, s1, s2, st.c);
 }

@@ -12,7 +12,10 @@
 //
 // Work is split into tiles (fusedopt/_kernels.py, tile_table): contiguous ranges that
 // never cross a segment boundary when clipping per segment, so a block reads its
-// clip factor once per tile. Blocks stride over tiles; threads stride within a tile,
+// clip factor once per tile, and never cross from one segment group to another
+// (fusedopt/segments.py: a learning-rate multiplier and weight decay on/off), so a
+// block reads its group's scalars once per tile. Each block computes every group's
+// scalars at its start, one thread per group. Blocks stride over tiles; threads stride within a tile,
 // 16 bytes of every buffer at a time when all buffers share their alignment mod 16.
 #pragma once
 #include "step.cuh"
@@ -69,17 +72,18 @@ __device__ __forceinline__ long long common_boundary(const T* p, const T* g, con
     return (long long)((16 - a % 16) % 16 / sizeof(T));
 }
 
-// The step's values, once per block. Not inlined: the double-precision schedule and
+// A group's step values, once per block. Not inlined: the double-precision schedule and
 // power functions (CUDA's libdevice uses fused multiply-adds inside them by design)
 // stay in their own PTX function, apart from the element math, which must have none.
 template <typename Rule>
-__device__ __noinline__ StepValues block_step_values(const Hyper* hyper, const StepState* state) {
-    return fo_step_values<Rule>(*hyper, *state);
+__device__ __noinline__ StepValues block_step_values(const Hyper* hyper, const StepState* state,
+                                                     double multiplier) {
+    return fo_step_values<Rule>(*hyper, *state, multiplier);
 }
 
 // The last block to start a step advances the step state: every other block has read
-// it by then (thread 0 reads it before taking its ticket), and the next kernel in the
-// stream sees the new state. An integer ticket, no floating-point atomics.
+// it by then (its threads read it before a barrier, thread 0 takes the ticket after),
+// and the next kernel in the stream sees the new state. An integer ticket, no floating-point atomics.
 __device__ __forceinline__ void take_ticket(StepState* state, const StepValues& values,
                                             bool skip) {
     __threadfence();
@@ -91,34 +95,41 @@ __device__ __forceinline__ void take_ticket(StepState* state, const StepValues& 
     }
 }
 
+// `groups` holds [multiplier, decay (1 or 0)] per segment group, `tile_group` each
+// tile's group (fusedopt/segments.py); ngroups <= FO_MAX_GROUPS <= FO_BLOCK.
 template <typename Rule, typename T>
 __device__ __forceinline__ void fused_step(
         T* __restrict__ p, const T* __restrict__ g,
         T* __restrict__ s0, T* __restrict__ s1, T* __restrict__ s2,
         const long long* __restrict__ tile_start, const int* __restrict__ tile_segment,
-        long long ntiles, const T* __restrict__ factors, int nfactors,
+        const int* __restrict__ tile_group, long long ntiles, const T* __restrict__ factors,
+        int nfactors, const double* __restrict__ groups, int ngroups,
         const Hyper* __restrict__ hyper, StepState* state) {
-    __shared__ StepScalars<T> shared_st;
-    __shared__ Prologue<T> shared_pro;
+    __shared__ StepScalars<T> shared_st[FO_MAX_GROUPS];
+    __shared__ Prologue<T> shared_pro[FO_MAX_GROUPS];
+    __shared__ StepValues shared_values;  // group 0's: the running product to advance
     __shared__ int shared_skip;
-    if (threadIdx.x == 0) {
-        const StepState s = *state;
-        const StepValues values = block_step_values<Rule>(hyper, state);
-        shared_st = fo_narrow<T>(values);
-        shared_pro = fo_prologue<T>(*hyper);
-        shared_skip = s.skip != 0;  // skip_nonfinite: this step's gradients are not finite
-        take_ticket(state, values, s.skip != 0);
+    if ((int)threadIdx.x < ngroups) {
+        const int k = (int)threadIdx.x;
+        const StepValues values = block_step_values<Rule>(hyper, state, groups[2 * k]);
+        shared_st[k] = fo_narrow<T>(values);
+        shared_pro[k] = fo_prologue<T>(*hyper, groups[2 * k + 1] != 0.0);
+        if (k == 0) {
+            shared_values = values;
+            shared_skip = state->skip != 0;  // skip_nonfinite: the gradients are not finite
+        }
     }
     __syncthreads();
+    if (threadIdx.x == 0) take_ticket(state, shared_values, shared_skip != 0);
     if (shared_skip) return;  // a skipped step writes nothing
-    const StepScalars<T> st = shared_st;
-    const Prologue<T> pro = shared_pro;
     typedef typename Vec16<T>::type V16;
     constexpr long long V = sizeof(V16) / sizeof(T);
     const long long first = common_boundary(p, g, s0, s1, s2);
     for (long long k = blockIdx.x; k < ntiles; k += gridDim.x) {
         const long long begin = tile_start[k], end = tile_start[k + 1];
         const T factor = factors == nullptr ? T(1) : factors[nfactors == 1 ? 0 : tile_segment[k]];
+        const StepScalars<T> st = shared_st[tile_group[k]];
+        const Prologue<T> pro = shared_pro[tile_group[k]];
         // [begin, head) scalar, [head, body_end) vectorised, [body_end, end) scalar.
         long long head = end, body_end = end;
         if (first >= 0) {
@@ -143,10 +154,12 @@ __device__ __forceinline__ void fused_step(
 // `factors` without norm clipping.
 extern "C" __global__ void __launch_bounds__(FO_BLOCK) FO_CAT(fusedopt_, FUSEDOPT_RULE)(
         FUSEDOPT_T* p, const FUSEDOPT_T* g, FUSEDOPT_T* s0, FUSEDOPT_T* s1, FUSEDOPT_T* s2,
-        const long long* tile_start, const int* tile_segment, long long ntiles,
-        const FUSEDOPT_T* factors, int nfactors, const Hyper* hyper, StepState* state) {
-    fused_step<FUSEDOPT_RULE, FUSEDOPT_T>(p, g, s0, s1, s2, tile_start, tile_segment, ntiles,
-                                          factors, nfactors, hyper, state);
+        const long long* tile_start, const int* tile_segment, const int* tile_group,
+        long long ntiles, const FUSEDOPT_T* factors, int nfactors, const double* groups,
+        int ngroups, const Hyper* hyper, StepState* state) {
+    fused_step<FUSEDOPT_RULE, FUSEDOPT_T>(p, g, s0, s1, s2, tile_start, tile_segment,
+                                          tile_group, ntiles, factors, nfactors, groups,
+                                          ngroups, hyper, state);
 }
 #endif
 

@@ -211,6 +211,18 @@ struct HostPlan {
     int* nonfinite;                  // scratch: per reduction tile, a non-finite flag
     int num_threads;                 // > 0
     int threads_used;                // out: threads the last step ran on
+    const long long* run_start;      // run r covers [run_start[r], run_start[r + 1]) and its
+    const int* run_group;            // segments are all in group run_group[r]
+    long long nruns;                 // (fusedopt/segments.py, group_runs)
+    const double* groups;            // [multiplier, decay (1 or 0)] per segment group
+    long long ngroups;               // 1 to FO_MAX_GROUPS
+};
+
+// Each segment group's prologue and scalars for one step (fusedopt/segments.py).
+template <typename T>
+struct GroupValues {
+    Prologue<T> pro[FO_MAX_GROUPS];
+    StepScalars<T> st[FO_MAX_GROUPS];
 };
 
 // Per-segment clip factors, element by element, for the update (clipnorm). A thread
@@ -328,20 +340,26 @@ static void thread_sums(int t, int n, const T* g, const HostPlan& plan, T unscal
     if (bad) any_nonfinite->fetch_or(1);
 }
 
-// Thread t's update of its tiles, in chunks of FO_CHUNK elements.
+// Thread t's update of its tiles, in chunks of at most FO_CHUNK elements that never
+// cross from one run of a segment group to the next.
 template <typename Rule, typename T>
 static void thread_update(int t, int n, T* p, const T* g, T* const s[3], const HostPlan& plan,
-                          const Prologue<T>& pro, const StepScalars<T>& st) {
+                          const GroupValues<T>& values) {
     long long begin, end;
     thread_elements(plan, t, n, &begin, &end);
     if (begin >= end) return;
     T scratch[3 * FO_CHUNK];
     T factors[FO_CHUNK];
     const T factor = plan.clip_mode == FO_CLIP_GLOBAL ? global_factor<T>(plan) : T(1);
-    SegmentFactors<T> segments = {&plan, g, pro.unscale, begin, end};
+    SegmentFactors<T> segments = {&plan, g, values.pro[0].unscale, begin, end};
     const bool per_segment = plan.clip_mode == FO_CLIP_SEGMENT;
-    for (long long a = begin; a < end; a += FO_CHUNK) {
-        const long long count = end - a < FO_CHUNK ? end - a : FO_CHUNK;
+    long long run = first_tile_at(plan.run_start, plan.nruns, begin + 1) - 1;  // holds begin
+    for (long long a = begin, count; a < end; a += count) {
+        while (plan.run_start[run + 1] <= a) ++run;
+        const long long stop = plan.run_start[run + 1] < end ? plan.run_start[run + 1] : end;
+        count = stop - a < FO_CHUNK ? stop - a : FO_CHUNK;
+        const Prologue<T>& pro = values.pro[plan.run_group[run]];
+        const StepScalars<T>& st = values.st[plan.run_group[run]];
         T* slot[3];
         for (int k = 0; k < 3; ++k) {
             if (s[k]) {
@@ -366,14 +384,14 @@ static void thread_update(int t, int n, T* p, const T* g, T* const s[3], const H
 // a gradient is not finite and skip_nonfinite is set.
 template <typename Rule, typename T>
 static void thread_step(int t, int n, T* p, const T* g, T* const slots[3], const HostPlan& plan,
-                        const Prologue<T>& pro, const StepScalars<T>& st,
-                        fo_pool::Barrier* barrier, std::atomic<int>* any_nonfinite) {
+                        const GroupValues<T>& values, fo_pool::Barrier* barrier,
+                        std::atomic<int>* any_nonfinite) {
     if (plan.clip_mode != FO_CLIP_NONE || plan.skip_nonfinite) {
-        thread_sums<T>(t, n, g, plan, pro.unscale, any_nonfinite);
+        thread_sums<T>(t, n, g, plan, values.pro[0].unscale, any_nonfinite);
         if (barrier) barrier->wait();
         if (any_nonfinite->load()) return;
     }
-    thread_update<Rule, T>(t, n, p, g, slots, plan, pro, st);
+    thread_update<Rule, T>(t, n, p, g, slots, plan, values);
 }
 
 // One optimizer step: its values from the hyperparameters and the counters (the
@@ -383,9 +401,13 @@ static void thread_step(int t, int n, T* p, const T* g, T* const slots[3], const
 template <typename Rule, typename T>
 static int host_step(T* p, const T* g, T* s0, T* s1, T* s2, HostPlan* plan, const Hyper* h,
                      StepState* state) {
-    const StepValues values = fo_step_values<Rule>(*h, *state);
-    const StepScalars<T> st = fo_narrow<T>(values);
-    const Prologue<T> pro = fo_prologue<T>(*h);
+    // Group 0's values also advance the state (the running product never depends on lr).
+    const StepValues values = fo_step_values<Rule>(*h, *state, plan->groups[0]);
+    GroupValues<T> groups;
+    for (long long k = 0; k < plan->ngroups; ++k) {
+        groups.st[k] = fo_narrow<T>(fo_step_values<Rule>(*h, *state, plan->groups[2 * k]));
+        groups.pro[k] = fo_prologue<T>(*h, plan->groups[2 * k + 1] != 0.0);
+    }
     plan->clipnorm = h->clipnorm;
     T* const slots[3] = {s0, s1, s2};
     std::atomic<int> any_nonfinite(0);
@@ -395,11 +417,11 @@ static int host_step(T* p, const T* g, T* s0, T* s1, T* s2, HostPlan* plan, cons
     if (size < FO_MIN_PARALLEL || n < 1) n = 1;
     plan->threads_used = (int)n;
     if (n == 1) {
-        thread_step<Rule, T>(0, 1, p, g, slots, *plan, pro, st, nullptr, &any_nonfinite);
+        thread_step<Rule, T>(0, 1, p, g, slots, *plan, groups, nullptr, &any_nonfinite);
     } else {
         fo_pool::Barrier barrier((int)n);
         fo_pool::pool().run((int)n, [&](int t, int threads) {
-            thread_step<Rule, T>(t, threads, p, g, slots, *plan, pro, st, &barrier,
+            thread_step<Rule, T>(t, threads, p, g, slots, *plan, groups, &barrier,
                                  &any_nonfinite);
         });
     }

@@ -51,6 +51,7 @@ struct Hyper {
     double unscale;       // 1 / loss_scale_factor (1 when unset)
     double clipvalue;     // > 0: clip g to [-clipvalue, clipvalue]
     double weight_decay;  // >= 0: p <- p - p*weight_decay*lr; < 0: none (Keras' None)
+    double coupled_weight_decay;  // > 0: g <- g + coupled_weight_decay*p (L2, torch's Adam)
     double clipnorm;      // clipnorm or global_clipnorm: which one is the executor's layout
     double rule[FO_MAX_HYPER];  // the rule's hyperparameters: its class's _hyperparameters
     LearningRate lr;
@@ -144,15 +145,17 @@ FO_HD double fo_learning_rate(const LearningRate& r, long long iterations) {
     return lr;
 }
 
-// This step's values: the learning rate, then the rule's scalars for t = iterations + 1.
+// This step's values for a segment group with learning-rate `multiplier`: the rate
+// (multiplied first, so every scalar derived from it is the one an optimizer with
+// rate multiplier*lr computes), then the rule's scalars for t = iterations + 1.
 // Each rule provides
 //   static void scalars(const double* h, long long t, double lr, double product,
 //                       StepValues& v)
-// filling v.c (and v.product, if it keeps a running product).
+// filling v.c (and v.product, if it keeps a running product; it never depends on lr).
 template <typename Rule>
-FO_HD StepValues fo_step_values(const Hyper& h, const StepState& s) {
+FO_HD StepValues fo_step_values(const Hyper& h, const StepState& s, double multiplier = 1.0) {
     StepValues v = {};
-    v.lr = fo_learning_rate(h.lr, s.iterations);
+    v.lr = fo_learning_rate(h.lr, s.iterations) * multiplier;
     v.product = s.product;
     Rule::scalars(h.rule, s.iterations + 1, v.lr, s.product, v);
     return v;
@@ -181,11 +184,13 @@ FO_HD StepScalars<T> fo_narrow(const StepValues& v) {
     return st;
 }
 
+// `decay`: the segment group's weight decay switch (off: no decay, as Keras' None).
 template <typename T>
-FO_HD Prologue<T> fo_prologue(const Hyper& h) {
+FO_HD Prologue<T> fo_prologue(const Hyper& h, bool decay = true) {
     Prologue<T> pro;
     pro.unscale = (T)h.unscale;
     pro.clipvalue = (T)h.clipvalue;
-    pro.weight_decay = (T)h.weight_decay;
+    pro.weight_decay = decay ? (T)h.weight_decay : T(-1);
+    pro.coupled_weight_decay = decay ? (T)h.coupled_weight_decay : T(0);
     return pro;
 }

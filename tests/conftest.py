@@ -107,6 +107,10 @@ FUSEDOPT_ONLY_CASES = [
      {"epsilon_after_bias_correction": True, "epsilon": 0.3, "beta_2": 0.7}),
     ("adamw-amsgrad-torch-epsilon", "AdamW",
      {"epsilon_after_bias_correction": True, "amsgrad": True, "epsilon": 0.01}),
+    ("adam-coupled-decay-clipnorm", "Adam", {"coupled_weight_decay": 0.1, "clipnorm": 1.0}),
+    ("sgd-momentum-both-decays", "SGD",
+     {"momentum": 0.9, "coupled_weight_decay": 0.05, "weight_decay": 0.01}),
+    ("ftrl-coupled-decay", "Ftrl", {"coupled_weight_decay": 0.02}),
 ]
 
 KERAS_CASES = RULE_CASES + OPTION_CASES + COMBINED_CASES

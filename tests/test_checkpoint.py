@@ -251,3 +251,4 @@ def test_a_failed_write_names_the_users_path_and_leaves_no_temporary(tmp_path, m
     assert info.value.errno == errno.ENOSPC and info.value.filename == str(path)
     assert "No space left" in str(info.value) and ".fusedopt-" not in str(info.value)
     assert os.listdir(tmp_path) == []
+

@@ -34,8 +34,8 @@ G = [  # one row per step, flat in LAYOUT order; signs and magnitudes vary per s
 
 # ------------------------------------------------------- the oracle: defaults (§8)
 COMMON = dict(weight_decay=None, clipnorm=None, global_clipnorm=None, clipvalue=None,
-              loss_scale_factor=None, use_ema=False, ema_momentum=0.99,
-              ema_overwrite_frequency=None, gradient_accumulation_steps=None)
+              loss_scale_factor=None, coupled_weight_decay=None, use_ema=False,
+              ema_momentum=0.99, ema_overwrite_frequency=None, gradient_accumulation_steps=None)
 DEFAULTS = {
     "SGD": dict(learning_rate=0.01, momentum=0.0, nesterov=False),
     "RMSprop": dict(learning_rate=0.001, rho=0.9, momentum=0.0, epsilon=1e-7, centered=False),
@@ -390,6 +390,8 @@ def golden(cls_name, kwargs, lr_at=None, shapes=LAYOUT, p0=P0, grads=G):
             g = [(x + a) / n for x, a in zip(g, accumulator)]
             accumulator = [0.0] * len(p0)
             g = clip(g, h, sizes)
+            if h["coupled_weight_decay"]:  # torch Adam's L2: from p before decoupled decay
+                g = [gx + h["coupled_weight_decay"] * x for gx, x in zip(g, p)]
             p = [x * (1 - (weight_decay(cls_name, h, shape) or 0.0) * lr)
                  for ps, shape in zip(segments(p, sizes), shapes) for x in ps]
             if whole:

@@ -63,7 +63,8 @@ def host_step(lib, opt, params, g, slots, lr, scalars):
     factors = clip_factors(opt, g, params.offsets, unscale)
     factors = None if factors is None else np.array(factors, dtype=dtype)
     tiles = _kernels.TileTable(params.offsets, per_segment=bool(opt.clipnorm), sm_count=2)
-    pro = _kernels.pack_prologue(dtype, opt.loss_scale_factor, opt.clipvalue, opt.weight_decay)
+    pro = _kernels.pack_prologue(dtype, opt.loss_scale_factor, opt.clipvalue, opt.weight_decay,
+                                 opt.coupled_weight_decay)
     st = _kernels.pack_step_scalars(dtype, lr, scalars)
     fn = getattr(lib, f"host_{opt.rule}_{dtype.name}")
     fn.restype = None

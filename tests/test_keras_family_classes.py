@@ -162,7 +162,6 @@ def test_muon_with_segment_names_matches_keras_named_variables():
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
-    ({"exclude_layers": ["dense"]}, ValueError, "segment_names"),
     ({"exclude_layers": "dense", "segment_names": ["a"]}, TypeError, "exclude_layers"),
     ({"exclude_layers": ["("], "segment_names": ["a"]}, ValueError, "exclude_layers"),
     ({"segment_names": "a"}, TypeError, "segment_names"),
@@ -180,6 +179,22 @@ def test_muon_segment_names_must_match_the_layout():
     with pytest.raises(ValueError, match="segment_names"):
         opt.apply(grads[0], params)
     assert not opt.built
+
+
+def test_muon_exclude_layers_needs_names_and_takes_the_flat_buffers():
+    params, grads = params_and_grads()
+    opt = fusedopt.Muon(exclude_layers=["dense"])
+    with pytest.raises(ValueError, match="names"):
+        opt.apply(grads[0], params)
+    assert not opt.built
+    named = FlatBuffer(params.data.copy(), params.shapes,
+                       names=["dense_kernel", "bias", "scale", "conv"])
+    opt.apply(grads[0], named)
+    assert opt.uses_adamw(0, (3, 4))  # excluded by the buffer's name
+    plain = fusedopt.Muon()
+    plain.apply(grads[0], FlatBuffer(params.data.copy(), params.shapes,
+                                     names=["dense_kernel", "bias", "scale", "conv"]))
+    assert not plain.uses_adamw(0, (3, 4))
 
 
 # -------------------------------------------------------------------------- EMA

@@ -157,6 +157,16 @@ def test_cache_key_follows_source_and_flags(monkeypatch, tmp_path):
     assert not list(tmp_path.rglob("*.tmp"))
 
 
+def test_compiling_leaves_python_constants_alone():
+    """An empty log is one byte (its NUL). Written into an immutable b" " * 1, which is
+    CPython's shared b" ", it made every later b" " * k in the process NUL bytes."""
+    have_nvrtc()
+    _, _, log = _kernels.compile_cubin('extern "C" __global__ void k() {}', "sm_90", "k.cu")
+    assert log == ""
+    shared_space = b"x "[1:]  # a one-byte slice is CPython's shared b" "
+    assert shared_space * 5 == bytes([32] * 5)
+
+
 def test_a_compile_error_names_the_unit_and_shows_the_log():
     have_nvrtc()
     with pytest.raises(_kernels.CompileError, match=r"broken\.cu.*sm_90(.|\n)*error"):

@@ -312,7 +312,9 @@ def test_keras_mode_equals_fusedopt_on_numpy_buffers_bitwise(name, options):
         assert torch.equal(opt.state[params[0]][slot], torch.from_numpy(buf[:12].reshape(3, 4)))
 
 
-def test_keras_mode_param_groups_are_separate_fused_optimizers():
+def test_keras_mode_groups_differing_in_lr_and_decay_equal_separate_optimizers():
+    """Two groups that differ only in lr and weight_decay share one flat buffer and one
+    fused step; each equals its own fusedopt optimizer bit for bit."""
     rng = np.random.default_rng(1)
     a, b = rng.normal(size=5).astype(np.float32), rng.normal(size=3).astype(np.float32)
     pa, pb = torch.nn.Parameter(torch.from_numpy(a.copy())), torch.nn.Parameter(torch.from_numpy(b.copy()))
@@ -328,6 +330,70 @@ def test_keras_mode_param_groups_are_separate_fused_optimizers():
             ref.apply(g, p)
     assert np.array_equal(pa.detach().numpy(), refs[0][1])
     assert np.array_equal(pb.detach().numpy(), refs[1][1])
+    assert len(opt.flat_parameters) == 1
+
+
+def _no_decay_groups(params):
+    """torch's usual recipe: weight decay on matrices, none on biases."""
+    params = list(params)
+    return [{"params": [p for p in params if p.ndim > 1]},
+            {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "lr": 0.02}]
+
+
+@pytest.mark.parametrize("impl", TORCH_IMPLEMENTATIONS)
+def test_groups_without_decay_on_biases_share_one_buffer_and_one_step(impl, monkeypatch):
+    options = {"lr": 0.01, "weight_decay": 0.1}
+    applies = []
+    original = fusedopt.FusedOptimizer.apply
+
+    def counting_apply(self, grads, params):
+        applies.append(params.size)
+        return original(self, grads, params)
+
+    monkeypatch.setattr(fusedopt.FusedOptimizer, "apply", counting_apply)
+    models, opts = run_against_torch(
+        lambda p: ft.AdamW(_no_decay_groups(p), **options),
+        lambda p: torch.optim.AdamW(_no_decay_groups(p), **options, **impl),
+        scheduler=lambda o: torch.optim.lr_scheduler.LambdaLR(
+            o, [lambda e: 0.9 ** e, lambda e: 1.0 / (1 + e)]))  # the lr ratio changes
+    assert_same_state(models, opts)
+    (flat,) = opts[0].flat_parameters  # both groups, one flat buffer
+    assert len(flat.params) == len(list(models[0].parameters()))
+    assert applies == [flat.data.numel()] * STEPS  # one fused step per optimizer step
+    table = opts[0]._buckets[0].optimizer.segment_table
+    assert table.decay == tuple(p.ndim > 1 for p in flat.params)
+
+
+@pytest.mark.parametrize("impl", TORCH_IMPLEMENTATIONS)
+def test_adam_l2_groups_without_decay_share_one_buffer(impl):
+    options = {"lr": 0.01, "weight_decay": 0.1}
+    models, opts = run_against_torch(lambda p: ft.Adam(_no_decay_groups(p), **options),
+                                     lambda p: torch.optim.Adam(_no_decay_groups(p), **options,
+                                                                **impl))
+    assert_same_state(models, opts)
+    assert len(opts[0].flat_parameters) == 1
+
+
+def test_groups_differing_in_other_hyperparameters_keep_separate_buffers():
+    params = list(mlp().parameters())
+    opt = ft.AdamW([{"params": params[:2]}, {"params": params[2:], "betas": (0.5, 0.9)}])
+    assert len(opt.flat_parameters) == 2
+    params = list(mlp().parameters())
+    opt = ft.AdamW([{"params": params[:2], "weight_decay": 0.1},
+                    {"params": params[2:], "weight_decay": 0.2}])
+    assert len(opt.flat_parameters) == 2  # one decay value per buffer
+
+
+def test_shared_groups_that_diverge_are_refused_with_nothing_changed():
+    model = mlp()
+    opt = ft.AdamW(_no_decay_groups(model.parameters()), lr=0.01)
+    train_step(model, opt, 0)
+    opt.param_groups[1]["betas"] = (0.5, 0.9)
+    loss_of(model, 1).backward()
+    snap = snapshot(model.parameters())
+    with pytest.raises(ValueError, match=r"param_groups\[0\] and param_groups\[1\] share one"):
+        opt.step()
+    assert_unchanged(snap)
 
 
 def test_the_step_uses_the_learning_rate_in_param_groups():
@@ -384,6 +450,11 @@ ADAM_CASES = [
     pytest.param(ft.Adam, torch.optim.Adam, {"lr": 0.01, "amsgrad": True}, id="adam-amsgrad"),
     pytest.param(ft.Adam, torch.optim.Adam, {"lr": 0.01, "weight_decay": 0.1,
                                              "decoupled_weight_decay": True}, id="adam-decoupled"),
+    # torch's coupled decay: weight_decay*p added to the gradient (fusedopt's
+    # coupled_weight_decay).
+    pytest.param(ft.Adam, torch.optim.Adam, {"lr": 0.01, "weight_decay": 0.1}, id="adam-l2"),
+    pytest.param(ft.Adam, torch.optim.Adam, {"lr": 0.01, "weight_decay": 0.05, "amsgrad": True},
+                 id="adam-l2-amsgrad"),
 ]
 
 
@@ -715,7 +786,6 @@ def test_two_optimizers_cannot_share_parameters():
 
 
 @pytest.mark.parametrize("make, error, message", [
-    (lambda p: ft.Adam(p, weight_decay=0.01), ValueError, "L2"),
     (lambda p: ft.Adam(p, maximize=True), ValueError, "maximize"),
     (lambda p: ft.Adam(p, capturable=True), ValueError, "capturable"),
     (lambda p: ft.AdamW(p, differentiable=True), ValueError, "differentiable"),

@@ -7,11 +7,12 @@
     extern "C" void emu_fusedopt_##rule(                                                      \
         unsigned grid, unsigned block, FUSEDOPT_T* p, const FUSEDOPT_T* g, FUSEDOPT_T* s0,    \
         FUSEDOPT_T* s1, FUSEDOPT_T* s2, const long long* tile_start, const int* tile_segment, \
-        long long ntiles, const FUSEDOPT_T* factors, int nfactors, const Hyper* hyper,       \
-        StepState* state) {                                                                   \
+        const int* tile_group, long long ntiles, const FUSEDOPT_T* factors, int nfactors,     \
+        const double* groups, int ngroups, const Hyper* hyper, StepState* state) {            \
         emu::launch(grid, block, [&] {                                                        \
-            fused_step<rule, FUSEDOPT_T>(p, g, s0, s1, s2, tile_start, tile_segment, ntiles,  \
-                                         factors, nfactors, hyper, state);                    \
+            fused_step<rule, FUSEDOPT_T>(p, g, s0, s1, s2, tile_start, tile_segment,          \
+                                         tile_group, ntiles, factors, nfactors, groups,       \
+                                         ngroups, hyper, state);                              \
         });                                                                                   \
     }
 

@@ -79,6 +79,7 @@ extern "C" const char* host_struct_layout(const char* name) {
     else if (n == "Hyper")
         out = std::to_string(sizeof(Hyper)) + ";" + FO_FIELD(Hyper, unscale) +
               FO_FIELD(Hyper, clipvalue) + FO_FIELD(Hyper, weight_decay) +
+              FO_FIELD(Hyper, coupled_weight_decay) +
               FO_FIELD(Hyper, clipnorm) + FO_FIELD(Hyper, rule) + FO_FIELD(Hyper, lr);
     else if (n == "StepState")
         out = std::to_string(sizeof(StepState)) + ";" + FO_FIELD(StepState, iterations) +
