@@ -55,7 +55,8 @@ a single process fed the mean gradient would, bit for bit, and it stays a 1/N sh
 (Accumulating each rank's own full gradient and reducing once on the N-th call moves
 N times fewer bytes, but needs a whole-model accumulator on every rank, sums in
 another order, and cannot skip one call's non-finite gradient alone.) The params are
-all-gathered every call, since the EMA overwrite may change them on any call. Not
+all-gathered after the calls that can change them: the N-th, and one whose EMA
+overwrite falls on an accumulate-only call. Not
 carried: accumulation with `global_clipnorm`, or with `clipnorm` on an elementwise
 rule: Keras clips the mean of the accumulated gradients, which exists only inside the
 shard's optimizer on the N-th call, while the norm needs a sum across ranks first.
@@ -287,10 +288,29 @@ class ShardedOptimizer:
         with cuda.on_device(self.params.device):  # this rank's GPU, not CuPy's default
             shard = self._reduce_scatter(g) if not reduced else g[self.lo:self.hi]
             shard, bad = self._prologue(shard)
+            gather = self._params_may_change()
             self.inner.apply(shard, self.shard)
             if self._lso is not None:
                 self._update_scale(bad)
-            self._all_gather()
+            if gather:
+                self._all_gather()
+
+    def _params_may_change(self):
+        """Whether the coming call can change the params, so that they are all-gathered
+        after it: every call but one that only accumulates and has no EMA overwrite
+        (Keras' order: the update on every N-th call, the overwrite when
+        (calls // N + 1) % frequency == 0). Decided from the call count where the host
+        knows it without a sync (the same count on every rank, as every rank skips
+        together); on a GPU with skip_nonfinite only the device knows it: always."""
+        inner = self.inner
+        steps = inner.gradient_accumulation_steps
+        if not steps or (inner.skip_nonfinite and inner.executor_name == "cuda"):
+            return True
+        calls = inner._plan.next_iteration
+        if (calls + 1) % steps == 0:
+            return True
+        frequency = inner.ema_overwrite_frequency if inner.use_ema else None
+        return bool(frequency) and (calls // steps + 1) % frequency == 0
 
     def _reduce_scatter(self, g):
         dist = _dist()

@@ -68,11 +68,14 @@ def rank_grads(case, step, rank, world):
     return g
 
 
-def single_process(case, world, steps=STEPS, opt=None, params=None, start=0):
-    """The same run in one process, on the mean of every rank's gradients."""
+def single_process(case, world, steps=STEPS, opt=None, params=None, start=0, trace=None):
+    """The same run in one process, on the mean of every rank's gradients; the params
+    after every step appended to `trace` (a list) when given."""
     opt = opt or make_optimizer(case)
     params = params or make_params(case)
     for step in range(start, start + steps):
         g = sum(rank_grads(case, step, r, world) for r in range(world))
         opt.apply(np.divide(g, world, dtype=g.dtype), params)
+        if trace is not None:
+            trace.append(params.data.copy())
     return opt, params

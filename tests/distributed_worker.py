@@ -27,20 +27,24 @@ COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=30)
 
 
 def run_case(case, rank, world, arrays, group):
-    """Params after case['steps'] data-parallel steps into arrays[id] (and, with
-    'ema_swap', after swapping in the EMA weights, back, and finalizing); the counters."""
+    """Params after case['steps'] data-parallel steps into arrays[id], after each step
+    into arrays[id@trace] (and, with 'ema_swap', after swapping in the EMA weights,
+    back, and finalizing); the counters."""
     params = make_params(case)
     opt = make_optimizer(case)
     sharded = distributed.ShardedOptimizer(opt, params, group=group)
     if case.get("load"):
         sharded.load(case["load"])
     start = case.get("start", 0)
+    trace = []  # the params after every step: what the next forward pass would see
     for step in range(start, start + case.get("steps", STEPS)):
         g = rank_grads(case, step, rank, world)
         if case.get("reduced"):
             g = sum(rank_grads(case, step, r, world) for r in range(world))
             g = np.divide(g, world, dtype=g.dtype)
         sharded.apply(g, reduced=bool(case.get("reduced")))
+        trace.append(params.data.copy())
+    arrays[case["id"] + "@trace"] = np.stack(trace)
     if case.get("save"):
         sharded.save(case["save"])
     arrays[case["id"]] = params.data.copy()

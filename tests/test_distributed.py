@@ -291,16 +291,22 @@ WORLD_CASES = [(w, c["id"]) for w in (1, 2, 3) for c in cases(w)]
                          ids=[f"{w}-{c}" for w, c in WORLD_CASES])
 def test_case_matches_a_single_process(runs, world, case_id):
     case = case_by_id(case_id)
-    opt, params = single_process(case, world)
+    trace = []
+    opt, params = single_process(case, world, trace=trace)
     got = reported(runs[0][world], case_id)
     for r, (arrays, report) in enumerate(got):
-        np.testing.assert_array_equal(arrays[case_id], got[0][0][case_id],
+        # After every step, not only the last: what each rank's next forward pass sees
+        # (an all-gather left out after a call that changed params shows only here).
+        np.testing.assert_array_equal(arrays[case_id + "@trace"],
+                                      got[0][0][case_id + "@trace"],
                                       err_msg=f"{case_id}: rank {r} differs from rank 0")
+        np.testing.assert_array_equal(arrays[case_id], got[0][0][case_id])
         assert report["iterations"] == opt.iterations, (case_id, r)
         assert report["skipped_steps"] == opt.skipped_steps, (case_id, r)
         if "loss_scale" in case:
             assert report["dynamic_scale"] == opt.dynamic_scale, (case_id, r)
             assert report["step_counter"] == opt.step_counter, (case_id, r)
+    assert_params(got[0][0][case_id + "@trace"], np.stack(trace), case, world, "@trace")
     assert_params(got[0][0][case_id], params.data, case, world)
     if case.get("ema_swap"):
         opt.swap_ema_weights(params)
