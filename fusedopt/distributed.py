@@ -155,7 +155,7 @@ class ShardedOptimizer:
         if not isinstance(opt, FusedOptimizer):
             raise TypeError(f"`opt` must be a fusedopt optimizer, got {type(opt).__name__}")
         lso = opt if isinstance(opt, LossScaleOptimizer) else None
-        base = opt.inner_optimizer if lso else opt
+        base = opt.inner_optimizer if lso is not None else opt
         if base.built or base.iterations or opt.built:
             raise ValueError("`opt` already has state; pass a new optimizer and restore "
                              "state with ShardedOptimizer.load()")
@@ -198,7 +198,7 @@ class ShardedOptimizer:
         with cuda.on_device(params.device):
             xp = params.xp
             self._grad = xp.empty(self.hi - self.lo, dtype=params.dtype)
-            if lso:  # the dynamic scale and its counter, as LossScaleOptimizer keeps them
+            if lso is not None:  # the dynamic scale and its counter, as LSO keeps them
                 self._scale = xp.full(1, lso.initial_scale, dtype=np.float32)
                 self._scale_counter = xp.zeros(1, dtype=np.float64)
         self._t_params = _tensor(params.data)
@@ -242,7 +242,7 @@ class ShardedOptimizer:
     @property
     def state_nbytes(self):
         """Bytes of optimizer state this rank holds (about the total / world size)."""
-        own = int(self._scale.nbytes + self._scale_counter.nbytes) if self._lso else 0
+        own = int(self._scale.nbytes + self._scale_counter.nbytes) if self._lso is not None else 0
         return own + sum(int(s.nbytes) for s in self.inner.slots().values())
 
     @property
