@@ -1,8 +1,8 @@
 """fusedopt.distributed on gloo: every optimizer and option of CASES (and the cases
 below: schedules, skip_nonfinite with an inf on one rank only, EMA, gradient
 accumulation, LossScaleOptimizer, per-segment attributes, whole-variable rules) on 1, 2
-and 3 ranks (3: uneven shards, segments that straddle shard boundaries, a rank owning
-no whole segment) against a single process fed the mean gradient, 10 steps;
+and 3 ranks (3: uneven shards, segments that straddle shard boundaries, whole-variable
+shards as uneven as the segments) against a single process fed the mean gradient, 10 steps;
 checkpoints saved on 2 ranks, resumed on 3, saved again and loaded into one process;
 bad input refused on every rank.
 
