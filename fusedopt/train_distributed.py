@@ -122,7 +122,9 @@ def train(opt, args, device):
         "accuracy_history": accuracy_history,
         "step_seconds": step_seconds, "seconds": time.perf_counter() - started,
         "state_bytes_per_rank": state_bytes, "state_bytes_total": sum(state_bytes),
-        "state_bytes_one_process": len(opt.slot_names) * params.nbytes,
+        # What one process would hold (Adafactor's factored slots are not params-sized).
+        "state_bytes_one_process": params.dtype.itemsize * sum(
+            opt._slot_size(spec, params.layout) for spec in opt._all_slot_specs()),
     }
 
 

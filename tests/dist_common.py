@@ -10,7 +10,13 @@ STEPS = 10
 LAYOUTS = {
     # () (0,) and (1,) segments; with 3 ranks the (3, 4) and (2, 1, 3) segments straddle.
     "mixed": [(3, 4), (5,), (), (0,), (1,), (2, 1, 3)],
+    # Whole-variable rules: uneven shards at segment boundaries, a rank owning only an
+    # empty segment and a big one.
     "odd": [(7,), (1,), (13, 3), (0,), (129,)],
+    # Matrices on every rank, for Muon's per-segment names.
+    "matrices": [(4, 3), (5,), (3, 5), (2, 2), (7,)],
+    # One variable: too few for a whole-variable rule on 2 or more ranks.
+    "single": [(37,)],
 }
 
 
@@ -31,14 +37,18 @@ def make_params(case, rank=None):
     shapes = layout_of(case, rank if case.get("layout_per_rank") else None)
     rng = np.random.default_rng(case.get("seed", 0))
     arrays = [rng.normal(size=s) for s in shapes]
-    return fusedopt.FlatBuffer.from_arrays(arrays, dtype=dtype_of(case, rank))
+    return fusedopt.FlatBuffer.from_arrays(arrays, dtype=dtype_of(case, rank),
+                                           names=case.get("names"))
 
 
 def make_optimizer(case):
     kwargs = dict(case.get("kwargs", {}))
     if isinstance(kwargs.get("learning_rate"), dict):
         kwargs["learning_rate"] = schedules.deserialize(kwargs["learning_rate"])
-    return getattr(fusedopt, case["cls"])(executor=case.get("executor", "numpy"), **kwargs)
+    opt = getattr(fusedopt, case["cls"])(executor=case.get("executor", "numpy"), **kwargs)
+    if "loss_scale" in case:  # {"initial_scale": ..., "dynamic_growth_steps": ...}
+        opt = fusedopt.LossScaleOptimizer(opt, **case["loss_scale"])
+    return opt
 
 
 def rank_grads(case, step, rank, world):
@@ -58,11 +68,14 @@ def rank_grads(case, step, rank, world):
     return g
 
 
-def single_process(case, world, steps=STEPS, opt=None, params=None, start=0):
-    """The same run in one process, on the mean of every rank's gradients."""
+def single_process(case, world, steps=STEPS, opt=None, params=None, start=0, trace=None):
+    """The same run in one process, on the mean of every rank's gradients; the params
+    after every step appended to `trace` (a list) when given."""
     opt = opt or make_optimizer(case)
     params = params or make_params(case)
     for step in range(start, start + steps):
         g = sum(rank_grads(case, step, r, world) for r in range(world))
         opt.apply(np.divide(g, world, dtype=g.dtype), params)
+        if trace is not None:
+            trace.append(params.data.copy())
     return opt, params

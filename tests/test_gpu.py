@@ -451,3 +451,49 @@ def test_two_optimizers_on_two_streams():
             opt.apply(cp.asarray(g), params)
     streams[1].synchronize()  # the last step's stream; it waited for the other's
     _assert_same_bits(_state(opt, params), alone[0], "one optimizer, two streams")
+
+
+def test_sharded_optimizer_on_one_gpu_rank_with_nccl(tmp_path):
+    """fusedopt.distributed's CuPy/NCCL path (DLPack, factors and the loss scale on the
+    device) on a world of one rank: equal to the single-process CUDA step up to the
+    order of the global norm's sum (the sharded step sums on CuPy, the kernels in
+    their own order)."""
+    torch = pytest.importorskip("torch")
+    import datetime
+    import torch.distributed as dist
+    import cupy as cp
+    from fusedopt import distributed
+
+    if not torch.cuda.is_available() or not dist.is_nccl_available():
+        pytest.skip("torch without CUDA or NCCL")
+    torch.cuda.set_device(0)
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1, timeout=datetime.timedelta(seconds=60))
+    try:
+        rng = np.random.default_rng(0)
+        shapes = [(3, 4), (5,), (), (0,), (1,), (2, 1, 3)]
+        arrays = [rng.normal(size=s) for s in shapes]
+        grads = [rng.normal(size=(25,)).astype(np.float32) for _ in range(10)]
+        grads[4][7] = np.inf
+        kwargs = {"global_clipnorm": 1.0, "skip_nonfinite": True, "loss_scale_factor": 2.0}
+        ours = fusedopt.FlatBuffer.from_arrays(arrays, dtype=np.float32).to("gpu")
+        theirs = fusedopt.FlatBuffer.from_arrays(arrays, dtype=np.float32).to("gpu")
+        sharded = distributed.ShardedOptimizer(fusedopt.Adam(**kwargs), ours)
+        single = fusedopt.Adam(**kwargs)
+        for g in grads:
+            sharded.apply(cp.asarray(g))
+            single.apply(cp.asarray(g), theirs)
+        np.testing.assert_allclose(cp.asnumpy(ours.data), cp.asnumpy(theirs.data),
+                                   rtol=1e-6, atol=1e-7)
+        assert sharded.iterations == single.iterations == 9
+        assert sharded.skipped_steps == 1
+        # A LossScaleOptimizer: its scale kept on the device, halved by the inf.
+        ours = fusedopt.FlatBuffer.from_arrays(arrays, dtype=np.float32).to("gpu")
+        lso = distributed.ShardedOptimizer(
+            fusedopt.LossScaleOptimizer(fusedopt.Adam(), initial_scale=4.0,
+                                        dynamic_growth_steps=3), ours)
+        for g in grads:
+            lso.apply(cp.asarray(g))
+        assert lso.skipped_steps == 1 and lso.dynamic_scale == 8.0  # 4 -> 8 -> 4 -> 8
+    finally:
+        dist.destroy_process_group()
