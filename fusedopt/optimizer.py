@@ -130,6 +130,9 @@ class FusedOptimizer:
         clipvalue: clip each gradient element to [-clipvalue, clipvalue].
             At most one of clipnorm, global_clipnorm and clipvalue may be set.
         loss_scale_factor: gradients are divided by it before anything else.
+        maximize: fusedopt's own (not Keras'), as torch.optim's `maximize`: the
+            gradients are negated in the same first stage (the unscale multiplier is
+            -1/loss_scale_factor), so the step climbs the objective. Default False.
         skip_nonfinite: if True, a step whose gradients hold inf or NaN changes
             nothing (params, state and iterations stay as they were) and is counted
             in `skipped_steps`. Default False: NaN propagates, as in Keras.
@@ -164,6 +167,7 @@ class FusedOptimizer:
     clipvalue = Hyperparameter(check.optional_real, low=0.0)
     global_clipnorm = Hyperparameter(check.optional_real, low=0.0)
     loss_scale_factor = Hyperparameter(check.optional_real, low=0.0, low_open=True)
+    maximize = Hyperparameter(check.boolean)
     use_ema = Hyperparameter(lambda name, v: False if v is None else check.boolean(name, v))
     ema_momentum = Hyperparameter(check.real, low=0.0, high=1.0)
     ema_overwrite_frequency = Hyperparameter(
@@ -200,6 +204,7 @@ class FusedOptimizer:
         num_threads=None,
         segment_attributes=None,
         coupled_weight_decay=None,
+        maximize=False,
         **kwargs,
     ):
         # A subclass passes its own hyperparameters on in kwargs, so that all of them
@@ -233,7 +238,7 @@ class FusedOptimizer:
             learning_rate=learning_rate, weight_decay=weight_decay, clipnorm=clipnorm,
             clipvalue=clipvalue, global_clipnorm=global_clipnorm,
             loss_scale_factor=loss_scale_factor, coupled_weight_decay=coupled_weight_decay,
-            use_ema=use_ema, ema_momentum=ema_momentum,
+            maximize=maximize, use_ema=use_ema, ema_momentum=ema_momentum,
             ema_overwrite_frequency=ema_overwrite_frequency,
             gradient_accumulation_steps=gradient_accumulation_steps,
             name=name, **rule_values), notify=False)
@@ -312,6 +317,13 @@ class FusedOptimizer:
     def _segment_weight_decay(self, index, shape):
         """The decoupled weight decay of segment `index` (Muon's differs per variable)."""
         return self.weight_decay
+
+    def _unscale(self):
+        """The gradients' first multiplier (Hyper.unscale, the NumPy pipeline's):
+        1/loss_scale_factor, negated with maximize; None when it is 1."""
+        if not (self.loss_scale_factor or self.maximize):
+            return None
+        return (-1.0 if self.maximize else 1.0) / (self.loss_scale_factor or 1.0)
 
     # What the kernels' step state reads (kernels/step.cuh): the rule's hyperparameters
     # in the order of `_hyperparameters` (booleans as 0/1, an unset optional one such
@@ -920,6 +932,8 @@ class FusedOptimizer:
             config["skip_nonfinite"] = True
         if self.coupled_weight_decay is not None:  # fusedopt's own: absent by default
             config["coupled_weight_decay"] = self.coupled_weight_decay
+        if self.maximize:  # fusedopt's own: absent by default
+            config["maximize"] = True
         segments = self._segment_request.to_config()
         if segments is not None:
             config["segment_attributes"] = segments
