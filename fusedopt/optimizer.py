@@ -622,15 +622,22 @@ class FusedOptimizer:
         return self._segment_table.groups()
 
     # ----------------------------------------------------------------------- apply
-    def apply(self, grads, params):
+    def apply(self, grads, params, *, grad_scale=None, found_inf=None):
         """One update of every variable in `params` from `grads`; iterations += 1.
 
         `params` is a FlatBuffer (or a contiguous 1-D array, one segment); `grads` is a
         FlatBuffer of the same layout or a 1-D array of the same size, dtype and device.
-        Every argument is checked before anything changes.
+
+        `grad_scale` and `found_inf` (torch.amp.GradScaler's protocol, fusedopt.torch):
+        1-element float32 arrays on the buffers' device, read by the step where it runs
+        (on a GPU by the kernels, so the host never waits for them). The gradients are
+        divided by grad_scale, on top of loss_scale_factor; when found_inf is nonzero
+        the step changes nothing and is counted in `skipped_steps`, as skip_nonfinite
+        counts its skips. Every argument is checked before anything changes.
         """
         params = _as_params(params)
         grads = self._check_grads(grads, params)
+        amp = _check_amp_inputs(grad_scale, found_inf, params.device)
         if self.built:
             self._check_same_layout(params.layout, params.device, "params")
         _check_writable(params.data)
@@ -642,7 +649,10 @@ class FusedOptimizer:
             return  # Keras: no variables, no update, no increment
         host_learning_rate = self._step_learning_rate()
         self.build(params)
-        self._plan.step(grads, params.data, self._slots, host_learning_rate)
+        if amp is None:
+            self._plan.step(grads, params.data, self._slots, host_learning_rate)
+        else:
+            self._plan.step(grads, params.data, self._slots, host_learning_rate, amp=amp)
 
     def cuda_graph(self, grads, params):
         """Capture one step, apply(grads, params), as a CUDA graph; return a callable
@@ -1017,6 +1027,24 @@ def _as_params(params):
             raise ValueError(f"`params` must be float32 or float64, got {params.dtype}")
         return FlatBuffer(params, [params.shape])
     raise TypeError(f"`params` must be a FlatBuffer or a 1-D array, got {type(params).__name__}")
+
+
+def _check_amp_inputs(grad_scale, found_inf, device):
+    """(grad_scale, found_inf) for the executors, or None when both are None."""
+    if grad_scale is None and found_inf is None:
+        return None
+    for name, x in (("grad_scale", grad_scale), ("found_inf", found_inf)):
+        if x is None:
+            continue
+        if not (isinstance(x, np.ndarray) or cuda.is_gpu_array(x)):
+            raise TypeError(f"`{name}` must be a 1-element float32 array (NumPy or CuPy), "
+                            f"got {type(x).__name__}")
+        if x.size != 1 or np.dtype(x.dtype) != np.float32:
+            raise ValueError(f"`{name}` must hold one float32 element, got shape "
+                             f"{tuple(x.shape)} and dtype {x.dtype}")
+        if cuda.device_of(x) != device:
+            raise ValueError(f"`{name}` lives on {cuda.device_of(x)} but `params` on {device}")
+    return grad_scale, found_inf
 
 
 def _parse_segment_table(saved, nsegments):

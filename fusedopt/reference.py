@@ -362,9 +362,11 @@ class ReferencePlan:
     def hyperparameters_changed(self, name):
         """Nothing to refresh: every step reads the optimizer's attributes."""
 
-    def step(self, grads, params_data, slots, host_learning_rate=None):
+    def step(self, grads, params_data, slots, host_learning_rate=None, amp=None):
         opt = self.optimizer
-        if opt.skip_nonfinite and not _all_finite(grads):
+        grad_scale, found_inf = amp if amp is not None else (None, None)
+        if (opt.skip_nonfinite and not _all_finite(grads)) or \
+                (found_inf is not None and found_inf.reshape(-1)[0] != 0):
             self.counters[1] += 1
             self.counters[2] = True
             return
@@ -375,6 +377,8 @@ class ReferencePlan:
                   for m, decay in pairs]
         dt = params_data.dtype.type
         unscale = opt._unscale()
+        if grad_scale is not None:  # in double, as kernels/reduce.cu's fusedopt_amp_inputs
+            unscale = (1.0 if unscale is None else unscale) / float(grad_scale.reshape(-1)[0])
         unscale = None if unscale is None else dt(unscale)
         # Non-finite gradients propagate as in Keras (or are skipped above); NumPy's
         # warnings about them would only repeat that.
