@@ -465,3 +465,30 @@ def test_gpu_step_with_grad_scaler_never_waits_for_the_device():
         scaler.update()
     torch.cuda.synchronize()
     assert float(opt.state[next(model.parameters())]["step"]) == 3
+
+
+@pytest.mark.parametrize("ours, theirs, options", [GRAD_SCALER_CASES[1], GRAD_SCALER_CASES[2]])
+def test_grad_scaler_under_bf16_autocast_matches_torch(ours, theirs, options):
+    """The forward pass under CPU autocast (bfloat16), GradScaler's documented loop, an
+    inf injected at two steps: the same params and state as torch's for-loop."""
+    scalers = {}
+
+    def per_step(t, model, opt):
+        scaler = scalers.setdefault(
+            id(opt), torch.amp.GradScaler("cpu", init_scale=2.0 ** 8, growth_interval=3))
+        opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = loss_of(model, t)
+        scaler.scale(loss.float()).backward()
+        if t in (2, 7):
+            next(model.parameters()).grad[0, 0] = math.nan
+        scaler.step(opt)
+        scaler.update()
+
+    models, opts = run_against_torch(lambda p: ours(p, **options),
+                                     lambda p: theirs(p, **options, foreach=False),
+                                     per_step=per_step)
+    check = assert_same_sgd_state if ours is ft.SGD else _assert_same_adam_state
+    check(models, opts)
+    assert float(opts[0].state[next(models[0].parameters())]["step"]) == STEPS - 2
+    assert len({s.get_scale() for s in scalers.values()}) == 1
