@@ -332,6 +332,8 @@ def optimizer_hyper(opt, host_learning_rate=0.0):
     hyper = pack_hyper(lr, opt._device_hyperparameters(), opt.loss_scale_factor,
                        opt.clipvalue, opt.weight_decay, opt.clipnorm or opt.global_clipnorm,
                        opt.coupled_weight_decay)
+    unscale = opt._unscale()  # 1/loss_scale_factor, negated with maximize
+    hyper["unscale"] = 1.0 if unscale is None else unscale
     return hyper, host_evaluated
 
 
@@ -354,9 +356,10 @@ def step_scalars_dtype(dtype):
     return np.dtype([("lr", dtype), ("c", dtype, (MAX_SCALARS,))])
 
 
-def pack_prologue(dtype, loss_scale_factor, clipvalue, weight_decay, coupled_weight_decay=None):
+def pack_prologue(dtype, loss_scale_factor, clipvalue, weight_decay, coupled_weight_decay=None,
+                  maximize=False):
     out = np.zeros(1, prologue_dtype(dtype))
-    out["unscale"] = 1.0 / loss_scale_factor if loss_scale_factor else 1.0
+    out["unscale"] = (-1.0 if maximize else 1.0) / (loss_scale_factor or 1.0)
     out["clipvalue"] = clipvalue or 0.0
     out["weight_decay"] = -1.0 if weight_decay is None else weight_decay
     out["coupled_weight_decay"] = coupled_weight_decay or 0.0

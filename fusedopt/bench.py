@@ -13,7 +13,11 @@ In one run on one device it measures:
     CuPy), torch.optim with fused=True and foreach=True on one flat tensor and on ~200
     tensors, optax's jitted adam with and without clip_by_global_norm, and torch's
     clip_grad_norm_ + fused Adam against fusedopt Adam with global_clipnorm;
-  - host overhead: microseconds per step for a 1M-parameter, 100-tensor model.
+  - a torch model's ~200 parameters stepped by fusedopt.torch.AdamW (flattened, one
+    fused step, its whole Python step() included) against torch.optim.AdamW(fused=True)
+    on the same parameters, timed alternately in each round (layout "torch-model");
+  - host overhead: microseconds per step for a 1M-parameter, 100-tensor model
+    (fusedopt's apply(), fusedopt.torch's step() and torch's fused Adam).
 A peer that is not installed is reported as missing. On a machine without a GPU the
 same command compares the host executor and the NumPy reference with torch's fused and
 foreach CPU optimizers and optax, over every core.
@@ -44,7 +48,7 @@ from ._progress import ProgressBar
 from .optimizer import get
 
 IMPLS = ("fusedopt", "fusedopt-numpy", "cupy-unfused", "torch-fused", "torch-foreach", "optax",
-         "torch-clip+fused", "optax-clip", "copy", "inplace", "copy-1thread")
+         "torch-clip+fused", "optax-clip", "copy", "inplace", "copy-1thread", "fusedopt-torch")
 CEILINGS = ("copy", "inplace")  # rows whose GB/s bound a step's (see measure_copy)
 # Many small variables: (segments, elements), the layouts of the per-variable clip rows.
 SEGMENT_LAYOUTS = {"10k-segments": (10_000, 1 << 20), "50k-segments": (50_000, 1 << 22)}
@@ -407,6 +411,9 @@ def build_plan(ctx, sizes, optimizers, peers):
             for layout in ("flat", "200-tensors"):
                 plan.append((f"torch {name} {layout} n=2^{n.bit_length() - 1}",
                              _bind(measure_torch, name, n, layout)))
+        if "adamw" in optimizers:
+            plan.append((f"torch model fusedopt.torch vs fused n=2^{n.bit_length() - 1}",
+                         _bind(measure_torch_model, n)))
         if "adam" in optimizers:
             plan.append((f"torch clip+fused n=2^{n.bit_length() - 1}",
                          _bind(measure_torch_clip, n)))
@@ -612,6 +619,39 @@ def measure_torch(ctx, name, n, layout, warmup, repeats):
     return rows
 
 
+def measure_torch_model(ctx, n, warmup, repeats):
+    """A torch model's ~200 parameters (model_like_shapes) with gradients, stepped by
+    fusedopt.torch.AdamW (the parameters flattened into one buffer; each timed step is
+    the whole torch.optim.Optimizer.step(): its checks, the DLPack views and the one
+    fused step) and by torch.optim.AdamW(fused=True) on an identical set: the same
+    defaults (lr 1e-3, weight_decay 0.01), A and B timed one after the other."""
+    impls = ("fusedopt-torch", "torch-fused")
+    torch, why = _torch(ctx)
+    if torch is None:
+        return [r for impl in impls for r in missing("adamw", impl, n, "torch-model", None, why)]
+    from . import torch as fusedopt_torch
+
+    nbytes = step_bytes("adamw", 4) * n
+    rows = []
+    for impl in impls:
+        sets = _torch_sets(ctx, torch, n, "200-tensors", rotation(ctx, nbytes))
+        try:
+            if impl == "fusedopt-torch":
+                opts = [fusedopt_torch.AdamW(p, lr=1e-3) for p in sets]
+            else:
+                opts = [torch.optim.AdamW(p, lr=1e-3, fused=True) for p in sets]
+            ms = _torch_time(ctx, torch, lambda i: opts[i].step(), len(sets), warmup, repeats)
+            rows.append(row("adamw", impl, n, "torch-model", None, ms, nbytes,
+                            note="200 tensors; the Python step() included"))
+        except (RuntimeError, TypeError, ValueError) as e:
+            rows += missing("adamw", impl, n, "torch-model", None, str(e).splitlines()[0][:120])
+        del sets
+        if ctx.device == "gpu":
+            torch.cuda.empty_cache()
+    ctx.free()
+    return rows
+
+
 def measure_torch_clip(ctx, n, warmup, repeats):
     torch, why = _torch(ctx)
     if torch is None:
@@ -719,6 +759,14 @@ def measure_host_overhead(ctx, peers, warmup, repeats, steps=200):
     sync = torch.cuda.synchronize if ctx.device == "gpu" else (lambda: None)
     rows.append(row("adam", "torch-fused", n, "small-model", None,
                     _per_step_ms(ctx, topt.step, steps, warmup, sync=sync), nbytes))
+    from . import torch as fusedopt_torch
+
+    fparams = [torch.randn(s, device=dev, requires_grad=True) for s in shapes]
+    for p in fparams:
+        p.grad = torch.randn_like(p) * 1e-2
+    fopt = fusedopt_torch.Adam(fparams, lr=1e-3)
+    rows.append(row("adam", "fusedopt-torch", n, "small-model", None,
+                    _per_step_ms(ctx, fopt.step, steps, warmup, sync=sync), nbytes))
     return rows
 
 
@@ -874,6 +922,9 @@ TARGETS = (
         ("adam", "fusedopt", "flat", "global"), ("adam", "torch-clip+fused", "flat", "global"),
         1.25),
        ("adam vs optax", ("adam", "fusedopt", "flat", None), ("adam", "optax", "flat", None), 1.0),
+       ("torch model: fusedopt.torch AdamW vs torch AdamW fused",
+        ("adamw", "fusedopt-torch", "torch-model", None),
+        ("adamw", "torch-fused", "torch-model", None), 1.0),
        ("adam + global clip vs optax + clip_by_global_norm",
         ("adam", "fusedopt", "flat", "global"), ("adam", "optax-clip", "flat", "global"), 1.0),
        ("adam 200 tensors vs flat (within 10%)", ("adam", "fusedopt", "200-tensors", None),

@@ -239,6 +239,8 @@ class StepPlan:
     allocates nothing, and replays correctly from a CUDA graph (`capture`).
 
     A step launches, in order, only what its options need:
+      fusedopt_amp_inputs    (apply's grad_scale / found_inf, torch.amp.GradScaler) the
+                             step's unscale and skip, read from device tensors
       fusedopt_sumsq         (norm clipping or skip_nonfinite) per-tile sums of squares
       fusedopt_clip_factors  (clipnorm or global_clipnorm) the factors the update reads
       fusedopt_skip_check    (skip_nonfinite) the verdict on this step's gradients
@@ -255,7 +257,8 @@ class StepPlan:
 
     The executor interface (fusedopt/executor.py): without skip_nonfinite every
     queued step completes, so the host keeps the same count as the device and reading
-    it costs no sync; with skip_nonfinite only the device knows, and read_state syncs.
+    it costs no sync; with skip_nonfinite, or once a step came with a found_inf flag,
+    only the device knows, and read_state syncs.
     """
 
     name = "cuda"
@@ -272,6 +275,8 @@ class StepPlan:
         self._capturing = False
         self.epoch = 0            # bumped when the launch sequence changes (clip mode)
         self.host_learning_rate = False
+        self._device_skips = optimizer.skip_nonfinite  # only the device counts the steps
+        self._amp_unscale = False  # fusedopt_amp_inputs changed the block's unscale
         self._functions = {}
         xp = self.backend.xp
         with self.backend.on_device():
@@ -382,9 +387,9 @@ class StepPlan:
         self._host_counts = (iterations, skipped_steps, last_step_skipped)
 
     def read_state(self):
-        """(iterations, skipped steps, last step skipped): the host's count without
-        skip_nonfinite, else read from the device (a sync)."""
-        if not self.optimizer.skip_nonfinite:
+        """(iterations, skipped steps, last step skipped): the host's count while every
+        step completes, else read from the device (a sync)."""
+        if not self._device_skips:
             return self._host_counts
         with self.backend.on_device():
             self.join_current_stream()
@@ -402,17 +407,28 @@ class StepPlan:
 
     def count_launched_step(self):
         """A step was queued (or replayed): without skip_nonfinite it completes for sure."""
-        if not self.optimizer.skip_nonfinite:
+        if not self._device_skips:
             iterations, skipped, _ = self._host_counts
             self._host_counts = (iterations + 1, skipped, False)
 
     # ------------------------------------------------------------------ the step
-    def step(self, grads, params_data, slots, host_learning_rate=None):
+    def step(self, grads, params_data, slots, host_learning_rate=None, amp=None):
         """Queue one step. `host_learning_rate`: this step's rate (before Keras 2's
-        decay) when the host evaluates it (a callable); ignored otherwise."""
+        decay) when the host evaluates it (a callable); ignored otherwise. `amp`:
+        (grad_scale, found_inf), CuPy arrays or None, read by fusedopt_amp_inputs."""
         with self.backend.on_device():
-            if self.host_learning_rate:
-                self.write_hyperparameters(host_learning_rate)
+            if self.host_learning_rate or (amp is None and self._amp_unscale):
+                self.write_hyperparameters(host_learning_rate or 0.0)
+                self._amp_unscale = False
+            if amp is not None:
+                grad_scale, found_inf = amp
+                unscale = self.optimizer._unscale()
+                self._enqueue(None, "fusedopt_amp_inputs", 1, 1, (
+                    grad_scale, found_inf, np.float64(1.0 if unscale is None else unscale),
+                    self.hyper, self.state))
+                self._amp_unscale = self._amp_unscale or grad_scale is not None
+                if found_inf is not None:
+                    self._device_skips = True
             self._enqueue_step(grads, params_data, slots)
         self.count_launched_step()
 

@@ -2,9 +2,12 @@
 (ARCHITECTURE.md, principle 6).
 
     plan = Plan(optimizer, params)   # built once per layout (FusedOptimizer.build)
-    plan.step(grads, params_data, slots, host_learning_rate)
+    plan.step(grads, params_data, slots, host_learning_rate[, amp=(grad_scale, found_inf)])
                                      # one step; counts it or its skip. host_learning_rate
-                                     # is None unless only the host can evaluate the rate
+                                     # is None unless only the host can evaluate the rate;
+                                     # amp: 1-element float32 arrays (or None) on the
+                                     # buffers' device, read where the step runs: divide
+                                     # the gradients by grad_scale, skip if found_inf != 0
     plan.hyperparameters_changed(name)   # after an assignment: refresh the plan's copy
     plan.read_state()                # (iterations, skipped_steps, last_step_skipped)
     plan.write_state(iterations, skipped_steps, last_step_skipped)   # load_state_dict

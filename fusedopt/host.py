@@ -298,6 +298,8 @@ class _Plan(ctypes.Structure):
         ("nruns", ctypes.c_longlong),
         ("groups", ctypes.c_void_p),
         ("ngroups", ctypes.c_longlong),
+        ("grad_scale", ctypes.c_void_p),
+        ("found_inf", ctypes.c_void_p),
     ]
 
 
@@ -376,10 +378,14 @@ class HostPlan:
     def next_iteration(self):
         return int(self.state["iterations"])
 
-    def step(self, grads, params_data, slots, host_learning_rate=None):
+    def step(self, grads, params_data, slots, host_learning_rate=None, amp=None):
         if host_learning_rate is not None:
             self.hyper["lr"]["initial"] = host_learning_rate
         self._plan.num_threads = self.optimizer.num_threads or self._default_threads
+        # GradScaler's scale and inf flag: pointers the library reads during the step.
+        grad_scale, found_inf = amp if amp is not None else (None, None)
+        self._plan.grad_scale = None if grad_scale is None else grad_scale.ctypes.data
+        self._plan.found_inf = None if found_inf is None else found_inf.ctypes.data
         s = [None if x is None else x.ctypes.data for x in slots] + [None] * (3 - len(slots))
         self.fn(params_data.ctypes.data, grads.ctypes.data, s[0], s[1], s[2],
                 ctypes.addressof(self._plan), self.hyper.ctypes.data, self.state.ctypes.data)

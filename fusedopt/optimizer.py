@@ -130,6 +130,9 @@ class FusedOptimizer:
         clipvalue: clip each gradient element to [-clipvalue, clipvalue].
             At most one of clipnorm, global_clipnorm and clipvalue may be set.
         loss_scale_factor: gradients are divided by it before anything else.
+        maximize: fusedopt's own (not Keras'), as torch.optim's `maximize`: the
+            gradients are negated in the same first stage (the unscale multiplier is
+            -1/loss_scale_factor), so the step climbs the objective. Default False.
         skip_nonfinite: if True, a step whose gradients hold inf or NaN changes
             nothing (params, state and iterations stay as they were) and is counted
             in `skipped_steps`. Default False: NaN propagates, as in Keras.
@@ -164,6 +167,7 @@ class FusedOptimizer:
     clipvalue = Hyperparameter(check.optional_real, low=0.0)
     global_clipnorm = Hyperparameter(check.optional_real, low=0.0)
     loss_scale_factor = Hyperparameter(check.optional_real, low=0.0, low_open=True)
+    maximize = Hyperparameter(check.boolean)
     use_ema = Hyperparameter(lambda name, v: False if v is None else check.boolean(name, v))
     ema_momentum = Hyperparameter(check.real, low=0.0, high=1.0)
     ema_overwrite_frequency = Hyperparameter(
@@ -200,6 +204,7 @@ class FusedOptimizer:
         num_threads=None,
         segment_attributes=None,
         coupled_weight_decay=None,
+        maximize=False,
         **kwargs,
     ):
         # A subclass passes its own hyperparameters on in kwargs, so that all of them
@@ -233,7 +238,7 @@ class FusedOptimizer:
             learning_rate=learning_rate, weight_decay=weight_decay, clipnorm=clipnorm,
             clipvalue=clipvalue, global_clipnorm=global_clipnorm,
             loss_scale_factor=loss_scale_factor, coupled_weight_decay=coupled_weight_decay,
-            use_ema=use_ema, ema_momentum=ema_momentum,
+            maximize=maximize, use_ema=use_ema, ema_momentum=ema_momentum,
             ema_overwrite_frequency=ema_overwrite_frequency,
             gradient_accumulation_steps=gradient_accumulation_steps,
             name=name, **rule_values), notify=False)
@@ -312,6 +317,13 @@ class FusedOptimizer:
     def _segment_weight_decay(self, index, shape):
         """The decoupled weight decay of segment `index` (Muon's differs per variable)."""
         return self.weight_decay
+
+    def _unscale(self):
+        """The gradients' first multiplier (Hyper.unscale, the NumPy pipeline's):
+        1/loss_scale_factor, negated with maximize; None when it is 1."""
+        if not (self.loss_scale_factor or self.maximize):
+            return None
+        return (-1.0 if self.maximize else 1.0) / (self.loss_scale_factor or 1.0)
 
     # What the kernels' step state reads (kernels/step.cuh): the rule's hyperparameters
     # in the order of `_hyperparameters` (booleans as 0/1, an unset optional one such
@@ -610,15 +622,22 @@ class FusedOptimizer:
         return self._segment_table.groups()
 
     # ----------------------------------------------------------------------- apply
-    def apply(self, grads, params):
+    def apply(self, grads, params, *, grad_scale=None, found_inf=None):
         """One update of every variable in `params` from `grads`; iterations += 1.
 
         `params` is a FlatBuffer (or a contiguous 1-D array, one segment); `grads` is a
         FlatBuffer of the same layout or a 1-D array of the same size, dtype and device.
-        Every argument is checked before anything changes.
+
+        `grad_scale` and `found_inf` (torch.amp.GradScaler's protocol, fusedopt.torch):
+        1-element float32 arrays on the buffers' device, read by the step where it runs
+        (on a GPU by the kernels, so the host never waits for them). The gradients are
+        divided by grad_scale, on top of loss_scale_factor; when found_inf is nonzero
+        the step changes nothing and is counted in `skipped_steps`, as skip_nonfinite
+        counts its skips. Every argument is checked before anything changes.
         """
         params = _as_params(params)
         grads = self._check_grads(grads, params)
+        amp = _check_amp_inputs(grad_scale, found_inf, params.device)
         if self.built:
             self._check_same_layout(params.layout, params.device, "params")
         _check_writable(params.data)
@@ -630,7 +649,10 @@ class FusedOptimizer:
             return  # Keras: no variables, no update, no increment
         host_learning_rate = self._step_learning_rate()
         self.build(params)
-        self._plan.step(grads, params.data, self._slots, host_learning_rate)
+        if amp is None:
+            self._plan.step(grads, params.data, self._slots, host_learning_rate)
+        else:
+            self._plan.step(grads, params.data, self._slots, host_learning_rate, amp=amp)
 
     def cuda_graph(self, grads, params):
         """Capture one step, apply(grads, params), as a CUDA graph; return a callable
@@ -920,6 +942,8 @@ class FusedOptimizer:
             config["skip_nonfinite"] = True
         if self.coupled_weight_decay is not None:  # fusedopt's own: absent by default
             config["coupled_weight_decay"] = self.coupled_weight_decay
+        if self.maximize:  # fusedopt's own: absent by default
+            config["maximize"] = True
         segments = self._segment_request.to_config()
         if segments is not None:
             config["segment_attributes"] = segments
@@ -1003,6 +1027,24 @@ def _as_params(params):
             raise ValueError(f"`params` must be float32 or float64, got {params.dtype}")
         return FlatBuffer(params, [params.shape])
     raise TypeError(f"`params` must be a FlatBuffer or a 1-D array, got {type(params).__name__}")
+
+
+def _check_amp_inputs(grad_scale, found_inf, device):
+    """(grad_scale, found_inf) for the executors, or None when both are None."""
+    if grad_scale is None and found_inf is None:
+        return None
+    for name, x in (("grad_scale", grad_scale), ("found_inf", found_inf)):
+        if x is None:
+            continue
+        if not (isinstance(x, np.ndarray) or cuda.is_gpu_array(x)):
+            raise TypeError(f"`{name}` must be a 1-element float32 array (NumPy or CuPy), "
+                            f"got {type(x).__name__}")
+        if x.size != 1 or np.dtype(x.dtype) != np.float32:
+            raise ValueError(f"`{name}` must hold one float32 element, got shape "
+                             f"{tuple(x.shape)} and dtype {x.dtype}")
+        if cuda.device_of(x) != device:
+            raise ValueError(f"`{name}` lives on {cuda.device_of(x)} but `params` on {device}")
+    return grad_scale, found_inf
 
 
 def _parse_segment_table(saved, nsegments):

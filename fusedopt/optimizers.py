@@ -34,20 +34,48 @@ class SGD(FusedOptimizer):
     momentum == 0:  p <- p - lr*g
     otherwise:      m <- momentum*m - lr*g;  p <- p + m
     nesterov:       p <- p + momentum*m - lr*g   (with the new m)
+
+    momentum_in_gradient_units=True (fusedopt's own, default False) is
+    torch.optim.SGD's form: the buffer holds gradients, not steps, and lr applies
+    after it, so a changing lr does not rescale the past (and `dampening` may be set):
+                    m <- momentum*m + (1-dampening)*g  (on the first step m <- g);
+                    p <- p - lr*m,  nesterov: p <- p - lr*(g + momentum*m)
     """
 
     rule = "sgd"
     momentum = _momentum()
     nesterov = Hyperparameter(check.boolean)
+    dampening = Hyperparameter(check.real, low=0.0, high=1.0)
+    momentum_in_gradient_units = Hyperparameter(check.boolean)
 
-    def __init__(self, learning_rate=0.01, momentum=0.0, nesterov=False, **kwargs):
-        super().__init__(learning_rate, momentum=momentum, nesterov=nesterov, **kwargs)
+    def __init__(self, learning_rate=0.01, momentum=0.0, nesterov=False, dampening=0.0,
+                 momentum_in_gradient_units=False, **kwargs):
+        super().__init__(learning_rate, momentum=momentum, nesterov=nesterov,
+                         dampening=dampening,
+                         momentum_in_gradient_units=momentum_in_gradient_units, **kwargs)
+
+    def _check_hyperparameters(self):
+        if self.dampening and not self.momentum_in_gradient_units:
+            raise ValueError("`dampening` needs `momentum_in_gradient_units=True` (torch's "
+                             f"form of momentum), got dampening={self.dampening!r}")
+        super()._check_hyperparameters()
+
+    def get_config(self):
+        config = super().get_config()
+        # Only when set, so that Keras' configs stay Keras' (Keras has neither key).
+        if not self.momentum_in_gradient_units:
+            config.pop("momentum_in_gradient_units", None)
+            config.pop("dampening", None)
+        return config
 
     def _slot_specs(self):
         return (("momentum", 0.0) if self.momentum != 0 else None,)
 
     def _rule_scalars(self, lr, t):
-        return lr, self.momentum, float(self.nesterov)
+        # Torch's form starts its buffer at the first gradient: m <- 0*m + 1*g at t = 1.
+        first = t == 1
+        return (lr, self.momentum, float(self.nesterov), float(self.momentum_in_gradient_units),
+                0.0 if first else self.momentum, 1.0 if first else 1 - self.dampening)
 
 
 class RMSprop(FusedOptimizer):

@@ -17,14 +17,21 @@ import math
 import numpy as np
 
 
-def sgd(p, g, m, lr, momentum, nesterov):
+def sgd(p, g, m, lr, momentum, nesterov, gradient_units, buffer_momentum, gradient_weight):
     """SGD with optional (Nesterov) momentum; the velocity m is in units of lr.
 
     m <- momentum*m - lr*g;  p <- p + momentum*m - lr*g (nesterov)  or  p <- p + m
     Without momentum (m is None): p <- p - lr*g.
+    gradient_units (torch's form): m <- buffer_momentum*m + gradient_weight*g
+    (0 and 1 on the first step, else momentum and 1 - dampening);
+    p <- p - lr*(g + momentum*m) (nesterov)  or  p <- p - lr*m.
     """
     if m is None:
         p -= g * lr
+        return
+    if gradient_units:
+        m[...] = m * buffer_momentum + g * gradient_weight
+        p -= (g + m * momentum if nesterov else m) * lr
         return
     m[...] = m * momentum - g * lr
     if nesterov:
@@ -355,9 +362,11 @@ class ReferencePlan:
     def hyperparameters_changed(self, name):
         """Nothing to refresh: every step reads the optimizer's attributes."""
 
-    def step(self, grads, params_data, slots, host_learning_rate=None):
+    def step(self, grads, params_data, slots, host_learning_rate=None, amp=None):
         opt = self.optimizer
-        if opt.skip_nonfinite and not _all_finite(grads):
+        grad_scale, found_inf = amp if amp is not None else (None, None)
+        if (opt.skip_nonfinite and not _all_finite(grads)) or \
+                (found_inf is not None and found_inf.reshape(-1)[0] != 0):
             self.counters[1] += 1
             self.counters[2] = True
             return
@@ -367,7 +376,10 @@ class ReferencePlan:
         values = [opt._step_scalars(calls, host_learning_rate, m) + (decay,)
                   for m, decay in pairs]
         dt = params_data.dtype.type
-        unscale = dt(1.0 / opt.loss_scale_factor) if opt.loss_scale_factor else None
+        unscale = opt._unscale()
+        if grad_scale is not None:  # in double, as kernels/reduce.cu's fusedopt_amp_inputs
+            unscale = (1.0 if unscale is None else unscale) / float(grad_scale.reshape(-1)[0])
+        unscale = None if unscale is None else dt(unscale)
         # Non-finite gradients propagate as in Keras (or are skipped above); NumPy's
         # warnings about them would only repeat that.
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):

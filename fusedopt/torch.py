@@ -14,10 +14,17 @@ flat buffer, with each group's lr and weight decay carried per segment.
 
 Semantics: `FusedOptimizer(params, name, ...)` runs fusedopt's rule `name` with
 Keras 3 semantics and Keras' argument names (`lr` is torch's name for
-`learning_rate`). `Adam` and `AdamW` take torch.optim's arguments and defaults and
-update as torch does (epsilon added after the bias correction, decoupled decay by
-lr*weight_decay, or for Adam without decoupled decay weight_decay*p added to the
-gradient: fusedopt's coupled_weight_decay). Not available yet: `maximize`, torch's SGD.
+`learning_rate`). `Adam`, `AdamW` and `SGD` take torch.optim's arguments and defaults
+and update as torch does: Adam's epsilon added after the bias correction, decoupled
+decay by lr*weight_decay, or (Adam without decoupled decay, SGD) weight_decay*p added to
+the gradient (fusedopt's coupled_weight_decay); SGD's momentum buffer in gradient units
+with dampening, first step buf = g (fusedopt's momentum_in_gradient_units); maximize
+negates the gradients in the step's first stage.
+
+torch.amp.GradScaler: these optimizers handle scaling themselves
+(`_step_supports_amp_scaling`): the fused step reads GradScaler's `grad_scale` and
+`found_inf` tensors where it runs (on a GPU, in the kernels), unscales the gradients
+on the way and skips the step when found_inf is set, with no host sync.
 
 Importing this module imports torch; `import fusedopt` never does.
 """
@@ -40,7 +47,7 @@ from .flat import FlatBuffer
 from .optimizer import get as _get_optimizer
 from .segments import MAX_GROUPS
 
-__all__ = ["FlatParameters", "flatten_parameters", "FusedOptimizer", "Adam", "AdamW"]
+__all__ = ["FlatParameters", "flatten_parameters", "FusedOptimizer", "Adam", "AdamW", "SGD"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 
@@ -411,11 +418,15 @@ class FusedOptimizer(torch.optim.Optimizer):
           device; create the optimizer after moving the model (model.to()).
         - add_param_group() is supported: the new group gets its own flat buffer.
         - With torch.amp.GradScaler the step unscales the gradients inside the fused
-          pass (fusedopt's loss_scale_factor) and is skipped when they hold inf/NaN;
-          it reads the scale and the inf flag on the host (one sync per step on a GPU).
+          pass and is skipped when they hold inf/NaN: GradScaler's scale and inf flag
+          stay device tensors that the step reads where it runs (no host sync); a
+          skipped step counts in the fusedopt optimizer's skipped_steps, and
+          state[p]["step"] does not advance, as in torch. After scaler.unscale_(opt)
+          only the inf flag is passed.
     """
 
     _state_names = {}  # fusedopt slot name -> the name in `state` (torch's, for Adam)
+    _stepless = False  # whether torch's own state of this optimizer lacks "step" (SGD)
     # torch.amp.GradScaler then hands step() its scale and inf flag (as the attributes
     # grad_scale and found_inf) instead of unscaling every gradient in a pass of its
     # own: the fused step unscales them on the way.
@@ -593,15 +604,13 @@ class FusedOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         plans = [self._plan(bucket) for bucket in self._buckets]
-        scale, skip = self._grad_scaler_request()
-        if skip:  # GradScaler found inf/NaN: nothing changes, as in torch's fused step
-            return loss
+        grad_scale, found_inf = self._grad_scaler_request()
         for bucket, (strays, change) in zip(self._buckets, plans):
             bucket.flat.adopt_gradients(strays)
             if change is not None:
                 change()
         for bucket in self._buckets:
-            self._run(bucket, scale)
+            self._run(bucket, grad_scale, found_inf)
         return loss
 
     def _plan(self, bucket):
@@ -642,36 +651,18 @@ class FusedOptimizer(torch.optim.Optimizer):
         return strays, lambda: bucket.replace_optimizer(optimizer, configs)
 
     def _grad_scaler_request(self):
-        """(scale or None, skip): what torch.amp.GradScaler asks of this step. GradScaler
-        sets `grad_scale` (None when unscale_() already ran) and `found_inf` on an
-        optimizer with `_step_supports_amp_scaling` around its call to step()."""
-        grad_scale = getattr(self, "grad_scale", None)
-        found_inf = getattr(self, "found_inf", None)
-        if grad_scale is None and found_inf is None:
-            return None, False
-        # fusedopt takes the scale as a host scalar and skips on the host's word: one
-        # read of both values (a sync on a GPU).
-        found, scale = _read_scalars(0.0 if found_inf is None else found_inf,
-                                     1.0 if grad_scale is None else grad_scale)
-        if found != 0:
-            return None, True
-        if grad_scale is None:
-            return None, False
-        if not (math.isfinite(scale) and scale > 0):
-            raise ValueError(f"`grad_scale` from the GradScaler must be finite and > 0, "
-                             f"got {scale!r}")
-        return scale, False
+        """(grad_scale, found_inf): the tensors torch.amp.GradScaler sets on an optimizer
+        with `_step_supports_amp_scaling` around its call to step() (grad_scale None
+        after unscale_()), or None each. Never read here: the fused step reads them on
+        their device, so step() does not wait for the GPU."""
+        return getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
 
-    def _run(self, bucket, scale):
+    def _run(self, bucket, grad_scale, found_inf):
         optimizer, flat = bucket.optimizer, bucket.flat
-        own_scale = optimizer.loss_scale_factor
-        if scale is not None:
-            optimizer.loss_scale_factor = scale * (own_scale or 1.0)
-        try:
-            with _torch_stream(flat.device):
-                optimizer.apply(flat.flat_grads, flat.flat_params)
-        finally:
-            optimizer.loss_scale_factor = own_scale
+        with _torch_stream(flat.device):
+            optimizer.apply(flat.flat_grads, flat.flat_params,
+                            grad_scale=_step_input(grad_scale, flat.device, "grad_scale"),
+                            found_inf=_step_input(found_inf, flat.device, "found_inf"))
         _bump_versions(flat.params)
 
     # ------------------------------------------------------------------- state
@@ -749,10 +740,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         expected = {"step", *(self._state_name(n) for n in optimizer.slot_names)}
         steps = set()
         for i, (p, s) in enumerate(zip(flat.params, present)):
-            if set(s) != expected:
+            if set(s) | {"step"} != expected or ("step" not in s and not self._stepless):
                 raise ValueError(f"{where}: a parameter's state holds {sorted(s)}, this "
                                  f"configuration keeps {sorted(expected)}")
-            steps.add(float(s["step"]))
+            # torch's SGD keeps no step count: a state with buffers is past its first step.
+            steps.add(float(s["step"]) if "step" in s else 1.0)
             for key in expected - {"step"}:
                 if tuple(s[key].shape) != tuple(p.shape):
                     raise ValueError(f"{where}: {key!r} has shape {tuple(s[key].shape)}, its "
@@ -768,12 +760,22 @@ class FusedOptimizer(torch.optim.Optimizer):
                 "layout": flat.flat_params.layout.to_dict(), "slots": slots}
 
 
-def _read_scalars(*values):
-    """Python floats of numbers and 1-element tensors, read from a device at once."""
-    device = next((v.device for v in values if isinstance(v, torch.Tensor)), "cpu")
-    stacked = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(())
-                           for v in values])
-    return stacked.tolist()
+def _step_input(value, device, name):
+    """GradScaler's `grad_scale` or `found_inf` as a 1-element float32 array on
+    `device` aliasing the tensor (DLPack), for FusedOptimizer.apply; None stays None.
+    Only device operations (a view; a conversion or a copy queued on the stream when
+    the dtype or device differs): nothing is read on the host."""
+    if value is None:
+        return None
+    if not isinstance(value, torch.Tensor):
+        value = torch.tensor(float(value), device=device)  # a number set by hand
+    if value.numel() != 1:
+        raise ValueError(f"`{name}` from the GradScaler must have one element, got shape "
+                         f"{tuple(value.shape)}")
+    value = value.reshape(1)
+    if value.dtype != torch.float32 or value.device != device:
+        value = value.to(device=device, dtype=torch.float32, non_blocking=True)
+    return _array_alias(value.contiguous())
 
 
 def _learning_rate(lr, where):
@@ -803,9 +805,13 @@ class Adam(FusedOptimizer):
     state_dict() has torch's layout, so checkpoints move between this class and
     torch.optim.Adam.
 
-    Not supported yet (a ValueError): maximize=True, capturable=True,
-    differentiable=True. `foreach` and `fused` are
-    accepted and change nothing: the step is always one fused pass per flat buffer.
+    torch's other constructor arguments: `maximize` is supported (the gradients are
+    negated in the step's first stage, fusedopt's `maximize`); `capturable` is
+    accepted and changes nothing, since fusedopt's step state (step counts, the rate,
+    bias corrections) lives on the device already; `foreach` and `fused` are accepted
+    and change nothing, since the step is always one fused pass per flat buffer;
+    `differentiable=True` is refused (a ValueError): the step writes the parameters
+    outside autograd.
     """
 
     _state_names = {"momentum": "exp_avg", "velocity": "exp_avg_sq",
@@ -822,9 +828,7 @@ class Adam(FusedOptimizer):
         self._setup(params, defaults)
 
     def _fusedopt_config(self, group, where):
-        for key in ("maximize", "capturable", "differentiable"):
-            if group.get(key):
-                raise ValueError(f"{where}['{key}']=True is not supported by fusedopt.torch yet")
+        maximize = _torch_flags(group, where)
         betas = group["betas"]
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
             raise TypeError(f"{where}['betas'] must be a pair (beta1, beta2), got {betas!r}")
@@ -844,7 +848,8 @@ class Adam(FusedOptimizer):
             raise TypeError(f"{where}['amsgrad'] must be a bool, got {group['amsgrad']!r}")
         arguments = {"learning_rate": _learning_rate(group["lr"], f"{where}['lr']"),
                      "beta_1": beta_1, "beta_2": beta_2, "epsilon": eps,
-                     "amsgrad": group["amsgrad"], "epsilon_after_bias_correction": True}
+                     "amsgrad": group["amsgrad"], "epsilon_after_bias_correction": True,
+                     "maximize": maximize}
         if decoupled:
             return "adamw", {**arguments, "weight_decay": weight_decay}
         # torch's Adam adds weight_decay*p to the gradient: fusedopt's coupled decay.
@@ -865,6 +870,69 @@ class AdamW(Adam):
                          maximize=maximize, capturable=capturable,
                          differentiable=differentiable, fused=fused,
                          decoupled_weight_decay=True)
+
+
+def _torch_flags(group, where):
+    """Check torch's boolean constructor arguments of a group; return `maximize`.
+    capturable, foreach and fused change nothing here (see Adam); differentiable=True
+    is refused."""
+    for key in ("maximize", "capturable", "differentiable"):
+        if not isinstance(group.get(key, False), bool):
+            raise TypeError(f"{where}['{key}'] must be a bool, got {group[key]!r}")
+    for key in ("foreach", "fused"):
+        if group.get(key) is not None and not isinstance(group[key], bool):
+            raise TypeError(f"{where}['{key}'] must be a bool or None, got {group[key]!r}")
+    if group.get("differentiable"):
+        raise ValueError(f"{where}['differentiable']=True is not supported: fusedopt's fused "
+                         "step writes the parameters outside autograd, so it cannot be "
+                         "differentiated through; use torch.optim for that")
+    return bool(group.get("maximize", False))
+
+
+# ========================================================= torch-compatible SGD
+class SGD(FusedOptimizer):
+    """torch.optim.SGD's arguments, defaults and update, as one fused step:
+
+        g <- g + weight_decay*p  (L2, fusedopt's coupled_weight_decay)
+        buf <- g on the first step, else momentum*buf + (1 - dampening)*g
+        p <- p - lr*(g + momentum*buf)  with nesterov, else  p <- p - lr*buf
+
+    (fusedopt's SGD with momentum_in_gradient_units=True). `state[p]` holds torch's
+    "momentum_buffer" (with momentum > 0) and the step count "step", which torch's SGD
+    does not keep: a torch SGD state_dict (without "step") loads as one step done (the
+    buffers exist, so the next step is not the first). `maximize`, `foreach`, `fused`
+    and `differentiable` as for Adam.
+    """
+
+    _state_names = {"momentum": "momentum_buffer"}
+    _stepless = True
+
+    def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
+                 nesterov=False, *, maximize=False, foreach=None, differentiable=False,
+                 fused=None):
+        defaults = {"lr": lr, "momentum": momentum, "dampening": dampening,
+                    "weight_decay": weight_decay, "nesterov": nesterov, "maximize": maximize,
+                    "foreach": foreach, "differentiable": differentiable, "fused": fused}
+        self._setup(params, defaults)
+
+    def _fusedopt_config(self, group, where):
+        maximize = _torch_flags(group, where)
+        momentum = _real(group["momentum"], f"{where}['momentum']")
+        dampening = _real(group["dampening"], f"{where}['dampening']")
+        weight_decay = _real(group["weight_decay"], f"{where}['weight_decay']")
+        if not (math.isfinite(weight_decay) and weight_decay >= 0):
+            raise ValueError(f"{where}['weight_decay'] must be finite and >= 0, got "
+                             f"{weight_decay!r}")
+        if not isinstance(group["nesterov"], bool):
+            raise TypeError(f"{where}['nesterov'] must be a bool, got {group['nesterov']!r}")
+        if group["nesterov"] and (momentum <= 0 or dampening != 0):
+            raise ValueError(f"{where}: nesterov momentum needs momentum > 0 and dampening 0 "
+                             f"(as torch.optim.SGD), got momentum={momentum!r}, "
+                             f"dampening={dampening!r}")
+        return "sgd", {"learning_rate": _learning_rate(group["lr"], f"{where}['lr']"),
+                       "momentum": momentum, "nesterov": group["nesterov"],
+                       "dampening": dampening, "momentum_in_gradient_units": True,
+                       "coupled_weight_decay": weight_decay or None, "maximize": maximize}
 
 
 def _real(value, where):

@@ -216,6 +216,8 @@ struct HostPlan {
     long long nruns;                 // (fusedopt/segments.py, group_runs)
     const double* groups;            // [multiplier, decay (1 or 0)] per segment group
     long long ngroups;               // 1 to FO_MAX_GROUPS
+    const float* grad_scale;         // or null: divide the gradients by *grad_scale too
+    const float* found_inf;          // or null: skip the step if *found_inf != 0
 };
 
 // Each segment group's prologue and scalars for one step (fusedopt/segments.py).
@@ -399,10 +401,23 @@ static void thread_step(int t, int n, T* p, const T* g, T* const slots[3], const
 // GPU does on the device. Returns 1 if the step was applied, 0 if skip_nonfinite
 // skipped it (then no buffer was written).
 template <typename Rule, typename T>
-static int host_step(T* p, const T* g, T* s0, T* s1, T* s2, HostPlan* plan, const Hyper* h,
-                     StepState* state) {
+static int host_step(T* p, const T* g, T* s0, T* s1, T* s2, HostPlan* plan,
+                     const Hyper* block, StepState* state) {
+    // torch.amp.GradScaler's inputs, read here as the GPU reads them (reduce.cu,
+    // fusedopt_amp_inputs): the step's unscale, and a skip counted like skip_nonfinite's.
+    Hyper amp_block;
+    const Hyper* h = block;
+    if (plan->grad_scale) {
+        amp_block = *block;
+        amp_block.unscale = block->unscale / (double)*plan->grad_scale;
+        h = &amp_block;
+    }
     // Group 0's values also advance the state (the running product never depends on lr).
     const StepValues values = fo_step_values<Rule>(*h, *state, plan->groups[0]);
+    if (plan->found_inf && *plan->found_inf != 0.0f) {
+        fo_advance(*state, values, true);
+        return 0;
+    }
     GroupValues<T> groups;
     for (long long k = 0; k < plan->ngroups; ++k) {
         groups.st[k] = fo_narrow<T>(fo_step_values<Rule>(*h, *state, plan->groups[2 * k]));

@@ -4,6 +4,8 @@
 //                         tile holds inf or NaN;
 //   fusedopt_clip_factors per-segment (clipnorm) or global (global_clipnorm) factors;
 //   fusedopt_skip_check   skip_nonfinite: the verdict on this step, for the update;
+//   fusedopt_amp_inputs   torch.amp.GradScaler's scale and inf flag, device tensors
+//                         read on the device: the step's unscale and skip;
 //   fusedopt_write_hyper, fusedopt_write_state
 //                         the host's writes of the step state (kernels/step.cuh), made
 //                         when a hyperparameter or the counters are set, never per step:
@@ -147,7 +149,21 @@ extern "C" __global__ void __launch_bounds__(FO_BLOCK) fusedopt_skip_check(
     int nonfinite = 0;
     for (long long k = threadIdx.x; k < ntiles; k += blockDim.x) nonfinite |= tile_nonfinite[k];
     block_reduce(sums, flags, 0.0, nonfinite);
-    if (threadIdx.x == 0) state->skip = flags[0] != 0;
+    // OR, not assign: fusedopt_amp_inputs may have set it (fo_advance clears it).
+    if (threadIdx.x == 0 && flags[0] != 0) state->skip = 1;
+}
+
+// Before the other kernels of a step (FusedOptimizer.apply's grad_scale, found_inf;
+// either may be null): the unscale the step's kernels read is the block's own
+// (`unscale`, 1/loss_scale_factor as the host wrote it) divided by *grad_scale, and a
+// nonzero *found_inf skips the step (the update counts the skip). The host rewrites the
+// block's unscale when a later step comes without a scale.
+extern "C" __global__ void __launch_bounds__(FO_BLOCK) fusedopt_amp_inputs(
+        const float* grad_scale, const float* found_inf, double unscale, Hyper* hyper,
+        StepState* state) {
+    if (blockIdx.x != 0 || threadIdx.x != 0) return;
+    hyper->unscale = grad_scale ? unscale / (double)*grad_scale : unscale;
+    if (found_inf && *found_inf != 0.0f) state->skip = 1;
 }
 
 extern "C" __global__ void __launch_bounds__(FO_BLOCK) fusedopt_write_hyper(Hyper* hyper,

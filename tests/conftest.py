@@ -111,6 +111,17 @@ FUSEDOPT_ONLY_CASES = [
     ("sgd-momentum-both-decays", "SGD",
      {"momentum": 0.9, "coupled_weight_decay": 0.05, "weight_decay": 0.01}),
     ("ftrl-coupled-decay", "Ftrl", {"coupled_weight_decay": 0.02}),
+    ("sgd-gradient-units-dampening-decay", "SGD",
+     {"momentum": 0.9, "momentum_in_gradient_units": True, "dampening": 0.3,
+      "coupled_weight_decay": 0.05}),
+    ("sgd-gradient-units-nesterov", "SGD",
+     {"learning_rate": 0.05, "momentum": 0.8, "nesterov": True,
+      "momentum_in_gradient_units": True}),
+    ("adam-maximize-loss-scale-clipnorm", "Adam",
+     {"maximize": True, "loss_scale_factor": 4.0, "clipnorm": 1.0}),
+    ("sgd-gradient-units-maximize-clipvalue", "SGD",
+     {"momentum": 0.5, "momentum_in_gradient_units": True, "maximize": True,
+      "clipvalue": 0.3}),
 ]
 
 KERAS_CASES = RULE_CASES + OPTION_CASES + COMBINED_CASES

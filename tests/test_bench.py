@@ -67,7 +67,8 @@ def test_bench_command_writes_the_record(tmp_path, capsys):
     for r in record["rows"]:
         assert ROW_KEYS <= set(r)
         assert r["impl"] in bench.IMPLS
-        assert r["layout"] in ("flat", "200-tensors", "small-model", *bench.SEGMENT_LAYOUTS)
+        assert r["layout"] in ("flat", "200-tensors", "small-model", "torch-model",
+                               *bench.SEGMENT_LAYOUTS)
         assert r["clip"] in (None, "global", "segment")
         assert r["median_ms"] > 0 and r["gbps"] == pytest.approx(r["bytes"] / (r["median_ms"] * 1e6))
         if r["layout"] != "small-model":  # timed in each of the two rounds
@@ -224,3 +225,34 @@ def test_target_table_compares_the_points_it_names():
     assert "| 0.50x | 0.77x | NO |" in table["10k-segments clipnorm vs unclipped (within 1.3x)"]
     assert "| 2.00x | 3.00x | NO |" in table["sgd vs the NumPy reference"]
     assert "adam vs optax" not in table  # not measured: no row
+
+
+def test_torch_model_row_times_fusedopt_torch_against_torch_fused_adamw(capsys):
+    """The row the torch issue asks for: the same ~200-tensor parameters stepped by
+    fusedopt.torch.AdamW (the whole step()) and by torch.optim.AdamW(fused=True)."""
+    pytest.importorskip("torch")
+    ctx = bench.CpuContext()
+    rows = bench.measure_torch_model(ctx, 2**14, warmup=1, repeats=2)
+    assert [(r["impl"], r["optimizer"], r["layout"]) for r in rows] == [
+        ("fusedopt-torch", "adamw", "torch-model"), ("torch-fused", "adamw", "torch-model")]
+    for r in rows:
+        assert r["median_ms"] > 0 and r["bytes"] == 28 * 2**14 and "step()" in r["note"]
+    overhead = bench.measure_host_overhead(ctx, peers=True, warmup=1, repeats=1, steps=3)
+    assert {r["impl"] for r in overhead} == {"fusedopt", "torch-fused", "fusedopt-torch"}
+    table = bench.target_table(record_with(rows))
+    assert any(line.startswith("| torch model: fusedopt.torch AdamW vs torch AdamW fused | "
+                               "16384 |") for line in table)
+
+
+def test_torch_model_row_is_reported_missing_without_torch(monkeypatch):
+    real_import = builtins.__import__
+
+    def no_torch(name, *args, **kwargs):
+        if name.split(".")[0] == "torch":
+            raise ImportError(f"No module named {name!r}")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_torch)
+    rows = bench.measure_torch_model(bench.CpuContext(), 1024, warmup=1, repeats=1)
+    assert {r["impl"] for r in rows} == {"fusedopt-torch", "torch-fused"}
+    assert all(r["median_ms"] is None and r["note"].startswith("missing") for r in rows)

@@ -34,10 +34,11 @@ G = [  # one row per step, flat in LAYOUT order; signs and magnitudes vary per s
 
 # ------------------------------------------------------- the oracle: defaults (§8)
 COMMON = dict(weight_decay=None, clipnorm=None, global_clipnorm=None, clipvalue=None,
-              loss_scale_factor=None, coupled_weight_decay=None, use_ema=False,
+              loss_scale_factor=None, coupled_weight_decay=None, maximize=False, use_ema=False,
               ema_momentum=0.99, ema_overwrite_frequency=None, gradient_accumulation_steps=None)
 DEFAULTS = {
-    "SGD": dict(learning_rate=0.01, momentum=0.0, nesterov=False),
+    "SGD": dict(learning_rate=0.01, momentum=0.0, nesterov=False, dampening=0.0,
+                momentum_in_gradient_units=False),
     "RMSprop": dict(learning_rate=0.001, rho=0.9, momentum=0.0, epsilon=1e-7, centered=False),
     "Adagrad": dict(learning_rate=0.001, initial_accumulator_value=0.1, epsilon=1e-7),
     "Adadelta": dict(learning_rate=0.001, rho=0.95, epsilon=1e-7),
@@ -98,6 +99,10 @@ def sgd(h, s, p, g, lr, t):
     mu = h["momentum"]
     if mu == 0:
         return p - lr * g
+    if h["momentum_in_gradient_units"]:  # torch.optim.SGD: the buffer starts at g
+        buf = g if t == 1 else mu * s["momentum"] + (1 - h["dampening"]) * g
+        s["momentum"] = buf
+        return p - lr * (g + mu * buf if h["nesterov"] else buf)
     s["momentum"] = velocity = mu * s["momentum"] - lr * g
     return p + (mu * velocity - lr * g if h["nesterov"] else velocity)
 
@@ -384,6 +389,8 @@ def golden(cls_name, kwargs, lr_at=None, shapes=LAYOUT, p0=P0, grads=G):
         lr = lr_at(calls) / (1 + decay * calls)  # schedules see the calls
         if h["loss_scale_factor"]:
             g = [x / h["loss_scale_factor"] for x in g]
+        if h["maximize"]:  # torch's maximize: climb, from the first stage on
+            g = [-x for x in g]
         if (calls + 1) % n:
             accumulator = [a + x for a, x in zip(accumulator, g)]
         else:

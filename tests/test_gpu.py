@@ -164,6 +164,49 @@ def test_gpu_step_never_synchronises(kwargs):
     assert not np.array_equal(before, cp.asnumpy(params.data))
 
 
+@pytest.mark.parametrize("cls_name,kwargs", [
+    ("Adam", {}), ("AdamW", {"global_clipnorm": 1.0, "loss_scale_factor": 2.0}),
+    ("SGD", {"momentum": 0.9, "momentum_in_gradient_units": True, "clipnorm": 0.5}),
+], ids=["adam", "adamw-global-scale", "sgd-torch-clipnorm"])
+def test_gpu_grad_scale_and_found_inf_are_read_on_the_device(cls_name, kwargs):
+    """apply(grad_scale=, found_inf=) (torch.amp.GradScaler's inputs): eager steps equal
+    the NumPy oracle on grads/scale; the step captures into a CUDA graph (which fails on
+    any host read), and the replays follow the values written into the two device
+    arrays afterwards: a flag skips (counted), a new scale unscales."""
+    import cupy as cp
+
+    shapes = [(5_000,), (3,), (5_000,)]
+    n = 10_003
+    rng = np.random.default_rng(1)
+    p0 = rng.normal(size=n).astype(np.float32)
+    grads = [rng.normal(size=n).astype(np.float32) for _ in range(4)]
+    params = fusedopt.FlatBuffer(cp.asarray(p0), shapes)
+    oracle = fusedopt.FlatBuffer(p0.copy(), shapes)
+    opt, ref = (getattr(fusedopt, cls_name)(**kwargs) for _ in range(2))
+    ref.executor = "numpy"
+    scale, found = cp.array([1024.0], np.float32), cp.zeros(1, np.float32)
+    g = cp.empty(n, np.float32)
+    g[...] = cp.asarray(grads[0]) * 1024
+    opt.apply(g, params, grad_scale=scale, found_inf=found)  # builds and compiles
+    ref.apply(grads[0], oracle)
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture()
+        opt.apply(g, params, grad_scale=scale, found_inf=found)
+        graph = stream.end_capture()
+    for t, (flag, s) in enumerate([(1.0, 512.0), (0.0, 512.0), (0.0, 256.0)], start=1):
+        found.fill(flag)
+        scale.fill(s)
+        g[...] = cp.asarray(grads[t]) * s
+        cp.cuda.get_current_stream().synchronize()
+        graph.launch(stream)
+        stream.synchronize()
+        if not flag:
+            ref.apply(grads[t], oracle)
+        assert_close(cp.asnumpy(params.data), oracle.data, np.float32, f"replay {t}")
+    assert (opt.iterations, opt.skipped_steps) == (3, 1)
+
+
 @pytest.mark.parametrize("cls_name,kwargs", [("Adam", {"amsgrad": True}), ("Nadam", {}),
                                              ("Ftrl", {"l1_regularization_strength": 0.01})])
 def test_state_moves_between_cpu_and_gpu(cls_name, kwargs):

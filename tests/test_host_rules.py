@@ -59,12 +59,12 @@ def host_step(lib, opt, params, g, slots, lr, scalars):
     """One step of the host build on `params`/`slots` in place, inputs as the GPU path
     would prepare them (tile table, clip factors, packed prologue and scalars)."""
     dtype = params.dtype
-    unscale = dtype.type(1.0 / opt.loss_scale_factor) if opt.loss_scale_factor else None
+    unscale = None if opt._unscale() is None else dtype.type(opt._unscale())
     factors = clip_factors(opt, g, params.offsets, unscale)
     factors = None if factors is None else np.array(factors, dtype=dtype)
     tiles = _kernels.TileTable(params.offsets, per_segment=bool(opt.clipnorm), sm_count=2)
     pro = _kernels.pack_prologue(dtype, opt.loss_scale_factor, opt.clipvalue, opt.weight_decay,
-                                 opt.coupled_weight_decay)
+                                 opt.coupled_weight_decay, opt.maximize)
     st = _kernels.pack_step_scalars(dtype, lr, scalars)
     fn = getattr(lib, f"host_{opt.rule}_{dtype.name}")
     fn.restype = None

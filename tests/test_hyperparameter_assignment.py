@@ -175,7 +175,11 @@ def test_skip_nonfinite_is_read_only():
 # here), so that a Keras optimizer's config stays one Keras can read.
 FUSEDOPT_ONLY = {("Adam", "epsilon_after_bias_correction"): True,
                  ("AdamW", "epsilon_after_bias_correction"): True,
-                 ("Muon", "segment_names"): ["kernel"]}
+                 ("Muon", "segment_names"): ["kernel"],
+                 ("SGD", "momentum_in_gradient_units"): True,
+                 ("SGD", "dampening"): 0.5}
+# What a FUSEDOPT_ONLY setting needs beside it to be accepted.
+FUSEDOPT_ONLY_WITH = {("SGD", "dampening"): {"momentum_in_gradient_units": True}}
 
 
 def test_every_rule_hyperparameter_is_declared_once_and_in_the_config():
@@ -187,7 +191,9 @@ def test_every_rule_hyperparameter_is_declared_once_and_in_the_config():
             if (cls_name, name) in FUSEDOPT_ONLY:
                 assert name not in config, (cls_name, name)
                 value = FUSEDOPT_ONLY[cls_name, name]
-                assert cls(**{name: value}).get_config()[name] == value, (cls_name, name)
+                extra = FUSEDOPT_ONLY_WITH.get((cls_name, name), {})
+                assert cls(**{name: value}, **extra).get_config()[name] == value, \
+                    (cls_name, name)
             elif not (cls_name == "Nadam" and name == "schedule_decay"):  # Keras 2 only
                 assert name in config, (cls_name, name)
 

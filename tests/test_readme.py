@@ -241,3 +241,33 @@ def test_readme_cpu_benchmark_figures_are_the_records():
                 assert value.strip() == f"{expected:.1f}", (cells[0], impl, n)
                 checked += 1
     assert checked >= 30, checked
+
+
+TORCH_BENCH_ROWS = {"200 tensors": ("adamw", "torch-model"),
+                    "host overhead: 1M parameters, 100 tensors, Adam": ("adam", "small-model")}
+
+
+def test_readme_torch_benchmark_figures_are_the_record():
+    """The torch-model table of "Use from PyTorch" holds its record's medians."""
+    section = README.split("## Use from PyTorch")[1].split("\n## ")[0]
+    record_path = re.search(r"\]\((bench/results/[^)]+)\.md\)", section).group(1)
+    record = json.loads((ROOT / f"{record_path}.json").read_text())
+    medians = {(r["optimizer"], r["impl"], r["layout"], r["n"]): r["median_ms"]
+               for r in record["rows"]}
+    checked = 0
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 4 or cells[0] not in TORCH_BENCH_ROWS:
+            continue
+        optimizer, layout = TORCH_BENCH_ROWS[cells[0]]
+        n = 2 ** int(cells[1][1:].translate(SUPERSCRIPTS))
+        impls = ("fusedopt-torch", "torch-fused")
+        for impl, figure in zip(impls, cells[2:]):
+            decimals = len(figure.split(".")[1]) if "." in figure else 0
+            expected = medians[(optimizer, impl, layout, n)]
+            assert figure == f"{expected:.{decimals}f}", (cells[0], impl, n)
+            assert abs(float(figure) - expected) <= 0.05 * expected  # 3 significant figures
+            checked += 1
+    assert checked == 8, checked
+    apply_ms = medians[("adam", "fusedopt", "small-model", 2 ** 20)]
+    assert f"took {apply_ms:.2f} ms per" in section

@@ -24,7 +24,7 @@ MAX_GRID = 2**31 - 1
 MAX_BLOCK = 1024
 MAX_ARGUMENT_BYTES = 4096
 STRUCTS = {"Hyper": _kernels.HYPER, "StepState": _kernels.STEP_STATE}
-SCALARS = {"long long": np.int64, "int": np.int32, "double": np.float64}
+SCALARS = {"long long": np.int64, "int": np.int32, "double": np.float64, "float": np.float32}
 
 
 class LaunchError(RuntimeError):

@@ -37,6 +37,13 @@ extern "C" void emu_fusedopt_skip_check(unsigned grid, unsigned block, const int
     emu::launch(grid, block, [&] { fusedopt_skip_check(tile_nonfinite, ntiles, state); });
 }
 
+extern "C" void emu_fusedopt_amp_inputs(unsigned grid, unsigned block, const float* grad_scale,
+                                        const float* found_inf, double unscale, Hyper* hyper,
+                                        StepState* state) {
+    emu::launch(grid, block,
+                [&] { fusedopt_amp_inputs(grad_scale, found_inf, unscale, hyper, state); });
+}
+
 extern "C" void emu_fusedopt_write_hyper(unsigned grid, unsigned block, Hyper* hyper, Hyper value) {
     emu::launch(grid, block, [&] { fusedopt_write_hyper(hyper, value); });
 }
