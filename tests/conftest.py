@@ -130,6 +130,33 @@ def _runs_on_kernels(case):
 KERNEL_CASES = [c for c in CASES if _runs_on_kernels(c)]
 KERNEL_RULE_CASES = [c for c in RULE_CASES if _runs_on_kernels(c)]
 
+# Mixed precision (fusedopt.precision): (id, param dtype, grad dtype, optimizer options).
+# Master weights and stochastic rounding are run-time switches of the (param, grad,
+# state) kernels, so eight kernel builds cover these ten cases.
+PRECISIONS = [
+    ("bf16", "bfloat16", "bfloat16", {}),
+    ("bf16-master", "bfloat16", "bfloat16", {"master_weights": True}),
+    ("bf16-stochastic", "bfloat16", "bfloat16", {"stochastic_rounding": True, "seed": 5}),
+    ("bf16-all", "bfloat16", "bfloat16", {"state_dtype": "bfloat16"}),
+    ("bf16-f32grads-bf16state", "bfloat16", "float32", {"state_dtype": "bfloat16"}),
+    ("f16-master", "float16", "float16", {"master_weights": True}),
+    ("f16-f32grads-bf16state", "float16", "float32", {"state_dtype": "bfloat16"}),
+    ("f32-bf16grads", "float32", "bfloat16", {}),
+    ("f32-f16grads-bf16state", "float32", "float16", {"state_dtype": "bfloat16"}),
+    ("f32-bf16state", "float32", "float32", {"state_dtype": "bfloat16"}),
+]
+# Every precision runs these rules (the cross product); every kernel rule runs the
+# first precision ("bf16": bfloat16 params and grads, float32 state).
+PRECISION_RULES = ["adam", "sgd-momentum", "lion", "schedulefreeadamw"]
+
+
+def dtype_of(name):
+    """The NumPy dtype of a storage dtype name (bfloat16: ml_dtypes')."""
+    from fusedopt import precision
+
+    return precision.numpy_dtype(name)
+
+
 # Layouts used across tests: segment shapes, including (), (0,), (1,) and odd sizes.
 LAYOUTS = {
     "mixed": [(3, 4), (5,), (), (0,), (1,), (2, 1, 3)],
