@@ -186,18 +186,17 @@ FO_HD void fo_store_param(fo_bf16& dst, float x, const FoRounding& r, fo_u64 ind
     else fo_store(dst, x);
 }
 
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
 // The raw type of one access to N consecutive elements of storage type S: what
 // the GPU loads or stores in one instruction (the vector path of fused.cu and
 // reduce.cu, N = 16 / sizeof(math type), so float math moves 16-byte vectors of
 // float32 buffers and 8-byte ones of 16-bit buffers).
 template <typename S, int N> struct fo_raw;
 template <typename S> struct fo_raw<S, 1> { typedef S type; };
-#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
 template <> struct fo_raw<float, 4> { typedef float4 type; };
 template <> struct fo_raw<double, 2> { typedef double2 type; };
 template <> struct fo_raw<fo_bf16, 4> { typedef uint2 type; };
 template <> struct fo_raw<fo_f16, 4> { typedef uint2 type; };
-#endif
 
 // N elements of S as one access; x[] is what the math type's lanes convert from.
 template <typename S, int N>
@@ -251,3 +250,4 @@ FO_HD void fo_store_param_run(fo_bf16* dst, const float* in, const FoRounding& r
     }
     fo_store(reinterpret_cast<typename fo_raw<fo_bf16, N>::type*>(dst), v.raw);
 }
+#endif  // __CUDACC__: the runs are the GPU kernels' (host.cpp loops element by element)
