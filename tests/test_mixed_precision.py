@@ -486,3 +486,27 @@ def test_master_trajectory_is_the_float32_runs_bitwise(host_ok, libraries):
             opt.apply(g, half)
             np.testing.assert_array_equal(opt.slots()["master"], f32.data, err_msg=executor)
             np.testing.assert_array_equal(bits(half.data), bits(f32.data.astype(BF16)))
+
+
+@pytest.mark.parametrize("cls_name", ["Lamb", "Adafactor", "Muon"])
+def test_reference_only_rules_keep_the_float32_trajectory_in_the_master(cls_name):
+    """The rules only the NumPy executor runs take the new dtypes there: with a master
+    copy and float32 grads they follow the float32 run bit for bit, and bfloat16 state
+    is stored in bfloat16."""
+    layout = [(6, 5), (7,), (3, 4)]
+    init = random_params(layout, np.float32, seed=30)
+    half = fusedopt.FlatBuffer.from_arrays(init, dtype=BF16)
+    f32 = fusedopt.FlatBuffer.from_arrays(init)
+    f32.data[...] = half.data.astype(np.float32)
+    opt = getattr(fusedopt, cls_name)(learning_rate=0.01, master_weights=True)
+    ref = getattr(fusedopt, cls_name)(learning_rate=0.01)
+    for g in random_grads(layout, np.float32, seed=31, steps=4):
+        g = fusedopt.FlatBuffer.from_arrays(g).data
+        opt.apply(g, half)
+        ref.apply(g, f32)
+        np.testing.assert_array_equal(opt.slots()["master"], f32.data)
+        np.testing.assert_array_equal(bits(half.data), bits(f32.data.astype(BF16)))
+    small = getattr(fusedopt, cls_name)(learning_rate=0.01, state_dtype="bfloat16")
+    small.apply(np.ones(half.size, BF16), half.copy())
+    assert {s.dtype for s in small.slots().values()} == {BF16}
+    assert opt.executor_name == "numpy"
