@@ -281,10 +281,12 @@ def test_golden_ties_round_to_even_and_the_master_keeps_them(executor, host_ok, 
 
 @pytest.mark.parametrize("executor", EXECUTORS)
 def test_golden_float16_ties(executor, host_ok, libraries):
-    """float16 near 1 has spacing 2^-10; steps of 2^-11 are ties (float32 grads)."""
+    """float16 near 1 has spacing 2^-10; steps of 2^-11 are ties (float32 grads; the
+    bfloat16 state setting only picks a kernel build the other tests share)."""
     params = fusedopt.FlatBuffer.from_arrays([np.array([1.0, 1 + 2 ** -10], np.float32)],
                                              dtype=F16)
-    opt = make("SGD", executor, params, libraries, learning_rate=2 ** -11)
+    opt = make("SGD", executor, params, libraries, learning_rate=2 ** -11,
+               state_dtype="bfloat16")
     opt.apply(np.array([-1.0, -1.0], np.float32), params)
     np.testing.assert_array_equal(params.data.astype(np.float32), [1.0, 1 + 2 ** -9])
 
@@ -294,12 +296,12 @@ def test_golden_bf16_state_is_rounded_after_the_rule_used_float32(executor, host
                                                                   libraries):
     """Adam's first step with bfloat16 state: the param update uses m and v in float32
     (as computed in registers) and only the stored slots are rounded, once, to nearest
-    (ml_dtypes' cast, an independent implementation)."""
+    (ml_dtypes' cast, an independent implementation). float16 grads, exact here."""
     g = np.array([1.0, -3.0, 0.5, 2.0 ** -20], np.float32)
     params = fusedopt.FlatBuffer.from_arrays([np.zeros(4, np.float32)])
     opt = make("Adam", executor, params, libraries, learning_rate=0.01,
                state_dtype="bfloat16")
-    opt.apply(g, params)
+    opt.apply(g.astype(F16), params)
     f32 = np.float32
     m = (g - f32(0)) * f32(1 - 0.9)
     v = (g * g - f32(0)) * f32(1 - 0.999)
@@ -312,12 +314,23 @@ def test_golden_bf16_state_is_rounded_after_the_rule_used_float32(executor, host
 
 
 # ----------------------------------------------------- executors against the oracle
-def run_three(case, precision_case, libraries, executors=("host", "emulated"),
-              layout=LAYOUT, steps=STEPS):
+def executors_for(case, precision_case):
+    """The emulated GPU path always; the host build for Adam and for the bfloat16
+    precision (each host library is one rule for one storage key: those builds cover
+    every rule and every key while keeping the test time modest)."""
+    _, param, grad, options = precision_case
+    bf16_key = (param, grad, options.get("state_dtype")) == ("bfloat16", "bfloat16", None)
+    if case[1] in ("Adam", "AdamW") or bf16_key:
+        return ("host", "emulated")
+    return ("emulated",)
+
+
+def run_three(case, precision_case, libraries, executors=None, layout=LAYOUT, steps=STEPS):
     """The same steps on the NumPy reference and `executors`; params and every slot
     compared after every step (bitwise unless a norm sum may move a rounding)."""
     _, cls_name, kwargs = case
     _, param, grad, options = precision_case
+    executors = executors or executors_for(case, precision_case)
     kwargs = {**kwargs, **options}
     init = random_params(layout, np.float32, seed=21)
     grads = random_grads(layout, np.float32, seed=22, steps=steps, scale=0.7)
@@ -367,8 +380,8 @@ OPTION_CASES = [
 ]
 
 
-@pytest.mark.parametrize("precision_case", [PRECISIONS[i] for i in (1, 2, 4, 5, 8)],
-                         ids=[PRECISIONS[i][0] for i in (1, 2, 4, 5, 8)])
+@pytest.mark.parametrize("precision_case", [PRECISIONS[i] for i in (1, 2, 4, 5)],
+                         ids=[PRECISIONS[i][0] for i in (1, 2, 4, 5)])
 @pytest.mark.parametrize("case", OPTION_CASES, ids=[c[0] for c in OPTION_CASES])
 def test_pipeline_options_in_mixed_precision(case, precision_case, host_ok, libraries):
     run_three(case, precision_case, libraries)
