@@ -264,6 +264,20 @@ def test_what_the_sharded_step_does_not_carry_is_refused(opt, words):
         distributed.ShardedOptimizer(opt(), params)
 
 
+@pytest.mark.parametrize("kwargs, words", [
+    ({"master_weights": True}, "`master_weights` .mixed precision"),
+    ({"state_dtype": "bfloat16"}, "`state_dtype` .mixed precision"),
+    ({"stochastic_rounding": True}, "`stochastic_rounding` .mixed precision"),
+    ({}, "bfloat16 buffers .mixed precision"),
+], ids=["master", "state-dtype", "stochastic", "bf16-params"])
+def test_mixed_precision_is_refused_before_any_collective(kwargs, words):
+    params = make_params({"cls": "Adam"})
+    if not kwargs:
+        params = fusedopt.FlatBuffer.from_arrays(params.views(), dtype="bfloat16")
+    with pytest.raises(ValueError, match=words):
+        distributed.ShardedOptimizer(fusedopt.Adam(**kwargs), params)
+
+
 def test_shards_are_contiguous_and_uneven_by_at_most_one():
     for size in (3, 25, 176):
         for world in (1, 2, 3):
