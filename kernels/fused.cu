@@ -22,7 +22,8 @@
 // (fusedopt/segments.py: a learning-rate multiplier and weight decay on/off), so a
 // block reads its group's scalars once per tile. Each block computes every group's
 // scalars at its start, one thread per group. Blocks stride over tiles; threads stride within a tile,
-// 16 bytes of every buffer at a time when all buffers share their alignment mod 16.
+// 16 / sizeof(math type) elements of every buffer at a time (16 bytes of a float32
+// buffer, 8 of a bfloat16 one) when all buffers share their element phase.
 #pragma once
 #include "step.cuh"
 #include "storage.cuh"
