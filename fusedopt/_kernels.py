@@ -31,6 +31,9 @@ NVRTC_OPTIONS = (
     "--prec-sqrt=true",
 )
 CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
+# Storage types (kernels/storage.cuh) by dtype name.
+STORAGE_CTYPES = {"float64": "double", "float32": "float", "bfloat16": "fo_bf16",
+                  "float16": "fo_f16"}
 
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$', re.M)
 _DEFINE = re.compile(r"^\s*#\s*define\s+(FO_\w+)\s+(\d+)\s*(?://.*)?$", re.M)
@@ -82,20 +85,61 @@ MAX_HYPER = CONSTANTS["FO_MAX_HYPER"]      # Hyper.rule
 MAX_PIECES = CONSTANTS["FO_MAX_PIECES"]    # LearningRate.values
 
 
-def rule_source(rule, dtype):
-    """The translation unit exporting `fusedopt_<rule>` for one dtype."""
+def storage_key(param, grad=None, state=None):
+    """(param, grad, state) dtype names of one kernel build; grad and state default to
+    the param dtype. Which combinations the optimizers accept is fusedopt.precision's
+    business; this only names storage types the kernels can be built for."""
+    names = []
+    for argument, value in (("param", param), ("grad", grad), ("state", state)):
+        value = param if value is None else value
+        name = value if isinstance(value, str) else np.dtype(value).name
+        if name not in STORAGE_CTYPES:
+            raise ValueError(f"no kernel storage type for {argument} dtype {name!r}")
+        names.append(name)
+    if "float64" in names and set(names) != {"float64"}:
+        raise ValueError(f"float64 buffers compute in float64 and mix with nothing: {names}")
+    return tuple(names)
+
+
+def as_storage(storage):
+    """A storage key from a key or a single dtype (standing for all three)."""
+    if isinstance(storage, tuple):
+        return storage_key(*storage)
+    from .precision import resolve_dtype
+
+    return storage_key(resolve_dtype(storage, "storage"))
+
+
+def key_label(key):
+    """A storage key's short name: the dtype when all three agree, else p:g:s."""
+    return key[0] if len(set(key)) == 1 else ":".join(key)
+
+
+def storage_prelude(key):
+    """The #defines of a storage key: the math type and the three storage types."""
+    math = "double" if key[0] == "float64" else "float"
+    return (f"#define FUSEDOPT_T {math}\n"
+            f"#define FUSEDOPT_P {STORAGE_CTYPES[key[0]]}\n"
+            f"#define FUSEDOPT_G {STORAGE_CTYPES[key[1]]}\n"
+            f"#define FUSEDOPT_S {STORAGE_CTYPES[key[2]]}\n")
+
+
+def rule_source(rule, dtype, grad=None, state=None):
+    """The translation unit exporting `fusedopt_<rule>` for one storage combination:
+    params of `dtype`, grads of `grad` and state of `state` (both default to `dtype`)."""
     prelude = (
         f"#define FUSEDOPT_RULE {rule}\n"
-        f"#define FUSEDOPT_T {CTYPES[np.dtype(dtype)]}\n"
-        f'#include "{rule}.cuh"\n'
+        + storage_prelude(storage_key(dtype, grad, state))
+        + f'#include "{rule}.cuh"\n'
         '#include "fused.cu"\n'
     )
     return expand_includes(prelude)
 
 
 def reduce_source(dtype):
-    """The translation unit exporting the reduction kernels for one dtype."""
-    return expand_includes(f'#define FUSEDOPT_T {CTYPES[np.dtype(dtype)]}\n#include "reduce.cu"\n')
+    """The translation unit exporting the reduction kernels for one gradient dtype."""
+    key = storage_key(dtype)
+    return expand_includes(storage_prelude(key) + '#include "reduce.cu"\n')
 
 
 _RULE_STRUCT = r"^\s*struct\s+{}\s*\{{"
@@ -114,15 +158,41 @@ def rule_names():
     return sorted(names)
 
 
-def translation_units():
-    """(label, source, kernel names) for every kernel module the library compiles."""
+# Every storage combination the optimizers accept (fusedopt.precision: GRAD_DTYPES and
+# STATE_DTYPES), as (param, grad, state). Master weights and stochastic rounding are
+# run-time switches of the same kernel.
+COMBINATIONS = (
+    ("float64", "float64", "float64"),
+    ("float32", "float32", "float32"), ("float32", "bfloat16", "float32"),
+    ("float32", "float16", "float32"), ("float32", "float32", "bfloat16"),
+    ("float32", "bfloat16", "bfloat16"), ("float32", "float16", "bfloat16"),
+    ("bfloat16", "bfloat16", "float32"), ("bfloat16", "float32", "float32"),
+    ("bfloat16", "bfloat16", "bfloat16"), ("bfloat16", "float32", "bfloat16"),
+    ("float16", "float16", "float32"), ("float16", "float32", "float32"),
+    ("float16", "float16", "bfloat16"), ("float16", "float32", "bfloat16"),
+)
+# The rule built for every combination in the compile check (the others: float64,
+# float32 and one bfloat16 combination, which all share the same load/store code).
+CROSS_PRODUCT_RULE = "adam"
+
+
+def translation_units(full=False):
+    """(label, source, kernel names) for the kernel modules the library compiles: every
+    rule for float64, float32 and bfloat16 params, grads with float32 state; every
+    combination for CROSS_PRODUCT_RULE (every rule with `full`); the reductions for
+    each gradient dtype."""
     units = []
-    for dtype in CTYPES:
+    reduction = ["fusedopt_sumsq", "fusedopt_clip_factors", "fusedopt_skip_check",
+                 "fusedopt_write_hyper", "fusedopt_write_state"]
+    for key in COMBINATIONS:
         for rule in rule_names():
-            units.append((f"{rule}/{dtype.name}", rule_source(rule, dtype), [f"fusedopt_{rule}"]))
-        units.append((f"reduce/{dtype.name}", reduce_source(dtype),
-                      ["fusedopt_sumsq", "fusedopt_clip_factors", "fusedopt_skip_check",
-                       "fusedopt_write_hyper", "fusedopt_write_state"]))
+            everywhere = key in (("float64",) * 3, ("float32",) * 3,
+                                 ("bfloat16", "bfloat16", "float32"))
+            if full or everywhere or rule == CROSS_PRODUCT_RULE:
+                units.append((f"{rule}/{key_label(key)}", rule_source(rule, *key),
+                              [f"fusedopt_{rule}"]))
+    for grad in ("float64", "float32", "bfloat16", "float16"):
+        units.append((f"reduce/{grad}", reduce_source(grad), reduction))
     return units
 
 
@@ -247,6 +317,7 @@ LEARNING_RATE = np.dtype([
 HYPER = np.dtype([
     ("unscale", np.float64), ("clipvalue", np.float64), ("weight_decay", np.float64),
     ("coupled_weight_decay", np.float64), ("clipnorm", np.float64), ("rule", np.float64, (MAX_HYPER,)), ("lr", LEARNING_RATE),
+    ("stochastic_rounding", np.int64), ("seed", np.uint64),
 ])
 STEP_STATE = np.dtype([
     ("iterations", np.int64), ("skipped_steps", np.int64), ("last_step_skipped", np.int64),
@@ -301,7 +372,8 @@ def pack_learning_rate(spec, decay=0.0):
 
 
 def pack_hyper(learning_rate, rule, loss_scale_factor=None, clipvalue=None,
-               weight_decay=None, clipnorm=None, coupled_weight_decay=None):
+               weight_decay=None, clipnorm=None, coupled_weight_decay=None,
+               stochastic_rounding=False, seed=0):
     """The Hyper block: `learning_rate` from pack_learning_rate, `rule` the rule's
     hyperparameters (its class's _hyperparameters, in order), the pipeline's options
     with their Keras spellings (None: off)."""
@@ -315,6 +387,8 @@ def pack_hyper(learning_rate, rule, loss_scale_factor=None, clipvalue=None,
     out["clipnorm"] = clipnorm or 0.0
     out["rule"][: len(rule)] = rule
     out["lr"] = learning_rate
+    out["stochastic_rounding"] = int(bool(stochastic_rounding))
+    out["seed"] = seed
     return out
 
 
@@ -331,7 +405,7 @@ def optimizer_hyper(opt, host_learning_rate=0.0):
         lr = pack_learning_rate(float(host_learning_rate), opt._decay)
     hyper = pack_hyper(lr, opt._device_hyperparameters(), opt.loss_scale_factor,
                        opt.clipvalue, opt.weight_decay, opt.clipnorm or opt.global_clipnorm,
-                       opt.coupled_weight_decay)
+                       opt.coupled_weight_decay, opt.stochastic_rounding, opt.seed)
     unscale = opt._unscale()  # 1/loss_scale_factor, negated with maximize
     hyper["unscale"] = 1.0 if unscale is None else unscale
     return hyper, host_evaluated

@@ -18,6 +18,11 @@ In one run on one device it measures:
     on the same parameters, timed alternately in each round (layout "torch-model");
   - host overhead: microseconds per step for a 1M-parameter, 100-tensor model
     (fusedopt's apply(), fusedopt.torch's step() and torch's fused Adam).
+  - mixed precision (PRECISIONS): Adam and SGD with bfloat16 params and grads (with a
+    float32 master, stochastic rounding, bfloat16 state), float32 params with bfloat16
+    grads or state, each against its own bytes per element (precision_step_bytes),
+    and torch's fused and foreach Adam/SGD on bfloat16 tensors (whose state is then
+    bfloat16 too: the "bf16-state" point).
 A peer that is not installed is reported as missing. On a machine without a GPU the
 same command compares the host executor and the NumPy reference with torch's fused and
 foreach CPU optimizers and optax, over every core.
@@ -43,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import _kernels, cuda, host, reference
+from . import _kernels, cuda, host, precision, reference
 from ._progress import ProgressBar
 from .optimizer import get
 
@@ -56,6 +61,17 @@ SEGMENT_LAYOUTS = {"10k-segments": (10_000, 1 << 20), "50k-segments": (50_000, 1
 CONFIGS = {"sgd": {"momentum": 0.9}}
 TORCH_PEERS = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD", "adagrad": "Adagrad"}
 CLIP_NORM = 1.0
+# Mixed-precision points: label -> (param dtype, grad dtype, optimizer options). The
+# label is the rows' "dtype"; plain float32 rows say "float32".
+PRECISIONS = {
+    "bf16+master": ("bfloat16", "bfloat16", {"master_weights": True}),
+    "bf16": ("bfloat16", "bfloat16", {}),
+    "bf16+stochastic": ("bfloat16", "bfloat16", {"stochastic_rounding": True}),
+    "bf16-state": ("bfloat16", "bfloat16", {"state_dtype": "bfloat16"}),
+    "f32-bf16grads": ("float32", "bfloat16", {}),
+    "f32-bf16state": ("float32", "float32", {"state_dtype": "bfloat16"}),
+}
+PRECISION_OPTIMIZERS = ("adam", "sgd")
 
 
 def add_arguments(parser):
@@ -269,6 +285,23 @@ def step_bytes(name, itemsize, clip=False):
     return itemsize * (3 + 2 * slots + (1 if clip else 0))
 
 
+def precision_step_bytes(name, label, clip=False):
+    """precision_step_bytes for a PRECISIONS point ("float32": step_bytes): the params
+    read and written in their dtype, or with a master copy only written (the float32
+    master is read and written instead); g read (twice with clipping); each rule state
+    slot read and written in the state dtype (fusedopt.precision.bytes_per_element).
+    E.g. Adam, bfloat16 params and grads with a float32 master and state:
+    2 + 2*4 + 2 + 2*2*4 = 28; all bfloat16 without a master: 14."""
+    if label == "float32":
+        return step_bytes(name, 4, clip)
+    param, grad, options = PRECISIONS[label]
+    opt = make_optimizer(name, **options)
+    resolved = opt._precision_for(param, grad)
+    slots = len(opt.slot_names) - (1 if opt.master_weights else 0)
+    extra = precision.itemsize(grad) if clip else 0
+    return precision.bytes_per_element(resolved, slots) + extra
+
+
 def make_optimizer(name, **extra):
     opt = get(name)
     return type(opt)(**{**CONFIGS.get(name, {}), **extra})
@@ -401,6 +434,13 @@ def build_plan(ctx, sizes, optimizers, peers):
                          _bind(measure_fusedopt, "adam", n, "200-tensors", None)))
             plan.append((f"fusedopt adam clip n=2^{n.bit_length() - 1}",
                          _bind(measure_fusedopt, "adam", n, "flat", "global")))
+        for name in [o for o in optimizers if o in PRECISION_OPTIMIZERS]:
+            for label in PRECISIONS:
+                plan.append((f"fusedopt {name} {label} n=2^{n.bit_length() - 1}",
+                             _bind(measure_fusedopt, name, n, "flat", None, precision=label)))
+            if peers and name in TORCH_PEERS:
+                plan.append((f"torch {name} bf16 n=2^{n.bit_length() - 1}",
+                             _bind(measure_torch, name, n, "flat", dtype="bf16-state")))
         if not peers:
             continue
         if ctx.device == "gpu":
@@ -433,7 +473,7 @@ def merge_rounds(measured):
     points = {}
     for rows in measured:
         for r in rows:
-            key = (r["optimizer"], r["impl"], r["n"], r["layout"], r["clip"])
+            key = (r["optimizer"], r["impl"], r["n"], r["layout"], r["clip"], r["dtype"])
             points.setdefault(key, []).append(r)
     out = []
     for same in points.values():
@@ -511,26 +551,29 @@ CLIP_OPTIONS = {None: {}, "global": {"global_clipnorm": CLIP_NORM},
                 "segment": {"clipnorm": CLIP_NORM}}
 
 
-def _fusedopt_sets(ctx, name, n, layout, clip, executor="auto"):
+def _fusedopt_sets(ctx, name, n, layout, clip, executor="auto", label="float32"):
     from .flat import FlatBuffer
 
     shapes = layout_shapes(layout, n)
     # Per-segment clipping reads g once more too; its bytes are counted like global's.
-    nbytes = step_bytes(name, 4, clip=bool(clip)) * n
+    nbytes = precision_step_bytes(name, label, clip=bool(clip)) * n
+    param, grad, options = PRECISIONS.get(label, ("float32", "float32", {}))
     sets = rotation(ctx, nbytes)
     out = []
     for i in range(sets):
-        params = FlatBuffer(ctx.rand(n, 2 * i), shapes)
-        grads = ctx.rand(n, 2 * i + 1) * 1e-2
-        opt = make_optimizer(name, executor=executor, **CLIP_OPTIONS[clip])
+        params = FlatBuffer(ctx.rand(n, 2 * i).astype(precision.numpy_dtype(param)), shapes)
+        grads = (ctx.rand(n, 2 * i + 1) * 1e-2).astype(precision.numpy_dtype(grad))
+        opt = make_optimizer(name, executor=executor, **CLIP_OPTIONS[clip], **options)
         opt.build(params)
         out.append((opt, params, grads))
     return out, nbytes
 
 
-def measure_fusedopt(ctx, name, n, layout, clip, warmup, repeats, executor="auto"):
-    """fusedopt's step; on the CPU executor="numpy" times the NumPy reference."""
-    sets, nbytes = _fusedopt_sets(ctx, name, n, layout, clip, executor)
+def measure_fusedopt(ctx, name, n, layout, clip, warmup, repeats, executor="auto",
+                     precision="float32"):
+    """fusedopt's step; on the CPU executor="numpy" times the NumPy reference;
+    `precision` a PRECISIONS label (the rows' dtype)."""
+    sets, nbytes = _fusedopt_sets(ctx, name, n, layout, clip, executor, precision)
     impl = "fusedopt-numpy" if executor == "numpy" else "fusedopt"
     note = None
     if ctx.device == "cpu" and executor == "auto" and sets[0][0].executor_name != "host":
@@ -543,7 +586,7 @@ def measure_fusedopt(ctx, name, n, layout, clip, warmup, repeats, executor="auto
     ms = ctx.time(step, len(sets), warmup, repeats)
     del sets
     ctx.free()
-    return [row(name, impl, n, layout, clip, ms, nbytes, note=note)]
+    return [row(name, impl, n, layout, clip, ms, nbytes, dtype=precision, note=note)]
 
 
 def measure_cupy_unfused(ctx, name, n, warmup, repeats):
@@ -574,15 +617,17 @@ def _torch(ctx):
     return torch, None
 
 
-def _torch_sets(ctx, torch, n, layout, sets):
+def _torch_sets(ctx, torch, n, layout, sets, dtype=None):
     dev = "cuda" if ctx.device == "gpu" else "cpu"
     shapes = [(n,)] if layout == "flat" else model_like_shapes(n)
+    dtype = dtype or torch.float32
     out = []
     for i in range(sets):
         gen = torch.Generator(device=dev).manual_seed(i)
-        params = [torch.randn(s, device=dev, generator=gen, requires_grad=True) for s in shapes]
+        params = [torch.randn(s, device=dev, generator=gen).to(dtype).requires_grad_()
+                  for s in shapes]
         for p in params:
-            p.grad = torch.randn(p.shape, device=dev, generator=gen) * 1e-2
+            p.grad = (torch.randn(p.shape, device=dev, generator=gen) * 1e-2).to(dtype)
         out.append(params)
     return out
 
@@ -594,24 +639,30 @@ def _torch_time(ctx, torch, step, sets, warmup, repeats):
     return ctx.time(step, sets, warmup, repeats)
 
 
-def measure_torch(ctx, name, n, layout, warmup, repeats):
+def measure_torch(ctx, name, n, layout, warmup, repeats, dtype="float32"):
+    """torch.optim's fused and foreach step on float32 tensors, or with dtype
+    "bf16-state" on bfloat16 params and grads (torch keeps the state in the params'
+    dtype: fusedopt's "bf16-state" point)."""
     torch, why = _torch(ctx)
     impls = ("torch-fused", "torch-foreach")
     if torch is None:
-        return [r for impl in impls for r in missing(name, impl, n, layout, None, why)]
-    nbytes = step_bytes(name, 4) * n
+        return [dict(r, dtype=dtype) for impl in impls
+                for r in missing(name, impl, n, layout, None, why)]
+    nbytes = precision_step_bytes(name, dtype) * n
     kwargs = {"momentum": 0.9} if name == "sgd" else {}
+    tensor_dtype = torch.bfloat16 if dtype == "bf16-state" else torch.float32
     rows = []
     for impl in impls:
-        sets = _torch_sets(ctx, torch, n, layout, rotation(ctx, nbytes))
+        sets = _torch_sets(ctx, torch, n, layout, rotation(ctx, nbytes), tensor_dtype)
         flag = {"fused": True} if impl == "torch-fused" else {"foreach": True}
         try:
             opts = [getattr(torch.optim, TORCH_PEERS[name])(p, lr=1e-3, **kwargs, **flag)
                     for p in sets]
             ms = _torch_time(ctx, torch, lambda i: opts[i].step(), len(sets), warmup, repeats)
-            rows.append(row(name, impl, n, layout, None, ms, nbytes))
+            rows.append(row(name, impl, n, layout, None, ms, nbytes, dtype=dtype))
         except (RuntimeError, TypeError, ValueError) as e:  # e.g. no fused kernel here
-            rows += missing(name, impl, n, layout, None, str(e).splitlines()[0][:120])
+            rows += [dict(r, dtype=dtype) for r in
+                     missing(name, impl, n, layout, None, str(e).splitlines()[0][:120])]
         del sets
         if ctx.device == "gpu":
             torch.cuda.empty_cache()
@@ -903,7 +954,9 @@ def markdown_table(record):
         if r["median_ms"] is None:
             continue
         share = f"{r['gbps'] / copy:.0%}" if copy and r["gbps"] else ""
-        lines.append(f"| {r['optimizer'] or ''} | {r['impl']} | {r['layout']} | {r['clip'] or ''} "
+        impl = r["impl"] if r.get("dtype", "float32") == "float32" else \
+            f"{r['impl']} [{r['dtype']}]"
+        lines.append(f"| {r['optimizer'] or ''} | {impl} | {r['layout']} | {r['clip'] or ''} "
                      f"| {r['n']} | {r['median_ms']:.4f} | {r['gbps']:.1f} | {share} |")
     missing = missing_peers(record["rows"])
     if missing:
@@ -931,25 +984,34 @@ TARGETS = (
         ("adam", "fusedopt", "flat", None), 1 / 1.1)]
     + [(f"{layout} clipnorm vs unclipped (within 1.3x)", ("adam", "fusedopt", layout, "segment"),
         ("adam", "fusedopt", layout, None), 1 / 1.3) for layout in SEGMENT_LAYOUTS]
+    # Mixed precision: a point's fifth item is its dtype (PRECISIONS label).
+    + [("adam bf16 state vs float32 state (float32 params)",
+        ("adam", "fusedopt", "flat", None, "f32-bf16state"),
+        ("adam", "fusedopt", "flat", None, "float32"), 1.3),
+       ("adam all bf16 vs torch fused bf16", ("adam", "fusedopt", "flat", None, "bf16-state"),
+        ("adam", "torch-fused", "flat", None, "bf16-state"), 1.0),
+       ("sgd all bf16 vs torch fused bf16", ("sgd", "fusedopt", "flat", None, "bf16-state"),
+        ("sgd", "torch-fused", "flat", None, "bf16-state"), 1.0)]
 )
 
 
 def target_table(record):
     """The speedups the issues set as targets, where both points were measured, and the
     fraction of the copy ceiling fusedopt reached at that size."""
-    rows = {(r["optimizer"], r["impl"], r["layout"], r["clip"], r["n"]): r
-            for r in record["rows"] if r["median_ms"]}
+    rows = {(r["optimizer"], r["impl"], r["layout"], r["clip"], r.get("dtype", "float32"),
+             r["n"]): r for r in record["rows"] if r["median_ms"]}
     copy = {}
     for r in record["rows"]:
         if r["impl"] in CEILINGS and r["gbps"]:
             copy[r["n"]] = max(copy.get(r["n"], 0.0), r["gbps"])
-    checks = list(TARGETS) + [
-        (f"{name} vs the NumPy reference", (name, "fusedopt", "flat", None),
-         (name, "fusedopt-numpy", "flat", None), 3.0)
+    checks = [(what, _point(mine), _point(other), least)
+              for what, mine, other, least in TARGETS] + [
+        (f"{name} vs the NumPy reference", (name, "fusedopt", "flat", None, "float32"),
+         (name, "fusedopt-numpy", "flat", None, "float32"), 3.0)
         for name in sorted({k[0] for k in rows if k[1] == "fusedopt-numpy"})]
     lines = []
     for what, mine, other, least in checks:
-        for n in sorted({k[4] for k in rows if k[:4] == mine}):
+        for n in sorted({k[5] for k in rows if k[:5] == mine}):
             a, b = rows.get(mine + (n,)), rows.get(other + (n,))
             if a is None or b is None:
                 continue
@@ -963,6 +1025,11 @@ def target_table(record):
     return ["### Targets", "",
             "| target | n | fusedopt ms | other ms | speedup | target | met | fusedopt of copy |",
             "|---|---|---|---|---|---|---|---|"] + lines
+
+
+def _point(point):
+    """A target's point with its dtype: float32 unless it names one."""
+    return point if len(point) == 5 else point + ("float32",)
 
 
 def missing_peers(rows):

@@ -164,13 +164,16 @@ class CupyBackend:
             self.sm_count = self.xp.cuda.Device().attributes["MultiProcessorCount"]
             self.arch = f"sm_{self.xp.cuda.Device().compute_capability}"
 
-    def function(self, rule, dtype, name):
-        key = (self.device_id, rule, np.dtype(dtype).name, name)
-        if key not in self._functions:
-            from . import _kernels
+    def function(self, rule, storage, name):
+        """Kernel `name` of `rule`'s module (None: the reductions) for `storage`, a
+        (param, grad, state) dtype-name tuple (the reductions read only the grads')."""
+        from . import _kernels
 
-            source = (_kernels.reduce_source(dtype) if rule is None
-                      else _kernels.rule_source(rule, dtype))
+        storage = _kernels.as_storage(storage)
+        key = (self.device_id, rule, storage, name)
+        if key not in self._functions:
+            source = (_kernels.reduce_source(storage[1]) if rule is None
+                      else _kernels.rule_source(rule, *storage))
             cubin = _kernels.cached_cubin(source, self.arch, f"{rule or 'reduce'}.cu")
             with on_device(self.device):
                 module = self.xp.RawModule(path=str(cubin))
@@ -270,6 +273,12 @@ class StepPlan:
         self.optimizer = optimizer
         self.backend = backend or CupyBackend(params.device)
         self.dtype = params.dtype
+        from .executor import host_key
+
+        # (param, grad, state) dtype names of the kernels, for grads of the params'
+        # dtype; grads of another accepted dtype get their own kernels (storage()).
+        self.key = host_key(optimizer, params.dtype)
+        self.math_dtype = np.float64 if self.key[0] == "float64" else np.float32
         self.offsets = params.offsets
         self._stream = None       # the stream this optimizer's work was last queued on
         self._capturing = False
@@ -296,12 +305,20 @@ class StepPlan:
             return "global"
         return None
 
-    def _function(self, rule, name):
-        """A kernel, compiled and loaded when the plan is built (never inside a capture)."""
-        if name not in self._functions:
-            self._functions[name] = self.backend.function(rule, self.dtype, name)
-            self.backend.load(self._functions[name])
-        return self._functions[name]
+    def storage(self, grad_dtype):
+        """The storage key of the kernels for grads of `grad_dtype`."""
+        name = np.dtype(grad_dtype).name
+        return self.key if name == self.key[1] else (self.key[0], name, self.key[2])
+
+    def _function(self, rule, name, key=None):
+        """A kernel, compiled and loaded when the plan is built or at the first step
+        with grads of a new dtype (never inside a capture)."""
+        key = self.key if key is None else key
+        if (name, key) not in self._functions:
+            function = self.backend.function(rule, key, name)
+            self.backend.load(function)
+            self._functions[(name, key)] = function
+        return self._functions[(name, key)]
 
     def _grid(self, rule, name):
         """One block per tile, at most as many as the kernel's occupancy keeps resident."""
@@ -337,7 +354,8 @@ class StepPlan:
         self.partial = xp.zeros(tiles.count, dtype=np.float64) if reduce else None
         self.tile_nonfinite = (xp.zeros(tiles.count, dtype=np.int32)
                                if opt.skip_nonfinite else None)
-        self.factors = xp.ones(max(1, self.nsegments), dtype=self.dtype) if self.mode else None
+        self.factors = (xp.ones(max(1, self.nsegments), dtype=self.math_dtype) if self.mode
+                        else None)
         if opt.skip_nonfinite:
             self._function(None, "fusedopt_skip_check")
         self.update_grid = self._grid(opt.rule, f"fusedopt_{opt.rule}")
@@ -434,10 +452,11 @@ class StepPlan:
 
     def _enqueue_step(self, grads, params_data, slots):
         opt, mode, skip = self.optimizer, self.mode, self.optimizer.skip_nonfinite
+        key = self.storage(grads.dtype)
         if mode is not None or skip:
             self._enqueue(None, "fusedopt_sumsq", self.sumsq_grid, self._k.BLOCK, (
                 grads, self.tile_start, np.int64(self.tiles.count), self.hyper, self.partial,
-                self.tile_nonfinite))
+                self.tile_nonfinite), key)
         if mode is not None:
             self._enqueue(None, "fusedopt_clip_factors", self.factors_grid, self._k.BLOCK, (
                 self.partial, self.segment_tiles, np.int64(self.nsegments),
@@ -446,16 +465,17 @@ class StepPlan:
             self._enqueue(None, "fusedopt_skip_check", 1, self._k.BLOCK, (
                 self.tile_nonfinite, np.int64(self.tiles.count), self.state))
         s = list(slots) + [None] * (3 - len(slots))
+        master = opt._option_slots.get("master")
         self._enqueue(opt.rule, f"fusedopt_{opt.rule}", self.update_grid, self._k.BLOCK, (
-            params_data, grads, s[0], s[1], s[2], self.tile_start, self.tile_segment,
+            params_data, grads, s[0], s[1], s[2], master, self.tile_start, self.tile_segment,
             self.tile_group, np.int64(self.tiles.count), self.factors,
             np.int32(1 if mode == "global" else self.nsegments), self.groups,
-            np.int32(self.groups.size // 2), self.hyper, self.state))
+            np.int32(self.groups.size // 2), self.hyper, self.state), key)
 
-    def _enqueue(self, rule, name, grid, block, args):
+    def _enqueue(self, rule, name, grid, block, args, key=None):
         if not self._capturing:
             self.join_current_stream()
-        self._function(rule, name)((int(grid),), (int(block),), args)
+        self._function(rule, name, key)((int(grid),), (int(block),), args)
 
     def join_current_stream(self):
         """Make the current stream wait for this optimizer's work on another stream.

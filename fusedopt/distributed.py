@@ -162,6 +162,13 @@ class ShardedOptimizer:
         _check_carried(base)
         if not isinstance(params, FlatBuffer):
             raise TypeError(f"`params` must be a FlatBuffer, got {type(params).__name__}")
+        for option in ("master_weights", "state_dtype", "stochastic_rounding"):
+            if getattr(opt, option):
+                raise ValueError(f"`opt`: `{option}` (mixed precision) is not supported by "
+                                 "ShardedOptimizer yet")
+        if params.dtype.name not in ("float32", "float64"):
+            raise ValueError(f"`params`: {params.dtype.name} buffers (mixed precision) are not "
+                             "supported by ShardedOptimizer yet; use float32 or float64")
         if not dist.is_available() or not dist.is_initialized():
             raise ValueError("`group`: torch.distributed is not initialised; call "
                              "torch.distributed.init_process_group() first")

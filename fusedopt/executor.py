@@ -29,6 +29,8 @@ The plan owns the step counters, as the step's state lives where the buffers liv
 (principle 4); the optimizer keeps them only while nothing is built.
 """
 
+import numpy as np
+
 from . import cuda, host, reference
 
 EXECUTORS = ("auto", "host", "numpy", "cuda")
@@ -42,6 +44,14 @@ def check_executor(value):
         raise ValueError(f"`executor` must be one of {', '.join(map(repr, EXECUTORS))}, "
                          f"got {value!r}")
     return value
+
+
+def host_key(optimizer, param_dtype, grad_dtype=None):
+    """(param, grad, state) dtype names of the kernels that run `optimizer` on params of
+    `param_dtype` and grads of `grad_dtype` (default: the params')."""
+    p = optimizer._precision_for(np.dtype(param_dtype).name,
+                                 None if grad_dtype is None else np.dtype(grad_dtype).name)
+    return p.param, p.grad, p.state
 
 
 def plan_for(optimizer, params):
@@ -67,13 +77,14 @@ def plan_for(optimizer, params):
         raise ValueError("`executor='cuda'` needs CuPy buffers, but `params` are NumPy arrays")
     if requested == "numpy":
         return reference.ReferencePlan(optimizer, params)
+    key = host_key(optimizer, params.dtype)
     if requested == "host":
         try:
-            fn = host.library(optimizer.rule, params.dtype)
+            fn = host.library(optimizer.rule, *key)
         except host.HostBuildError as e:
             raise RuntimeError(f"`executor='host'` cannot run here: {e}") from e
         return host.HostPlan(optimizer, params, fn)
-    fn = host.library_or_warn(optimizer.rule, params.dtype)
+    fn = host.library_or_warn(optimizer.rule, *key)
     if fn is None:
         return reference.ReferencePlan(optimizer, params)
     return host.HostPlan(optimizer, params, fn)

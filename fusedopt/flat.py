@@ -13,16 +13,19 @@ import numbers
 
 import numpy as np
 
-from . import cuda
+from . import cuda, precision
 
-SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+# Storage dtypes, by name (bfloat16's NumPy dtype is ml_dtypes', imported only when
+# asked for: fusedopt.precision).
+SUPPORTED_DTYPES = precision.DTYPES
 
 
 class FlatBuffer:
     """One contiguous 1-D float buffer and the shapes of the variables it holds.
 
     Args:
-        data: a contiguous 1-D NumPy or CuPy array of float32 or float64.
+        data: a contiguous 1-D NumPy or CuPy array of float64, float32, bfloat16
+            (NumPy: ml_dtypes' bfloat16) or float16.
         shapes: the shape of each variable, in order; their sizes must add up to
             `data.size`.
         names: optional, a name per variable (strings), e.g. "dense/bias": what an
@@ -63,8 +66,9 @@ class FlatBuffer:
         """Copy `arrays` (a list of NumPy arrays, or of CuPy arrays) into one new
         contiguous buffer, one segment per array.
 
-        `dtype` defaults to the arrays' common dtype, which must be float32 or
-        float64; mixed dtypes are refused unless `dtype` says what to convert to.
+        `dtype` defaults to the arrays' common dtype, which must be float64, float32,
+        bfloat16 or float16; mixed dtypes are refused unless `dtype` says what to
+        convert to (to a 16-bit dtype: rounded to nearest even).
         """
         if _is_array(arrays) or isinstance(arrays, np.generic):
             # Iterating an array yields its rows: a (3, 2) array would silently become
@@ -95,7 +99,7 @@ class FlatBuffer:
         else:
             dtype = _check_dtype("dtype", dtype)
             for d in dtypes:
-                if d.kind not in "fiub":
+                if d.kind not in "fiub" and d.name not in SUPPORTED_DTYPES:
                     raise ValueError(f"`arrays` hold dtype {d}, which cannot convert to {dtype}")
         device = kinds.pop() if kinds else "cpu"
         xp = cuda.module_for(device)
@@ -285,12 +289,15 @@ def _is_array(a):
 
 
 def _check_dtype(name, dtype):
+    if isinstance(dtype, str) and dtype.strip().lower() == "bfloat16":
+        return precision.numpy_dtype("bfloat16", name)
     try:
         dtype = np.dtype(dtype)
     except TypeError as e:
         raise TypeError(f"`{name}` is not a dtype: {dtype!r}") from e
-    if dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"`{name}` must be float32 or float64, got {dtype}")
+    if dtype.name not in SUPPORTED_DTYPES:
+        raise ValueError(f"`{name}` must be float64, float32, bfloat16 or float16, "
+                         f"got {dtype}")
     return dtype
 
 

@@ -193,21 +193,28 @@ def _directory_digest(directory):
     return h.hexdigest()
 
 
-def rule_source(rule, dtype):
-    """The translation unit exporting fusedopt_host_step for one rule and dtype, with
-    every local include inlined (so the cache key sees every line compiled)."""
+def rule_source(rule, dtype, grad=None, state=None):
+    """The translation unit exporting fusedopt_host_step for one rule and storage
+    combination (params of `dtype`, grads of `grad`, state of `state`; both default to
+    `dtype`), with every local include inlined (so the cache key sees every line)."""
+    key = _kernels.storage_key(dtype, grad, state)
     prelude = (f"#define FUSEDOPT_RULE {rule}\n"
-               f"#define FUSEDOPT_T {_kernels.CTYPES[np.dtype(dtype)]}\n"
-               f'#include "{rule}.cuh"\n'
+               + _kernels.storage_prelude(key)
+               + f'#include "{rule}.cuh"\n'
                '#include "host.cpp"\n')
     return _kernels.expand_includes(prelude)
 
 
 @functools.lru_cache(maxsize=None)
-def _load(rule, dtype):
-    dtype = np.dtype(dtype)
-    source, name = rule_source(rule, dtype), f"fusedopt_{rule}_{dtype.name}"
+def _load(rule, key):
+    source = rule_source(rule, *key)
+    name = f"fusedopt_{rule}_{_kernels.key_label(key).replace(':', '_')}"
     flags = default_flags(find_compiler()[2])
+    if len(set(key)) > 1 or key[0] not in ("float32", "float64"):
+        # 16-bit storage: GCC's deep unswitching of the loops with their conversions
+        # (and the master and stochastic variants) takes minutes to build instead of
+        # seconds; plain -O3 it is.
+        flags = tuple(f for f in flags if f not in GCC_FLAGS)
     try:
         path = compile_library(source, name, flags=flags + NATIVE_FLAGS)
     except HostBuildError:
@@ -215,12 +222,13 @@ def _load(rule, dtype):
     return ctypes.CDLL(str(path))
 
 
-def library(rule, dtype):
-    """The step function of the host library of `rule` for `dtype`, built on first use
-    (cached on disk). Raises HostBuildError when it cannot be built."""
-    fn = _load(rule, np.dtype(dtype).name).fusedopt_host_step
+def library(rule, dtype, grad=None, state=None):
+    """The step function of the host library of `rule` for params of `dtype`, grads of
+    `grad` and state of `state` (both default to `dtype`), built on first use (cached
+    on disk). Raises HostBuildError when it cannot be built."""
+    fn = _load(rule, _kernels.storage_key(dtype, grad, state)).fusedopt_host_step
     fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 8
+    fn.argtypes = [ctypes.c_void_p] * 9
     return fn
 
 
@@ -228,7 +236,7 @@ def ceiling_functions():
     """(copy, scale) over the step's thread pool, the benchmark's CPU ceilings:
     copy(dst, src, n, num_threads) copies n floats; scale(x, n, s, num_threads)
     multiplies n floats by s in place (read and written once, like a step's state)."""
-    lib = _load("adam", "float32")
+    lib = _load("adam", ("float32",) * 3)
     copy, scale = lib.fusedopt_host_copy, lib.fusedopt_host_scale
     copy.restype = scale.restype = None
     copy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int]
@@ -240,12 +248,12 @@ def ceiling_functions():
 _warned = False
 
 
-def library_or_warn(rule, dtype):
-    """`library(rule, dtype)`, or None after warning (once per process) that CPU steps
-    use the NumPy reference because the host library cannot be built."""
+def library_or_warn(rule, dtype, grad=None, state=None):
+    """`library(rule, dtype, grad, state)`, or None after warning (once per process)
+    that CPU steps use the NumPy reference because the host library cannot be built."""
     global _warned
     try:
-        return library(rule, dtype)
+        return library(rule, dtype, grad, state)
     except HostBuildError as e:
         if not _warned:
             _warned = True
@@ -322,7 +330,9 @@ class HostPlan:
 
     def __init__(self, optimizer, params, fn):
         self.optimizer = optimizer
-        self.fn = fn
+        self.fn = fn  # for grads of the params' dtype; others built at their first step
+        self.dtype = np.dtype(params.dtype)
+        self._functions = {self.dtype.name: fn}
         self.offsets = np.array(params.offsets, dtype=np.int64)
         # Tiles as for one SM: the host's must not depend on the thread count.
         self.tiles = _kernels.TileTable(params.offsets, per_segment=False, sm_count=1)
@@ -378,7 +388,23 @@ class HostPlan:
     def next_iteration(self):
         return int(self.state["iterations"])
 
+    def function(self, grad_dtype):
+        """The library for grads of `grad_dtype` (mixed precision: fusedopt.precision),
+        built at its first use; RuntimeError when it cannot be built here."""
+        name = np.dtype(grad_dtype).name
+        if name not in self._functions:
+            from .executor import host_key
+
+            try:
+                self._functions[name] = library(self.optimizer.rule,
+                                                *host_key(self.optimizer, self.dtype, name))
+            except HostBuildError as e:
+                raise RuntimeError(f"the host executor cannot build the kernels for {name} "
+                                   f"grads: {e}") from e
+        return self._functions[name]
+
     def step(self, grads, params_data, slots, host_learning_rate=None, amp=None):
+        fn = self.function(grads.dtype)  # before anything is written
         if host_learning_rate is not None:
             self.hyper["lr"]["initial"] = host_learning_rate
         self._plan.num_threads = self.optimizer.num_threads or self._default_threads
@@ -387,8 +413,10 @@ class HostPlan:
         self._plan.grad_scale = None if grad_scale is None else grad_scale.ctypes.data
         self._plan.found_inf = None if found_inf is None else found_inf.ctypes.data
         s = [None if x is None else x.ctypes.data for x in slots] + [None] * (3 - len(slots))
-        self.fn(params_data.ctypes.data, grads.ctypes.data, s[0], s[1], s[2],
-                ctypes.addressof(self._plan), self.hyper.ctypes.data, self.state.ctypes.data)
+        master = self.optimizer._option_slots.get("master")
+        fn(params_data.ctypes.data, grads.ctypes.data, s[0], s[1], s[2],
+           None if master is None else master.ctypes.data, ctypes.addressof(self._plan),
+           self.hyper.ctypes.data, self.state.ctypes.data)
 
     def join_current_stream(self):
         """Nothing to join: a host step has finished when step() returns."""

@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import _kernels, cuda, schedules
+from . import _kernels, cuda, precision, schedules
 from . import _validate as check
 from .segments import SegmentRequest
 from . import executor as executors
@@ -146,6 +146,17 @@ class FusedOptimizer:
         segment_attributes: per-segment learning-rate multipliers and weight decay
             on/off, as get_config() writes them (see set_segment_attributes and
             exclude_from_weight_decay); None (default): every segment alike.
+        master_weights: keep a float32 copy of 16-bit (bfloat16/float16) params as
+            the slot "master": the rule updates it and the params receive it rounded
+            to nearest, in the same pass. Only for 16-bit params.
+        state_dtype: the dtype of the state slots: None (default: float32, float64
+            for float64 params), "float32" or "bfloat16" (float64 params: float64).
+            Slots are updated in float32 and stored rounded to nearest.
+        stochastic_rounding: bfloat16 params without a master copy are stored
+            rounded stochastically (unbiased), from a hash of `seed`, the step count
+            and the element's index: deterministic, nothing else to checkpoint.
+        seed: the stochastic rounding's seed, an integer in [0, 2**64).
+        Which dtypes of params, grads and state go together: fusedopt.precision.
     executor and num_threads are not hyperparameters: they are not in get_config().
     Keras 2 spellings are accepted: `lr=` (alias of learning_rate) and `decay=`
     (inverse-time decay, lr / (1 + decay * iterations)), with a DeprecationWarning.
@@ -173,6 +184,14 @@ class FusedOptimizer:
     ema_overwrite_frequency = Hyperparameter(
         lambda name, v: None if v is None else check.integer(name, v, low=1))
     gradient_accumulation_steps = Hyperparameter(lambda name, v: _check_accumulation(name, v))
+    # Mixed precision (fusedopt.precision): master_weights and state_dtype decide the
+    # state's buffers, so they are fixed once there is state; stochastic rounding and
+    # its seed may change between steps.
+    master_weights = Hyperparameter(check.boolean)
+    state_dtype = Hyperparameter(
+        lambda name, v: None if v is None else precision.resolve_dtype(v, name))
+    stochastic_rounding = Hyperparameter(check.boolean)
+    seed = Hyperparameter(lambda name, v: precision._uint64(v, name))
     name = _Name()
 
     # Rules that read whole variables (`whole_variable = True`) run once per segment,
@@ -205,6 +224,10 @@ class FusedOptimizer:
         segment_attributes=None,
         coupled_weight_decay=None,
         maximize=False,
+        master_weights=False,
+        state_dtype=None,
+        stochastic_rounding=False,
+        seed=0,
         **kwargs,
     ):
         # A subclass passes its own hyperparameters on in kwargs, so that all of them
@@ -241,6 +264,8 @@ class FusedOptimizer:
             maximize=maximize, use_ema=use_ema, ema_momentum=ema_momentum,
             ema_overwrite_frequency=ema_overwrite_frequency,
             gradient_accumulation_steps=gradient_accumulation_steps,
+            master_weights=master_weights, state_dtype=state_dtype,
+            stochastic_rounding=stochastic_rounding, seed=seed,
             name=name, **rule_values), notify=False)
 
     # ------------------------------------------------------------- hyperparameters
@@ -281,6 +306,44 @@ class FusedOptimizer:
         if self.ema_overwrite_frequency is not None and not self.use_ema:
             # Keras ignores it then; it would silently do nothing.
             raise ValueError("`ema_overwrite_frequency` needs `use_ema=True`")
+        if self.master_weights and self.stochastic_rounding:
+            raise ValueError("`stochastic_rounding=True` rounds the param write when there "
+                             "is no master copy; with `master_weights=True` the float32 "
+                             "master keeps the precision: choose one")
+        if self.state_dtype == "float16":
+            raise ValueError("`state_dtype` float16 is not accepted (float16 cannot hold "
+                             "second moments: g**2 leaves its range); use bfloat16")
+        dtype = self._known_param_dtype()
+        if dtype is not None:
+            self._precision_for(dtype)  # raises for a combination that is refused
+
+    def _known_param_dtype(self):
+        """The params' dtype once known (built, or a loaded state), else None."""
+        if self.__dict__.get("_layout") is not None:
+            return self._layout.dtype
+        pending = self.__dict__.get("_pending_state")
+        return None if pending is None else pending["layout"].dtype
+
+    def _precision_for(self, param_dtype, grad_dtype=None):
+        """The checked fusedopt.precision.Precision of this optimizer on params of
+        `param_dtype` (and grads of `grad_dtype`, default the params'); ValueError
+        naming the argument when the combination is refused."""
+        result = precision.resolve_precision(param_dtype, grad_dtype, self.state_dtype,
+                                             self.master_weights, self.stochastic_rounding)
+        narrow = {result.param, result.grad, result.state} & set(precision.SIXTEEN_BIT)
+        for option in ("use_ema", "gradient_accumulation_steps"):
+            if narrow and getattr(self, option):
+                raise ValueError(
+                    f"`{option}` is not implemented with {'/'.join(sorted(narrow))} buffers "
+                    "yet (params, grads and state must be float32 or float64)")
+        return result
+
+    def _slot_dtype(self, name, param_dtype):
+        """A slot's dtype name: the master copy's float32, every other slot's the state
+        dtype (default float32; float64 for float64 params)."""
+        if name == "master":
+            return "float32"
+        return self._precision_for(param_dtype).state
 
     def _check_same_slots(self, candidate, changed):
         # The state was allocated (or loaded) for the current slots; a setting that
@@ -293,6 +356,14 @@ class FusedOptimizer:
                 f"into {list(candidate.slot_names)}, but this optimizer already has state; "
                 "set it before the first step, or start a new optimizer"
             )
+        dtype = self._known_param_dtype()
+        before = self._precision_for(dtype).state
+        after = candidate._precision_for(dtype).state
+        if before != after:
+            raise ValueError(
+                f"`state_dtype`: this change would store the state as {after}, but this "
+                f"optimizer already has {before} state; set it before the first step, or "
+                "start a new optimizer")
 
     # ---------------------------------------------------------------- subclass API
     def _slot_specs(self):
@@ -442,6 +513,7 @@ class FusedOptimizer:
         return tuple(spec for spec in (
             ("average", 0.0) if self.use_ema else None,
             ("gradient_accumulator", 0.0) if self.gradient_accumulation_steps else None,
+            ("master", PARAMS) if self.master_weights else None,
         ) if spec is not None)
 
     def _all_slot_specs(self):
@@ -472,6 +544,7 @@ class FusedOptimizer:
         if self.built:
             self._check_same_layout(params.layout, params.device, "params")
             return
+        self._precision_for(params.layout.dtype)  # refused combinations, before anything
         slots = []
         pending = self._pending_state
         if pending is not None and pending["layout"] != params.layout:
@@ -505,11 +578,14 @@ class FusedOptimizer:
         self._buffers = buffers
 
     def _new_slot(self, spec, params, pending):
+        dtype = _storage_dtype(self._slot_dtype(spec[0], params.layout.dtype))
         if pending is not None:
-            return _copy_to(pending["slots"][spec[0]], params.device, params.dtype)
+            return _copy_to(pending["slots"][spec[0]], params.device, dtype)
         if spec[1] is PARAMS:
-            return params.data.copy()
-        return params.xp.full(self._slot_size(spec, params.layout), spec[1], dtype=params.dtype)
+            # The master copy: exact (16-bit values are float32 values); a slot in a
+            # narrower state dtype: rounded to nearest even.
+            return params.data.astype(dtype, copy=True)
+        return params.xp.full(self._slot_size(spec, params.layout), spec[1], dtype=dtype)
 
     # ------------------------------------------------------------------------- EMA
     def swap_ema_weights(self, params):
@@ -773,12 +849,12 @@ class FusedOptimizer:
         if isinstance(grads, FlatBuffer):
             if grads.device != params.device:
                 raise ValueError(f"`grads` live on {grads.device} but `params` on {params.device}")
-            if grads.dtype != params.dtype:
-                raise ValueError(f"`grads` dtype {grads.dtype} differs from `params` dtype {params.dtype}")
-            if grads.layout != params.layout:
+            self._check_grad_dtype(grads.dtype, params.dtype)
+            if grads.layout.shapes != params.layout.shapes:
                 raise ValueError(
                     "`grads` layout differs from `params`: "
-                    + params.layout.describe_difference(grads.layout)
+                    + params.layout.describe_difference(Layout(grads.layout.shapes,
+                                                               params.layout.dtype))
                 )
             return grads.data
         if not (isinstance(grads, np.ndarray) or cuda.is_gpu_array(grads)):
@@ -789,8 +865,7 @@ class FusedOptimizer:
             raise ValueError(
                 f"`grads` live on {cuda.device_of(grads)} but `params` on {params.device}"
             )
-        if np.dtype(grads.dtype) != params.dtype:
-            raise ValueError(f"`grads` dtype {grads.dtype} differs from `params` dtype {params.dtype}")
+        self._check_grad_dtype(grads.dtype, params.dtype)
         if grads.ndim != 1 or grads.size != params.size:
             raise ValueError(
                 f"`grads` must be 1-D with {params.size} elements like `params`, "
@@ -799,6 +874,17 @@ class FusedOptimizer:
         if not grads.flags.c_contiguous:
             raise ValueError("`grads` must be contiguous")
         return grads
+
+    def _check_grad_dtype(self, grad_dtype, param_dtype):
+        """Grads may be of another dtype than the params (fusedopt.precision.GRAD_DTYPES:
+        e.g. bfloat16 grads for float32 params); the rest is refused, naming `grads`."""
+        grad, param = np.dtype(grad_dtype).name, np.dtype(param_dtype).name
+        if grad == param:
+            return
+        accepted = precision.GRAD_DTYPES.get(param, (param,))
+        if grad not in accepted:
+            raise ValueError(f"`grads` dtype {grad} is not accepted with `params` dtype {param}; "
+                             f"accepted: {', '.join(accepted)} (fusedopt.precision)")
 
     def _check_same_layout(self, layout, device, what):
         if layout != self._layout:
@@ -904,8 +990,11 @@ class FusedOptimizer:
                 raise ValueError(
                     f"slot {name!r} has shape {tuple(arr.shape)}, expected ({size},)"
                 )
-            if np.dtype(arr.dtype).name != layout.dtype:
-                raise ValueError(f"slot {name!r} has dtype {arr.dtype}, expected {layout.dtype}")
+            want = self._slot_dtype(name, layout.dtype)
+            if np.dtype(arr.dtype).name != want:
+                raise ValueError(f"slot {name!r} has dtype {arr.dtype}, expected {want}"
+                                 + (" (this optimizer's state_dtype)" if name != "master"
+                                    and want != layout.dtype else ""))
         skipped = check.integer("state['skipped_steps']", state.get("skipped_steps", 0), low=0)
         last = check.boolean("state['last_step_skipped']", state.get("last_step_skipped", False))
         table = _parse_segment_table(state.get("segment_attributes"), len(layout.shapes))
@@ -944,6 +1033,11 @@ class FusedOptimizer:
             config["coupled_weight_decay"] = self.coupled_weight_decay
         if self.maximize:  # fusedopt's own: absent by default
             config["maximize"] = True
+        # Mixed precision (fusedopt's own): only what differs from the defaults.
+        for key, default in (("master_weights", False), ("state_dtype", None),
+                             ("stochastic_rounding", False), ("seed", 0)):
+            if getattr(self, key) != default:
+                config[key] = getattr(self, key)
         segments = self._segment_request.to_config()
         if segments is not None:
             config["segment_attributes"] = segments
@@ -1023,8 +1117,9 @@ def _as_params(params):
             )
         if not params.flags.c_contiguous:
             raise ValueError("`params` must be contiguous")
-        if np.dtype(params.dtype) not in SUPPORTED_DTYPES:
-            raise ValueError(f"`params` must be float32 or float64, got {params.dtype}")
+        if np.dtype(params.dtype).name not in SUPPORTED_DTYPES:
+            raise ValueError(f"`params` must be float64, float32, bfloat16 or float16, "
+                             f"got {params.dtype}")
         return FlatBuffer(params, [params.shape])
     raise TypeError(f"`params` must be a FlatBuffer or a 1-D array, got {type(params).__name__}")
 
@@ -1123,6 +1218,12 @@ def _check_no_overlap(grads, params, slot_spans):
 
 def _spans_overlap(a, b):
     return a[0] is not None and a[0] == b[0] and a[1] < b[2] and b[1] < a[2]
+
+
+def _storage_dtype(name):
+    """The array dtype of a storage dtype name (bfloat16: ml_dtypes' in NumPy, which
+    CuPy arrays take too)."""
+    return precision.numpy_dtype(name)
 
 
 def _copy_to(array, device, dtype):

@@ -9,12 +9,21 @@ scalars, in exactly the order the CUDA rule in kernels/<name>.cuh reads them.
 
 The functions use only operators and ufuncs, so they also run on CuPy arrays (the
 "unfused CuPy" baseline of the benchmarks). Scalars arrive already cast to the
-buffer's dtype, so float32 buffers are updated in float32 arithmetic.
+math dtype, so float32 buffers are updated in float32 arithmetic.
+
+Mixed precision (fusedopt.precision): the rules always see arrays of the math dtype
+(float32, or float64 for float64 buffers). ReferencePlan loads 16-bit buffers into it
+exactly, once, and stores the results back rounded, once: to nearest even, or for
+bfloat16 params with stochastic_rounding, stochastically; with master weights the rule
+updates the float32 master and the params receive it rounded. The same points as
+kernels/storage.cuh and fused.cu round.
 """
 
 import math
 
 import numpy as np
+
+from . import precision
 
 
 def sgd(p, g, m, lr, momentum, nesterov, gradient_units, buffer_momentum, gradient_weight):
@@ -365,6 +374,7 @@ class ReferencePlan:
     def step(self, grads, params_data, slots, host_learning_rate=None, amp=None):
         opt = self.optimizer
         grad_scale, found_inf = amp if amp is not None else (None, None)
+        # A 16-bit inf or NaN counts as any other.
         if (opt.skip_nonfinite and not _all_finite(grads)) or \
                 (found_inf is not None and found_inf.reshape(-1)[0] != 0):
             self.counters[1] += 1
@@ -389,7 +399,8 @@ class ReferencePlan:
                 grads = accumulate(accumulator, grads, unscale, n, (calls + 1) % n == 0)
                 unscale = None
             if grads is not None:
-                self._pipeline(params_data, grads, slots, values, segment_group, unscale)
+                self._pipeline(params_data, grads, slots, values, segment_group, unscale,
+                               calls)
             average = opt._option_slots.get("average")
             if average is not None:
                 self._moving_average(params_data, average, calls // opt._accumulation)
@@ -413,11 +424,14 @@ class ReferencePlan:
         if frequency and (iterations + 1) % frequency == 0:
             p[...] = average
 
-    def _pipeline(self, p_all, g_all, slots, values, segment_group, unscale):
+    def _pipeline(self, p_all, g_all, slots, values, segment_group, unscale, calls=0):
         """`values`: (lr, scalars, decay on) of each segment group; `segment_group`:
-        each segment's group (fusedopt.segments)."""
+        each segment's group (fusedopt.segments); `calls`: the step's count before it
+        (what stochastic rounding hashes)."""
         opt = self.optimizer
-        dt = p_all.dtype.type
+        dt = _math_dtype(p_all.dtype).type
+        stores = _Stores(p_all, opt._option_slots.get("master"),
+                         opt.stochastic_rounding, opt.seed, calls)
         l2 = dt(opt.coupled_weight_decay) if opt.coupled_weight_decay else None
         groups = [(dt(lr), tuple(dt(x) for x in scalars), decay, l2 if decay else None)
                   for lr, scalars, decay in values]
@@ -425,16 +439,18 @@ class ReferencePlan:
         factors = clip_factors(opt, g_all, self.offsets, unscale)
         rule = globals()[opt.rule]
         whole = opt.whole_variable
-        scratch = np.empty(p_all.size if whole else min(CHUNK, p_all.size), dtype=p_all.dtype)
+        scratch = np.empty(p_all.size if whole else min(CHUNK, p_all.size), dtype=dt)
         per_segment = bool(opt.clipnorm) or len(groups) > 1 or whole
         chunks = _segments(self.offsets) if whole else _chunks(self.offsets, per_segment)
         for start, stop, segment in chunks:
             lr_t, c, decay, l2 = groups[segment_group[segment] if per_segment else 0]
-            g = g_all[start:stop]
-            p = p_all[start:stop]
+            g_view = g_all[start:stop]
+            g = _as_math(g_view)
+            p = stores.load_params(start, stop)
             if unscale is not None or factors is not None or clipvalue is not None \
                     or l2 is not None:
-                g = _copy_into(scratch, g)
+                if g is g_view:  # the caller's grads: work on a copy
+                    g = _copy_into(scratch, g)
                 if unscale is not None:
                     g *= unscale
                 if factors is not None:
@@ -446,7 +462,10 @@ class ReferencePlan:
             if not whole:
                 if decay and opt.weight_decay is not None:
                     p -= p * dt(opt.weight_decay) * lr_t
-                rule(p, g, *[s[start:stop] if s is not None else None for s in slots], *c)
+                state = [s[start:stop] if s is not None else None for s in slots]
+                loaded = [None if s is None else _as_math(s) for s in state]
+                rule(p, g, *loaded, *c)
+                stores.store(p, start, stop, state, loaded)
                 continue
             shape = self.shapes[segment]
             wd = opt._segment_weight_decay(segment, shape) if decay else None
@@ -454,7 +473,50 @@ class ReferencePlan:
                 p -= p * dt(wd) * lr_t
             state = [None if s is None else s[o[segment]:o[segment + 1]]
                      for s, o in zip(slots, self.slot_offsets)]
-            rule(shape, p, g, *state, *opt._segment_arguments(segment, shape), *c)
+            loaded = [None if s is None else _as_math(s) for s in state]
+            rule(shape, p, g, *loaded, *opt._segment_arguments(segment, shape), *c)
+            stores.store(p, start, stop, state, loaded)
+
+
+def _math_dtype(dtype):
+    """float64 for float64 storage, else float32 (fusedopt.precision)."""
+    return np.dtype(np.float64 if np.dtype(dtype) == np.float64 else np.float32)
+
+
+def _as_math(x):
+    """x itself when stored in its math dtype, else a new math-dtype array of its
+    values (exact: every 16-bit value is a float32 value)."""
+    return x if x.dtype == _math_dtype(x.dtype) else precision.load(x)
+
+
+class _Stores:
+    """Where a rule's results go: the params (from the master copy when there is one,
+    rounded to nearest or stochastically) and the state slots (rounded to nearest when
+    narrower than the math dtype). Each value is rounded once."""
+
+    def __init__(self, params, master, stochastic, seed, step):
+        self.params, self.master = params, master
+        self.stochastic = bool(stochastic) and params.dtype.name == "bfloat16"
+        self.seed, self.step = seed, step
+
+    def load_params(self, start, stop):
+        """The math copy a rule updates in place: the master's (a view: updated in
+        place), the params' own view, or a loaded copy of 16-bit params."""
+        if self.master is not None:
+            return self.master[start:stop]
+        return _as_math(self.params[start:stop])
+
+    def store(self, p, start, stop, state, loaded):
+        for dst, x in zip(state, loaded):
+            if dst is not None and x is not dst:
+                precision.store_nearest(dst, x)
+        dst = self.params[start:stop]
+        if p.dtype == dst.dtype:  # the params' own view, updated in place
+            return
+        if self.stochastic:
+            precision.store_stochastic(dst, p, self.seed, self.step, start=start)
+        else:
+            precision.store_nearest(dst, p)
 
 
 def accumulate(accumulator, g, unscale, steps, apply):
@@ -502,7 +564,7 @@ def global_clipnorm_factor(sum_of_squares, clipnorm):
 def _sum_of_squares(g, unscale):
     total = 0.0
     for a in range(0, g.size, CHUNK):
-        x = g[a:a + CHUNK]
+        x = _as_math(g[a:a + CHUNK])  # the unscaled product is rounded in the math dtype
         if unscale is not None:
             x = x * unscale
         x = x.astype(np.float64)

@@ -29,7 +29,7 @@ import time
 
 import numpy as np
 
-from . import cuda
+from . import cuda, precision
 from ._progress import ProgressBar
 from .flat import FlatBuffer
 from .optimizer import FusedOptimizer, available, get
@@ -75,7 +75,12 @@ FRAMEWORKS = ("numpy", "torch")
 
 # Options passed through to every optimizer's constructor (None = not given).
 OPTIMIZER_OPTIONS = ("learning_rate", "clipnorm", "global_clipnorm", "clipvalue",
-                     "weight_decay")
+                     "weight_decay", "master_weights", "state_dtype", "stochastic_rounding")
+# Storage dtypes of the params and grads. The forward and backward passes compute in
+# float32 for the 16-bit ones (fusedopt.precision: the math type), reading the params
+# exactly and writing the gradients rounded to nearest, as a GPU's bfloat16 matmul with
+# float32 accumulation would.
+DTYPES = ("float32", "float64", "bfloat16", "float16")
 
 
 class UsageError(ValueError):
@@ -332,7 +337,10 @@ def train(optimizer=DEFAULT_OPTIMIZER, *, epochs=DEFAULT_EPOCHS, batch_size=DEFA
             another layout).
         epochs, batch_size, hidden: the run and the network's hidden layer widths.
         seed: fixes the split, the initial weights and the minibatch order.
-        dtype: "float32" or "float64" for parameters, gradients, state and data.
+        dtype: "float32", "float64", "bfloat16" or "float16": the storage of the
+            parameters and gradients (the state's default follows fusedopt.precision:
+            float64 for float64, else float32). 16-bit runs compute the forward and
+            backward passes in float32 and round the gradients once.
         device: "cpu", "gpu", "gpu:N" or "auto".
         data: a Dataset to reuse (else load_digits_dataset(seed, dtype)).
         progress: a ProgressBar, or None for a silent run.
@@ -348,25 +356,31 @@ def train(optimizer=DEFAULT_OPTIMIZER, *, epochs=DEFAULT_EPOCHS, batch_size=DEFA
     epochs = _positive_int("epochs", epochs)
     batch_size = _positive_int("batch_size", batch_size)
     hidden = tuple(_positive_int("hidden layer width", h) for h in hidden)
-    dtype = np.dtype(dtype)
+    dtype = precision.numpy_dtype(dtype)
+    compute = np.dtype(precision.math_dtype(dtype.name))
+    opt._precision_for(dtype.name)  # a refused combination, before anything runs
     device = resolve_device(device)
     progress = progress if progress is not None else ProgressBar(enabled=False)
-    data = data if data is not None else load_digits_dataset(seed, dtype)
+    data = data if data is not None else load_digits_dataset(seed, compute)
     if framework not in FRAMEWORKS:
         raise ValueError(f"`framework` must be one of {', '.join(FRAMEWORKS)}, got {framework!r}")
     if framework == "torch":
         from .train_torch import train_torch
 
+        if dtype != compute:
+            raise ValueError(f"`dtype` {dtype.name}: the torch framework trains in float32 "
+                             "or float64 (fusedopt.torch takes those tensors only)")
         return train_torch(opt, epochs=epochs, batch_size=batch_size, hidden=hidden, seed=seed,
                            dtype=dtype, device=device, data=data, progress=progress)
 
     params = init_params(layer_sizes(data.num_features, hidden, data.num_classes),
                          seed, dtype, device)
     grads = params.zeros_like()
+    model = _Model(params, grads, compute)
     xp = params.xp
     with cuda.on_device(device):
-        x_train, y_train = xp.asarray(data.x_train, dtype=dtype), xp.asarray(data.y_train)
-        x_test, y_test = xp.asarray(data.x_test, dtype=dtype), xp.asarray(data.y_test)
+        x_train, y_train = xp.asarray(data.x_train, dtype=compute), xp.asarray(data.y_train)
+        x_test, y_test = xp.asarray(data.x_test, dtype=compute), xp.asarray(data.y_test)
         # The minibatch order comes from its own host-side stream, so it is the same
         # on every device and for every dtype.
         order_rng = np.random.default_rng([seed, 1])
@@ -376,12 +390,11 @@ def train(optimizer=DEFAULT_OPTIMIZER, *, epochs=DEFAULT_EPOCHS, batch_size=DEFA
             label = f"epoch {epoch:{len(str(epochs))}d}/{epochs}"
             order = xp.asarray(order_rng.permutation(len(data.y_train)))
             epoch_loss, epoch_steps, epoch_seconds = _train_epoch(
-                opt, params, grads, x_train[order], y_train[order], batch_size,
-                progress, label)
+                opt, model, x_train[order], y_train[order], batch_size, progress, label)
             steps += epoch_steps
             apply_seconds += epoch_seconds
             loss_history.append(epoch_loss)
-            accuracy_history.append(accuracy(params, x_test, y_test))
+            accuracy_history.append(accuracy(model.computing(), x_test, y_test))
             progress.log(f"{label} loss {epoch_loss:.4f} test acc {accuracy_history[-1]:.2%}")
     return TrainResult(
         optimizer=optimizer_name(opt), settings=describe_optimizer(opt), device=device,
@@ -390,17 +403,46 @@ def train(optimizer=DEFAULT_OPTIMIZER, *, epochs=DEFAULT_EPOCHS, batch_size=DEFA
         seconds=time.perf_counter() - started)
 
 
-def _train_epoch(opt, params, grads, x, labels, batch_size, progress, label):
+class _Model:
+    """The params and grads the optimizer updates (in the run's storage dtype) and, for
+    16-bit storage, the float32 buffers the forward and backward passes compute in:
+    each step reads the params exactly and writes the gradients rounded, once."""
+
+    def __init__(self, params, grads, compute):
+        self.params, self.grads = params, grads
+        self.mixed = params.dtype != compute
+        if self.mixed:
+            with cuda.on_device(params.device):
+                self.work = FlatBuffer(params.xp.zeros(params.size, compute), params.shapes)
+                self.work_grads = self.work.zeros_like()
+
+    def computing(self):
+        """The params as the passes read them (the compute dtype's buffer, refreshed)."""
+        if not self.mixed:
+            return self.params
+        self.work.data[...] = self.params.data  # exact: every 16-bit value is a float32
+        return self.work
+
+    def loss_and_gradients(self, x, labels):
+        if not self.mixed:
+            return loss_and_gradients(self.params, self.grads, x, labels)
+        loss = loss_and_gradients(self.computing(), self.work_grads, x, labels)
+        self.grads.data[...] = self.work_grads.data  # rounded to nearest even
+        return loss
+
+
+def _train_epoch(opt, model, x, labels, batch_size, progress, label):
     """One pass over (x, labels), already shuffled, in minibatches of `batch_size`
     (the last one smaller when they do not divide). Returns (mean minibatch loss,
     steps, seconds inside opt.apply)."""
+    params, grads = model.params, model.grads
     xp = params.xp
     batches = math.ceil(len(labels) / batch_size)
     loss_sum = xp.zeros((), dtype=np.float64)  # on the device: no sync per batch
     apply_seconds = 0.0
     for b in range(batches):
         batch = slice(b * batch_size, (b + 1) * batch_size)
-        loss_sum += loss_and_gradients(params, grads, x[batch], labels[batch])
+        loss_sum += model.loss_and_gradients(x[batch], labels[batch])
         apply_seconds += _timed_apply(opt, grads, params, xp)
         if progress.wants_update():  # reading loss_sum waits for a GPU: only when drawn
             progress.update(label, b + 1, batches, f"loss {float(loss_sum) / (b + 1):.4f}")
@@ -443,8 +485,8 @@ def compare(optimizers=None, *, options=None, progress=None, data=None, **train_
                   for opt in (available() if optimizers is None else optimizers)]
     progress = progress if progress is not None else ProgressBar(enabled=False)
     if data is None:
-        data = load_digits_dataset(train_kwargs.get("seed", 0),
-                                   np.dtype(train_kwargs.get("dtype", "float32")))
+        compute = precision.math_dtype(train_kwargs.get("dtype", "float32"))
+        data = load_digits_dataset(train_kwargs.get("seed", 0), np.dtype(compute))
     results = []
     for i, opt in enumerate(optimizers, 1):
         progress.log(f"[{i}/{len(optimizers)}] {describe_optimizer(opt)}")
@@ -553,8 +595,16 @@ def add_arguments(parser):
                              f"{','.join(map(str, DEFAULT_HIDDEN))}; '' for none)")
     parser.add_argument("--seed", type=_seed_arg, default=0,
                         help="fixes the split, the initial weights and the batch order (default 0)")
-    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32",
-                        help="dtype of parameters, gradients and state (default float32)")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32",
+                        help="dtype of parameters and gradients (default float32; the "
+                             "16-bit ones compute the passes in float32)")
+    parser.add_argument("--master-weights", action="store_const", const=True, default=None,
+                        help="keep a float32 master copy of 16-bit params")
+    parser.add_argument("--state-dtype", choices=("float32", "bfloat16"), default=None,
+                        help="dtype of the optimizer state (default float32, float64 for "
+                             "--dtype float64)")
+    parser.add_argument("--stochastic-rounding", action="store_const", const=True,
+                        default=None, help="round bfloat16 params stochastically")
     parser.add_argument("--device", type=_device_arg, default="auto",
                         help="cpu, gpu, gpu:N or auto (a GPU when one is usable; default)")
     parser.add_argument("--framework", choices=FRAMEWORKS, default="numpy",
@@ -619,7 +669,7 @@ CLI_FLAGS = {name: "--" + name.replace("_", "-") for name in OPTIMIZER_OPTIONS}
 def cli_spelling(message):
     """`message` with the API names of command-line options replaced by their flags."""
     for name, flag in CLI_FLAGS.items():
-        message = message.replace(f"`{name}`", flag)
+        message = message.replace(f"`{name}=True`", flag).replace(f"`{name}`", flag)
     return message
 
 
@@ -644,9 +694,14 @@ def _prepare(args):
     options = {name: getattr(args, name) for name in OPTIMIZER_OPTIONS}
     names = available() if args.compare else [args.optimizer or DEFAULT_OPTIMIZER]
     optimizers = [_make_cli_optimizer(name, options) for name in names]
+    for opt in optimizers:  # refused dtype combinations, before any training
+        opt._precision_for(args.dtype)
     device = resolve_device(args.device)
     if args.framework == "torch":
         from . import train_torch  # noqa: F401 - without torch: the install hint, now
+        if args.dtype not in ("float32", "float64"):
+            raise UsageError(f"--dtype {args.dtype}: --framework torch trains in float32 or "
+                             "float64 (fusedopt.torch takes those tensors only)")
     plot, table = args.plot, args.table
     if args.compare and plot is None and table is None and not args.markdown:
         # --markdown is a print mode: regenerating the README leaves no files behind.
@@ -658,7 +713,7 @@ def _prepare(args):
         _check_writable("--table", table)
     return _Job(
         optimizers=optimizers,
-        data=load_digits_dataset(args.seed, np.dtype(args.dtype)),
+        data=load_digits_dataset(args.seed, np.dtype(precision.math_dtype(args.dtype))),
         progress=ProgressBar(enabled=not args.quiet),
         train_options=dict(epochs=args.epochs, batch_size=args.batch_size,
                            hidden=args.hidden, seed=args.seed, dtype=args.dtype,

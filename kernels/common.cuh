@@ -30,13 +30,6 @@ FO_HD void fo_store(V* pointer, V value) {
     *pointer = value;
 }
 
-#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
-// The 16-byte vector of each math type, for the kernels' vector loads and stores.
-template <typename T> struct Vec16;
-template <> struct Vec16<float> { typedef float4 type; };
-template <> struct Vec16<double> { typedef double2 type; };
-#endif
-
 // Room for the longest rule's scalars (Nadam has 9).
 #define FO_MAX_SCALARS 10
 

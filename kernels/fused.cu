@@ -1,9 +1,15 @@
 // fused.cu: one optimizer step over the whole flat buffer in one launch. Each element's
 // param, grad and state slots are read once and param and slots written once.
 //
-// Built once per rule and dtype: fusedopt/_kernels.py prepends
-//   #define FUSEDOPT_RULE <rule>   #define FUSEDOPT_T <float|double>   #include "<rule>.cuh"
-// and the kernel is exported as fusedopt_<rule>.
+// Built once per rule and storage combination: fusedopt/_kernels.py prepends
+//   #define FUSEDOPT_RULE <rule>   #define FUSEDOPT_T <float|double> (the math type)
+//   #define FUSEDOPT_P / FUSEDOPT_G / FUSEDOPT_S <float|double|fo_bf16|fo_f16>
+//   (params, grads, state; each defaults to FUSEDOPT_T)   #include "<rule>.cuh"
+// and the kernel is exported as fusedopt_<rule>. Loads convert each buffer's storage
+// type up to the math type once, stores round down once (kernels/storage.cuh); the
+// rule and the prologue see only the math type. 16-bit params may have a float32
+// master copy (`master`, null without one): the rule then updates the master and the
+// params receive it rounded, in the same pass.
 //
 // The step's scalars come from the device (kernels/step.cuh): thread 0 of each block
 // computes them from the hyperparameter block and the step state, and the last block
@@ -16,60 +22,68 @@
 // (fusedopt/segments.py: a learning-rate multiplier and weight decay on/off), so a
 // block reads its group's scalars once per tile. Each block computes every group's
 // scalars at its start, one thread per group. Blocks stride over tiles; threads stride within a tile,
-// 16 bytes of every buffer at a time when all buffers share their alignment mod 16.
+// 16 / sizeof(math type) elements of every buffer at a time (16 bytes of a float32
+// buffer, 8 of a bfloat16 one) when all buffers share their element phase.
 #pragma once
 #include "step.cuh"
+#include "storage.cuh"
 
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)
 
-template <typename Rule, typename T>
-__device__ __forceinline__ void update_scalar(long long i, T* p, const T* g, T* s0, T* s1, T* s2,
-                                              T factor, const Prologue<T>& pro,
-                                              const StepScalars<T>& st) {
-    T pi = fo_load(p + i), a = s0 ? fo_load(s0 + i) : T(0), b = s1 ? fo_load(s1 + i) : T(0);
-    T c = s2 ? fo_load(s2 + i) : T(0);
-    fused_element<Rule>(pi, fo_load(g + i), a, b, c, factor, pro, st);
-    fo_store(p + i, pi);
-    if (s0) fo_store(s0 + i, a);
-    if (s1) fo_store(s1 + i, b);
-    if (s2) fo_store(s2 + i, c);
-}
-
-// Elements [i, i + V), 16-byte aligned in every buffer: one load and store per buffer.
-template <typename Rule, typename T>
-__device__ __forceinline__ void update_vector(long long i, T* p, const T* g, T* s0, T* s1, T* s2,
-                                              T factor, const Prologue<T>& pro,
-                                              const StepScalars<T>& st) {
-    typedef typename Vec16<T>::type V16;
-    constexpr int V = sizeof(V16) / sizeof(T);
-    union Lanes { V16 v; T x[V]; };
-    // Absent slots' lanes are zeros, as update_scalar passes, never uninitialised.
-    Lanes pv, gv, av = {}, bv = {}, cv = {};
-    pv.v = fo_load(reinterpret_cast<const V16*>(p + i));
-    gv.v = fo_load(reinterpret_cast<const V16*>(g + i));
-    if (s0) av.v = fo_load(reinterpret_cast<const V16*>(s0 + i));
-    if (s1) bv.v = fo_load(reinterpret_cast<const V16*>(s1 + i));
-    if (s2) cv.v = fo_load(reinterpret_cast<const V16*>(s2 + i));
+// Elements [i, i + N): N = 1 (the scalar path), or a vector's worth, aligned in every
+// buffer (one access per buffer). Absent slots' lanes are zeros, never uninitialised.
+template <typename Rule, int N, typename T, typename P, typename G, typename S>
+__device__ __forceinline__ void update_run(long long i, P* p, float* master, const G* g,
+                                           S* s0, S* s1, S* s2, T factor,
+                                           const Prologue<T>& pro, const StepScalars<T>& st,
+                                           const FoRounding& rounding) {
+    T pv[N], gv[N], av[N] = {}, bv[N] = {}, cv[N] = {};
+    bool from_master = false;
+    if constexpr (sizeof(P) == 2) {
+        if (master) {
+            fo_load_run<N>(master + i, pv);
+            from_master = true;
+        }
+    }
+    if (!from_master) fo_load_run<N>(p + i, pv);
+    fo_load_run<N>(g + i, gv);
+    if (s0) fo_load_run<N>(s0 + i, av);
+    if (s1) fo_load_run<N>(s1 + i, bv);
+    if (s2) fo_load_run<N>(s2 + i, cv);
 #pragma unroll
-    for (int k = 0; k < V; ++k)
-        fused_element<Rule>(pv.x[k], gv.x[k], av.x[k], bv.x[k], cv.x[k], factor, pro, st);
-    fo_store(reinterpret_cast<V16*>(p + i), pv.v);
-    if (s0) fo_store(reinterpret_cast<V16*>(s0 + i), av.v);
-    if (s1) fo_store(reinterpret_cast<V16*>(s1 + i), bv.v);
-    if (s2) fo_store(reinterpret_cast<V16*>(s2 + i), cv.v);
+    for (int k = 0; k < N; ++k)
+        fused_element<Rule>(pv[k], gv[k], av[k], bv[k], cv[k], factor, pro, st);
+    if constexpr (sizeof(P) == 2) {
+        if (master) fo_store_run<N>(master + i, pv);
+    }
+    fo_store_param_run<N>(p + i, pv, rounding, (fo_u64)i);
+    if (s0) fo_store_run<N>(s0 + i, av);
+    if (s1) fo_store_run<N>(s1 + i, bv);
+    if (s2) fo_store_run<N>(s2 + i, cv);
 }
 
-// The first element at a 16-byte boundary of every buffer, or -1 when the buffers do
-// not share their alignment mod 16 (then the whole step takes the scalar path).
-template <typename T>
-__device__ __forceinline__ long long common_boundary(const T* p, const T* g, const T* s0,
-                                                     const T* s1, const T* s2) {
-    const unsigned long long a = (unsigned long long)p;
-    const unsigned long long differ = (a ^ (unsigned long long)g) |
-        (s0 ? a ^ (unsigned long long)s0 : 0) | (s1 ? a ^ (unsigned long long)s1 : 0) |
-        (s2 ? a ^ (unsigned long long)s2 : 0);
-    if (differ % 16 != 0 || a % sizeof(T) != 0) return -1;
-    return (long long)((16 - a % 16) % 16 / sizeof(T));
+// Where element 0 of buffer x sits in a run of V elements of its own type: x / sizeof
+// mod V, or -1 when x is not aligned to its element (no vector path then).
+template <int V, typename X>
+__device__ __forceinline__ long long run_phase(const X* x) {
+    const unsigned long long a = (unsigned long long)x;
+    return a % sizeof(X) != 0 ? -1 : (long long)(a / sizeof(X) % V);
+}
+
+// The first element at which every buffer starts an aligned vector of V elements, or
+// -1 when the buffers' phases differ (then the whole step takes the scalar path).
+// Buffers of one type share it exactly when their addresses agree mod 16 bytes.
+template <int V, typename P, typename G, typename S>
+__device__ __forceinline__ long long common_boundary(const P* p, const float* master,
+                                                     const G* g, const S* s0, const S* s1,
+                                                     const S* s2) {
+    const long long phase = run_phase<V>(p);
+    bool same = phase >= 0 && run_phase<V>(g) == phase;
+    if (master) same = same && run_phase<V>(master) == phase;
+    if (s0) same = same && run_phase<V>(s0) == phase;
+    if (s1) same = same && run_phase<V>(s1) == phase;
+    if (s2) same = same && run_phase<V>(s2) == phase;
+    return same ? (V - phase) % V : -1;
 }
 
 // A group's step values, once per block. Not inlined: the double-precision schedule and
@@ -97,10 +111,10 @@ __device__ __forceinline__ void take_ticket(StepState* state, const StepValues& 
 
 // `groups` holds [multiplier, decay (1 or 0)] per segment group, `tile_group` each
 // tile's group (fusedopt/segments.py); ngroups <= FO_MAX_GROUPS <= FO_BLOCK.
-template <typename Rule, typename T>
+template <typename Rule, typename T, typename P, typename G, typename S>
 __device__ __forceinline__ void fused_step(
-        T* __restrict__ p, const T* __restrict__ g,
-        T* __restrict__ s0, T* __restrict__ s1, T* __restrict__ s2,
+        P* __restrict__ p, const G* __restrict__ g,
+        S* __restrict__ s0, S* __restrict__ s1, S* __restrict__ s2, float* __restrict__ master,
         const long long* __restrict__ tile_start, const int* __restrict__ tile_segment,
         const int* __restrict__ tile_group, long long ntiles, const T* __restrict__ factors,
         int nfactors, const double* __restrict__ groups, int ngroups,
@@ -109,6 +123,7 @@ __device__ __forceinline__ void fused_step(
     __shared__ Prologue<T> shared_pro[FO_MAX_GROUPS];
     __shared__ StepValues shared_values;  // group 0's: the running product to advance
     __shared__ int shared_skip;
+    __shared__ FoRounding shared_rounding;
     if ((int)threadIdx.x < ngroups) {
         const int k = (int)threadIdx.x;
         const StepValues values = block_step_values<Rule>(hyper, state, groups[2 * k]);
@@ -117,14 +132,17 @@ __device__ __forceinline__ void fused_step(
         if (k == 0) {
             shared_values = values;
             shared_skip = state->skip != 0;  // skip_nonfinite: the gradients are not finite
+            shared_rounding.stochastic = hyper->stochastic_rounding != 0;
+            shared_rounding.seed = hyper->seed;
+            shared_rounding.step = (fo_u64)state->iterations;
         }
     }
     __syncthreads();
     if (threadIdx.x == 0) take_ticket(state, shared_values, shared_skip != 0);
     if (shared_skip) return;  // a skipped step writes nothing
-    typedef typename Vec16<T>::type V16;
-    constexpr long long V = sizeof(V16) / sizeof(T);
-    const long long first = common_boundary(p, g, s0, s1, s2);
+    constexpr int V = 16 / sizeof(T);  // lanes of the vector path: 16 bytes of math type
+    const FoRounding rounding = shared_rounding;
+    const long long first = common_boundary<V>(p, master, g, s0, s1, s2);
     for (long long k = blockIdx.x; k < ntiles; k += gridDim.x) {
         const long long begin = tile_start[k], end = tile_start[k + 1];
         const T factor = factors == nullptr ? T(1) : factors[nfactors == 1 ? 0 : tile_segment[k]];
@@ -138,26 +156,37 @@ __device__ __forceinline__ void fused_step(
             body_end = head + (end - head) / V * V;
         }
         for (long long i = begin + threadIdx.x; i < head; i += blockDim.x)
-            update_scalar<Rule>(i, p, g, s0, s1, s2, factor, pro, st);
+            update_run<Rule, 1>(i, p, master, g, s0, s1, s2, factor, pro, st, rounding);
         for (long long i = head + V * threadIdx.x; i < body_end; i += V * blockDim.x)
-            update_vector<Rule>(i, p, g, s0, s1, s2, factor, pro, st);
+            update_run<Rule, V>(i, p, master, g, s0, s1, s2, factor, pro, st, rounding);
         for (long long i = body_end + threadIdx.x; i < end; i += blockDim.x)
-            update_scalar<Rule>(i, p, g, s0, s1, s2, factor, pro, st);
+            update_run<Rule, 1>(i, p, master, g, s0, s1, s2, factor, pro, st, rounding);
     }
 }
 
 #define FO_CAT2(a, b) a##b
 #define FO_CAT(a, b) FO_CAT2(a, b)
 
+#ifndef FUSEDOPT_P
+#define FUSEDOPT_P FUSEDOPT_T
+#endif
+#ifndef FUSEDOPT_G
+#define FUSEDOPT_G FUSEDOPT_T
+#endif
+#ifndef FUSEDOPT_S
+#define FUSEDOPT_S FUSEDOPT_T
+#endif
+
 #ifdef FUSEDOPT_RULE
-// The kernel. Pointers that a configuration does not use are null: absent slots, and
+// The kernel. Pointers that a configuration does not use are null: absent slots, the
+// master copy (always, unless the params are 16-bit and master_weights is set), and
 // `factors` without norm clipping.
 extern "C" __global__ void __launch_bounds__(FO_BLOCK) FO_CAT(fusedopt_, FUSEDOPT_RULE)(
-        FUSEDOPT_T* p, const FUSEDOPT_T* g, FUSEDOPT_T* s0, FUSEDOPT_T* s1, FUSEDOPT_T* s2,
-        const long long* tile_start, const int* tile_segment, const int* tile_group,
-        long long ntiles, const FUSEDOPT_T* factors, int nfactors, const double* groups,
-        int ngroups, const Hyper* hyper, StepState* state) {
-    fused_step<FUSEDOPT_RULE, FUSEDOPT_T>(p, g, s0, s1, s2, tile_start, tile_segment,
+        FUSEDOPT_P* p, const FUSEDOPT_G* g, FUSEDOPT_S* s0, FUSEDOPT_S* s1, FUSEDOPT_S* s2,
+        float* master, const long long* tile_start, const int* tile_segment,
+        const int* tile_group, long long ntiles, const FUSEDOPT_T* factors, int nfactors,
+        const double* groups, int ngroups, const Hyper* hyper, StepState* state) {
+    fused_step<FUSEDOPT_RULE, FUSEDOPT_T>(p, g, s0, s1, s2, master, tile_start, tile_segment,
                                           tile_group, ntiles, factors, nfactors, groups,
                                           ngroups, hyper, state);
 }

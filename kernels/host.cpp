@@ -13,10 +13,14 @@
 // runtime to ship or to find, no spinning threads competing with the caller's own
 // thread pools on a busy machine, and it builds with any C++17 compiler).
 //
-// Built once per rule and dtype: fusedopt/host.py prepends
-//   #define FUSEDOPT_RULE <rule>   #define FUSEDOPT_T <float|double>   #include "<rule>.cuh"
-// and loads the exported fusedopt_host_step with ctypes.
+// Built once per rule and storage combination: fusedopt/host.py prepends
+//   #define FUSEDOPT_RULE <rule>   #define FUSEDOPT_T <float|double> (the math type)
+//   #define FUSEDOPT_P / FUSEDOPT_G / FUSEDOPT_S (params, grads, state storage types)
+//   #include "<rule>.cuh"
+// and loads the exported fusedopt_host_step with ctypes. Loads and stores convert
+// between storage and math type exactly as fused.cu does (kernels/storage.cuh).
 #include "step.cuh"
+#include "storage.cuh"
 
 #include <string.h>
 #include <unistd.h>
@@ -144,8 +148,8 @@ class Barrier {
 // ------------------------------------------------------------------ per tile
 // Sum of (g * unscale)^2 over [begin, end) in double, as fusedopt_sumsq does; with
 // Check, `nonfinite` says whether a raw gradient is inf or NaN (skip_nonfinite).
-template <bool Check, typename T>
-static double tile_sum_of_squares(const T* __restrict__ g, long long begin, long long end,
+template <bool Check, typename G, typename T>
+static double tile_sum_of_squares(const G* __restrict__ g, long long begin, long long end,
                                   T unscale, int* nonfinite) {
     double lane[FO_LANES];
     T bad[FO_LANES];  // sums of g - g: 0 while every g is finite, else NaN
@@ -153,16 +157,18 @@ static double tile_sum_of_squares(const T* __restrict__ g, long long begin, long
     long long i = begin;
     for (; i + FO_LANES <= end; i += FO_LANES) {
         for (int j = 0; j < FO_LANES; ++j) {
-            const double x = (double)(g[i + j] * unscale);
+            const T gi = fo_load(g[i + j]);
+            const double x = (double)(gi * unscale);
             lane[j] += x * x;
-            if (Check) bad[j] += g[i + j] - g[i + j];
+            if (Check) bad[j] += gi - gi;
         }
     }
     double rest = 0.0;  // the last < FO_LANES elements, in order
     for (; i < end; ++i) {
-        const double x = (double)(g[i] * unscale);
+        const T gi = fo_load(g[i]);
+        const double x = (double)(gi * unscale);
         rest += x * x;
-        if (Check) bad[0] += g[i] - g[i];
+        if (Check) bad[0] += gi - gi;
     }
     for (int width = FO_LANES / 2; width > 0; width /= 2) {
         for (int j = 0; j < width; ++j) {
@@ -176,13 +182,46 @@ static double tile_sum_of_squares(const T* __restrict__ g, long long begin, long
 
 // The fused update of n contiguous elements: every element read once, written once.
 // `factor` is the norm-clip factor of every element, or, with Factors, of each one.
-template <typename Rule, bool Factors, typename T>
-static void update_run(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ s0,
-                       T* __restrict__ s1, T* __restrict__ s2, const T* __restrict__ factors,
-                       long long n, T factor, const Prologue<T> pro, const StepScalars<T> st) {
-    for (long long i = 0; i < n; ++i)
-        fused_element<Rule>(p[i], g[i], s0[i], s1[i], s2[i], Factors ? factors[i] : factor, pro,
+// Master: p is read from and written to the float32 master copy, and stored into the
+// params rounded; Stochastic: that store rounds stochastically (element `first` + i).
+template <typename Rule, bool Factors, bool Master, bool Stochastic, typename T, typename P,
+          typename G, typename S>
+static void update_run(P* __restrict__ p, float* __restrict__ master, const G* __restrict__ g,
+                       S* __restrict__ s0, S* __restrict__ s1, S* __restrict__ s2,
+                       const T* __restrict__ factors, long long n, T factor, const Prologue<T> pro,
+                       const StepScalars<T> st, const FoRounding rounding, long long first) {
+    for (long long i = 0; i < n; ++i) {
+        T pi = Master ? (T)master[i] : (T)fo_load(p[i]);
+        T a = fo_load(s0[i]), b = fo_load(s1[i]), c = fo_load(s2[i]);
+        fused_element<Rule>(pi, (T)fo_load(g[i]), a, b, c, Factors ? factors[i] : factor, pro,
                             st);
+        if (Master) master[i] = (float)pi;
+        if (Stochastic) fo_store_param(p[i], pi, rounding, (fo_u64)(first + i));
+        else fo_store(p[i], pi);
+        fo_store(s0[i], a), fo_store(s1[i], b), fo_store(s2[i], c);
+    }
+}
+
+// update_run for a run's options (loop invariants, so each loop stays branch-free).
+template <typename Rule, bool Factors, typename T, typename P, typename G, typename S>
+static void update_dispatch(P* p, float* master, const G* g, S* s0, S* s1, S* s2,
+                            const T* factors, long long n, T factor, const Prologue<T>& pro,
+                            const StepScalars<T>& st, const FoRounding& rounding,
+                            long long first) {
+    if constexpr (sizeof(P) == 2) {
+        if (master) {
+            update_run<Rule, Factors, true, false>(p, master, g, s0, s1, s2, factors, n, factor,
+                                                   pro, st, rounding, first);
+            return;
+        }
+        if (rounding.stochastic) {
+            update_run<Rule, Factors, false, true>(p, master, g, s0, s1, s2, factors, n, factor,
+                                                   pro, st, rounding, first);
+            return;
+        }
+    }
+    update_run<Rule, Factors, false, false>(p, master, g, s0, s1, s2, factors, n, factor, pro,
+                                            st, rounding, first);
 }
 
 // ------------------------------------------------------------------ the step
@@ -233,10 +272,10 @@ struct GroupValues {
 // cache for all but huge segments; the sums of segments shared with other threads were
 // taken before the step's barrier. Either way a segment's sum is the sum of its tiles'
 // sums in tile order, so the result does not depend on who computed what.
-template <typename T>
+template <typename T, typename G>
 struct SegmentFactors {
     const HostPlan* plan;
-    const T* g;
+    const G* g;
     T unscale;
     long long begin, end;            // this thread's elements
     long long segment = -1;          // the segment of the next element, once known
@@ -316,8 +355,8 @@ static void thread_elements(const HostPlan& plan, int t, int n, long long* begin
 // global norm or the finite check; for per-segment norms, only the tiles of segments
 // that straddle two threads' elements (SegmentFactors sums the others on the way).
 // Thread t takes the tiles starting among its elements.
-template <typename T>
-static void thread_sums(int t, int n, const T* g, const HostPlan& plan, T unscale,
+template <typename T, typename G>
+static void thread_sums(int t, int n, const G* g, const HostPlan& plan, T unscale,
                         std::atomic<int>* any_nonfinite) {
     long long begin, end;
     thread_elements(plan, t, n, &begin, &end);
@@ -344,16 +383,17 @@ static void thread_sums(int t, int n, const T* g, const HostPlan& plan, T unscal
 
 // Thread t's update of its tiles, in chunks of at most FO_CHUNK elements that never
 // cross from one run of a segment group to the next.
-template <typename Rule, typename T>
-static void thread_update(int t, int n, T* p, const T* g, T* const s[3], const HostPlan& plan,
-                          const GroupValues<T>& values) {
+template <typename Rule, typename T, typename P, typename G, typename S>
+static void thread_update(int t, int n, P* p, float* master, const G* g, S* const s[3],
+                          const HostPlan& plan, const GroupValues<T>& values,
+                          const FoRounding& rounding) {
     long long begin, end;
     thread_elements(plan, t, n, &begin, &end);
     if (begin >= end) return;
-    T scratch[3 * FO_CHUNK];
+    S scratch[3 * FO_CHUNK];
     T factors[FO_CHUNK];
     const T factor = plan.clip_mode == FO_CLIP_GLOBAL ? global_factor<T>(plan) : T(1);
-    SegmentFactors<T> segments = {&plan, g, values.pro[0].unscale, begin, end};
+    SegmentFactors<T, G> segments = {&plan, g, values.pro[0].unscale, begin, end};
     const bool per_segment = plan.clip_mode == FO_CLIP_SEGMENT;
     long long run = first_tile_at(plan.run_start, plan.nruns, begin + 1) - 1;  // holds begin
     for (long long a = begin, count; a < end; a += count) {
@@ -362,46 +402,48 @@ static void thread_update(int t, int n, T* p, const T* g, T* const s[3], const H
         count = stop - a < FO_CHUNK ? stop - a : FO_CHUNK;
         const Prologue<T>& pro = values.pro[plan.run_group[run]];
         const StepScalars<T>& st = values.st[plan.run_group[run]];
-        T* slot[3];
+        S* slot[3];
         for (int k = 0; k < 3; ++k) {
             if (s[k]) {
                 slot[k] = s[k] + a;
             } else {
                 slot[k] = scratch + k * FO_CHUNK;
-                memset(slot[k], 0, sizeof(T) * count);
+                memset(slot[k], 0, sizeof(S) * count);  // +0 in every storage type
             }
         }
+        float* m = master ? master + a : nullptr;
         if (per_segment) {
             segments.fill(a, count, factors);
-            update_run<Rule, true, T>(p + a, g + a, slot[0], slot[1], slot[2], factors, count,
-                                      factor, pro, st);
+            update_dispatch<Rule, true>(p + a, m, g + a, slot[0], slot[1], slot[2], factors,
+                                        count, factor, pro, st, rounding, a);
         } else {
-            update_run<Rule, false, T>(p + a, g + a, slot[0], slot[1], slot[2], nullptr, count,
-                                       factor, pro, st);
+            update_dispatch<Rule, false>(p + a, m, g + a, slot[0], slot[1], slot[2],
+                                         (const T*)nullptr, count, factor, pro, st, rounding, a);
         }
     }
 }
 
 // One thread's share of a step: its sums, wait for everyone's, then its update, unless
 // a gradient is not finite and skip_nonfinite is set.
-template <typename Rule, typename T>
-static void thread_step(int t, int n, T* p, const T* g, T* const slots[3], const HostPlan& plan,
-                        const GroupValues<T>& values, fo_pool::Barrier* barrier,
+template <typename Rule, typename T, typename P, typename G, typename S>
+static void thread_step(int t, int n, P* p, float* master, const G* g, S* const slots[3],
+                        const HostPlan& plan, const GroupValues<T>& values,
+                        const FoRounding& rounding, fo_pool::Barrier* barrier,
                         std::atomic<int>* any_nonfinite) {
     if (plan.clip_mode != FO_CLIP_NONE || plan.skip_nonfinite) {
         thread_sums<T>(t, n, g, plan, values.pro[0].unscale, any_nonfinite);
         if (barrier) barrier->wait();
         if (any_nonfinite->load()) return;
     }
-    thread_update<Rule, T>(t, n, p, g, slots, plan, values);
+    thread_update<Rule, T>(t, n, p, master, g, slots, plan, values, rounding);
 }
 
 // One optimizer step: its values from the hyperparameters and the counters (the
 // functions the GPU runs), the update, then the counters advanced (fo_advance), as the
 // GPU does on the device. Returns 1 if the step was applied, 0 if skip_nonfinite
 // skipped it (then no buffer was written).
-template <typename Rule, typename T>
-static int host_step(T* p, const T* g, T* s0, T* s1, T* s2, HostPlan* plan,
+template <typename Rule, typename T, typename P, typename G, typename S>
+static int host_step(P* p, const G* g, S* s0, S* s1, S* s2, float* master, HostPlan* plan,
                      const Hyper* block, StepState* state) {
     // torch.amp.GradScaler's inputs, read here as the GPU reads them (reduce.cu,
     // fusedopt_amp_inputs): the step's unscale, and a skip counted like skip_nonfinite's.
@@ -424,7 +466,11 @@ static int host_step(T* p, const T* g, T* s0, T* s1, T* s2, HostPlan* plan,
         groups.pro[k] = fo_prologue<T>(*h, plan->groups[2 * k + 1] != 0.0);
     }
     plan->clipnorm = h->clipnorm;
-    T* const slots[3] = {s0, s1, s2};
+    S* const slots[3] = {s0, s1, s2};
+    FoRounding rounding;
+    rounding.stochastic = h->stochastic_rounding != 0;
+    rounding.seed = h->seed;
+    rounding.step = (fo_u64)state->iterations;
     std::atomic<int> any_nonfinite(0);
     const long long size = plan->tile_start[plan->ntiles];
     long long n = plan->num_threads;
@@ -432,12 +478,13 @@ static int host_step(T* p, const T* g, T* s0, T* s1, T* s2, HostPlan* plan,
     if (size < FO_MIN_PARALLEL || n < 1) n = 1;
     plan->threads_used = (int)n;
     if (n == 1) {
-        thread_step<Rule, T>(0, 1, p, g, slots, *plan, groups, nullptr, &any_nonfinite);
+        thread_step<Rule, T>(0, 1, p, master, g, slots, *plan, groups, rounding, nullptr,
+                             &any_nonfinite);
     } else {
         fo_pool::Barrier barrier((int)n);
         fo_pool::pool().run((int)n, [&](int t, int threads) {
-            thread_step<Rule, T>(t, threads, p, g, slots, *plan, groups, &barrier,
-                                 &any_nonfinite);
+            thread_step<Rule, T>(t, threads, p, master, g, slots, *plan, groups, rounding,
+                                 &barrier, &any_nonfinite);
         });
     }
     const bool skipped = any_nonfinite.load() != 0;
@@ -474,10 +521,21 @@ extern "C" void fusedopt_host_scale(float* x, long long n, float s, int num_thre
     });
 }
 
+#ifndef FUSEDOPT_P
+#define FUSEDOPT_P FUSEDOPT_T
+#endif
+#ifndef FUSEDOPT_G
+#define FUSEDOPT_G FUSEDOPT_T
+#endif
+#ifndef FUSEDOPT_S
+#define FUSEDOPT_S FUSEDOPT_T
+#endif
+
 #ifdef FUSEDOPT_RULE
-extern "C" int fusedopt_host_step(FUSEDOPT_T* p, const FUSEDOPT_T* g, FUSEDOPT_T* s0,
-                                  FUSEDOPT_T* s1, FUSEDOPT_T* s2, HostPlan* plan,
-                                  const Hyper* hyper, StepState* state) {
-    return host_step<FUSEDOPT_RULE, FUSEDOPT_T>(p, g, s0, s1, s2, plan, hyper, state);
+// `master`: the float32 master copy of 16-bit params, or null.
+extern "C" int fusedopt_host_step(FUSEDOPT_P* p, const FUSEDOPT_G* g, FUSEDOPT_S* s0,
+                                  FUSEDOPT_S* s1, FUSEDOPT_S* s2, float* master,
+                                  HostPlan* plan, const Hyper* hyper, StepState* state) {
+    return host_step<FUSEDOPT_RULE, FUSEDOPT_T>(p, g, s0, s1, s2, master, plan, hyper, state);
 }
 #endif

@@ -12,9 +12,11 @@
 //                         by value, so they are stream-ordered and need no staging.
 // Deterministic by construction: the tiles are fixed by the layout, each thread sums a
 // fixed set of elements in a fixed order and blocks combine them in a fixed tree; there
-// are no floating-point atomics. Built once per dtype with FUSEDOPT_T defined.
+// are no floating-point atomics. Built once per gradient dtype with FUSEDOPT_G (the
+// grads' storage type) and FUSEDOPT_T (its math type) defined.
 #pragma once
 #include "step.cuh"
+#include "storage.cuh"
 
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)
 
@@ -32,20 +34,21 @@ __device__ __forceinline__ void block_reduce(double* sums, int* flags, double va
     }
 }
 
-// The elements of one 16-byte chunk, loaded as one vector when `vector` (g is 16-byte
-// aligned) and one by one otherwise: the same values either way.
-template <typename T>
+// The elements of one chunk of V = 16 / sizeof(math type) elements, loaded as one
+// vector when `vector` (g is aligned to the chunk) and one by one otherwise: the same
+// values either way, in the math type.
+template <typename G>
 struct Chunk {
-    typedef typename Vec16<T>::type V16;
-    static constexpr int V = sizeof(V16) / sizeof(T);
-    union { V16 v; T x[V]; };
+    typedef typename fo_math<G>::type T;
+    static constexpr int V = 16 / sizeof(T);
+    T x[V];
 
-    __device__ __forceinline__ void load(const T* g, long long c, bool vector) {
+    __device__ __forceinline__ void load(const G* g, long long c, bool vector) {
         if (vector) {
-            v = fo_load(reinterpret_cast<const V16*>(g) + c);
+            fo_load_run<V>(g + c * V, x);
         } else {
 #pragma unroll
-            for (int k = 0; k < V; ++k) x[k] = fo_load(g + c * V + k);
+            for (int k = 0; k < V; ++k) fo_load_run<1>(g + c * V + k, x + k);
         }
     }
 };
@@ -58,25 +61,29 @@ __device__ __forceinline__ double square(T x, T unscale, int& nonfinite) {
 }
 
 // This thread's share of the sum of squares of tile [begin, end). The chunks are the
-// buffer's 16-byte groups of elements (chunk c = elements [cV, cV + V)): thread t takes
+// buffer's groups of V elements (chunk c = elements [cV, cV + V)): thread t takes
 // chunks C0 + t, C0 + t + B, ..., UNROLL of them per round into UNROLL accumulators,
 // plus element begin + t of the head before the first whole chunk and element
 // C1*V + t of the tail after the last. Which element goes into which sum in which
 // order depends only on the layout, never on the buffer's address: the same bits on
 // the vector and the scalar path.
-template <typename T>
-__device__ __forceinline__ double tile_sumsq(const T* __restrict__ g, long long begin,
+template <typename G, typename T>
+__device__ __forceinline__ double tile_sumsq(const G* __restrict__ g, long long begin,
                                              long long end, T unscale, bool vector,
                                              int& nonfinite) {
-    constexpr int V = Chunk<T>::V, UNROLL = 4;
+    constexpr int V = Chunk<G>::V, UNROLL = 4;
     const long long t = threadIdx.x, B = blockDim.x;
     const long long c0 = (begin + V - 1) / V, c1 = end / V;
     const long long head_end = c0 * V < end ? c0 * V : end;
     const long long tail_begin = c1 * V > head_end ? c1 * V : head_end;
     double head = 0.0, tail = 0.0, acc[UNROLL] = {};
-    if (begin + t < head_end) head = square(fo_load(g + begin + t), unscale, nonfinite);
+    T x;
+    if (begin + t < head_end) {
+        fo_load_run<1>(g + begin + t, &x);
+        head = square(x, unscale, nonfinite);
+    }
     for (long long c = c0 + t; c < c1; c += UNROLL * B) {
-        Chunk<T> chunks[UNROLL];
+        Chunk<G> chunks[UNROLL];
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u)  // all loads first: UNROLL in flight per thread
             if (c + u * B < c1) chunks[u].load(g, c + u * B, vector);
@@ -89,21 +96,28 @@ __device__ __forceinline__ double tile_sumsq(const T* __restrict__ g, long long 
             acc[u] += s;
         }
     }
-    if (tail_begin + t < end) tail = square(fo_load(g + tail_begin + t), unscale, nonfinite);
+    if (tail_begin + t < end) {
+        fo_load_run<1>(g + tail_begin + t, &x);
+        tail = square(x, unscale, nonfinite);
+    }
     double total = head;
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) total += acc[u];
     return total + tail;
 }
 
+#ifndef FUSEDOPT_G
+#define FUSEDOPT_G FUSEDOPT_T
+#endif
+
 extern "C" __global__ void __launch_bounds__(FO_BLOCK) fusedopt_sumsq(
-        const FUSEDOPT_T* __restrict__ g, const long long* __restrict__ tile_start,
+        const FUSEDOPT_G* __restrict__ g, const long long* __restrict__ tile_start,
         long long ntiles, const Hyper* __restrict__ hyper, double* __restrict__ partial,
         int* __restrict__ tile_nonfinite) {
     __shared__ double sums[FO_BLOCK];
     __shared__ int flags[FO_BLOCK];
     const FUSEDOPT_T unscale = (FUSEDOPT_T)hyper->unscale;
-    const bool vector = (unsigned long long)g % 16 == 0;
+    const bool vector = (unsigned long long)g % (16 / sizeof(FUSEDOPT_T) * sizeof(FUSEDOPT_G)) == 0;
     for (long long k = blockIdx.x; k < ntiles; k += gridDim.x) {
         int nonfinite = 0;
         const double acc = tile_sumsq(g, tile_start[k], tile_start[k + 1], unscale, vector,

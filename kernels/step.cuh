@@ -55,6 +55,8 @@ struct Hyper {
     double clipnorm;      // clipnorm or global_clipnorm: which one is the executor's layout
     double rule[FO_MAX_HYPER];  // the rule's hyperparameters: its class's _hyperparameters
     LearningRate lr;
+    long long stochastic_rounding;  // 1: bfloat16 params are stored stochastically
+    unsigned long long seed;        // of the stochastic rounding (kernels/storage.cuh)
 };
 
 struct StepState {

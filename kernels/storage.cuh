@@ -167,3 +167,87 @@ FO_HD void fo_store_stochastic(fo_bf16& dst, float x, fo_u64 seed, fo_u64 step,
                                fo_u64 index) {
     dst.bits = fo_float_to_bf16_sr(x, fo_dither(seed, step, index));
 }
+
+// ------------------------------------------------- runs of elements (the kernels')
+// A param store's rounding: to nearest, or stochastic for bfloat16 params without a
+// master copy (Hyper.stochastic_rounding), from the run's seed and the step's count.
+struct FoRounding {
+    int stochastic;
+    fo_u64 seed;
+    fo_u64 step;  // StepState.iterations before the step (0 on the first)
+};
+
+template <typename S>
+FO_HD void fo_store_param(S& dst, typename fo_math<S>::type x, const FoRounding&, fo_u64) {
+    fo_store(dst, x);
+}
+FO_HD void fo_store_param(fo_bf16& dst, float x, const FoRounding& r, fo_u64 index) {
+    if (r.stochastic) fo_store_stochastic(dst, x, r.seed, r.step, index);
+    else fo_store(dst, x);
+}
+
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+// The raw type of one access to N consecutive elements of storage type S: what
+// the GPU loads or stores in one instruction (the vector path of fused.cu and
+// reduce.cu, N = 16 / sizeof(math type), so float math moves 16-byte vectors of
+// float32 buffers and 8-byte ones of 16-bit buffers).
+template <typename S, int N> struct fo_raw;
+template <typename S> struct fo_raw<S, 1> { typedef S type; };
+template <> struct fo_raw<float, 4> { typedef float4 type; };
+template <> struct fo_raw<double, 2> { typedef double2 type; };
+template <> struct fo_raw<fo_bf16, 4> { typedef uint2 type; };
+template <> struct fo_raw<fo_f16, 4> { typedef uint2 type; };
+
+// N elements of S as one access; x[] is what the math type's lanes convert from.
+template <typename S, int N>
+union fo_lanes {
+    typename fo_raw<S, N>::type raw;
+    S x[N];
+};
+
+// out[k] = element k of src (N consecutive elements, one access), in the math type.
+template <int N, typename S, typename T>
+FO_HD void fo_load_run(const S* src, T* out) {
+    fo_lanes<S, N> v;
+    v.raw = fo_load(reinterpret_cast<const typename fo_raw<S, N>::type*>(src));
+#pragma unroll
+    for (int k = 0; k < N; ++k) out[k] = fo_load(v.x[k]);
+}
+
+template <int N, typename S, typename T>
+FO_HD void fo_store_run(S* dst, const T* in) {
+    fo_lanes<S, N> v;
+#pragma unroll
+    for (int k = 0; k < N; ++k) fo_store(v.x[k], in[k]);
+    fo_store(reinterpret_cast<typename fo_raw<S, N>::type*>(dst), v.raw);
+}
+
+// The params' store: element `index` (its flat position) is dst[0].
+template <int N, typename S, typename T>
+FO_HD void fo_store_param_run(S* dst, const T* in, const FoRounding& r, fo_u64 index) {
+    fo_lanes<S, N> v;
+#pragma unroll
+    for (int k = 0; k < N; ++k) fo_store_param(v.x[k], in[k], r, index + k);
+    fo_store(reinterpret_cast<typename fo_raw<S, N>::type*>(dst), v.raw);
+}
+
+// bfloat16 params: stochastic rounding hashes once per aligned group of four elements
+// (fo_random_word), the same bits as fo_store_stochastic element by element.
+template <int N>
+FO_HD void fo_store_param_run(fo_bf16* dst, const float* in, const FoRounding& r,
+                              fo_u64 index) {
+    fo_lanes<fo_bf16, N> v;
+    fo_u64 word = 0;
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+        const fo_u64 i = index + (fo_u64)k;
+        if (!r.stochastic) {
+            fo_store(v.x[k], in[k]);
+            continue;
+        }
+        if (k == 0 || (i & 3u) == 0) word = fo_random_word(r.seed, r.step, i >> 2);
+        v.x[k].bits = fo_float_to_bf16_sr(in[k], fo_dither_of(word, i));
+    }
+    fo_store(reinterpret_cast<typename fo_raw<fo_bf16, N>::type*>(dst), v.raw);
+}
+#endif  // __CUDACC__: the runs are the GPU kernels' (host.cpp loops element by element)

@@ -14,6 +14,13 @@ from hypothesis import settings
 
 sys.path.insert(0, str(Path(__file__).parent / "host"))  # the emulator's Python side
 
+# Keras' parity tests run on its JAX backend in float64. JAX reads JAX_ENABLE_X64 once,
+# when it is first imported, so set both before any test can import it: otherwise a
+# subset of test files that imports JAX first (e.g. a checkpoint read by JAX) leaves
+# Keras computing float64 variables in float32.
+os.environ.setdefault("KERAS_BACKEND", "jax")
+os.environ.setdefault("JAX_ENABLE_X64", "1")
+
 # CI explores the same examples on every run, so a red run is reproducible; developer
 # runs draw fresh ones (and keep failures in .hypothesis/).
 settings.register_profile("ci", derandomize=True, database=None)
@@ -140,6 +147,33 @@ def _runs_on_kernels(case):
 # (tests/test_keras_family_classes.py).
 KERNEL_CASES = [c for c in CASES if _runs_on_kernels(c)]
 KERNEL_RULE_CASES = [c for c in RULE_CASES if _runs_on_kernels(c)]
+
+# Mixed precision (fusedopt.precision): (id, param dtype, grad dtype, optimizer options).
+# Master weights and stochastic rounding are run-time switches of the (param, grad,
+# state) kernels, so four kernel builds cover these six cases, and between them every
+# storage type in every position: bfloat16, float16 and float32 params; bfloat16,
+# float32 and float16 grads; float32 and bfloat16 state.
+PRECISIONS = [
+    ("bf16", "bfloat16", "bfloat16", {}),
+    ("bf16-master", "bfloat16", "bfloat16", {"master_weights": True}),
+    ("bf16-stochastic", "bfloat16", "bfloat16", {"stochastic_rounding": True, "seed": 5}),
+    ("bf16-all", "bfloat16", "bfloat16", {"state_dtype": "bfloat16"}),
+    ("f16-master-f32grads-bf16state", "float16", "float32",
+     {"master_weights": True, "state_dtype": "bfloat16"}),
+    ("f32-f16grads-bf16state", "float32", "float16", {"state_dtype": "bfloat16"}),
+]
+# Every precision runs these rules (the cross product: the emulated GPU path for all,
+# the host build for Adam); every kernel rule runs the first precision ("bf16":
+# bfloat16 params and grads, float32 state) on both.
+PRECISION_RULES = ["adam", "sgd-momentum", "lion", "schedulefreeadamw"]
+
+
+def dtype_of(name):
+    """The NumPy dtype of a storage dtype name (bfloat16: ml_dtypes')."""
+    from fusedopt import precision
+
+    return precision.numpy_dtype(name)
+
 
 # Layouts used across tests: segment shapes, including (), (0,), (1,) and odd sizes.
 LAYOUTS = {

@@ -615,16 +615,18 @@ def test_read_only_params_refused_before_any_change(cls_name, built):
 # -------------------------------------------------------------- buffer dtypes
 @pytest.mark.parametrize("arrays", [
     [np.zeros(3, np.float32), np.zeros(2, np.float64)],
-    [np.zeros(3, np.int64)], [np.zeros(3, np.int32)], [np.zeros(3, np.float16)],
+    [np.zeros(3, np.int64)], [np.zeros(3, np.int32)], [np.zeros(3, np.float16),
+                                                       np.zeros(3, np.float32)],
     [np.zeros(3, np.complex128)], [np.zeros(3, bool)], [np.zeros(3, np.longdouble)]
     if np.dtype(np.longdouble) != np.float64 else [np.zeros(3, np.uint8)],
-], ids=["mixed-f32-f64", "int64", "int32", "float16", "complex", "bool", "longdouble-or-uint8"])
+], ids=["mixed-f32-f64", "int64", "int32", "mixed-f16-f32", "complex", "bool",
+        "longdouble-or-uint8"])
 def test_from_arrays_refuses_bad_dtypes(arrays):
-    with pytest.raises(ValueError, match="dtype|float32 or float64"):
+    with pytest.raises(ValueError, match="dtype|bfloat16 or float16"):
         FlatBuffer.from_arrays(arrays)
 
 
-@pytest.mark.parametrize("dtype", [np.int64, np.float16, np.complex64, "int8", bool])
+@pytest.mark.parametrize("dtype", [np.int64, np.int16, np.complex64, "int8", bool])
 def test_from_arrays_refuses_non_float_target_dtype(dtype):
     with pytest.raises(ValueError, match="dtype"):
         FlatBuffer.from_arrays([np.zeros(3)], dtype=dtype)
@@ -635,12 +637,12 @@ def test_from_arrays_refuses_complex_input_even_with_float_target():
         FlatBuffer.from_arrays([np.zeros(3, np.complex128)], dtype=np.float64)
 
 
-@pytest.mark.parametrize("dtype", [np.int64, np.float16, np.complex128, bool])
+@pytest.mark.parametrize("dtype", [np.int64, np.int16, np.complex128, bool])
 def test_flatbuffer_and_raw_params_refuse_non_float(dtype):
-    with pytest.raises(ValueError, match="float32 or float64"):
+    with pytest.raises(ValueError, match="bfloat16 or float16"):
         FlatBuffer(np.zeros(4, dtype), [(4,)])
     opt = fusedopt.SGD()
-    with pytest.raises(ValueError, match="float32 or float64"):
+    with pytest.raises(ValueError, match="bfloat16 or float16"):
         opt.apply(np.zeros(4, dtype), np.zeros(4, dtype))
     assert not opt.built and opt.iterations == 0
 
@@ -829,12 +831,14 @@ def test_nan_beta_message_states_the_range():
 
 
 @pytest.mark.parametrize("grads, params, name", [
-    (np.ones(4, "float16"), np.ones(4, "float16"), "params"),
+    (np.ones(4, "int16"), np.ones(4, "int16"), "params"),
     (np.ones(4, "int64"), np.ones(4, "int64"), "params"),
     (np.ones(4), np.ones(8)[::2], "params"),
-    (np.ones(4, "float16"), np.ones(4, "float32"), "grads"),
+    (np.ones(4, "float16"), np.ones(4, "float64"), "grads"),
+    (np.ones(4, "float64"), np.ones(4, "float32"), "grads"),
     (np.ones(8)[::2], np.ones(4), "grads"),
-], ids=["float16", "int64", "strided-params", "float16-grads", "strided-grads"])
+], ids=["int16", "int64", "strided-params", "float16-grads-float64-params",
+        "float64-grads-float32-params", "strided-grads"])
 def test_raw_array_errors_name_params_and_grads(grads, params, name):
     """Raw arrays are wrapped in a FlatBuffer internally; its argument `data` must not
     leak into the message."""

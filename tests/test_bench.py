@@ -26,6 +26,40 @@ def test_bytes_per_element_follow_the_performance_model(monkeypatch, name, kwarg
     assert bench.step_bytes(name, 4, clip=clip) == expected
 
 
+@pytest.mark.parametrize("name,label,clip,expected", [
+    ("adam", "float32", False, 28), ("adam", "bf16+master", False, 28),
+    ("adam", "bf16", False, 22), ("adam", "bf16+stochastic", False, 22),
+    ("adam", "bf16-state", False, 14), ("adam", "f32-bf16grads", False, 26),
+    ("adam", "f32-bf16state", False, 20), ("adam", "bf16+master", True, 30),
+    ("sgd", "bf16+master", False, 20), ("sgd", "bf16-state", False, 10),
+])
+def test_bytes_per_element_of_mixed_precision(name, label, clip, expected):
+    """The issue's model: Adam with bfloat16 params and grads, a float32 master and
+    float32 state moves 2 (params written) + 8 (master read and written) + 2 (grads)
+    + 16 (two float32 slots read and written) = 28 bytes; all bfloat16, 14."""
+    assert bench.precision_step_bytes(name, label, clip=clip) == expected
+
+
+def test_mixed_precision_rows_are_measured_with_their_bytes(tmp_path, capsys):
+    code = cli.main(["bench", "--device", "cpu", "--sizes", "12", "--optimizers", "adam",
+                     "--repeats", "1", "--warmup", "1", "--rounds", "1", "--quiet",
+                     "--out", str(tmp_path)])
+    assert code == 0
+    record = json.loads(next(tmp_path.glob("*.json")).read_text())
+    mine = {r["dtype"]: r for r in record["rows"]
+            if r["impl"] == "fusedopt" and r["layout"] == "flat" and r["clip"] is None}
+    assert set(mine) == {"float32", *bench.PRECISIONS}
+    for label, r in mine.items():
+        assert r["bytes"] == bench.precision_step_bytes("adam", label) * 4096
+        assert r["median_ms"] > 0
+    torch_bf16 = [r for r in record["rows"] if r["impl"].startswith("torch")
+                  and r["dtype"] == "bf16-state"]
+    assert {r["impl"] for r in torch_bf16} == {"torch-fused", "torch-foreach"}
+    assert all(r["median_ms"] or "missing" in r.get("note", "") for r in torch_bf16)
+    out = capsys.readouterr().out
+    assert "| adam | fusedopt [bf16+master] | flat |" in out
+
+
 def test_sizes_and_optimizer_arguments():
     assert bench.parse_sizes("16-22", "cpu") == [2**16, 2**18, 2**20, 2**22]
     assert bench.parse_sizes("20,24", "gpu") == [2**20, 2**24]

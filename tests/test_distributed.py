@@ -458,6 +458,18 @@ def test_segment_cuts_are_the_nearest_boundaries():
             assert cuts[0] == 0 and cuts[-1] == len(offsets) - 1
             for a, b in zip(cuts, cuts[1:]):  # every rank owns elements
                 assert offsets[b] > offsets[a]
+@pytest.mark.parametrize("kwargs, words", [
+    ({"master_weights": True}, "`master_weights` .mixed precision"),
+    ({"state_dtype": "bfloat16"}, "`state_dtype` .mixed precision"),
+    ({"stochastic_rounding": True}, "`stochastic_rounding` .mixed precision"),
+    ({}, "bfloat16 buffers .mixed precision"),
+], ids=["master", "state-dtype", "stochastic", "bf16-params"])
+def test_mixed_precision_is_refused_before_any_collective(kwargs, words):
+    params = make_params({"cls": "Adam"})
+    if not kwargs:
+        params = fusedopt.FlatBuffer.from_arrays(params.views(), dtype="bfloat16")
+    with pytest.raises(ValueError, match=words):
+        distributed.ShardedOptimizer(fusedopt.Adam(**kwargs), params)
 
 
 def test_shards_are_contiguous_and_uneven_by_at_most_one():

@@ -444,7 +444,7 @@ def test_the_emulator_refuses_what_cuda_refuses(libraries):
     update = backend.function("sgd", np.float32, "fusedopt_sgd")
     p = np.zeros(64, np.uint8)[2:34].view(np.float32)  # 2 bytes off: no GPU can load that
     with pytest.raises(LaunchError, match="misaligned"):
-        update((1,), (256,), (p, p.copy(), None, None, None, np.array([0, 8]),
+        update((1,), (256,), (p, p.copy(), None, None, None, None, np.array([0, 8]),
                               np.zeros(1, np.int32), np.zeros(1, np.int32), np.int64(1), None,
                               np.int32(1), np.array([1.0, 1.0]), np.int32(1),
                               np.zeros(_kernels.HYPER.itemsize, np.uint8), state))

@@ -227,11 +227,11 @@ def test_constructor_aliases_data():
     (np.zeros(6), 6, TypeError, "shapes"),
     (np.zeros(6), [None], TypeError, "shapes"),
     ([0.0] * 6, [(6,)], TypeError, "data"),
-    (np.zeros(6, np.float16), [(6,)], ValueError, "float32 or float64"),
-    (np.zeros(6, np.int64), [(6,)], ValueError, "float32 or float64"),
-    (np.zeros(6, np.complex128), [(6,)], ValueError, "float32 or float64"),
+    (np.zeros(6, np.int8), [(6,)], ValueError, "bfloat16 or float16"),
+    (np.zeros(6, np.int64), [(6,)], ValueError, "bfloat16 or float16"),
+    (np.zeros(6, np.complex128), [(6,)], ValueError, "bfloat16 or float16"),
 ], ids=["2d", "0d", "strided", "too-few", "too-many", "sum-mismatch", "negative-dims",
-        "float-dim", "bool-dim", "shapes-int", "shape-None", "list-data", "float16", "int64",
+        "float-dim", "bool-dim", "shapes-int", "shape-None", "list-data", "int8", "int64",
         "complex"])
 def test_constructor_validation(data, shapes, err, match):
     with pytest.raises(err, match=match):

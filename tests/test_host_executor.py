@@ -410,12 +410,17 @@ def test_a_failed_build_names_the_error_and_leaves_no_file(host_ok, monkeypatch,
 
 
 def test_host_source_compiles_without_warnings(host_ok, tmp_path):
-    """kernels/host.cpp with every rule and both dtypes under -Wall -Wextra -Werror."""
+    """kernels/host.cpp with every rule, both math types and a bfloat16 combination
+    (every storage combination for Adam) under -Wall -Wextra -Werror."""
     rules = _kernels.rule_names()
     source = "".join(f'#include "{r}.cuh"\n' for r in rules) + '#include "host.cpp"\n'
+    combinations = [("double",) * 4, ("float",) * 4, ("float", "fo_bf16", "fo_bf16", "float")]
+    everything = [("float",) + tuple(_kernels.STORAGE_CTYPES[d] for d in key)
+                  for key in _kernels.COMBINATIONS if key[0] != "float64"]
     for rule in rules:
-        for t in ("float", "double"):
-            source += f"auto step_{rule}_{t} = &host_step<{rule}, {t}>;\n"  # instantiates
+        for k, types in enumerate(everything if rule == "adam" else combinations):
+            # instantiates host_step<Rule, math, param, grad, state>
+            source += f"auto step_{rule}_{k} = &host_step<{rule}, {', '.join(types)}>;\n"
     path, _, _ = host.find_compiler()
     result = subprocess.run(
         [path, "-std=c++17", "-O2", "-Wall", "-Wextra", "-Werror", "-pthread", "-c", "-x", "c++",

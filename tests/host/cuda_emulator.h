@@ -30,6 +30,7 @@ struct dim3 {
 inline dim3 threadIdx, blockIdx, blockDim, gridDim;
 struct alignas(16) float4 { float x, y, z, w; };
 struct alignas(16) double2 { double x, y; };
+struct alignas(8) uint2 { unsigned x, y; };
 
 namespace emu {
 // accesses[is_store][log2(bytes)]; misaligned: accesses not aligned to their width.

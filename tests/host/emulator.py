@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fusedopt import _kernels, host
+from fusedopt import _kernels, host, precision
 
 HERE = Path(__file__).parent
 MAX_GRID = 2**31 - 1
@@ -31,28 +31,50 @@ class LaunchError(RuntimeError):
     """What CUDA would refuse (cudaErrorInvalidValue, a misaligned address...)."""
 
 
+FLAGS = ["-std=c++20", "-O1", "-pthread", "-ffp-contract=off", "-shared", "-fPIC",
+         "-Wall", "-Werror", "-Wno-unused-parameter", "-Wno-unused-variable",
+         "-Wno-maybe-uninitialized", "-Wno-unknown-pragmas"]
+
+
+def build_one(key):
+    """The emulator library of every rule for one storage key (param, grad, state
+    dtype names, fusedopt._kernels.storage_key), built with the host executor's build
+    machinery (compiler discovery, on-disk cache)."""
+    rules = _kernels.rule_names()
+    source = '#include "cuda_emulator.h"\n' + _kernels.storage_prelude(key)
+    source += "".join(f'#include "{r}.cuh"\n' for r in rules)
+    source += '#include "fused.cu"\n#include "reduce.cu"\n#include "emulator_entries.h"\n'
+    source += "".join(f"EMU_RULE({r})\n" for r in rules)
+    name = "emulator_" + _kernels.key_label(key).replace(":", "_")
+    path = host.compile_library(source, name, flags=FLAGS,
+                                include_dirs=[_kernels.kernel_dir(), HERE])
+    library = ctypes.CDLL(str(path))
+    library.emu_take_error.restype = ctypes.c_char_p
+    return library
+
+
+class Libraries(dict):
+    """{storage key: CDLL}, each built at its first use (keys: (param, grad, state)
+    tuples; a dtype name stands for all three)."""
+
+    def __missing__(self, key):
+        if isinstance(key, str):
+            key = (key,) * 3
+        key = _kernels.storage_key(*key)
+        if key not in self.keys():
+            dict.__setitem__(self, key, build_one(key))
+        return dict.__getitem__(self, key)
+
+
 def build():
-    """Compile one emulator library per dtype with the host executor's build machinery
-    (compiler discovery, on-disk cache); return {dtype name: CDLL}, or None when there
-    is no C++ compiler."""
-    flags = ["-std=c++20", "-O1", "-pthread", "-ffp-contract=off", "-shared", "-fPIC",
-             "-Wall", "-Werror", "-Wno-unused-parameter", "-Wno-unused-variable",
-             "-Wno-maybe-uninitialized", "-Wno-unknown-pragmas"]
-    libraries = {}
-    for dtype, ctype in _kernels.CTYPES.items():
-        rules = _kernels.rule_names()
-        source = '#include "cuda_emulator.h"\n' + f"#define FUSEDOPT_T {ctype}\n"
-        source += "".join(f'#include "{r}.cuh"\n' for r in rules)
-        source += '#include "fused.cu"\n#include "reduce.cu"\n#include "emulator_entries.h"\n'
-        source += "".join(f"EMU_RULE({r})\n" for r in rules)
-        try:
-            path = host.compile_library(source, f"emulator_{dtype.name}", flags=flags,
-                                        include_dirs=[_kernels.kernel_dir(), HERE])
-        except host.CompilerNotFound:
-            return None
-        library = ctypes.CDLL(str(path))
-        library.emu_take_error.restype = ctypes.c_char_p
-        libraries[dtype.name] = library
+    """The emulator libraries, {storage key: CDLL} built on demand (float32 and float64
+    at once); None when there is no C++ compiler."""
+    libraries = Libraries()
+    try:
+        for dtype in ("float32", "float64"):
+            libraries[dtype]
+    except host.CompilerNotFound:
+        return None
     return libraries
 
 
@@ -75,12 +97,15 @@ def signatures(source, rule=None):
     return out
 
 
-def _expected(ptype, dtype):
-    """(numpy dtype or struct dtype, is_pointer) a parameter type asks for."""
+def _expected(ptype, key):
+    """(numpy dtype or struct dtype, is_pointer) a parameter type asks for, in a module
+    of storage `key` (param, grad, state)."""
     pointer = ptype.endswith("*")
     base = ptype.rstrip("*").strip()
-    if base == "FUSEDOPT_T":
-        return np.dtype(dtype), pointer
+    storage = {"FUSEDOPT_P": key[0], "FUSEDOPT_G": key[1], "FUSEDOPT_S": key[2],
+               "FUSEDOPT_T": "float64" if key[0] == "float64" else "float32"}
+    if base in storage:
+        return precision.numpy_dtype(storage[base]), pointer
     if base in SCALARS:
         return np.dtype(SCALARS[base]), pointer
     if base in STRUCTS:
@@ -88,14 +113,14 @@ def _expected(ptype, dtype):
     raise LaunchError(f"the emulator does not know the parameter type {ptype!r}")
 
 
-def check_arguments(name, types, args, dtype):
+def check_arguments(name, types, args, key):
     """Every argument has the parameter's type and size, as CUDA reads them from the
     argument buffer: a wrong size there shifts every later argument."""
     if len(args) != len(types):
         raise LaunchError(f"{name} takes {len(types)} arguments, got {len(args)}")
     total = 0
     for i, (ptype, arg) in enumerate(zip(types, args)):
-        want, pointer = _expected(ptype, dtype)
+        want, pointer = _expected(ptype, key)
         where = f"{name} argument {i} ({ptype})"
         if pointer:
             total += 8
@@ -135,8 +160,8 @@ def _c_argument(a):
 
 
 class EmulatedKernel:
-    def __init__(self, backend, library, dtype, name, signature):
-        self.backend, self.library, self.dtype, self.name = backend, library, dtype, name
+    def __init__(self, backend, library, key, name, signature):
+        self.backend, self.library, self.key, self.name = backend, library, key, name
         self.max_threads, self.types = signature
         self.fn = getattr(library, "emu_" + name)
         self.fn.restype = None
@@ -151,7 +176,7 @@ class EmulatedKernel:
         if not 1 <= b <= min(MAX_BLOCK, self.max_threads):
             raise LaunchError(f"{self.name}: block of {b} threads (this kernel: 1 to "
                               f"{min(MAX_BLOCK, self.max_threads)})")
-        check_arguments(self.name, self.types, args, self.dtype)
+        check_arguments(self.name, self.types, args, self.key)
         self.fn(ctypes.c_uint(g), ctypes.c_uint(b), *map(_c_argument, args))
         error = self.library.emu_take_error()
         if error:
@@ -179,14 +204,19 @@ class EmulatorBackend:
         self._signatures = {}
 
     # ----------------------------------------------------------------- kernels
-    def function(self, rule, dtype, name):
-        dtype = np.dtype(dtype)
-        key = (rule, dtype.name)
+    def function(self, rule, storage, name):
+        """As CupyBackend.function: `storage` is the (param, grad, state) key. The
+        reductions of a grad dtype are in every library built for it."""
+        storage = _kernels.as_storage(storage)
+        if rule is None:  # the reductions read only the grads: any library of that grad
+            storage = next((k for k in self.libraries.keys() if k[1] == storage[1]),
+                           (storage[1],) * 3)
+        key = (rule, storage)
         if key not in self._signatures:
-            source = (_kernels.reduce_source(dtype) if rule is None
-                      else _kernels.rule_source(rule, dtype))
+            source = (_kernels.reduce_source(storage[1]) if rule is None
+                      else _kernels.rule_source(rule, *storage))
             self._signatures[key] = signatures(source, rule)
-        return EmulatedKernel(self, self.libraries[dtype.name], dtype, name,
+        return EmulatedKernel(self, self.libraries[storage], storage, name,
                               self._signatures[key][name])
 
     def load(self, kernel):

@@ -5,18 +5,19 @@
 
 #define EMU_RULE(rule)                                                                       \
     extern "C" void emu_fusedopt_##rule(                                                      \
-        unsigned grid, unsigned block, FUSEDOPT_T* p, const FUSEDOPT_T* g, FUSEDOPT_T* s0,    \
-        FUSEDOPT_T* s1, FUSEDOPT_T* s2, const long long* tile_start, const int* tile_segment, \
-        const int* tile_group, long long ntiles, const FUSEDOPT_T* factors, int nfactors,     \
-        const double* groups, int ngroups, const Hyper* hyper, StepState* state) {            \
+        unsigned grid, unsigned block, FUSEDOPT_P* p, const FUSEDOPT_G* g, FUSEDOPT_S* s0,    \
+        FUSEDOPT_S* s1, FUSEDOPT_S* s2, float* master, const long long* tile_start,           \
+        const int* tile_segment, const int* tile_group, long long ntiles,                     \
+        const FUSEDOPT_T* factors, int nfactors, const double* groups, int ngroups,           \
+        const Hyper* hyper, StepState* state) {                                               \
         emu::launch(grid, block, [&] {                                                        \
-            fused_step<rule, FUSEDOPT_T>(p, g, s0, s1, s2, tile_start, tile_segment,          \
+            fused_step<rule, FUSEDOPT_T>(p, g, s0, s1, s2, master, tile_start, tile_segment,  \
                                          tile_group, ntiles, factors, nfactors, groups,       \
                                          ngroups, hyper, state);                              \
         });                                                                                   \
     }
 
-extern "C" void emu_fusedopt_sumsq(unsigned grid, unsigned block, const FUSEDOPT_T* g,
+extern "C" void emu_fusedopt_sumsq(unsigned grid, unsigned block, const FUSEDOPT_G* g,
                                    const long long* tile_start, long long ntiles,
                                    const Hyper* hyper, double* partial, int* tile_nonfinite) {
     emu::launch(grid, block,

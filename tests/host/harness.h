@@ -80,7 +80,8 @@ extern "C" const char* host_struct_layout(const char* name) {
         out = std::to_string(sizeof(Hyper)) + ";" + FO_FIELD(Hyper, unscale) +
               FO_FIELD(Hyper, clipvalue) + FO_FIELD(Hyper, weight_decay) +
               FO_FIELD(Hyper, coupled_weight_decay) +
-              FO_FIELD(Hyper, clipnorm) + FO_FIELD(Hyper, rule) + FO_FIELD(Hyper, lr);
+              FO_FIELD(Hyper, clipnorm) + FO_FIELD(Hyper, rule) + FO_FIELD(Hyper, lr) +
+              FO_FIELD(Hyper, stochastic_rounding) + FO_FIELD(Hyper, seed);
     else if (n == "StepState")
         out = std::to_string(sizeof(StepState)) + ";" + FO_FIELD(StepState, iterations) +
               FO_FIELD(StepState, skipped_steps) + FO_FIELD(StepState, last_step_skipped) +
