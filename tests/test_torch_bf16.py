@@ -354,3 +354,15 @@ def test_grad_scaler_with_bf16_params(unscale_first):
         for p, q in zip(*(m.parameters() for m in models)):
             assert_within(p, q, torch.bfloat16)
     assert scalers[0].get_scale() == scalers[1].get_scale()
+
+
+# ==================================================================== training
+def test_train_framework_torch_bfloat16_reaches_95_percent():
+    """`python -m fusedopt train --framework torch --dtype bfloat16`'s run (Adam, 20
+    epochs, a bfloat16 torch model whose passes run in bfloat16, no master copy)."""
+    pytest.importorskip("sklearn")
+    from fusedopt import train
+
+    result = train.train("adam", framework="torch", dtype="bfloat16", device="cpu")
+    assert result.dtype == "bfloat16"
+    assert result.test_accuracy >= 0.95, result.accuracy_history
