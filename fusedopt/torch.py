@@ -21,6 +21,12 @@ the gradient (fusedopt's coupled_weight_decay); SGD's momentum buffer in gradien
 with dampening, first step buf = g (fusedopt's momentum_in_gradient_units); maximize
 negates the gradients in the step's first stage.
 
+Mixed precision: bfloat16 and float16 parameters are accepted (a bfloat16 tensor is
+aliased through its int16 view, since NumPy cannot import bfloat16 DLPack). Adam,
+AdamW and SGD take fusedopt's master_weights, state_dtype, stochastic_rounding and seed
+as keyword arguments (and param-group keys), FusedOptimizer as any Keras argument; a
+combination the params' dtype does not take is refused before anything is flattened.
+
 torch.amp.GradScaler: these optimizers handle scaling themselves
 (`_step_supports_amp_scaling`): the fused step reads GradScaler's `grad_scale` and
 `found_inf` tensors where it runs (on a GPU, in the kernels), unscales the gradients
