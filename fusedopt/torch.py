@@ -851,6 +851,11 @@ class Adam(FusedOptimizer):
     and change nothing, since the step is always one fused pass per flat buffer;
     `differentiable=True` is refused (a ValueError): the step writes the parameters
     outside autograd.
+
+    fusedopt's mixed-precision options, for bfloat16/float16 params: `master_weights`
+    (a float32 copy, state[p]["master"]), `state_dtype` ("bfloat16": the state as
+    torch's fused step keeps it for bfloat16 params, which this class then matches
+    bit for bit on the CPU), `stochastic_rounding` and `seed` (bfloat16 params).
     """
 
     _state_names = {"momentum": "exp_avg", "velocity": "exp_avg_sq",
