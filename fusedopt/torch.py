@@ -854,8 +854,9 @@ class Adam(FusedOptimizer):
 
     fusedopt's mixed-precision options, for bfloat16/float16 params: `master_weights`
     (a float32 copy, state[p]["master"]), `state_dtype` ("bfloat16": the state as
-    torch's fused step keeps it for bfloat16 params, which this class then matches
-    bit for bit on the CPU), `stochastic_rounding` and `seed` (bfloat16 params).
+    torch's fused step keeps it for bfloat16 params; the params then match torch's
+    fused CPU step bit for bit in tests/test_torch_bf16.py, the state within one
+    bfloat16 spacing), `stochastic_rounding` and `seed` (bfloat16 params).
     """
 
     _state_names = {"momentum": "exp_avg", "velocity": "exp_avg_sq",
