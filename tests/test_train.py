@@ -279,6 +279,8 @@ def test_markdown_prints_the_reproducible_table_only(tmp_path, monkeypatch, caps
     (["--dtype", "int8"], "--dtype"),
     (["--dtype", "float32", "--master-weights"], "--master-weights keeps a float32 copy"),
     (["--dtype", "float16", "--stochastic-rounding"], "bfloat16 params only"),
+    (["--dtype", "float16", "--stochastic-rounding", "--framework", "torch"],
+     "bfloat16 params only"),
     (["--epochs", "0"], "--epochs"),
     (["--batch-size", "x"], "--batch-size"),
     (["--hidden", "64,zero"], "--hidden"),
