@@ -21,6 +21,12 @@ the gradient (fusedopt's coupled_weight_decay); SGD's momentum buffer in gradien
 with dampening, first step buf = g (fusedopt's momentum_in_gradient_units); maximize
 negates the gradients in the step's first stage.
 
+Mixed precision: bfloat16 and float16 parameters are accepted (a bfloat16 tensor is
+aliased through its int16 view, since NumPy cannot import bfloat16 DLPack). Adam,
+AdamW and SGD take fusedopt's master_weights, state_dtype, stochastic_rounding and seed
+as keyword arguments (and param-group keys), FusedOptimizer as any Keras argument; a
+combination the params' dtype does not take is refused before anything is flattened.
+
 torch.amp.GradScaler: these optimizers handle scaling themselves
 (`_step_supports_amp_scaling`): the fused step reads GradScaler's `grad_scale` and
 `found_inf` tensors where it runs (on a GPU, in the kernels), unscales the gradients
@@ -42,14 +48,17 @@ try:
 except ImportError as e:  # pragma: no cover - depends on the machine
     raise ImportError("fusedopt.torch needs PyTorch: pip install 'fusedopt[torch]'") from e
 
-from . import cuda
+from . import cuda, precision
 from .flat import FlatBuffer
 from .optimizer import get as _get_optimizer
 from .segments import MAX_GROUPS
 
 __all__ = ["FlatParameters", "flatten_parameters", "FusedOptimizer", "Adam", "AdamW", "SGD"]
 
-SUPPORTED_DTYPES = (torch.float32, torch.float64)
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+# fusedopt's name of each torch dtype (fusedopt.precision.DTYPES).
+_DTYPE_NAMES = {torch.float64: "float64", torch.float32: "float32",
+                torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 # ==================================================================== flattening
@@ -172,8 +181,9 @@ def flatten_parameters(params):
     """Move the parameters of a module (or an iterable of parameters) into flat
     buffers, one per dtype, and return them as a list of FlatParameters.
 
-    Every parameter must be a leaf tensor that requires grad, float32 or float64, on
-    one CPU or CUDA device, and not flattened already; each violation raises a
+    Every parameter must be a leaf tensor that requires grad, float32, float64,
+    bfloat16 or float16, on one CPU or CUDA device, and not flattened already; each
+    violation raises a
     TypeError or ValueError before any parameter changes. Afterwards `param.data` and
     `param.grad` are views of `flat.data` and `flat.grad`; the parameters keep their
     values and any gradient they had.
@@ -239,7 +249,8 @@ def _check_parameter(p, i, where):
                          "only dense parameters can be flattened")
     if p.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"{where}: parameter {i} (shape {shape}) has dtype {p.dtype}; "
-                         "fusedopt supports torch.float32 and torch.float64")
+                         "fusedopt supports torch.float32, torch.float64, torch.bfloat16 "
+                         "and torch.float16")
     if p.device.type not in ("cpu", "cuda"):
         raise ValueError(f"{where}: parameter {i} (shape {shape}) lives on {p.device}; "
                          "fusedopt runs on the CPU and on CUDA devices")
@@ -262,13 +273,28 @@ def _by_dtype(tensors):
 
 
 def _array_alias(tensor):
-    """A NumPy (CPU) or CuPy (CUDA) array sharing `tensor`'s memory, through DLPack."""
+    """A NumPy (CPU) or CuPy (CUDA) array sharing `tensor`'s memory, through DLPack.
+    NumPy cannot import a bfloat16 DLPack tensor: a bfloat16 tensor travels as its
+    int16 view and is viewed back as fusedopt's bfloat16 dtype
+    (precision.numpy_dtype("bfloat16"), ml_dtypes'), the same memory."""
+    bf16 = tensor.dtype == torch.bfloat16
+    source = tensor.view(torch.int16) if bf16 else tensor
     if tensor.device.type == "cuda":
-        return cuda.module_for(f"gpu:{tensor.device.index}").from_dlpack(tensor)
-    array = np.from_dlpack(tensor)
-    if not array.flags.writeable:  # some NumPy versions import DLPack read-only
-        array = tensor.numpy()     # the same memory, through the buffer protocol
-    return array
+        array = cuda.module_for(f"gpu:{tensor.device.index}").from_dlpack(source)
+    else:
+        array = np.from_dlpack(source)
+        if not array.flags.writeable:  # some NumPy versions import DLPack read-only
+            array = source.numpy()     # the same memory, through the buffer protocol
+    return array.view(precision.numpy_dtype("bfloat16")) if bf16 else array
+
+
+def _tensor_alias(array):
+    """A torch tensor sharing a fusedopt array's memory (DLPack); the inverse of
+    `_array_alias`. A bfloat16 array cannot export DLPack: it travels as its int16 view
+    and the tensor is viewed back as torch.bfloat16."""
+    if np.dtype(array.dtype).name == "bfloat16":
+        return torch.from_dlpack(array.view(np.int16)).view(torch.bfloat16)
+    return torch.from_dlpack(array)
 
 
 def _torch_stream(device):
@@ -356,7 +382,7 @@ def _merged(configs, where):
 
 def _slot_tensors(optimizer):
     """{slot name: a torch tensor aliasing the fusedopt state buffer} (DLPack)."""
-    return {name: torch.from_dlpack(buf) for name, buf in optimizer.slots().items()}
+    return {name: _tensor_alias(buf) for name, buf in optimizer.slots().items()}
 
 
 class _ParameterState(Mapping):
@@ -414,7 +440,8 @@ class FusedOptimizer(torch.optim.Optimizer):
           gradients stay views of the flat buffer), and step() refuses a parameter
           whose .grad is None instead of skipping it: a fused step updates its whole
           flat buffer.
-        - Every parameter must be a float32/float64 leaf that requires grad, all on one
+        - Every parameter must be a float32/float64/bfloat16/float16 leaf that requires
+          grad, all on one
           device; create the optimizer after moving the model (model.to()).
         - add_param_group() is supported: the new group gets its own flat buffer.
         - With torch.amp.GradScaler the step unscales the gradients inside the fused
@@ -506,7 +533,14 @@ class FusedOptimizer(torch.optim.Optimizer):
         group["params"] = params
         tensors = _checked_parameters([p[1] if isinstance(p, tuple) else p for p in params],
                                       taken, device, f"{where}['params']")
-        self._new_fusedopt({**defaults, **group}, where)
+        template, _ = self._new_fusedopt({**defaults, **group}, where)
+        for dtype in {p.dtype for p in tensors}:
+            # The mixed-precision options against the params' dtype (e.g.
+            # stochastic_rounding with float16 params), before anything is flattened.
+            try:
+                template._precision_for(_DTYPE_NAMES[dtype])
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"{where} ({dtype} params): {e}") from e
         return tensors
 
     def _new_fusedopt(self, group, where):
@@ -752,10 +786,15 @@ class FusedOptimizer(torch.optim.Optimizer):
         if len(steps) != 1 or not float(next(iter(steps))).is_integer():
             raise ValueError(f"{where}: the parameters of one flat buffer must share one whole "
                              f"step count, got {sorted(steps)}")
-        dtype = np.dtype(str(flat.dtype).replace("torch.", ""))
+        # Each slot in its own dtype (the state dtype; the master copy float32): values
+        # go through float64, which holds every one of them exactly, so a saved
+        # bfloat16 or float32 slot comes back bit for bit.
+        param_dtype = _DTYPE_NAMES[flat.dtype]
         slots = {name: np.concatenate([
             s[self._state_name(name)].detach().to("cpu", torch.float64).reshape(-1).numpy()
-            for s in present]).astype(dtype) for name in optimizer.slot_names}
+            for s in present]).astype(precision.numpy_dtype(
+                optimizer._slot_dtype(name, param_dtype)))
+            for name in optimizer.slot_names}
         return {"optimizer": type(optimizer).__name__.lower(), "iterations": int(steps.pop()),
                 "layout": flat.flat_params.layout.to_dict(), "slots": slots}
 
@@ -812,6 +851,12 @@ class Adam(FusedOptimizer):
     and change nothing, since the step is always one fused pass per flat buffer;
     `differentiable=True` is refused (a ValueError): the step writes the parameters
     outside autograd.
+
+    fusedopt's mixed-precision options, for bfloat16/float16 params: `master_weights`
+    (a float32 copy, state[p]["master"]), `state_dtype` ("bfloat16": the state as
+    torch's fused step keeps it for bfloat16 params; the params then match torch's
+    fused CPU step bit for bit in tests/test_torch_bf16.py, the state within one
+    bfloat16 spacing), `stochastic_rounding` and `seed` (bfloat16 params).
     """
 
     _state_names = {"momentum": "exp_avg", "velocity": "exp_avg_sq",
@@ -820,11 +865,14 @@ class Adam(FusedOptimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  amsgrad=False, *, foreach=None, maximize=False, capturable=False,
-                 differentiable=False, fused=None, decoupled_weight_decay=False):
+                 differentiable=False, fused=None, decoupled_weight_decay=False,
+                 master_weights=False, state_dtype=None, stochastic_rounding=False, seed=0):
         defaults = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay,
                     "amsgrad": amsgrad, "maximize": maximize, "foreach": foreach,
                     "capturable": capturable, "differentiable": differentiable,
-                    "fused": fused, "decoupled_weight_decay": decoupled_weight_decay}
+                    "fused": fused, "decoupled_weight_decay": decoupled_weight_decay,
+                    **_precision_defaults(master_weights, state_dtype, stochastic_rounding,
+                                          seed)}
         self._setup(params, defaults)
 
     def _fusedopt_config(self, group, where):
@@ -849,7 +897,7 @@ class Adam(FusedOptimizer):
         arguments = {"learning_rate": _learning_rate(group["lr"], f"{where}['lr']"),
                      "beta_1": beta_1, "beta_2": beta_2, "epsilon": eps,
                      "amsgrad": group["amsgrad"], "epsilon_after_bias_correction": True,
-                     "maximize": maximize}
+                     "maximize": maximize, **_precision_arguments(group)}
         if decoupled:
             return "adamw", {**arguments, "weight_decay": weight_decay}
         # torch's Adam adds weight_decay*p to the gradient: fusedopt's coupled decay.
@@ -865,11 +913,33 @@ class AdamW(Adam):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  amsgrad=False, *, foreach=None, maximize=False, capturable=False,
-                 differentiable=False, fused=None):
+                 differentiable=False, fused=None, master_weights=False, state_dtype=None,
+                 stochastic_rounding=False, seed=0):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach,
                          maximize=maximize, capturable=capturable,
                          differentiable=differentiable, fused=fused,
-                         decoupled_weight_decay=True)
+                         decoupled_weight_decay=True, master_weights=master_weights,
+                         state_dtype=state_dtype, stochastic_rounding=stochastic_rounding,
+                         seed=seed)
+
+
+# fusedopt's mixed-precision options (fusedopt.precision), keyword arguments of Adam,
+# AdamW and SGD and keys of their param groups, passed to the fusedopt optimizer as they
+# are: it checks them (errors name the argument), and step() refuses a combination that
+# the params' dtype does not take before anything is flattened.
+_PRECISION_KEYS = ("master_weights", "state_dtype", "stochastic_rounding", "seed")
+
+
+def _precision_defaults(master_weights, state_dtype, stochastic_rounding, seed):
+    return {"master_weights": master_weights, "state_dtype": state_dtype,
+            "stochastic_rounding": stochastic_rounding, "seed": seed}
+
+
+def _precision_arguments(group):
+    """The mixed-precision options of a group for the fusedopt optimizer (absent keys,
+    e.g. a torch.optim state_dict's groups, mean the defaults)."""
+    defaults = _precision_defaults(False, None, False, 0)
+    return {k: group.get(k, defaults[k]) for k in _PRECISION_KEYS}
 
 
 def _torch_flags(group, where):
@@ -909,10 +979,13 @@ class SGD(FusedOptimizer):
 
     def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0,
                  nesterov=False, *, maximize=False, foreach=None, differentiable=False,
-                 fused=None):
+                 fused=None, master_weights=False, state_dtype=None, stochastic_rounding=False,
+                 seed=0):
         defaults = {"lr": lr, "momentum": momentum, "dampening": dampening,
                     "weight_decay": weight_decay, "nesterov": nesterov, "maximize": maximize,
-                    "foreach": foreach, "differentiable": differentiable, "fused": fused}
+                    "foreach": foreach, "differentiable": differentiable, "fused": fused,
+                    **_precision_defaults(master_weights, state_dtype, stochastic_rounding,
+                                          seed)}
         self._setup(params, defaults)
 
     def _fusedopt_config(self, group, where):
@@ -932,7 +1005,8 @@ class SGD(FusedOptimizer):
         return "sgd", {"learning_rate": _learning_rate(group["lr"], f"{where}['lr']"),
                        "momentum": momentum, "nesterov": group["nesterov"],
                        "dampening": dampening, "momentum_in_gradient_units": True,
-                       "coupled_weight_decay": weight_decay or None, "maximize": maximize}
+                       "coupled_weight_decay": weight_decay or None, "maximize": maximize,
+                       **_precision_arguments(group)}
 
 
 def _real(value, where):

@@ -367,9 +367,6 @@ def train(optimizer=DEFAULT_OPTIMIZER, *, epochs=DEFAULT_EPOCHS, batch_size=DEFA
     if framework == "torch":
         from .train_torch import train_torch
 
-        if dtype != compute:
-            raise ValueError(f"`dtype` {dtype.name}: the torch framework trains in float32 "
-                             "or float64 (fusedopt.torch takes those tensors only)")
         return train_torch(opt, epochs=epochs, batch_size=batch_size, hidden=hidden, seed=seed,
                            dtype=dtype, device=device, data=data, progress=progress)
 
@@ -699,9 +696,6 @@ def _prepare(args):
     device = resolve_device(args.device)
     if args.framework == "torch":
         from . import train_torch  # noqa: F401 - without torch: the install hint, now
-        if args.dtype not in ("float32", "float64"):
-            raise UsageError(f"--dtype {args.dtype}: --framework torch trains in float32 or "
-                             "float64 (fusedopt.torch takes those tensors only)")
     plot, table = args.plot, args.table
     if args.compare and plot is None and table is None and not args.markdown:
         # --markdown is a print mode: regenerating the README leaves no files behind.

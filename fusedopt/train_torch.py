@@ -13,6 +13,7 @@ import time
 import numpy as np
 
 from . import torch as fused_torch  # first: without torch, an ImportError with the install hint
+from . import precision
 from . import train as job
 
 import torch  # noqa: E402  (after the hint above)
@@ -21,11 +22,14 @@ import torch  # noqa: E402  (after the hint above)
 def build_model(sizes, seed=0, dtype=np.float32, device="cpu"):
     """Dense + ReLU layers of `sizes` (no ReLU after the last), with the NumPy job's
     initial weights: job.init_params holds W as (fan_in, fan_out); nn.Linear as its
-    transpose."""
-    arrays = job.init_params(sizes, seed, dtype).views()
+    transpose. For 16-bit dtypes the weights are drawn in float64 (as the NumPy job
+    draws them) and rounded once, by torch's copy, to the storage dtype."""
+    torch_dtype = _torch_dtype(dtype)
+    init_dtype = np.float64 if torch_dtype in (torch.bfloat16, torch.float16) else dtype
+    arrays = job.init_params(sizes, seed, init_dtype).views()
     layers = []
     for i, (w, b) in enumerate(zip(arrays[0::2], arrays[1::2])):
-        linear = torch.nn.Linear(w.shape[0], w.shape[1], dtype=_torch_dtype(dtype))
+        linear = torch.nn.Linear(w.shape[0], w.shape[1], dtype=torch_dtype)
         with torch.no_grad():
             linear.weight.copy_(torch.from_numpy(np.ascontiguousarray(w.T)))
             linear.bias.copy_(torch.from_numpy(b))
@@ -62,8 +66,10 @@ def torch_device(device):
 
 
 def _torch_dtype(dtype):
-    return {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}[
-        np.dtype(dtype)]
+    """The torch dtype of a storage dtype (a name or a NumPy/ml_dtypes dtype)."""
+    name = precision.resolve_dtype(dtype)
+    return {"float32": torch.float32, "float64": torch.float64,
+            "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
 def train_torch(opt, *, epochs, batch_size, hidden, seed, dtype, device, data, progress):
@@ -74,9 +80,12 @@ def train_torch(opt, *, epochs, batch_size, hidden, seed, dtype, device, data, p
     model = build_model(job.layer_sizes(data.num_features, hidden, data.num_classes),
                         seed, dtype, device)
     optimizer = make_torch_optimizer(opt, model)
-    x_train, y_train, x_test, y_test = (
-        torch.as_tensor(a, device=torch_dev)
-        for a in (data.x_train, data.y_train, data.x_test, data.y_test))
+    # The inputs in the params' dtype (16-bit models run their passes in it, as a
+    # bfloat16 torch loop does); labels stay integers.
+    x_train, x_test = (torch.as_tensor(a, device=torch_dev).to(_torch_dtype(dtype))
+                       for a in (data.x_train, data.x_test))
+    y_train, y_test = (torch.as_tensor(a, device=torch_dev)
+                       for a in (data.y_train, data.y_test))
     order_rng = np.random.default_rng([seed, 1])  # the NumPy job's minibatch order
     loss_history, accuracy_history = [], []
     apply_seconds, steps = 0.0, 0

@@ -470,6 +470,10 @@ def test_mixed_precision_is_refused_before_any_collective(kwargs, words):
         params = fusedopt.FlatBuffer.from_arrays(params.views(), dtype="bfloat16")
     with pytest.raises(ValueError, match=words):
         distributed.ShardedOptimizer(fusedopt.Adam(**kwargs), params)
+    # Wrapped in a LossScaleOptimizer: the options are the inner optimizer's.
+    with pytest.raises(ValueError, match=words):
+        distributed.ShardedOptimizer(fusedopt.LossScaleOptimizer(fusedopt.Adam(**kwargs)),
+                                     params)
 
 
 def test_shards_are_contiguous_and_uneven_by_at_most_one():

@@ -594,3 +594,66 @@ def test_gpu_mixed_precision_matches_numpy_every_step(case, precision_case, n):
                 np.testing.assert_allclose(a.astype(np.float64), b.astype(np.float64),
                                            rtol=tol, atol=tol, err_msg=f"{name}, step {step}")
     assert_guards_intact(cp, backing, n)
+
+
+# ============================================== fusedopt.torch, 16-bit models
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
+def test_torch_16_bit_model_on_the_gpu(dtype_name):
+    """fusedopt.torch on a CUDA bfloat16/float16 model: the CuPy arrays alias the
+    tensors (bfloat16 through its int16 view), the state tensors alias the CuPy slots,
+    and 20 steps through autograd with GradScaler (an inf step included) stay within
+    one spacing (normwise) of torch's fused AdamW; with master_weights=True the params
+    are the float32 master rounded to nearest."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch without CUDA")
+    import math
+
+    import fusedopt.torch as ft
+
+    dtype = getattr(torch, dtype_name)
+    spacing = {"bfloat16": 2.0 ** -7, "float16": 2.0 ** -10}[dtype_name]
+    device = torch.device("cuda:0")
+
+    def model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.Tanh(),
+                                   torch.nn.Linear(9, 4)).to(device, dtype)
+
+    state = {"state_dtype": "bfloat16"} if dtype_name == "bfloat16" else {}
+    models = [model(), model()]
+    opts = [ft.AdamW(models[0].parameters(), lr=0.01, **state),
+            torch.optim.AdamW(models[1].parameters(), lr=0.01, fused=True)]
+    (flat,) = opts[0].flat_parameters
+    assert flat.flat_params.device == "gpu:0"
+    assert flat.flat_params.data.data.ptr == flat.data.data_ptr()
+    assert flat.flat_grads.data.data.ptr == flat.grad.data_ptr()
+    assert np.dtype(flat.flat_params.data.dtype).name == dtype_name
+    scalers = [torch.amp.GradScaler("cuda", init_scale=2.0 ** 8) for _ in opts]
+    for t in range(STEPS):
+        g = torch.Generator().manual_seed(1000 + t)
+        x, y = torch.randn(16, 6, generator=g), torch.randn(16, 4, generator=g)
+        for m, opt, scaler in zip(models, opts, scalers):
+            opt.zero_grad()
+            scaler.scale(((m(x.to(device, dtype)) - y.to(device, dtype)) ** 2).mean()).backward()
+            if t == 4:
+                next(m.parameters()).grad[0, 0] = math.inf
+            scaler.step(opt)
+            scaler.update()
+        for p, q in zip(*(m.parameters() for m in models)):
+            diff = float((p.detach().double() - q.detach().double()).abs().max())
+            assert diff <= spacing * float(q.detach().double().abs().max()), (t, diff)
+    p = next(models[0].parameters())
+    slot = opts[0]._buckets[0].optimizer.slots()["momentum"]
+    assert opts[0].state[p]["exp_avg"].data_ptr() == slot.data.ptr
+
+    master_model = model()
+    opt = ft.AdamW(master_model.parameters(), lr=0.01, master_weights=True)
+    for t in range(5):
+        opt.zero_grad()
+        master_model(torch.randn(16, 6, device=device, dtype=dtype)).square().mean().backward()
+        opt.step()
+    for p in master_model.parameters():
+        master = opt.state[p]["master"]
+        assert master.dtype == torch.float32 and master.device == p.device
+        assert torch.equal(master.to(dtype), p.detach())
