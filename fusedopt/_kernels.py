@@ -82,8 +82,19 @@ MAX_HYPER = CONSTANTS["FO_MAX_HYPER"]      # Hyper.rule
 MAX_PIECES = CONSTANTS["FO_MAX_PIECES"]    # LearningRate.values
 
 
+def own_kernels(rule):
+    """Whether `rule` reads whole variables and has kernels of its own, kernels/<rule>.cu
+    (several launches a step: LAMB's trust ratio needs per-variable sums between two
+    passes), rather than the one fused pass of fused.cu."""
+    return (kernel_dir() / f"{rule}.cu").is_file()
+
+
 def rule_source(rule, dtype):
-    """The translation unit exporting `fusedopt_<rule>` for one dtype."""
+    """The translation unit exporting `fusedopt_<rule>` for one dtype, or, for a rule
+    with kernels of its own, the kernels of kernels/<rule>.cu (`rule_kernels`)."""
+    if own_kernels(rule):
+        return expand_includes(f"#define FUSEDOPT_T {CTYPES[np.dtype(dtype)]}\n"
+                               f'#include "{rule}.cuh"\n#include "{rule}.cu"\n')
     prelude = (
         f"#define FUSEDOPT_RULE {rule}\n"
         f"#define FUSEDOPT_T {CTYPES[np.dtype(dtype)]}\n"
@@ -91,6 +102,17 @@ def rule_source(rule, dtype):
         '#include "fused.cu"\n'
     )
     return expand_includes(prelude)
+
+
+_GLOBAL = re.compile(r'^extern "C" __global__ void __launch_bounds__\(\w+\)\s+(\w+)\(', re.M)
+
+
+def rule_kernels(rule):
+    """The kernels of `rule`'s translation unit: fusedopt_<rule>, or those its own
+    kernels/<rule>.cu defines, in source order."""
+    if own_kernels(rule):
+        return _GLOBAL.findall(read_source(f"{rule}.cu"))
+    return [f"fusedopt_{rule}"]
 
 
 def reduce_source(dtype):
@@ -119,7 +141,7 @@ def translation_units():
     units = []
     for dtype in CTYPES:
         for rule in rule_names():
-            units.append((f"{rule}/{dtype.name}", rule_source(rule, dtype), [f"fusedopt_{rule}"]))
+            units.append((f"{rule}/{dtype.name}", rule_source(rule, dtype), rule_kernels(rule)))
         units.append((f"reduce/{dtype.name}", reduce_source(dtype),
                       ["fusedopt_sumsq", "fusedopt_clip_factors", "fusedopt_skip_check",
                        "fusedopt_write_hyper", "fusedopt_write_state"]))

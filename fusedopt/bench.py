@@ -258,11 +258,19 @@ def _format_bytes(n):
         n /= 1024
 
 
+# Words per element that a rule's second pass over the elements reads again: LAMB's
+# trust ratio needs per-variable norms between its passes (kernels/lamb.cu), so pass 2
+# reads p, m and v again (fp32: 24 + 16 = 40 bytes per element in all).
+SECOND_PASS_WORDS = {"lamb": 3}
+
+
 def step_bytes(name, itemsize, clip=False):
     """Bytes a fused step must move per element: read p and g, write p, read and write
-    every state slot; global clipping reads g once more."""
+    every state slot (and what a second pass reads again); global clipping reads g
+    once more."""
     slots = len(make_optimizer(name).slot_names)
-    return itemsize * (3 + 2 * slots + (1 if clip else 0))
+    again = SECOND_PASS_WORDS.get(make_optimizer(name).rule, 0)
+    return itemsize * (3 + 2 * slots + again + (1 if clip else 0))
 
 
 def make_optimizer(name, **extra):

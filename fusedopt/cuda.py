@@ -311,7 +311,9 @@ class StepPlan:
         xp, k, opt = self.backend.xp, self._k, self.optimizer
         self.mode = self.clip_mode()
         pairs, segment_group = opt._segment_groups()
-        if self.mode == "segment":  # tiles inside segments, so inside groups too
+        # Tiles inside segments (so inside groups too) for per-segment norms and for
+        # the rules with per-variable sums (LAMB's trust ratio).
+        if self.mode == "segment" or opt.whole_variable:
             tiles = k.TileTable(self.offsets, per_segment=True, sm_count=self.backend.sm_count)
             tile_group = np.asarray(segment_group, dtype=np.int32)[tiles.segment]
         else:  # tiles inside runs of one group (one run without groups)
@@ -335,7 +337,10 @@ class StepPlan:
         self.factors = xp.ones(max(1, self.nsegments), dtype=self.dtype) if self.mode else None
         if opt.skip_nonfinite:
             self._function(None, "fusedopt_skip_check")
-        self.update_grid = self._grid(opt.rule, f"fusedopt_{opt.rule}")
+        if opt.rule == "lamb":
+            self._build_lamb_tables(tiles)
+        else:
+            self.update_grid = self._grid(opt.rule, f"fusedopt_{opt.rule}")
         self.sumsq_grid = self._grid(None, "fusedopt_sumsq") if reduce else None
         self.factors_grid = 1  # global_clipnorm: one segment
         if self.mode is not None:
@@ -344,6 +349,33 @@ class StepPlan:
             if self.mode == "segment":
                 self.factors_grid = max(1, min(self.nsegments, self.backend.sm_count * blocks))
         self.epoch += 1
+
+    def _build_lamb_tables(self, tiles):
+        """LAMB's scratch (kernels/lamb.cu): two sums per tile, a ratio per segment."""
+        xp, nsegments = self.backend.xp, len(tiles.segment_tiles) - 1
+        self.lamb_segment_tiles = xp.asarray(tiles.segment_tiles)
+        self.lamb_partial = xp.zeros(2 * max(1, tiles.count), dtype=np.float64)
+        self.lamb_ratios = xp.ones(max(1, nsegments), dtype=self.dtype)
+        self.update_grid = self._grid("lamb", "fusedopt_lamb_moments")
+        self.apply_grid = self._grid("lamb", "fusedopt_lamb_apply")
+        blocks = self.backend.blocks_per_sm(self._function("lamb", "fusedopt_lamb_ratios"),
+                                            self._k.BLOCK)
+        self.ratios_grid = max(1, min(nsegments, self.backend.sm_count * blocks))
+
+    def _enqueue_lamb(self, grads, params_data, slots, nfactors):
+        """LAMB's update: two passes with the per-segment trust ratios between them;
+        only the last launch advances the step state."""
+        k, groups = self._k, (self.groups, np.int32(self.groups.size // 2))
+        tiles = (self.tile_start, self.tile_segment, self.tile_group, np.int64(self.tiles.count))
+        self._enqueue("lamb", "fusedopt_lamb_moments", self.update_grid, k.BLOCK, (
+            params_data, grads, slots[0], slots[1], *tiles, self.factors, nfactors, *groups,
+            self.hyper, self.state, self.lamb_partial))
+        self._enqueue("lamb", "fusedopt_lamb_ratios", self.ratios_grid, k.BLOCK, (
+            self.lamb_partial, self.lamb_segment_tiles,
+            np.int64(len(self.lamb_segment_tiles) - 1), self.lamb_ratios))
+        self._enqueue("lamb", "fusedopt_lamb_apply", self.apply_grid, k.BLOCK, (
+            params_data, slots[0], slots[1], *tiles, self.lamb_ratios, *groups, self.hyper,
+            self.state))
 
     # ----------------------------------------------------------- the step state
     def hyperparameters_changed(self, name):
@@ -430,10 +462,12 @@ class StepPlan:
             self._enqueue(None, "fusedopt_skip_check", 1, self._k.BLOCK, (
                 self.tile_nonfinite, np.int64(self.tiles.count), self.state))
         s = list(slots) + [None] * (3 - len(slots))
+        nfactors = np.int32(1 if mode == "global" else self.nsegments)
+        if opt.rule == "lamb":
+            return self._enqueue_lamb(grads, params_data, s, nfactors)
         self._enqueue(opt.rule, f"fusedopt_{opt.rule}", self.update_grid, self._k.BLOCK, (
             params_data, grads, s[0], s[1], s[2], self.tile_start, self.tile_segment,
-            self.tile_group, np.int64(self.tiles.count), self.factors,
-            np.int32(1 if mode == "global" else self.nsegments), self.groups,
+            self.tile_group, np.int64(self.tiles.count), self.factors, nfactors, self.groups,
             np.int32(self.groups.size // 2), self.hyper, self.state))
 
     def _enqueue(self, rule, name, grid, block, args):

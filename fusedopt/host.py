@@ -195,7 +195,12 @@ def _directory_digest(directory):
 
 def rule_source(rule, dtype):
     """The translation unit exporting fusedopt_host_step for one rule and dtype, with
-    every local include inlined (so the cache key sees every line compiled)."""
+    every local include inlined (so the cache key sees every line compiled). A rule
+    with a step of its own (kernels/<rule>_host.cpp, LAMB's two passes) exports that."""
+    if (_kernels.kernel_dir() / f"{rule}_host.cpp").is_file():
+        return _kernels.expand_includes(
+            f"#define FUSEDOPT_T {_kernels.CTYPES[np.dtype(dtype)]}\n"
+            f'#include "{rule}.cuh"\n#include "{rule}_host.cpp"\n')
     prelude = (f"#define FUSEDOPT_RULE {rule}\n"
                f"#define FUSEDOPT_T {_kernels.CTYPES[np.dtype(dtype)]}\n"
                f'#include "{rule}.cuh"\n'
@@ -346,7 +351,9 @@ class HostPlan:
         if mode != self._mode:
             # The update runs over self.tiles; sums per segment need tiles that never
             # straddle a segment (kernels/host.cpp, HostPlan).
-            sums = self.tiles if mode != "segment" else _kernels.TileTable(
+            # (whole-variable rules: kernels/<rule>_host.cpp runs over these).
+            per_segment = mode == "segment" or opt.whole_variable
+            sums = self.tiles if not per_segment else _kernels.TileTable(
                 self.offsets, per_segment=True, sm_count=1)
             self._arrays = (self.tiles.start, sums.start, sums.segment, sums.segment_tiles,
                             self.offsets, np.zeros(sums.count, np.float64),

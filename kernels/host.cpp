@@ -16,6 +16,7 @@
 // Built once per rule and dtype: fusedopt/host.py prepends
 //   #define FUSEDOPT_RULE <rule>   #define FUSEDOPT_T <float|double>   #include "<rule>.cuh"
 // and loads the exported fusedopt_host_step with ctypes.
+#pragma once
 #include "step.cuh"
 
 #include <string.h>

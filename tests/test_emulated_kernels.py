@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import fusedopt
+from fusedopt import _kernels
 from conftest import KERNEL_CASES, case_ids, random_grads, random_params
 from emulator import emulate
 
@@ -114,7 +115,8 @@ def test_per_segment_factors_follow_their_tiles(libraries):
     ("Nadam", {"skip_nonfinite": True, "global_clipnorm": 1.0}),
     ("SGD", {"skip_nonfinite": True, "momentum": 0.9, "clipnorm": 0.3,
              "learning_rate": fusedopt.schedules.ExponentialDecay(0.1, 2, 0.5)}),
-], ids=["adam", "nadam-global", "sgd-clipnorm-schedule"])
+    ("Lamb", {"skip_nonfinite": True, "clipnorm": 0.3, "weight_decay": 0.1}),
+], ids=["adam", "nadam-global", "sgd-clipnorm-schedule", "lamb-clipnorm-decay"])
 def test_skip_nonfinite_on_the_device_matches_numpy(libraries, cls_name, kwargs, dtype):
     """Skipped steps leave everything bitwise unchanged and later steps use the
     scalars of the device's own iteration count (bias corrections, schedules)."""
@@ -165,3 +167,73 @@ def test_state_dict_round_trip_through_the_device_counters(libraries):
     opt.load_state_dict(state)
     assert (opt.iterations, opt.skipped_steps, opt.last_step_skipped) == (1, 1, True)
     assert opt._plan.read_state() == (1, 1, True)
+
+
+# ------------------------------------------------------------------------ LAMB
+LAMB = ["fusedopt_lamb_moments", "fusedopt_lamb_ratios", "fusedopt_lamb_apply"]
+
+
+def device_iterations(plan):
+    return int(np.frombuffer(plan.state.tobytes(), dtype=_kernels.STEP_STATE)[0]["iterations"])
+
+
+@pytest.mark.parametrize("kwargs,launches", [
+    ({}, LAMB),
+    ({"clipnorm": 1.0}, ["fusedopt_sumsq", "fusedopt_clip_factors"] + LAMB),
+    ({"skip_nonfinite": True}, ["fusedopt_sumsq", "fusedopt_skip_check"] + LAMB),
+], ids=["plain", "clipnorm", "skip"])
+def test_lamb_is_two_passes_and_advances_the_counters_once(libraries, kwargs, launches):
+    """Two passes over the elements with the per-segment ratios between them; the
+    device's iteration count moves once per step (only the last launch advances it)."""
+    params = fusedopt.FlatBuffer.from_arrays(random_params(LAYOUT, np.float32, seed=1))
+    opt = fusedopt.Lamb(**kwargs)
+    backend = emulated(opt, params, libraries)
+    for step in range(3):
+        backend.launches.clear()
+        opt.apply(params.zeros_like().data + 0.5, params)
+        assert backend.launches == launches
+        assert device_iterations(opt._plan) == opt.iterations == step + 1
+
+
+def test_lamb_reads_and_writes_40_bytes_per_float32_element(libraries):
+    """The bytes model of fusedopt/bench.py: pass 1 reads p, g, m, v and writes m, v;
+    pass 2 reads p, m, v and writes p; nothing else touches an element."""
+    layout = [(3000,), (5, 7), (1,)]
+    params = fusedopt.FlatBuffer.from_arrays(random_params(layout, np.float32, seed=1))
+    opt = fusedopt.Lamb()
+    backend = emulated(opt, params, libraries)
+    backend.reset_accesses()
+    opt.apply(params.zeros_like().data + 0.5, params)
+    n = params.size
+    assert backend.count("load", 4, "fusedopt_lamb_moments") == 4 * n
+    assert backend.count("store", 4, "fusedopt_lamb_moments") == 2 * n
+    assert backend.count("load", 4, "fusedopt_lamb_apply") == 3 * n
+    assert backend.count("store", 4, "fusedopt_lamb_apply") == n
+    assert 4 * (backend.count("load", 4) + backend.count("store", 4)) == 40 * n
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+def test_lamb_ratios_of_segments_over_many_tiles_and_few_blocks(libraries, dtype):
+    """One block strides over every tile: each segment's norms are the sums of all its
+    tiles, and a zero segment keeps the ratio 1 (Keras)."""
+    layout = [(9000,), (7000,), (50,)]
+    grads = random_grads(layout, dtype, seed=17, steps=3)
+    init = random_params(layout, dtype, seed=18)
+    init[2][:] = 0  # ||p|| = 0: the ratio is 1
+    ref_params, gpu_params = (fusedopt.FlatBuffer.from_arrays(init) for _ in range(2))
+    ref, gpu = fusedopt.Lamb(learning_rate=0.01), fusedopt.Lamb(learning_rate=0.01)
+    emulated(gpu, gpu_params, libraries, sm_count=1, blocks_per_sm=1)
+    assert gpu._plan.update_grid == 1 and gpu._plan.tiles.count > 6
+    for step, g in enumerate(grads):
+        g = fusedopt.FlatBuffer.from_arrays(g).data
+        ref.apply(g, ref_params)
+        gpu.apply(g.copy(), gpu_params)
+        assert_close(gpu_params.data, ref_params.data, dtype, f"params, step {step}")
+
+
+def test_lamb_bits_do_not_depend_on_the_buffers_alignment(libraries):
+    grads = random_grads(LAYOUT, np.float32, seed=13, steps=3)
+    *_, aligned = run_pair("Lamb", {"clipnorm": 0.5}, np.float32, libraries, grads)
+    *_, unaligned = run_pair("Lamb", {"clipnorm": 0.5}, np.float32, libraries, grads,
+                             misalign=True)
+    np.testing.assert_array_equal(aligned.data, unaligned.data)

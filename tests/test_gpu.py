@@ -126,13 +126,14 @@ def run_gpu(cp, cls_name, kwargs, n, shapes, steps, seed):
 @pytest.mark.parametrize("kwargs", [{}, {"clipnorm": 0.5}, {"global_clipnorm": 1.0},
                                     {"skip_nonfinite": True, "global_clipnorm": 1.0}],
                          ids=["plain", "clipnorm", "global", "skip-global"])
-def test_gpu_runs_are_bitwise_identical(kwargs):
+@pytest.mark.parametrize("cls_name", ["Adam", "Lamb"])
+def test_gpu_runs_are_bitwise_identical(cls_name, kwargs):
     import cupy as cp
 
     n = 3 * 2**20 + 5
     shapes = [(n // 3,), (n // 3,), (n - 2 * (n // 3),)]
-    first = run_gpu(cp, "Adam", kwargs, n, shapes, steps=10, seed=7)
-    second = run_gpu(cp, "Adam", kwargs, n, shapes, steps=10, seed=7)
+    first = run_gpu(cp, cls_name, kwargs, n, shapes, steps=10, seed=7)
+    second = run_gpu(cp, cls_name, kwargs, n, shapes, steps=10, seed=7)
     for a, b in zip(first, second):
         np.testing.assert_array_equal(a, b)
 
@@ -142,7 +143,8 @@ def test_gpu_runs_are_bitwise_identical(kwargs):
     {"skip_nonfinite": True}, {"skip_nonfinite": True, "clipnorm": 1.0, "loss_scale_factor": 128.0},
     {"learning_rate": fusedopt.schedules.CosineDecay(1e-3, 100)},
 ], ids=["plain", "clipnorm", "global", "clipvalue-decay", "skip", "skip-clipnorm-scale", "schedule"])
-def test_gpu_step_never_synchronises(kwargs):
+@pytest.mark.parametrize("cls_name", ["Adam", "Lamb"])  # LAMB: three launches, no sync
+def test_gpu_step_never_synchronises(cls_name, kwargs):
     """A step captured into a CUDA graph: capture fails on any device-to-host copy or
     synchronisation. The captured graph, replayed, then performs a real step."""
     import cupy as cp
@@ -151,7 +153,7 @@ def test_gpu_step_never_synchronises(kwargs):
     shapes = [(50_000,), (3,), (50_000,)]
     params = fusedopt.FlatBuffer(cp.asarray(np.linspace(-1, 1, n, dtype=np.float32)), shapes)
     grads = cp.asarray(np.random.default_rng(0).normal(size=n).astype(np.float32))
-    opt = fusedopt.Adam(**kwargs)
+    opt = getattr(fusedopt, cls_name)(**kwargs)
     opt.apply(grads, params)  # build and compile outside the capture
     stream = cp.cuda.Stream(non_blocking=True)
     with stream:
@@ -165,7 +167,8 @@ def test_gpu_step_never_synchronises(kwargs):
 
 
 @pytest.mark.parametrize("cls_name,kwargs", [("Adam", {"amsgrad": True}), ("Nadam", {}),
-                                             ("Ftrl", {"l1_regularization_strength": 0.01})])
+                                             ("Ftrl", {"l1_regularization_strength": 0.01}),
+                                             ("Lamb", {"weight_decay": 0.01})])
 def test_state_moves_between_cpu_and_gpu(cls_name, kwargs):
     import cupy as cp
 
@@ -253,7 +256,7 @@ def test_gpu_checkpoint_resume_is_bitwise_identical(tmp_path, kwargs):
     assert opt.skipped_steps == straight_opt.skipped_steps
 
 
-@pytest.mark.parametrize("cls_name", ["Adam", "Nadam", "SGD", "Ftrl"])
+@pytest.mark.parametrize("cls_name", ["Adam", "Nadam", "SGD", "Ftrl", "Lamb"])
 def test_gpu_skipped_step_changes_nothing(cls_name):
     import cupy as cp
 

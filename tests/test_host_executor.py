@@ -58,7 +58,9 @@ def run_both(cls_name, kwargs, dtype, layout, steps, seed=3, num_threads=None):
     ref_params = fusedopt.FlatBuffer.from_arrays(init)
     fast = getattr(fusedopt, cls_name)(executor="host", num_threads=num_threads, **kwargs)
     ref = getattr(fusedopt, cls_name)(executor="numpy", **kwargs)
-    exact = bitwise_expected(kwargs)
+    # A whole-variable rule's per-segment sums (LAMB's norms) are added in another order
+    # than NumPy's dot: within the tolerances, not to the bit.
+    exact = bitwise_expected(kwargs) and not getattr(fusedopt, cls_name).whole_variable
     for step, grads in enumerate(random_grads(layout, dtype, seed=seed + 1, steps=steps,
                                               scale=0.7)):
         g = fusedopt.FlatBuffer.from_arrays(grads).data
@@ -107,8 +109,10 @@ THREAD_LAYOUTS = {
     ("Nadam", {"skip_nonfinite": True, "clipnorm": 0.05}),
     ("SGD", {"momentum": 0.9, "global_clipnorm": 0.1, "loss_scale_factor": 8.0}),
     ("RMSprop", {"centered": True, "clipvalue": 0.1}),
+    ("Lamb", {"clipnorm": 0.05, "weight_decay": 0.01}),
+    ("Lamb", {"skip_nonfinite": True, "global_clipnorm": 0.1}),
 ], ids=["adam-global", "adam-clipnorm-decay", "nadam-skip-clipnorm", "sgd-global-scale",
-        "rmsprop-clipvalue"])
+        "rmsprop-clipvalue", "lamb-clipnorm-decay", "lamb-skip-global"])
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("layout", sorted(THREAD_LAYOUTS))
 def test_bitwise_equal_across_thread_counts(host_ok, cls_name, kwargs, dtype, layout):
@@ -146,15 +150,16 @@ def test_steps_run_on_the_requested_threads(host_ok, size, num_threads, used):
                                      "learning_rate": fusedopt.schedules.ExponentialDecay(
                                          0.1, 2, 0.5)}],
                          ids=["plain", "global", "clipnorm-schedule"])
-def test_skip_nonfinite_through_the_host_executor(host_ok, kwargs, dtype):
+@pytest.mark.parametrize("cls_name", ["Adam", "Lamb"])
+def test_skip_nonfinite_through_the_host_executor(host_ok, cls_name, kwargs, dtype):
     grads = random_grads(LAYOUT, dtype, seed=14, steps=8)
     grads[2][0].flat[5] = np.nan
     grads[3][5].flat[100] = np.inf
     grads[5][1].flat[0] = -np.inf
     init = random_params(LAYOUT, dtype, seed=15)
     fast_params, ref_params = (fusedopt.FlatBuffer.from_arrays(init) for _ in range(2))
-    fast = fusedopt.Adam(executor="host", **kwargs)
-    ref = fusedopt.Adam(executor="numpy", **kwargs)
+    fast = getattr(fusedopt, cls_name)(executor="host", **kwargs)
+    ref = getattr(fusedopt, cls_name)(executor="numpy", **kwargs)
     for step, step_grads in enumerate(grads):
         before = [fast_params.data.copy()] + [s.copy() for s in fast.slots().values()]
         g = fusedopt.FlatBuffer.from_arrays(step_grads).data
@@ -415,7 +420,11 @@ def test_host_source_compiles_without_warnings(host_ok, tmp_path):
     source = "".join(f'#include "{r}.cuh"\n' for r in rules) + '#include "host.cpp"\n'
     for rule in rules:
         for t in ("float", "double"):
-            source += f"auto step_{rule}_{t} = &host_step<{rule}, {t}>;\n"  # instantiates
+            if (_kernels.kernel_dir() / f"{rule}_host.cpp").is_file():  # a step of its own
+                source += f'#include "{rule}_host.cpp"\n'
+                source += f"auto step_{rule}_{t} = &fo_{rule}::step<{t}>;\n"
+            else:
+                source += f"auto step_{rule}_{t} = &host_step<{rule}, {t}>;\n"  # instantiates
     path, _, _ = host.find_compiler()
     result = subprocess.run(
         [path, "-std=c++17", "-O2", "-Wall", "-Wextra", "-Werror", "-pthread", "-c", "-x", "c++",
@@ -430,7 +439,7 @@ def test_rule_names_come_from_the_kernel_sources():
     what"), which have no kernel source."""
     from fusedopt.optimizer import _REGISTRY
 
-    reference_only = {"lamb", "adafactor", "muon"}
+    reference_only = {"adafactor", "muon"}
     assert _kernels.rule_names() == sorted({cls.rule for cls in _REGISTRY.values()}
                                            - reference_only)
     assert "common" not in _kernels.rule_names()

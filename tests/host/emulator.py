@@ -44,7 +44,10 @@ def build():
         source = '#include "cuda_emulator.h"\n' + f"#define FUSEDOPT_T {ctype}\n"
         source += "".join(f'#include "{r}.cuh"\n' for r in rules)
         source += '#include "fused.cu"\n#include "reduce.cu"\n#include "emulator_entries.h"\n'
-        source += "".join(f"EMU_RULE({r})\n" for r in rules)
+        source += "".join(f"EMU_RULE({r})\n" for r in rules if not _kernels.own_kernels(r))
+        # Rules with kernels of their own (kernels/<rule>.cu): entries in emulator_<rule>.h.
+        source += "".join(f'#include "{r}.cu"\n#include "emulator_{r}.h"\n'
+                          for r in rules if _kernels.own_kernels(r))
         try:
             path = host.compile_library(source, f"emulator_{dtype.name}", flags=flags,
                                         include_dirs=[_kernels.kernel_dir(), HERE])
