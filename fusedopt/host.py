@@ -303,6 +303,7 @@ class _Plan(ctypes.Structure):
         ("nruns", ctypes.c_longlong),
         ("groups", ctypes.c_void_p),
         ("ngroups", ctypes.c_longlong),
+        ("segment_values", ctypes.c_void_p),
     ]
 
 
@@ -336,6 +337,12 @@ class HostPlan:
         self._plan = _Plan()
         self._plan.skip_nonfinite = int(optimizer.skip_nonfinite)
         self._mode = object()  # no tables yet
+        self.shapes = params.shapes
+        if optimizer.rule == "muon":  # kernels/muon_host.cpp: a second entry, a scratch d
+            self._muon_apply = _load(optimizer.rule, np.dtype(params.dtype).name).fusedopt_host_muon_apply
+            self._muon_apply.restype = None
+            self._muon_apply.argtypes = [ctypes.c_void_p] * 5
+            self._muon_scratch = np.zeros(max(1, self.offsets[-1]), dtype=params.dtype)
         self.write_state(optimizer._iterations, optimizer._skipped_steps,
                          optimizer._last_step_skipped)
         self.hyperparameters_changed(None)
@@ -347,6 +354,10 @@ class HostPlan:
         self.hyper[...] = block
         opt = self.optimizer
         self._write_groups()
+        if opt.rule == "muon":
+            values, self._muon_matrices = opt._kernel_segments(self.shapes, self.offsets)
+            self._segment_values = np.asarray(values, dtype=np.float64)
+            self._plan.segment_values = self._segment_values.ctypes.data
         mode = "segment" if opt.clipnorm else "global" if opt.global_clipnorm else None
         if mode != self._mode:
             # The update runs over self.tiles; sums per segment need tiles that never
@@ -388,8 +399,21 @@ class HostPlan:
             self.hyper["lr"]["initial"] = host_learning_rate
         self._plan.num_threads = self.optimizer.num_threads or self._default_threads
         s = [None if x is None else x.ctypes.data for x in slots] + [None] * (3 - len(slots))
-        self.fn(params_data.ctypes.data, grads.ctypes.data, s[0], s[1], s[2],
-                ctypes.addressof(self._plan), self.hyper.ctypes.data, self.state.ctypes.data)
+        plan, hyper, state = (ctypes.addressof(self._plan), self.hyper.ctypes.data,
+                              self.state.ctypes.data)
+        if self.optimizer.rule == "muon":
+            return self._muon_step(grads, params_data, s, plan, hyper, state)
+        self.fn(params_data.ctypes.data, grads.ctypes.data, s[0], s[1], s[2], plan, hyper, state)
+
+    def _muon_step(self, grads, params_data, s, plan, hyper, state):
+        """Muon: the element-wise pass (AdamW segments done, d for the Muon ones),
+        Newton-Schulz by NumPy's matrix products on each Muon segment of d, then the
+        apply, which advances the counters (kernels/muon_host.cpp)."""
+        d = self._muon_scratch
+        if self.fn(params_data.ctypes.data, grads.ctypes.data, s[0], s[1], d.ctypes.data, plan,
+                   hyper, state):
+            self.optimizer._orthogonalise(d, self._muon_matrices)
+        self._muon_apply(params_data.ctypes.data, d.ctypes.data, plan, hyper, state)
 
     def join_current_stream(self):
         """Nothing to join: a host step has finished when step() returns."""

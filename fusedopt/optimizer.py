@@ -471,10 +471,11 @@ class FusedOptimizer:
         # A loaded state's table (resolved when it was saved) wins over the request.
         table = None if pending is None else pending["segment_table"]
         self._segment_table = table or self._segment_request.resolve(len(params), params.names)
+        self._buffer_names = params.names  # a plan may read them (Muon's exclusions)
         try:
             plan = executors.plan_for(self, buffers)  # may refuse
         except Exception:
-            self._segment_table = None
+            self._segment_table = self._buffer_names = None
             raise
         with cuda.on_device(params.device):
             slots = [None if spec is None else self._new_slot(spec, params, pending)
@@ -487,7 +488,6 @@ class FusedOptimizer:
                             if s is not None and s.size]
         self._layout = params.layout
         self._device = params.device
-        self._buffer_names = params.names
         self._pending_state = None
         self._plan = plan
         self._buffers = buffers

@@ -37,8 +37,9 @@ template <> struct Vec16<float> { typedef float4 type; };
 template <> struct Vec16<double> { typedef double2 type; };
 #endif
 
-// Room for the longest rule's scalars (Nadam has 9).
-#define FO_MAX_SCALARS 10
+// Room for the longest rule's scalars (Muon has 11, and a 0 after them: adam.cuh's
+// amsgrad off for its AdamW segments).
+#define FO_MAX_SCALARS 12
 
 // Threads per block of every kernel (fusedopt/_kernels.py reads it from here).
 #define FO_BLOCK 256

@@ -217,6 +217,7 @@ struct HostPlan {
     long long nruns;                 // (fusedopt/segments.py, group_runs)
     const double* groups;            // [multiplier, decay (1 or 0)] per segment group
     long long ngroups;               // 1 to FO_MAX_GROUPS
+    const double* segment_values;    // per segment, a whole-variable rule's own (muon_host.cpp)
 };
 
 // Each segment group's prologue and scalars for one step (fusedopt/segments.py).

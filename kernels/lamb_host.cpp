@@ -11,27 +11,10 @@
 // whatever the thread count: threads only decide who computes a tile or a segment.
 // Built with FUSEDOPT_T defined and lamb.cuh included (fusedopt/host.py).
 #pragma once
-#include "host.cpp"
+#include "whole_host.cpp"
 
 namespace fo_lamb {
-
-// Tiles [*first, *last) of thread t of n: split where the element count is closest to
-// t/n of the buffer, as thread_tiles does for the update tiles.
-static void tiles_of(const HostPlan& plan, int t, int n, long long* first, long long* last) {
-    const long long total = plan.sum_start[plan.nsums];
-    auto split = [&](int u) -> long long {
-        if (u == 0) return 0;
-        if (u == n) return plan.nsums;
-        return first_tile_at(plan.sum_start, plan.nsums, (long long)((double)total * u / n));
-    };
-    *first = split(t);
-    *last = split(t + 1);
-}
-
-// The segment group of the elements from x on (the run holding x).
-static int group_at(const HostPlan& plan, long long x) {
-    return plan.run_group[first_tile_at(plan.run_start, plan.nruns, x + 1) - 1];
-}
+using namespace fo_whole;
 
 template <typename T>
 struct Step {
@@ -111,34 +94,9 @@ struct Step {
         auto wait = [&] { if (barrier) barrier->wait(); };
         long long first, last;
         tiles_of(pl, t, n, &first, &last);
-        if (pl.clip_mode != FO_CLIP_NONE || pl.skip_nonfinite) {
-            const T unscale = values->pro[0].unscale;
-            int bad = 0;
-            for (long long k = first; k < last; ++k) {
-                const long long b = pl.sum_start[k], e = pl.sum_start[k + 1];
-                if (pl.skip_nonfinite) {
-                    pl.partial[k] = tile_sum_of_squares<true>(g, b, e, unscale, &pl.nonfinite[k]);
-                    bad |= pl.nonfinite[k];
-                } else {
-                    pl.partial[k] = tile_sum_of_squares<false>(g, b, e, unscale, nullptr);
-                }
-            }
-            if (bad) any_nonfinite->fetch_or(1);
-            wait();
-            if (any_nonfinite->load()) return;  // every thread sees the same verdict
-            if (pl.clip_mode == FO_CLIP_SEGMENT) {
-                for (long long s = t; s < pl.nsegments; s += n) {
-                    double sum = 0.0;
-                    for (long long k = pl.segment_tiles[s]; k < pl.segment_tiles[s + 1]; ++k)
-                        sum += pl.partial[k];
-                    factors[s] = (T)clipnorm_factor(sum, pl.clipnorm);
-                }
-                wait();
-            } else if (pl.clip_mode == FO_CLIP_GLOBAL && t == 0) {
-                factors[0] = global_factor<T>(pl);
-            }
-            if (pl.clip_mode == FO_CLIP_GLOBAL) wait();
-        }
+        if (!gradient_phase(pl, g, values->pro[0].unscale, t, n, first, last, factors,
+                            any_nonfinite, barrier))
+            return;
         for (long long k = first; k < last; ++k) moments(k);
         wait();
         for (long long s = t; s < pl.nsegments; s += n) {
@@ -167,16 +125,9 @@ static int step(T* p, const T* g, T* m, T* v, HostPlan* plan, const Hyper* h,
     std::atomic<int> any_nonfinite(0);
     const Step<T> work = {p, g, m, v, plan, &groups, sums.data(), factors.data(), ratios.data(),
                           &any_nonfinite};
-    long long n = plan->num_threads;
-    if (n > plan->nsums) n = plan->nsums;
-    if (plan->sum_start[plan->nsums] < FO_MIN_PARALLEL || n < 1) n = 1;
-    plan->threads_used = (int)n;
-    if (n == 1) {
-        work.run(0, 1, nullptr);
-    } else {
-        fo_pool::Barrier barrier((int)n);
-        fo_pool::pool().run((int)n, [&](int t, int threads) { work.run(t, threads, &barrier); });
-    }
+    run_threads(threads_for(plan), [&](int t, int n, fo_pool::Barrier* barrier) {
+        work.run(t, n, barrier);
+    });
     const bool skipped = any_nonfinite.load() != 0;
     fo_advance(*state, values, skipped);
     return skipped ? 0 : 1;

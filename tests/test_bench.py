@@ -41,7 +41,9 @@ def test_only_fused_optimizers_are_benchmarked():
     names = bench.parse_optimizers("all")
     assert "schedulefreeadamw" in names and "lamb" in names
     assert not {"adafactor", "muon"} & set(names)
-    with pytest.raises(ValueError, match="muon run only on the NumPy executor"):
+    with pytest.raises(ValueError, match="adafactor run only on the NumPy executor"):
+        bench.parse_optimizers("adam,adafactor")
+    with pytest.raises(ValueError, match="muon: the benchmark's layouts are 1-D"):
         bench.parse_optimizers("adam,muon")
 
 

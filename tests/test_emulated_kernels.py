@@ -237,3 +237,90 @@ def test_lamb_bits_do_not_depend_on_the_buffers_alignment(libraries):
     *_, unaligned = run_pair("Lamb", {"clipnorm": 0.5}, np.float32, libraries, grads,
                              misalign=True)
     np.testing.assert_array_equal(aligned.data, unaligned.data)
+
+
+# ------------------------------------------------------------------------ Muon
+# Matrices of several tiles, tall and wide, an excluded one, an embedding, vectors.
+MUON_LAYOUT = [(60, 50), (7,), (130, 40), (3, 7), (), (20, 30), (5, 4)]
+MUON_NAMES = ["dense_kernel", "bias", "out_kernel", "token_embedding", "scale", "skip_kernel",
+              "tiny"]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("kwargs", [
+    {},
+    {"nesterov": False, "rms_rate": None, "ns_steps": 3, "weight_decay": 0.1,
+     "adam_weight_decay": None, "clipnorm": 0.5},
+    {"exclude_layers": ["^skip"], "skip_nonfinite": True, "global_clipnorm": 1.0,
+     "loss_scale_factor": 4.0},
+], ids=["defaults", "plain-clipnorm", "excluded-global-skip"])
+def test_muon_matrices_match_numpy(libraries, kwargs, dtype):
+    grads = random_grads(MUON_LAYOUT, dtype, seed=21, steps=5)
+    grads[2][1].flat[3] = np.nan  # skipped with skip_nonfinite, propagates otherwise
+    init = random_params(MUON_LAYOUT, dtype, seed=22)
+    ref_params, gpu_params = (fusedopt.FlatBuffer.from_arrays(init, names=MUON_NAMES)
+                              for _ in range(2))
+    ref, gpu = fusedopt.Muon(**kwargs), fusedopt.Muon(**kwargs)
+    emulated(gpu, gpu_params, libraries, sm_count=1, blocks_per_sm=2)
+    adamw = [gpu.uses_adamw(i, s) for i, s in enumerate(MUON_LAYOUT)]
+    assert adamw[3] and not adamw[0] and not adamw[2] and adamw[5] == ("exclude_layers" in kwargs)
+    for step, g in enumerate(grads):
+        g = fusedopt.FlatBuffer.from_arrays(g).data
+        ref.apply(g, ref_params)
+        gpu.apply(g.copy(), gpu_params)
+        assert_close(gpu_params.data, ref_params.data, dtype, f"params, step {step}")
+        for name in ref.slot_names:
+            assert_close(gpu.slots()[name], ref.slots()[name], dtype, f"{name}, step {step}")
+    assert (gpu.iterations, gpu.skipped_steps) == (ref.iterations, ref.skipped_steps)
+
+
+def test_muon_is_two_launches_around_the_matrix_products(libraries):
+    """Moments, the matrix products (not kernels of ours), apply; the counters move
+    once per step. Bytes per float32 element: AdamW segments 28 (Adam's), Muon
+    segments 20 + 12 = 32."""
+    params = fusedopt.FlatBuffer.from_arrays(random_params(MUON_LAYOUT, np.float32, seed=1),
+                                             names=MUON_NAMES)
+    opt = fusedopt.Muon()
+    backend = emulated(opt, params, libraries)
+    adamw = sum(int(np.prod(s)) for i, s in enumerate(MUON_LAYOUT) if opt.uses_adamw(i, s))
+    muon = params.size - adamw
+    for step in range(2):
+        backend.launches.clear()
+        backend.reset_accesses()
+        opt.apply(params.zeros_like().data + 0.5, params)
+        assert backend.launches == ["fusedopt_muon_moments", "fusedopt_muon_apply"]
+        assert device_iterations(opt._plan) == opt.iterations == step + 1
+        assert backend.count("load", 4, "fusedopt_muon_moments") == 4 * adamw + 3 * muon
+        assert backend.count("store", 4, "fusedopt_muon_moments") == 3 * adamw + 2 * muon
+        assert backend.count("load", 4, "fusedopt_muon_apply") == 2 * muon
+        assert backend.count("store", 4, "fusedopt_muon_apply") == muon
+
+
+def test_muon_capture_is_refused_before_anything_changes(libraries):
+    params = fusedopt.FlatBuffer.from_arrays(random_params(MUON_LAYOUT, np.float32, seed=1))
+    opt = fusedopt.Muon()
+    emulated(opt, params, libraries)
+    before = params.data.copy()
+    with pytest.raises(RuntimeError, match="cannot be captured"):
+        opt.cuda_graph(params.zeros_like().data + 0.5, params)
+    np.testing.assert_array_equal(params.data, before)
+    assert opt.iterations == device_iterations(opt._plan) == 0
+
+
+def test_muon_hyperparameters_set_between_steps_reach_the_kernels(libraries):
+    """exclude_embeddings and rms_rate decide each segment's step and scale."""
+    grads = random_grads(MUON_LAYOUT, np.float64, seed=23, steps=4)
+    init = random_params(MUON_LAYOUT, np.float64, seed=24)
+    ref_params, gpu_params = (fusedopt.FlatBuffer.from_arrays(init, names=MUON_NAMES)
+                              for _ in range(2))
+    ref, gpu = fusedopt.Muon(), fusedopt.Muon()
+    emulated(gpu, gpu_params, libraries)
+    for step, g in enumerate(grads):
+        if step == 2:
+            for opt in (ref, gpu):
+                opt.exclude_embeddings = False
+                opt.rms_rate = 0.5
+        g = fusedopt.FlatBuffer.from_arrays(g).data
+        ref.apply(g, ref_params)
+        gpu.apply(g.copy(), gpu_params)
+        assert_close(gpu_params.data, ref_params.data, np.float64, f"params, step {step}")

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import fusedopt
-from conftest import KERNEL_CASES, case_ids
+from conftest import GRAPH_CASES, KERNEL_CASES, case_ids
 from fusedopt import cuda
 from fusedopt import schedules as S
 
@@ -197,6 +197,51 @@ def test_state_moves_between_cpu_and_gpu(cls_name, kwargs):
     assert cpu_opt.iterations == 12
 
 
+MUON_SHAPES = [(600, 500), (7,), (1300, 400), (3, 7), (), (20, 30)]
+MUON_NAMES = ["dense_kernel", "bias", "out_kernel", "token_embedding", "scale", "skip_kernel"]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("kwargs", [
+    {}, {"nesterov": False, "rms_rate": None, "clipnorm": 0.5, "skip_nonfinite": True,
+         "exclude_layers": ["^skip"]}], ids=["defaults", "plain-clipnorm-skip-excluded"])
+def test_gpu_muon_matrices_match_numpy(kwargs, dtype):
+    """Muon's Newton-Schulz step on matrices (CuPy's matmuls, cuBLAS) between the two
+    element-wise kernels, against the NumPy executor, every step."""
+    import cupy as cp
+
+    rng = np.random.default_rng(9)
+    n = sum(int(np.prod(s)) for s in MUON_SHAPES)
+    init = rng.normal(size=n).astype(dtype)
+    cpu_params = fusedopt.FlatBuffer(init.copy(), MUON_SHAPES, names=MUON_NAMES)
+    gpu_params = fusedopt.FlatBuffer(cp.asarray(init), MUON_SHAPES, names=MUON_NAMES)
+    cpu_opt, gpu_opt = fusedopt.Muon(**kwargs), fusedopt.Muon(**kwargs)
+    for step in range(10):
+        g = (rng.normal(size=n) * rng.uniform(0.1, 3.0)).astype(dtype)
+        if step == 4:
+            g[5] = np.nan  # skipped with skip_nonfinite, propagates otherwise
+        cpu_opt.apply(g, cpu_params)
+        gpu_opt.apply(cp.asarray(g), gpu_params)
+        assert_close(cp.asnumpy(gpu_params.data), cpu_params.data, dtype, f"params, step {step}")
+        for name in cpu_opt.slot_names:
+            assert_close(cp.asnumpy(gpu_opt.slots()[name]), cpu_opt.slots()[name], dtype,
+                         f"{name}, step {step}")
+    assert gpu_opt.executor_name == "cuda"
+    assert (gpu_opt.iterations, gpu_opt.skipped_steps) == (cpu_opt.iterations,
+                                                           cpu_opt.skipped_steps)
+
+
+def test_gpu_muon_capture_is_refused():
+    import cupy as cp
+
+    params = fusedopt.FlatBuffer(cp.ones(60, dtype=np.float32), [(6, 10)])
+    opt = fusedopt.Muon()
+    opt.apply(cp.full(60, 0.5, dtype=np.float32), params)
+    with pytest.raises(RuntimeError, match="cannot be captured"):
+        opt.cuda_graph(cp.full(60, 0.5, dtype=np.float32), params)
+    assert opt.iterations == 1
+
+
 def test_more_than_2_to_the_31_elements():
     """64-bit indexing end to end, global clipping included: elements past 2**31 are
     updated with the factor computed from all of them."""
@@ -291,7 +336,7 @@ REPLAY_SHAPES = [(4000,), (7,), (0,), (1,), (90,)]
 
 
 @pytest.mark.parametrize("n", [1, 3, 50])
-@pytest.mark.parametrize("case", KERNEL_CASES, ids=case_ids(KERNEL_CASES))
+@pytest.mark.parametrize("case", GRAPH_CASES, ids=case_ids(GRAPH_CASES))
 def test_cuda_graph_replays_equal_eager_steps(case, n):
     import cupy as cp
 
