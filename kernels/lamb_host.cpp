@@ -34,9 +34,15 @@ struct Step {
         const HostPlan& pl = *plan;
         const long long b = pl.sum_start[k], e = pl.sum_start[k + 1];
         const int group = group_at(pl, b);
-        const Prologue<T>& pro = values->pro[group];
-        const StepScalars<T>& st = values->st[group];
+        // Copies, and restrict pointers: stores to m and v cannot change the scalars, so
+        // the loop keeps them in registers and vectorises.
+        const Prologue<T> pro = values->pro[group];
+        const StepScalars<T> st = values->st[group];
         const T factor = factors[pl.clip_mode == FO_CLIP_SEGMENT ? pl.sum_segment[k] : 0];
+        const T* __restrict__ p = this->p;
+        const T* __restrict__ g = this->g;
+        T* __restrict__ m = this->m;
+        T* __restrict__ v = this->v;
         double lane_p[FO_LANES], lane_r[FO_LANES];
         for (int j = 0; j < FO_LANES; ++j) lane_p[j] = 0.0, lane_r[j] = 0.0;
         long long i = b;
