@@ -163,7 +163,7 @@ class ShardedOptimizer:
         if not isinstance(params, FlatBuffer):
             raise TypeError(f"`params` must be a FlatBuffer, got {type(params).__name__}")
         for option in ("master_weights", "state_dtype", "stochastic_rounding"):
-            if getattr(opt, option):
+            if getattr(base, option):
                 raise ValueError(f"`opt`: `{option}` (mixed precision) is not supported by "
                                  "ShardedOptimizer yet")
         if params.dtype.name not in ("float32", "float64"):
