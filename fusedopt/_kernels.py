@@ -124,16 +124,48 @@ def storage_prelude(key):
             f"#define FUSEDOPT_S {STORAGE_CTYPES[key[2]]}\n")
 
 
+def own_kernels(rule):
+    """Whether `rule` reads whole variables and has kernels of its own, kernels/<rule>.cu
+    (several launches a step: LAMB's trust ratio needs per-variable sums between two
+    passes), rather than the one fused pass of fused.cu."""
+    return (kernel_dir() / f"{rule}.cu").is_file()
+
+
+# The storage keys a rule with kernels of its own is built for: uniform float32 and
+# float64 (fusedopt.precision sends every other combination to the NumPy executor).
+OWN_KERNEL_KEYS = (("float64",) * 3, ("float32",) * 3)
+
+
 def rule_source(rule, dtype, grad=None, state=None):
     """The translation unit exporting `fusedopt_<rule>` for one storage combination:
-    params of `dtype`, grads of `grad` and state of `state` (both default to `dtype`)."""
+    params of `dtype`, grads of `grad` and state of `state` (both default to `dtype`),
+    or, for a rule with kernels of its own (uniform float32/float64 keys only), the
+    kernels of kernels/<rule>.cu (`rule_kernels`)."""
+    key = storage_key(dtype, grad, state)
+    if own_kernels(rule):
+        if key not in OWN_KERNEL_KEYS:
+            raise ValueError(f"{rule} has kernels for uniform float32/float64 storage only, "
+                             f"not {key_label(key)}")
+        return expand_includes(storage_prelude(key)
+                               + f'#include "{rule}.cuh"\n#include "{rule}.cu"\n')
     prelude = (
         f"#define FUSEDOPT_RULE {rule}\n"
-        + storage_prelude(storage_key(dtype, grad, state))
+        + storage_prelude(key)
         + f'#include "{rule}.cuh"\n'
         '#include "fused.cu"\n'
     )
     return expand_includes(prelude)
+
+
+_GLOBAL = re.compile(r'^extern "C" __global__ void __launch_bounds__\(\w+\)\s+(\w+)\(', re.M)
+
+
+def rule_kernels(rule):
+    """The kernels of `rule`'s translation unit: fusedopt_<rule>, or those its own
+    kernels/<rule>.cu defines, in source order."""
+    if own_kernels(rule):
+        return _GLOBAL.findall(read_source(f"{rule}.cu"))
+    return [f"fusedopt_{rule}"]
 
 
 def reduce_source(dtype):
@@ -179,13 +211,19 @@ CROSS_PRODUCT_RULE = "adam"
 def translation_units(full=False):
     """(label, source, kernel names) for the kernel modules the library compiles: every
     rule for float64, float32 and bfloat16 params, grads with float32 state; every
-    combination for CROSS_PRODUCT_RULE (every rule with `full`); the reductions for
-    each gradient dtype."""
+    combination for CROSS_PRODUCT_RULE (every rule with `full`); a rule with kernels of
+    its own for OWN_KERNEL_KEYS only, with its `rule_kernels`; the reductions for each
+    gradient dtype."""
     units = []
     reduction = ["fusedopt_sumsq", "fusedopt_clip_factors", "fusedopt_skip_check",
                  "fusedopt_write_hyper", "fusedopt_write_state"]
     for key in COMBINATIONS:
         for rule in rule_names():
+            if own_kernels(rule):
+                if key in OWN_KERNEL_KEYS:
+                    units.append((f"{rule}/{key_label(key)}", rule_source(rule, *key),
+                                  rule_kernels(rule)))
+                continue
             everywhere = key in (("float64",) * 3, ("float32",) * 3,
                                  ("bfloat16", "bfloat16", "float32"))
             if full or everywhere or rule == CROSS_PRODUCT_RULE:

@@ -280,6 +280,7 @@ class StepPlan:
         self.key = host_key(optimizer, params.dtype)
         self.math_dtype = np.float64 if self.key[0] == "float64" else np.float32
         self.offsets = params.offsets
+        self.shapes = params.shapes
         self._stream = None       # the stream this optimizer's work was last queued on
         self._capturing = False
         self.epoch = 0            # bumped when the launch sequence changes (clip mode)
@@ -333,7 +334,9 @@ class StepPlan:
         xp, k, opt = self.backend.xp, self._k, self.optimizer
         self.mode = self.clip_mode()
         pairs, segment_group = opt._segment_groups()
-        if self.mode == "segment":  # tiles inside segments, so inside groups too
+        # Tiles inside segments (so inside groups too) for per-segment norms and for
+        # the rules with per-variable sums (LAMB's trust ratio).
+        if self.mode == "segment" or opt.whole_variable:
             tiles = k.TileTable(self.offsets, per_segment=True, sm_count=self.backend.sm_count)
             tile_group = np.asarray(segment_group, dtype=np.int32)[tiles.segment]
         else:  # tiles inside runs of one group (one run without groups)
@@ -358,7 +361,12 @@ class StepPlan:
                         else None)
         if opt.skip_nonfinite:
             self._function(None, "fusedopt_skip_check")
-        self.update_grid = self._grid(opt.rule, f"fusedopt_{opt.rule}")
+        if opt.rule == "lamb":
+            self._build_lamb_tables(tiles)
+        elif opt.rule == "muon":
+            self._build_muon_tables()
+        else:
+            self.update_grid = self._grid(opt.rule, f"fusedopt_{opt.rule}")
         self.sumsq_grid = self._grid(None, "fusedopt_sumsq") if reduce else None
         self.factors_grid = 1  # global_clipnorm: one segment
         if self.mode is not None:
@@ -367,6 +375,69 @@ class StepPlan:
             if self.mode == "segment":
                 self.factors_grid = max(1, min(self.nsegments, self.backend.sm_count * blocks))
         self.epoch += 1
+
+    def _build_lamb_tables(self, tiles):
+        """LAMB's scratch (kernels/lamb.cu): two sums per tile, a ratio per segment."""
+        xp, nsegments = self.backend.xp, len(tiles.segment_tiles) - 1
+        self.lamb_segment_tiles = xp.asarray(tiles.segment_tiles)
+        self.lamb_partial = xp.zeros(2 * max(1, tiles.count), dtype=np.float64)
+        self.lamb_ratios = xp.ones(max(1, nsegments), dtype=self.dtype)
+        self.update_grid = self._grid("lamb", "fusedopt_lamb_moments")
+        self.apply_grid = self._grid("lamb", "fusedopt_lamb_apply")
+        blocks = self.backend.blocks_per_sm(self._function("lamb", "fusedopt_lamb_ratios"),
+                                            self._k.BLOCK)
+        self.ratios_grid = max(1, min(nsegments, self.backend.sm_count * blocks))
+
+    def _build_muon_tables(self):
+        """Muon's scratch d (kernels/muon.cu) and its per-segment values."""
+        self.muon_scratch = self.backend.xp.zeros(max(1, self.offsets[-1]), dtype=self.dtype)
+        self.segment_values = None
+        self._write_muon_segments()
+        self.update_grid = self._grid("muon", "fusedopt_muon_moments")
+        self.apply_grid = self._grid("muon", "fusedopt_muon_apply")
+
+    def _write_muon_segments(self):
+        """Which segments take the Muon step and their rms scales (they follow the
+        names, shapes and hyperparameters): written in place, queued on the stream."""
+        values, self.muon_matrices = self.optimizer._kernel_segments(self.shapes, self.offsets)
+        values = np.asarray(values, dtype=np.float64)
+        if self.segment_values is None:
+            self.segment_values = self.backend.xp.asarray(values)
+        else:
+            self.segment_values[...] = self.backend.xp.asarray(values)
+
+    def _enqueue_muon(self, grads, params_data, slots, nfactors):
+        """Muon's step: the element-wise pass, Newton-Schulz on each Muon segment by
+        CuPy's matrix products on the same stream, then the apply, which advances the
+        step state. The matrix products allocate temporaries from CuPy's pool, which a
+        captured graph must not hold on to: capturing is refused."""
+        if self._capturing or self.backend.is_capturing(self.backend.current_stream()):
+            raise RuntimeError("Muon's step runs matrix products with temporary buffers: it "
+                               "cannot be captured as a CUDA graph")
+        k, groups = self._k, (self.groups, np.int32(self.groups.size // 2))
+        tiles = (self.tile_start, self.tile_segment, self.tile_group, np.int64(self.tiles.count))
+        self._enqueue("muon", "fusedopt_muon_moments", self.update_grid, k.BLOCK, (
+            params_data, grads, slots[0], slots[1], self.muon_scratch, *tiles, self.factors,
+            nfactors, self.segment_values, *groups, self.hyper, self.state))
+        self.optimizer._orthogonalise(self.muon_scratch, self.muon_matrices)
+        self._enqueue("muon", "fusedopt_muon_apply", self.apply_grid, k.BLOCK, (
+            params_data, self.muon_scratch, *tiles, self.segment_values, *groups, self.hyper,
+            self.state))
+
+    def _enqueue_lamb(self, grads, params_data, slots, nfactors):
+        """LAMB's update: two passes with the per-segment trust ratios between them;
+        only the last launch advances the step state."""
+        k, groups = self._k, (self.groups, np.int32(self.groups.size // 2))
+        tiles = (self.tile_start, self.tile_segment, self.tile_group, np.int64(self.tiles.count))
+        self._enqueue("lamb", "fusedopt_lamb_moments", self.update_grid, k.BLOCK, (
+            params_data, grads, slots[0], slots[1], *tiles, self.factors, nfactors, *groups,
+            self.hyper, self.state, self.lamb_partial))
+        self._enqueue("lamb", "fusedopt_lamb_ratios", self.ratios_grid, k.BLOCK, (
+            self.lamb_partial, self.lamb_segment_tiles,
+            np.int64(len(self.lamb_segment_tiles) - 1), self.lamb_ratios))
+        self._enqueue("lamb", "fusedopt_lamb_apply", self.apply_grid, k.BLOCK, (
+            params_data, slots[0], slots[1], *tiles, self.lamb_ratios, *groups, self.hyper,
+            self.state))
 
     # ----------------------------------------------------------- the step state
     def hyperparameters_changed(self, name):
@@ -383,6 +454,8 @@ class StepPlan:
                 from . import segments
 
                 self.groups[...] = self.backend.xp.asarray(segments.group_values(pairs))
+            if self.optimizer.rule == "muon":
+                self._write_muon_segments()
             self.write_hyperparameters()
         if name in self.optimizer._running_product_inputs:
             # The product is a function of the step count and these hyperparameters
@@ -465,11 +538,15 @@ class StepPlan:
             self._enqueue(None, "fusedopt_skip_check", 1, self._k.BLOCK, (
                 self.tile_nonfinite, np.int64(self.tiles.count), self.state))
         s = list(slots) + [None] * (3 - len(slots))
+        nfactors = np.int32(1 if mode == "global" else self.nsegments)
+        if opt.rule == "lamb":  # uniform float32/float64 storage only (fusedopt.precision)
+            return self._enqueue_lamb(grads, params_data, s, nfactors)
+        if opt.rule == "muon":
+            return self._enqueue_muon(grads, params_data, s, nfactors)
         master = opt._option_slots.get("master")
         self._enqueue(opt.rule, f"fusedopt_{opt.rule}", self.update_grid, self._k.BLOCK, (
             params_data, grads, s[0], s[1], s[2], master, self.tile_start, self.tile_segment,
-            self.tile_group, np.int64(self.tiles.count), self.factors,
-            np.int32(1 if mode == "global" else self.nsegments), self.groups,
+            self.tile_group, np.int64(self.tiles.count), self.factors, nfactors, self.groups,
             np.int32(self.groups.size // 2), self.hyper, self.state), key)
 
     def _enqueue(self, rule, name, grid, block, args, key=None):

@@ -58,7 +58,7 @@ def plan_for(optimizer, params):
     """A new plan for `optimizer` on `params` (a FlatBuffer). Raises, before anything
     is changed, when the requested executor cannot run these buffers here."""
     requested = optimizer.executor
-    reason = optimizer._reference_only()
+    reason = optimizer._reference_only(params.dtype)
     if reason:
         # What only the NumPy reference implements is refused by the others, never
         # quietly run elsewhere (README, "Executors").

@@ -196,8 +196,16 @@ def _directory_digest(directory):
 def rule_source(rule, dtype, grad=None, state=None):
     """The translation unit exporting fusedopt_host_step for one rule and storage
     combination (params of `dtype`, grads of `grad`, state of `state`; both default to
-    `dtype`), with every local include inlined (so the cache key sees every line)."""
+    `dtype`), with every local include inlined (so the cache key sees every line). A
+    rule with a step of its own (kernels/<rule>_host.cpp, LAMB's two passes) exports
+    that, for uniform float32/float64 storage only (fusedopt.precision)."""
     key = _kernels.storage_key(dtype, grad, state)
+    if (_kernels.kernel_dir() / f"{rule}_host.cpp").is_file():
+        if key not in _kernels.OWN_KERNEL_KEYS:
+            raise ValueError(f"{rule} has a host step for uniform float32/float64 storage "
+                             f"only, not {_kernels.key_label(key)}")
+        return _kernels.expand_includes(
+            _kernels.storage_prelude(key) + f'#include "{rule}.cuh"\n#include "{rule}_host.cpp"\n')
     prelude = (f"#define FUSEDOPT_RULE {rule}\n"
                + _kernels.storage_prelude(key)
                + f'#include "{rule}.cuh"\n'
@@ -308,6 +316,7 @@ class _Plan(ctypes.Structure):
         ("ngroups", ctypes.c_longlong),
         ("grad_scale", ctypes.c_void_p),
         ("found_inf", ctypes.c_void_p),
+        ("segment_values", ctypes.c_void_p),
     ]
 
 
@@ -343,6 +352,13 @@ class HostPlan:
         self._plan = _Plan()
         self._plan.skip_nonfinite = int(optimizer.skip_nonfinite)
         self._mode = object()  # no tables yet
+        self.shapes = params.shapes
+        if optimizer.rule == "muon":  # kernels/muon_host.cpp: a second entry, a scratch d
+            self._muon_apply = _load(optimizer.rule, _kernels.storage_key(
+                params.dtype)).fusedopt_host_muon_apply
+            self._muon_apply.restype = None
+            self._muon_apply.argtypes = [ctypes.c_void_p] * 5
+            self._muon_scratch = np.zeros(max(1, self.offsets[-1]), dtype=params.dtype)
         self.write_state(optimizer._iterations, optimizer._skipped_steps,
                          optimizer._last_step_skipped)
         self.hyperparameters_changed(None)
@@ -354,11 +370,17 @@ class HostPlan:
         self.hyper[...] = block
         opt = self.optimizer
         self._write_groups()
+        if opt.rule == "muon":
+            values, self._muon_matrices = opt._kernel_segments(self.shapes, self.offsets)
+            self._segment_values = np.asarray(values, dtype=np.float64)
+            self._plan.segment_values = self._segment_values.ctypes.data
         mode = "segment" if opt.clipnorm else "global" if opt.global_clipnorm else None
         if mode != self._mode:
             # The update runs over self.tiles; sums per segment need tiles that never
             # straddle a segment (kernels/host.cpp, HostPlan).
-            sums = self.tiles if mode != "segment" else _kernels.TileTable(
+            # (whole-variable rules: kernels/<rule>_host.cpp runs over these).
+            per_segment = mode == "segment" or opt.whole_variable
+            sums = self.tiles if not per_segment else _kernels.TileTable(
                 self.offsets, per_segment=True, sm_count=1)
             self._arrays = (self.tiles.start, sums.start, sums.segment, sums.segment_tiles,
                             self.offsets, np.zeros(sums.count, np.float64),
@@ -414,9 +436,24 @@ class HostPlan:
         self._plan.found_inf = None if found_inf is None else found_inf.ctypes.data
         s = [None if x is None else x.ctypes.data for x in slots] + [None] * (3 - len(slots))
         master = self.optimizer._option_slots.get("master")
-        fn(params_data.ctypes.data, grads.ctypes.data, s[0], s[1], s[2],
-           None if master is None else master.ctypes.data, ctypes.addressof(self._plan),
-           self.hyper.ctypes.data, self.state.ctypes.data)
+        master = None if master is None else master.ctypes.data
+        plan, hyper, state = (ctypes.addressof(self._plan), self.hyper.ctypes.data,
+                              self.state.ctypes.data)
+        if self.optimizer.rule == "muon":  # uniform float32/float64: no master copy
+            return self._muon_step(fn, grads, params_data, s, plan, hyper, state)
+        fn(params_data.ctypes.data, grads.ctypes.data, s[0], s[1], s[2], master, plan, hyper,
+           state)
+
+    def _muon_step(self, fn, grads, params_data, s, plan, hyper, state):
+        """Muon: the element-wise pass (AdamW segments done, d for the Muon ones),
+        Newton-Schulz by NumPy's matrix products on each Muon segment of d, then the
+        apply, which advances the counters (kernels/muon_host.cpp). GradScaler's inputs
+        are read by both passes (a found_inf skips the step as skip_nonfinite does)."""
+        d = self._muon_scratch
+        if fn(params_data.ctypes.data, grads.ctypes.data, s[0], s[1], d.ctypes.data, None, plan,
+              hyper, state):
+            self.optimizer._orthogonalise(d, self._muon_matrices)
+        self._muon_apply(params_data.ctypes.data, d.ctypes.data, plan, hyper, state)
 
     def join_current_stream(self):
         """Nothing to join: a host step has finished when step() returns."""

@@ -257,6 +257,7 @@ class FusedOptimizer:
         self._ema_swapped = False  # params hold the moving average (swap_ema_weights)
         self._pending_state = None
         self._plan = None     # the executor's plan (fusedopt.executor) once built
+        self._grads_dtype = None  # the latest step's grads dtype (_reference_only)
         self._set_hyperparameters(dict(
             learning_rate=learning_rate, weight_decay=weight_decay, clipnorm=clipnorm,
             clipvalue=clipvalue, global_clipnorm=global_clipnorm,
@@ -523,16 +524,41 @@ class FusedOptimizer:
         kind = spec[2] if len(spec) > 2 else None
         return sum(math.prod(s) for s in slot_shapes(kind, layout.shapes))
 
-    def _reference_only(self):
+    def _reference_only(self, param_dtype=None):
         """Why only the NumPy executor can run this configuration ('' when any can):
-        what the kernels do not implement yet. Other executors refuse it."""
+        what the kernels do not implement yet. Other executors refuse it. With
+        `param_dtype` (and the latest step's grads dtype), also the storage a rule with
+        kernels of its own (Lamb, Muon: uniform float32/float64 only) cannot run."""
         if self.rule not in _kernels.rule_names():
             return f"the {type(self).__name__} rule has no kernel yet"
         if self.use_ema:
             return "use_ema"
         if self.gradient_accumulation_steps:
             return "gradient_accumulation_steps"
+        if param_dtype is not None and _kernels.own_kernels(self.rule):
+            return self._own_kernel_storage(param_dtype, self._grads_dtype)
         return ""
+
+    def _own_kernel_storage(self, param_dtype, grad_dtype):
+        """For a rule with kernels of its own: the storage options its kernels do not
+        run ('' when params, grads and state are all float32 or all float64)."""
+        param = np.dtype(param_dtype).name
+        p = self._precision_for(param, None if grad_dtype is None else np.dtype(grad_dtype).name)
+        reasons = []
+        if p.param not in ("float32", "float64"):
+            reasons.append(f"{p.param} params")
+        if p.grad != p.param:
+            reasons.append(f"{p.grad} grads")
+        if p.state != p.param:
+            reasons.append(f"`state_dtype={p.state!r}`")
+        if p.master_weights:
+            reasons.append("`master_weights=True`")
+        if p.stochastic_rounding:
+            reasons.append("`stochastic_rounding=True`")
+        if not reasons:
+            return ""
+        return (" and ".join(reasons) + " (its kernels take float32 or float64 params, grads "
+                "and state of one dtype)")
 
     # ----------------------------------------------------------------------- build
     def build(self, params):
@@ -556,10 +582,11 @@ class FusedOptimizer:
         # A loaded state's table (resolved when it was saved) wins over the request.
         table = None if pending is None else pending["segment_table"]
         self._segment_table = table or self._segment_request.resolve(len(params), params.names)
+        self._buffer_names = params.names  # a plan may read them (Muon's exclusions)
         try:
             plan = executors.plan_for(self, buffers)  # may refuse
         except Exception:
-            self._segment_table = None
+            self._segment_table = self._buffer_names = None
             raise
         with cuda.on_device(params.device):
             slots = [None if spec is None else self._new_slot(spec, params, pending)
@@ -572,7 +599,6 @@ class FusedOptimizer:
                             if s is not None and s.size]
         self._layout = params.layout
         self._device = params.device
-        self._buffer_names = params.names
         self._pending_state = None
         self._plan = plan
         self._buffers = buffers
@@ -714,6 +740,7 @@ class FusedOptimizer:
         params = _as_params(params)
         grads = self._check_grads(grads, params)
         amp = _check_amp_inputs(grad_scale, found_inf, params.device)
+        self._check_own_kernel_grads(grads.dtype)
         if self.built:
             self._check_same_layout(params.layout, params.device, "params")
         _check_writable(params.data)
@@ -724,6 +751,7 @@ class FusedOptimizer:
         if len(params) == 0:
             return  # Keras: no variables, no update, no increment
         host_learning_rate = self._step_learning_rate()
+        self._grads_dtype = np.dtype(grads.dtype)  # the executor choice reads it
         self.build(params)
         if amp is None:
             self._plan.step(grads, params.data, self._slots, host_learning_rate)
@@ -746,6 +774,7 @@ class FusedOptimizer:
         """
         params = _as_params(params)
         grads = self._check_grads(grads, params)
+        self._check_own_kernel_grads(grads.dtype)
         if self.built:
             self._check_same_layout(params.layout, params.device, "params")
         _check_no_overlap(grads, params, self._slot_spans if self.built else ())
@@ -759,6 +788,7 @@ class FusedOptimizer:
                 "schedule the device cannot compute), so a captured step cannot replay it; "
                 "use a number or a fusedopt.schedules schedule")
         self._step_learning_rate()
+        self._grads_dtype = np.dtype(grads.dtype)
         self.build(params)
         return cuda.CapturedStep(self, self._plan,
                                  self._plan.capture(grads, params.data, self._slots))
@@ -874,6 +904,21 @@ class FusedOptimizer:
         if not grads.flags.c_contiguous:
             raise ValueError("`grads` must be contiguous")
         return grads
+
+    def _check_own_kernel_grads(self, grad_dtype):
+        """A rule with kernels of its own runs its host/CUDA plan on grads of the params'
+        dtype only (the plan was chosen at the first step's grads); others are refused,
+        naming `grads`, before anything changes."""
+        plan = self._plan
+        if plan is None or getattr(plan, "name", None) not in ("host", "cuda") or \
+                not _kernels.own_kernels(self.rule):
+            return
+        grad, param = np.dtype(grad_dtype).name, np.dtype(self._layout.dtype).name
+        if grad != param:
+            raise ValueError(
+                f"`grads` dtype {grad}: {type(self).__name__} runs on the {plan.name} executor "
+                f"with grads of the params' dtype ({param}) only; pass {param} grads, or use "
+                "executor='numpy'")
 
     def _check_grad_dtype(self, grad_dtype, param_dtype):
         """Grads may be of another dtype than the params (fusedopt.precision.GRAD_DTYPES:

@@ -12,6 +12,7 @@ import math
 import re
 
 from . import _validate as check
+from . import reference
 from .optimizer import (COLUMNS, KERAS_DEFAULT_EPSILON, PARAMS, ROWS, FusedOptimizer,
                         Hyperparameter)
 
@@ -595,6 +596,36 @@ class Muon(FusedOptimizer):
     def _slot_specs(self):
         # The velocity is read by AdamW segments only; Muon segments keep zeros there.
         return ("momentum", 0.0), ("velocity", 0.0)
+
+    def _device_hyperparameters(self):
+        """kernels/muon.cuh's order; the names and shapes reach the kernels as each
+        segment's value (_kernel_segments), not here."""
+        return (self.adam_beta_1, self.adam_beta_2, self.epsilon, self.muon_a, self.muon_b,
+                self.muon_c, float(self.adam_lr_ratio), self.momentum, float(self.ns_steps),
+                float(self.nesterov),
+                -1.0 if self.adam_weight_decay is None else float(self.adam_weight_decay))
+
+    def _kernel_segments(self, shapes, offsets):
+        """For the host and CUDA executors: each segment's value for the kernels (its
+        rms scale for a Muon segment, -1 for an AdamW one) and the (start, stop, shape)
+        of the non-empty Muon segments, which Newton-Schulz orthogonalises."""
+        values, matrices = [], []
+        for index, shape in enumerate(shapes):
+            use_adamw, rms_scale = self._segment_arguments(index, tuple(shape))
+            values.append(-1.0 if use_adamw else float(rms_scale))
+            if not use_adamw and offsets[index + 1] > offsets[index]:
+                matrices.append((int(offsets[index]), int(offsets[index + 1]), tuple(shape)))
+        return values, matrices
+
+    def _orthogonalise(self, d, matrices):
+        """d <- newton_schulz(d) on each Muon segment, in place: matrix products of the
+        buffer's array library (NumPy on the host; CuPy, so cuBLAS, on the GPU: queued
+        on the current stream, no host sync)."""
+        dt = d.dtype.type
+        for start, stop, shape in matrices:
+            d[start:stop] = reference.newton_schulz(
+                d[start:stop].reshape(shape), int(self.ns_steps), dt(self.muon_a),
+                dt(self.muon_b), dt(self.muon_c)).ravel()
 
     def _rule_scalars(self, lr, t):
         b1, b2 = self.adam_beta_1, self.adam_beta_2

@@ -30,8 +30,9 @@ FO_HD void fo_store(V* pointer, V value) {
     *pointer = value;
 }
 
-// Room for the longest rule's scalars (Nadam has 9).
-#define FO_MAX_SCALARS 10
+// Room for the longest rule's scalars (Muon has 11, and a 0 after them: adam.cuh's
+// amsgrad off for its AdamW segments).
+#define FO_MAX_SCALARS 12
 
 // Threads per block of every kernel (fusedopt/_kernels.py reads it from here).
 #define FO_BLOCK 256
@@ -89,18 +90,31 @@ FO_HD double fo_pow(double x, double y) { return pow(x, y); }
 template <typename T>
 FO_HD bool fo_isfinite(T x) { return (x - x) == (x - x); }
 
-// The pipeline's first stages for one element, then the rule (Keras 3 order).
-// `factor` is this element's norm-clip factor (1 when not clipping by norm).
-template <typename Rule, typename T>
-FO_HD void fused_element(T& p, T g, T& s0, T& s1, T& s2, T factor,
-                         const Prologue<T>& pro, const StepScalars<T>& st) {
+// The pipeline's gradient stages for one element (Keras 3 order): unscale, the norm-clip
+// `factor` (1 when not clipping by norm), clip by value, coupled decay.
+template <typename T>
+FO_HD T fo_prepare_gradient(T g, T p, T factor, const Prologue<T>& pro) {
     g = g * pro.unscale;
     g = g * factor;
     if (pro.clipvalue > T(0)) g = fo_clip(g, -pro.clipvalue, pro.clipvalue);
     // torch's Adam(weight_decay): the L2 term joins the clipped gradient, from p before
     // any decoupled decay.
     if (pro.coupled_weight_decay > T(0)) g = g + p * pro.coupled_weight_decay;
-    if (pro.weight_decay >= T(0)) p = p - p * pro.weight_decay * st.lr;
+    return g;
+}
+
+// Decoupled weight decay, before the rule.
+template <typename T>
+FO_HD void fo_decay(T& p, const Prologue<T>& pro, T lr) {
+    if (pro.weight_decay >= T(0)) p = p - p * pro.weight_decay * lr;
+}
+
+// The pipeline's first stages for one element, then the rule.
+template <typename Rule, typename T>
+FO_HD void fused_element(T& p, T g, T& s0, T& s1, T& s2, T factor,
+                         const Prologue<T>& pro, const StepScalars<T>& st) {
+    g = fo_prepare_gradient(g, p, factor, pro);
+    fo_decay(p, pro, st.lr);
     Rule::update(p, g, s0, s1, s2, st.c);
 }
 

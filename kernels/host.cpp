@@ -19,6 +19,9 @@
 //   #include "<rule>.cuh"
 // and loads the exported fusedopt_host_step with ctypes. Loads and stores convert
 // between storage and math type exactly as fused.cu does (kernels/storage.cuh).
+// kernels/whole_host.cpp includes this file for the rules with kernels of their own
+// (lamb_host.cpp, muon_host.cpp: FUSEDOPT_T only, P/G/S default to it below).
+#pragma once
 #include "step.cuh"
 #include "storage.cuh"
 
@@ -257,6 +260,7 @@ struct HostPlan {
     long long ngroups;               // 1 to FO_MAX_GROUPS
     const float* grad_scale;         // or null: divide the gradients by *grad_scale too
     const float* found_inf;          // or null: skip the step if *found_inf != 0
+    const double* segment_values;    // per segment, a whole-variable rule's own (muon_host.cpp)
 };
 
 // Each segment group's prologue and scalars for one step (fusedopt/segments.py).
@@ -438,6 +442,21 @@ static void thread_step(int t, int n, P* p, float* master, const G* g, S* const 
     thread_update<Rule, T>(t, n, p, master, g, slots, plan, values, rounding);
 }
 
+// torch.amp.GradScaler's inputs, read here as the GPU reads them (reduce.cu,
+// fusedopt_amp_inputs): the block a step reads (`block`, or a copy in `*scratch` whose
+// unscale is divided by *grad_scale), and whether *found_inf skips the step (counted
+// like skip_nonfinite's skip). Every host step reads them (lamb_host.cpp, muon_host.cpp).
+static const Hyper* fo_amp_hyper(const HostPlan* plan, const Hyper* block, Hyper* scratch) {
+    if (!plan->grad_scale) return block;
+    *scratch = *block;
+    scratch->unscale = block->unscale / (double)*plan->grad_scale;
+    return scratch;
+}
+
+static bool fo_amp_found_inf(const HostPlan* plan) {
+    return plan->found_inf && *plan->found_inf != 0.0f;
+}
+
 // One optimizer step: its values from the hyperparameters and the counters (the
 // functions the GPU runs), the update, then the counters advanced (fo_advance), as the
 // GPU does on the device. Returns 1 if the step was applied, 0 if skip_nonfinite
@@ -445,18 +464,11 @@ static void thread_step(int t, int n, P* p, float* master, const G* g, S* const 
 template <typename Rule, typename T, typename P, typename G, typename S>
 static int host_step(P* p, const G* g, S* s0, S* s1, S* s2, float* master, HostPlan* plan,
                      const Hyper* block, StepState* state) {
-    // torch.amp.GradScaler's inputs, read here as the GPU reads them (reduce.cu,
-    // fusedopt_amp_inputs): the step's unscale, and a skip counted like skip_nonfinite's.
     Hyper amp_block;
-    const Hyper* h = block;
-    if (plan->grad_scale) {
-        amp_block = *block;
-        amp_block.unscale = block->unscale / (double)*plan->grad_scale;
-        h = &amp_block;
-    }
+    const Hyper* h = fo_amp_hyper(plan, block, &amp_block);
     // Group 0's values also advance the state (the running product never depends on lr).
     const StepValues values = fo_step_values<Rule>(*h, *state, plan->groups[0]);
-    if (plan->found_inf && *plan->found_inf != 0.0f) {
+    if (fo_amp_found_inf(plan)) {
         fo_advance(*state, values, true);
         return 0;
     }

@@ -27,7 +27,7 @@
 #define FO_LR_COSINE 5
 #define FO_LR_COSINE_RESTARTS 6
 #define FO_MAX_PIECES 32  // PiecewiseConstantDecay values the block holds
-#define FO_MAX_HYPER 8    // a rule's hyperparameters
+#define FO_MAX_HYPER 12   // a rule's hyperparameters (Muon has 11)
 
 // arg[] by kind (the schedules' Keras argument names):
 //   EXPONENTIAL, INVERSE_TIME  decay_steps, decay_rate;          flag = staircase

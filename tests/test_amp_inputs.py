@@ -120,3 +120,31 @@ def test_bad_amp_inputs_are_refused_with_nothing_changed(grad_scale, found_inf, 
     with pytest.raises(error, match=message):
         opt.apply(np.ones(5, np.float32), params, grad_scale=grad_scale, found_inf=found_inf)
     assert not opt.built and np.array_equal(params.data, np.ones(5, np.float32))
+
+
+# Lamb and Muon: kernels of their own (kernels/lamb*.c*, muon*.c*), which read the
+# scale and the flag as the fused pass does (the CUDA path through the hyperparameter
+# block fusedopt_amp_inputs writes; the host steps through the plan's pointers).
+OWN_KERNEL_CASES = [
+    ("lamb-clipnorm-decay", "Lamb", {"learning_rate": 0.01, "clipnorm": 1.0,
+                                     "weight_decay": 0.1}),
+    ("lamb-skip-nonfinite", "Lamb", {"learning_rate": 0.01, "skip_nonfinite": True}),
+    ("muon-global-clip", "Muon", {"learning_rate": 0.01, "global_clipnorm": 2.0}),
+]
+
+
+@pytest.mark.parametrize("executor", ["host", "emulated"])
+@pytest.mark.parametrize("case", OWN_KERNEL_CASES, ids=[c[0] for c in OWN_KERNEL_CASES])
+def test_lamb_and_muon_read_the_scale_and_inf_flag(case, executor, libraries):
+    """Bit for bit the same executor stepped on grads/scale with flagged steps left out
+    (its per-segment sums differ in order from NumPy's, so the NumPy executor, given
+    the same inputs, is compared within float tolerance)."""
+    params, slots, counters = run(case, executor, libraries, amp=True)
+    want_params, want_slots, (_, skipped, _) = run(case, executor, libraries, amp=False)
+    np.testing.assert_array_equal(params, want_params)
+    for name in want_slots:
+        np.testing.assert_array_equal(slots[name], want_slots[name], err_msg=name)
+    assert counters == (STEPS - len(INF_AT), skipped + len(INF_AT), False)
+    reference = run(case, "numpy", libraries, amp=True)
+    np.testing.assert_allclose(params, reference[0], rtol=1e-4, atol=1e-6)
+    assert counters == reference[2]

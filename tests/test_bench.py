@@ -73,10 +73,20 @@ def test_sizes_and_optimizer_arguments():
 def test_only_fused_optimizers_are_benchmarked():
     """Optimizers only the NumPy executor runs have no fused step to measure."""
     names = bench.parse_optimizers("all")
-    assert "schedulefreeadamw" in names
-    assert not {"lamb", "adafactor", "muon"} & set(names)
-    with pytest.raises(ValueError, match="lamb run only on the NumPy executor"):
-        bench.parse_optimizers("adam,lamb")
+    assert "schedulefreeadamw" in names and "lamb" in names
+    assert not {"adafactor", "muon"} & set(names)
+    with pytest.raises(ValueError, match="adafactor run only on the NumPy executor"):
+        bench.parse_optimizers("adam,adafactor")
+    with pytest.raises(ValueError, match="muon: the benchmark's layouts are 1-D"):
+        bench.parse_optimizers("adam,muon")
+
+
+def test_step_bytes_model():
+    """Bytes per float32 element: Adam one pass (28), LAMB's two passes (40, as the
+    emulator counts them: tests/test_emulated_kernels.py), +4 for a norm clip."""
+    assert bench.step_bytes("adam", 4) == 28
+    assert bench.step_bytes("lamb", 4) == 40
+    assert bench.step_bytes("lamb", 4, clip=True) == 44
 
 
 def test_model_like_layout_adds_up():

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import fusedopt
+from fusedopt import _kernels
 from conftest import KERNEL_CASES, case_ids, random_grads, random_params
 from emulator import emulate
 
@@ -114,7 +115,8 @@ def test_per_segment_factors_follow_their_tiles(libraries):
     ("Nadam", {"skip_nonfinite": True, "global_clipnorm": 1.0}),
     ("SGD", {"skip_nonfinite": True, "momentum": 0.9, "clipnorm": 0.3,
              "learning_rate": fusedopt.schedules.ExponentialDecay(0.1, 2, 0.5)}),
-], ids=["adam", "nadam-global", "sgd-clipnorm-schedule"])
+    ("Lamb", {"skip_nonfinite": True, "clipnorm": 0.3, "weight_decay": 0.1}),
+], ids=["adam", "nadam-global", "sgd-clipnorm-schedule", "lamb-clipnorm-decay"])
 def test_skip_nonfinite_on_the_device_matches_numpy(libraries, cls_name, kwargs, dtype):
     """Skipped steps leave everything bitwise unchanged and later steps use the
     scalars of the device's own iteration count (bias corrections, schedules)."""
@@ -165,3 +167,160 @@ def test_state_dict_round_trip_through_the_device_counters(libraries):
     opt.load_state_dict(state)
     assert (opt.iterations, opt.skipped_steps, opt.last_step_skipped) == (1, 1, True)
     assert opt._plan.read_state() == (1, 1, True)
+
+
+# ------------------------------------------------------------------------ LAMB
+LAMB = ["fusedopt_lamb_moments", "fusedopt_lamb_ratios", "fusedopt_lamb_apply"]
+
+
+def device_iterations(plan):
+    return int(np.frombuffer(plan.state.tobytes(), dtype=_kernels.STEP_STATE)[0]["iterations"])
+
+
+@pytest.mark.parametrize("kwargs,launches", [
+    ({}, LAMB),
+    ({"clipnorm": 1.0}, ["fusedopt_sumsq", "fusedopt_clip_factors"] + LAMB),
+    ({"skip_nonfinite": True}, ["fusedopt_sumsq", "fusedopt_skip_check"] + LAMB),
+], ids=["plain", "clipnorm", "skip"])
+def test_lamb_is_two_passes_and_advances_the_counters_once(libraries, kwargs, launches):
+    """Two passes over the elements with the per-segment ratios between them; the
+    device's iteration count moves once per step (only the last launch advances it)."""
+    params = fusedopt.FlatBuffer.from_arrays(random_params(LAYOUT, np.float32, seed=1))
+    opt = fusedopt.Lamb(**kwargs)
+    backend = emulated(opt, params, libraries)
+    for step in range(3):
+        backend.launches.clear()
+        opt.apply(params.zeros_like().data + 0.5, params)
+        assert backend.launches == launches
+        assert device_iterations(opt._plan) == opt.iterations == step + 1
+
+
+def test_lamb_reads_and_writes_40_bytes_per_float32_element(libraries):
+    """The bytes model of fusedopt/bench.py: pass 1 reads p, g, m, v and writes m, v;
+    pass 2 reads p, m, v and writes p; nothing else touches an element."""
+    layout = [(3000,), (5, 7), (1,)]
+    params = fusedopt.FlatBuffer.from_arrays(random_params(layout, np.float32, seed=1))
+    opt = fusedopt.Lamb()
+    backend = emulated(opt, params, libraries)
+    backend.reset_accesses()
+    opt.apply(params.zeros_like().data + 0.5, params)
+    n = params.size
+    assert backend.count("load", 4, "fusedopt_lamb_moments") == 4 * n
+    assert backend.count("store", 4, "fusedopt_lamb_moments") == 2 * n
+    assert backend.count("load", 4, "fusedopt_lamb_apply") == 3 * n
+    assert backend.count("store", 4, "fusedopt_lamb_apply") == n
+    assert 4 * (backend.count("load", 4) + backend.count("store", 4)) == 40 * n
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+def test_lamb_ratios_of_segments_over_many_tiles_and_few_blocks(libraries, dtype):
+    """One block strides over every tile: each segment's norms are the sums of all its
+    tiles, and a zero segment keeps the ratio 1 (Keras)."""
+    layout = [(9000,), (7000,), (50,)]
+    grads = random_grads(layout, dtype, seed=17, steps=3)
+    init = random_params(layout, dtype, seed=18)
+    init[2][:] = 0  # ||p|| = 0: the ratio is 1
+    ref_params, gpu_params = (fusedopt.FlatBuffer.from_arrays(init) for _ in range(2))
+    ref, gpu = fusedopt.Lamb(learning_rate=0.01), fusedopt.Lamb(learning_rate=0.01)
+    emulated(gpu, gpu_params, libraries, sm_count=1, blocks_per_sm=1)
+    assert gpu._plan.update_grid == 1 and gpu._plan.tiles.count > 6
+    for step, g in enumerate(grads):
+        g = fusedopt.FlatBuffer.from_arrays(g).data
+        ref.apply(g, ref_params)
+        gpu.apply(g.copy(), gpu_params)
+        assert_close(gpu_params.data, ref_params.data, dtype, f"params, step {step}")
+
+
+def test_lamb_bits_do_not_depend_on_the_buffers_alignment(libraries):
+    grads = random_grads(LAYOUT, np.float32, seed=13, steps=3)
+    *_, aligned = run_pair("Lamb", {"clipnorm": 0.5}, np.float32, libraries, grads)
+    *_, unaligned = run_pair("Lamb", {"clipnorm": 0.5}, np.float32, libraries, grads,
+                             misalign=True)
+    np.testing.assert_array_equal(aligned.data, unaligned.data)
+
+
+# ------------------------------------------------------------------------ Muon
+# Matrices of several tiles, tall and wide, an excluded one, an embedding, vectors.
+MUON_LAYOUT = [(60, 50), (7,), (130, 40), (3, 7), (), (20, 30), (5, 4)]
+MUON_NAMES = ["dense_kernel", "bias", "out_kernel", "token_embedding", "scale", "skip_kernel",
+              "tiny"]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("kwargs", [
+    {},
+    {"nesterov": False, "rms_rate": None, "ns_steps": 3, "weight_decay": 0.1,
+     "adam_weight_decay": None, "clipnorm": 0.5},
+    {"exclude_layers": ["^skip"], "skip_nonfinite": True, "global_clipnorm": 1.0,
+     "loss_scale_factor": 4.0},
+], ids=["defaults", "plain-clipnorm", "excluded-global-skip"])
+def test_muon_matrices_match_numpy(libraries, kwargs, dtype):
+    grads = random_grads(MUON_LAYOUT, dtype, seed=21, steps=5)
+    grads[2][1].flat[3] = np.nan  # skipped with skip_nonfinite, propagates otherwise
+    init = random_params(MUON_LAYOUT, dtype, seed=22)
+    ref_params, gpu_params = (fusedopt.FlatBuffer.from_arrays(init, names=MUON_NAMES)
+                              for _ in range(2))
+    ref, gpu = fusedopt.Muon(**kwargs), fusedopt.Muon(**kwargs)
+    emulated(gpu, gpu_params, libraries, sm_count=1, blocks_per_sm=2)
+    adamw = [gpu.uses_adamw(i, s) for i, s in enumerate(MUON_LAYOUT)]
+    assert adamw[3] and not adamw[0] and not adamw[2] and adamw[5] == ("exclude_layers" in kwargs)
+    for step, g in enumerate(grads):
+        g = fusedopt.FlatBuffer.from_arrays(g).data
+        ref.apply(g, ref_params)
+        gpu.apply(g.copy(), gpu_params)
+        assert_close(gpu_params.data, ref_params.data, dtype, f"params, step {step}")
+        for name in ref.slot_names:
+            assert_close(gpu.slots()[name], ref.slots()[name], dtype, f"{name}, step {step}")
+    assert (gpu.iterations, gpu.skipped_steps) == (ref.iterations, ref.skipped_steps)
+
+
+def test_muon_is_two_launches_around_the_matrix_products(libraries):
+    """Moments, the matrix products (not kernels of ours), apply; the counters move
+    once per step. Bytes per float32 element: AdamW segments 28 (Adam's), Muon
+    segments 20 + 12 = 32."""
+    params = fusedopt.FlatBuffer.from_arrays(random_params(MUON_LAYOUT, np.float32, seed=1),
+                                             names=MUON_NAMES)
+    opt = fusedopt.Muon()
+    backend = emulated(opt, params, libraries)
+    adamw = sum(int(np.prod(s)) for i, s in enumerate(MUON_LAYOUT) if opt.uses_adamw(i, s))
+    muon = params.size - adamw
+    for step in range(2):
+        backend.launches.clear()
+        backend.reset_accesses()
+        opt.apply(params.zeros_like().data + 0.5, params)
+        assert backend.launches == ["fusedopt_muon_moments", "fusedopt_muon_apply"]
+        assert device_iterations(opt._plan) == opt.iterations == step + 1
+        assert backend.count("load", 4, "fusedopt_muon_moments") == 4 * adamw + 3 * muon
+        assert backend.count("store", 4, "fusedopt_muon_moments") == 3 * adamw + 2 * muon
+        assert backend.count("load", 4, "fusedopt_muon_apply") == 2 * muon
+        assert backend.count("store", 4, "fusedopt_muon_apply") == muon
+
+
+def test_muon_capture_is_refused_before_anything_changes(libraries):
+    params = fusedopt.FlatBuffer.from_arrays(random_params(MUON_LAYOUT, np.float32, seed=1))
+    opt = fusedopt.Muon()
+    emulated(opt, params, libraries)
+    before = params.data.copy()
+    with pytest.raises(RuntimeError, match="cannot be captured"):
+        opt.cuda_graph(params.zeros_like().data + 0.5, params)
+    np.testing.assert_array_equal(params.data, before)
+    assert opt.iterations == device_iterations(opt._plan) == 0
+
+
+def test_muon_hyperparameters_set_between_steps_reach_the_kernels(libraries):
+    """exclude_embeddings and rms_rate decide each segment's step and scale."""
+    grads = random_grads(MUON_LAYOUT, np.float64, seed=23, steps=4)
+    init = random_params(MUON_LAYOUT, np.float64, seed=24)
+    ref_params, gpu_params = (fusedopt.FlatBuffer.from_arrays(init, names=MUON_NAMES)
+                              for _ in range(2))
+    ref, gpu = fusedopt.Muon(), fusedopt.Muon()
+    emulated(gpu, gpu_params, libraries)
+    for step, g in enumerate(grads):
+        if step == 2:
+            for opt in (ref, gpu):
+                opt.exclude_embeddings = False
+                opt.rms_rate = 0.5
+        g = fusedopt.FlatBuffer.from_arrays(g).data
+        ref.apply(g, ref_params)
+        gpu.apply(g.copy(), gpu_params)
+        assert_close(gpu_params.data, ref_params.data, np.float64, f"params, step {step}")

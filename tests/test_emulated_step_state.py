@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import fusedopt
-from conftest import KERNEL_CASES, KERNEL_RULE_CASES, case_ids, random_grads, random_params
+from conftest import GRAPH_CASES, KERNEL_CASES, KERNEL_RULE_CASES, case_ids, random_grads, random_params
 from emulator import EmulatorBackend, LaunchError, emulate
 from fusedopt import _kernels
 from fusedopt import schedules as S
@@ -111,7 +111,7 @@ def replay_against_eager(libraries, cls_name, kwargs, dtype, n, grads_of_step,
 
 
 @pytest.mark.parametrize("n", [1, 3, 50])
-@pytest.mark.parametrize("case", KERNEL_CASES, ids=case_ids(KERNEL_CASES))
+@pytest.mark.parametrize("case", GRAPH_CASES, ids=case_ids(GRAPH_CASES))
 def test_replays_equal_eager_steps(libraries, case, n):
     """N replays of one captured step == N eager steps, to the bit, params and every
     slot, for every KERNEL_CASES entry; and the iteration count follows the replays."""

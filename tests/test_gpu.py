@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import fusedopt
-from conftest import KERNEL_CASES, case_ids
+from conftest import GRAPH_CASES, KERNEL_CASES, case_ids
 from fusedopt import cuda
 from fusedopt import schedules as S
 
@@ -126,13 +126,14 @@ def run_gpu(cp, cls_name, kwargs, n, shapes, steps, seed):
 @pytest.mark.parametrize("kwargs", [{}, {"clipnorm": 0.5}, {"global_clipnorm": 1.0},
                                     {"skip_nonfinite": True, "global_clipnorm": 1.0}],
                          ids=["plain", "clipnorm", "global", "skip-global"])
-def test_gpu_runs_are_bitwise_identical(kwargs):
+@pytest.mark.parametrize("cls_name", ["Adam", "Lamb"])
+def test_gpu_runs_are_bitwise_identical(cls_name, kwargs):
     import cupy as cp
 
     n = 3 * 2**20 + 5
     shapes = [(n // 3,), (n // 3,), (n - 2 * (n // 3),)]
-    first = run_gpu(cp, "Adam", kwargs, n, shapes, steps=10, seed=7)
-    second = run_gpu(cp, "Adam", kwargs, n, shapes, steps=10, seed=7)
+    first = run_gpu(cp, cls_name, kwargs, n, shapes, steps=10, seed=7)
+    second = run_gpu(cp, cls_name, kwargs, n, shapes, steps=10, seed=7)
     for a, b in zip(first, second):
         np.testing.assert_array_equal(a, b)
 
@@ -142,7 +143,8 @@ def test_gpu_runs_are_bitwise_identical(kwargs):
     {"skip_nonfinite": True}, {"skip_nonfinite": True, "clipnorm": 1.0, "loss_scale_factor": 128.0},
     {"learning_rate": fusedopt.schedules.CosineDecay(1e-3, 100)},
 ], ids=["plain", "clipnorm", "global", "clipvalue-decay", "skip", "skip-clipnorm-scale", "schedule"])
-def test_gpu_step_never_synchronises(kwargs):
+@pytest.mark.parametrize("cls_name", ["Adam", "Lamb"])  # LAMB: three launches, no sync
+def test_gpu_step_never_synchronises(cls_name, kwargs):
     """A step captured into a CUDA graph: capture fails on any device-to-host copy or
     synchronisation. The captured graph, replayed, then performs a real step."""
     import cupy as cp
@@ -151,7 +153,7 @@ def test_gpu_step_never_synchronises(kwargs):
     shapes = [(50_000,), (3,), (50_000,)]
     params = fusedopt.FlatBuffer(cp.asarray(np.linspace(-1, 1, n, dtype=np.float32)), shapes)
     grads = cp.asarray(np.random.default_rng(0).normal(size=n).astype(np.float32))
-    opt = fusedopt.Adam(**kwargs)
+    opt = getattr(fusedopt, cls_name)(**kwargs)
     opt.apply(grads, params)  # build and compile outside the capture
     stream = cp.cuda.Stream(non_blocking=True)
     with stream:
@@ -167,7 +169,8 @@ def test_gpu_step_never_synchronises(kwargs):
 @pytest.mark.parametrize("cls_name,kwargs", [
     ("Adam", {}), ("AdamW", {"global_clipnorm": 1.0, "loss_scale_factor": 2.0}),
     ("SGD", {"momentum": 0.9, "momentum_in_gradient_units": True, "clipnorm": 0.5}),
-], ids=["adam", "adamw-global-scale", "sgd-torch-clipnorm"])
+    ("Lamb", {"clipnorm": 1.0, "weight_decay": 0.01}),  # kernels/lamb.cu read the block
+], ids=["adam", "adamw-global-scale", "sgd-torch-clipnorm", "lamb-clipnorm"])
 def test_gpu_grad_scale_and_found_inf_are_read_on_the_device(cls_name, kwargs):
     """apply(grad_scale=, found_inf=) (torch.amp.GradScaler's inputs): eager steps equal
     the NumPy oracle on grads/scale; the step captures into a CUDA graph (which fails on
@@ -208,7 +211,8 @@ def test_gpu_grad_scale_and_found_inf_are_read_on_the_device(cls_name, kwargs):
 
 
 @pytest.mark.parametrize("cls_name,kwargs", [("Adam", {"amsgrad": True}), ("Nadam", {}),
-                                             ("Ftrl", {"l1_regularization_strength": 0.01})])
+                                             ("Ftrl", {"l1_regularization_strength": 0.01}),
+                                             ("Lamb", {"weight_decay": 0.01})])
 def test_state_moves_between_cpu_and_gpu(cls_name, kwargs):
     import cupy as cp
 
@@ -235,6 +239,51 @@ def test_state_moves_between_cpu_and_gpu(cls_name, kwargs):
         cpu_opt.apply(g, cpu_params)
     np.testing.assert_allclose(cpu_params.data, ref_params.data, rtol=1e-12)
     assert cpu_opt.iterations == 12
+
+
+MUON_SHAPES = [(600, 500), (7,), (1300, 400), (3, 7), (), (20, 30)]
+MUON_NAMES = ["dense_kernel", "bias", "out_kernel", "token_embedding", "scale", "skip_kernel"]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("kwargs", [
+    {}, {"nesterov": False, "rms_rate": None, "clipnorm": 0.5, "skip_nonfinite": True,
+         "exclude_layers": ["^skip"]}], ids=["defaults", "plain-clipnorm-skip-excluded"])
+def test_gpu_muon_matrices_match_numpy(kwargs, dtype):
+    """Muon's Newton-Schulz step on matrices (CuPy's matmuls, cuBLAS) between the two
+    element-wise kernels, against the NumPy executor, every step."""
+    import cupy as cp
+
+    rng = np.random.default_rng(9)
+    n = sum(int(np.prod(s)) for s in MUON_SHAPES)
+    init = rng.normal(size=n).astype(dtype)
+    cpu_params = fusedopt.FlatBuffer(init.copy(), MUON_SHAPES, names=MUON_NAMES)
+    gpu_params = fusedopt.FlatBuffer(cp.asarray(init), MUON_SHAPES, names=MUON_NAMES)
+    cpu_opt, gpu_opt = fusedopt.Muon(**kwargs), fusedopt.Muon(**kwargs)
+    for step in range(10):
+        g = (rng.normal(size=n) * rng.uniform(0.1, 3.0)).astype(dtype)
+        if step == 4:
+            g[5] = np.nan  # skipped with skip_nonfinite, propagates otherwise
+        cpu_opt.apply(g, cpu_params)
+        gpu_opt.apply(cp.asarray(g), gpu_params)
+        assert_close(cp.asnumpy(gpu_params.data), cpu_params.data, dtype, f"params, step {step}")
+        for name in cpu_opt.slot_names:
+            assert_close(cp.asnumpy(gpu_opt.slots()[name]), cpu_opt.slots()[name], dtype,
+                         f"{name}, step {step}")
+    assert gpu_opt.executor_name == "cuda"
+    assert (gpu_opt.iterations, gpu_opt.skipped_steps) == (cpu_opt.iterations,
+                                                           cpu_opt.skipped_steps)
+
+
+def test_gpu_muon_capture_is_refused():
+    import cupy as cp
+
+    params = fusedopt.FlatBuffer(cp.ones(60, dtype=np.float32), [(6, 10)])
+    opt = fusedopt.Muon()
+    opt.apply(cp.full(60, 0.5, dtype=np.float32), params)
+    with pytest.raises(RuntimeError, match="cannot be captured"):
+        opt.cuda_graph(cp.full(60, 0.5, dtype=np.float32), params)
+    assert opt.iterations == 1
 
 
 def test_more_than_2_to_the_31_elements():
@@ -296,7 +345,7 @@ def test_gpu_checkpoint_resume_is_bitwise_identical(tmp_path, kwargs):
     assert opt.skipped_steps == straight_opt.skipped_steps
 
 
-@pytest.mark.parametrize("cls_name", ["Adam", "Nadam", "SGD", "Ftrl"])
+@pytest.mark.parametrize("cls_name", ["Adam", "Nadam", "SGD", "Ftrl", "Lamb"])
 def test_gpu_skipped_step_changes_nothing(cls_name):
     import cupy as cp
 
@@ -331,7 +380,7 @@ REPLAY_SHAPES = [(4000,), (7,), (0,), (1,), (90,)]
 
 
 @pytest.mark.parametrize("n", [1, 3, 50])
-@pytest.mark.parametrize("case", KERNEL_CASES, ids=case_ids(KERNEL_CASES))
+@pytest.mark.parametrize("case", GRAPH_CASES, ids=case_ids(GRAPH_CASES))
 def test_cuda_graph_replays_equal_eager_steps(case, n):
     import cupy as cp
 
@@ -657,3 +706,19 @@ def test_torch_16_bit_model_on_the_gpu(dtype_name):
         master = opt.state[p]["master"]
         assert master.dtype == torch.float32 and master.device == p.device
         assert torch.equal(master.to(dtype), p.detach())
+
+
+@pytest.mark.parametrize("cls_name", ["Lamb", "Muon"])
+def test_gpu_lamb_and_muon_refuse_16_bit_buffers(cls_name):
+    """Their kernels take uniform float32/float64 storage only: bfloat16 CuPy buffers
+    are refused at the first apply, naming them, with nothing built."""
+    import cupy as cp
+
+    from conftest import dtype_of
+
+    ones = np.ones(64, np.float32).astype(dtype_of("bfloat16"))
+    params = fusedopt.FlatBuffer(cp.asarray(ones), [(8, 8)])
+    opt = getattr(fusedopt, cls_name)()
+    with pytest.raises(ValueError, match="bfloat16 params"):
+        opt.apply(cp.asarray(ones), params)
+    assert not opt.built

@@ -364,7 +364,10 @@ def test_every_precision_matches_the_reference(rule, precision_case, host_ok, li
 
 
 BF16_CASE = PRECISIONS[0]
-OTHER_RULES = [c for c in KERNEL_RULE_CASES if c[0] not in PRECISION_RULES]
+# Lamb and Muon (kernels of their own) run bfloat16 on the NumPy executor only:
+# test_own_kernel_rules_run_other_storage_on_numpy_and_refuse_it_on_host.
+OTHER_RULES = [c for c in KERNEL_RULE_CASES if c[0] not in PRECISION_RULES
+               and not _kernels.own_kernels(getattr(fusedopt, c[1])(**c[2]).rule)]
 
 
 @pytest.mark.parametrize("case", OTHER_RULES, ids=[c[0] for c in OTHER_RULES])
@@ -523,3 +526,52 @@ def test_reference_only_rules_keep_the_float32_trajectory_in_the_master(cls_name
     small.apply(np.ones(half.size, BF16), half.copy())
     assert {s.dtype for s in small.slots().values()} == {BF16}
     assert opt.executor_name == "numpy"
+
+
+@pytest.mark.parametrize("cls_name", ["Lamb", "Muon"])
+def test_own_kernel_rules_run_other_storage_on_numpy_and_refuse_it_on_host(cls_name, host_ok):
+    """Lamb's and Muon's kernels take uniform float32/float64 storage only: any other
+    storage takes the NumPy executor under "auto" (as Adafactor does) and is refused by
+    executor="host" with a ValueError naming the option, before anything is built; a
+    host plan refuses grads of another dtype, naming `grads`, with nothing changed."""
+    layout = [(6, 5), (7,)]
+    init = random_params(layout, np.float32, seed=40)
+    cls = getattr(fusedopt, cls_name)
+    for dtype in (np.float32, np.float64):
+        opt = cls(learning_rate=0.01)
+        opt.build(fusedopt.FlatBuffer.from_arrays(init, dtype=dtype))
+        assert opt.executor_name == "host", dtype
+    cases = [(BF16, {}, "bfloat16 params"), (np.float32, {"state_dtype": "bfloat16"},
+                                              "`state_dtype='bfloat16'`"),
+             (BF16, {"master_weights": True}, "`master_weights=True`"),
+             (BF16, {"stochastic_rounding": True}, "`stochastic_rounding=True`")]
+    for dtype, kwargs, named in cases:
+        auto = cls(learning_rate=0.01, **kwargs)
+        auto.build(fusedopt.FlatBuffer.from_arrays(init, dtype=dtype))
+        assert auto.executor_name == "numpy", kwargs
+        explicit = cls(learning_rate=0.01, executor="host", **kwargs)
+        with pytest.raises(ValueError, match=named.replace("(", r"\(")):
+            explicit.build(fusedopt.FlatBuffer.from_arrays(init, dtype=dtype))
+        assert not explicit.built
+    # bfloat16 grads for float32 params: the first step's grads choose the executor.
+    params = fusedopt.FlatBuffer.from_arrays(init)
+    g16 = fusedopt.FlatBuffer.from_arrays(random_grads(layout, np.float32, 41, 1)[0]).data
+    g16 = g16.astype(BF16)
+    auto = cls(learning_rate=0.01)
+    auto.apply(g16, params)
+    assert auto.executor_name == "numpy"
+    explicit = cls(learning_rate=0.01, executor="host")
+    with pytest.raises(ValueError, match="bfloat16 grads"):
+        explicit.apply(g16, params.copy())
+    # A host plan (built on float32 grads) refuses a later step's bfloat16 grads.
+    opt = cls(learning_rate=0.01)
+    params = fusedopt.FlatBuffer.from_arrays(init)
+    opt.apply(g16.astype(np.float32), params)
+    assert opt.executor_name == "host"
+    before = params.data.copy(), {k: v.copy() for k, v in opt.slots().items()}
+    with pytest.raises(ValueError, match="`grads` dtype bfloat16"):
+        opt.apply(g16, params)
+    np.testing.assert_array_equal(params.data, before[0])
+    for name, value in opt.slots().items():
+        np.testing.assert_array_equal(value, before[1][name])
+    assert opt.iterations == 1

@@ -271,3 +271,24 @@ def test_readme_torch_benchmark_figures_are_the_record():
     assert checked == 8, checked
     apply_ms = medians[("adam", "fusedopt", "small-model", 2 ** 20)]
     assert f"took {apply_ms:.2f} ms per" in section
+
+
+def test_readme_lamb_host_figures_are_the_record():
+    """The Lamb paragraph of the CPU results holds the medians of the record it links
+    (2026-11-23-amd-epyc-2-cores-3: Lamb against Adam on the host executor)."""
+    section = README.split("**CPU results**")[1].split("\n## ")[0]
+    paragraph = section[section.index("Lamb on the host executor"):].split("\n\n")[0]
+    text = " ".join(paragraph.split())
+    record_path = re.search(r"\]\((bench/results/[^)]+)\.md\)", text).group(1)
+    record = json.loads((ROOT / f"{record_path}.json").read_text())
+    medians = {(r["optimizer"], r["impl"], r["layout"], r["clip"], r["n"]): r["median_ms"]
+               for r in record["rows"]}
+    figures = re.search(r"\)\): ([\d.]+) / ([\d.]+) ms at 2²² / 2²⁴, against Adam's ([\d.]+) / "
+                        r"([\d.]+) ms and the NumPy reference's Lamb at ([\d.]+) / ([\d.]+) ms",
+                        text)
+    assert figures, text
+    expected = [(o, impl, n) for o, impl in (("lamb", "fusedopt"), ("adam", "fusedopt"),
+                                             ("lamb", "fusedopt-numpy"))
+                for n in (2 ** 22, 2 ** 24)]
+    for value, (optimizer, impl, n) in zip(figures.groups(), expected):
+        assert value == f"{medians[(optimizer, impl, 'flat', None, n)]:.1f}", (optimizer, impl, n)

@@ -1,0 +1,146 @@
+// lamb.cu: LAMB's step on the GPU (lamb.cuh), two passes over the elements:
+//   fusedopt_lamb_moments  the gradient prologue, decay, m and v updated; per tile, the
+//                          sums of p^2 (decayed p) and r^2 in double (partial[2k], [2k+1]);
+//   fusedopt_lamb_ratios   per segment, its tiles' sums in a fixed order -> trust ratio;
+//   fusedopt_lamb_apply    p decayed again (the same operation on the same p), r
+//                          recomputed from the stored m and v (the same bits as pass 1),
+//                          p -= ratio*lr*r; the last block advances the step state.
+// Recomputing r costs a read of m and v in pass 2 (fp32: 24 + 16 = 40 bytes per
+// element in all) where a scratch r would cost a write and a read of r (also 40) plus
+// a params-sized buffer, so the step keeps no scratch but the per-tile sums.
+// The tiles lie inside segments (fusedopt/_kernels.py, TileTable(per_segment=True)).
+// Each thread takes a fixed set of a tile's elements in a fixed order and blocks add
+// in a fixed tree, so the sums depend only on the layout: deterministic, no atomics.
+// Only the last kernel advances the counters, so all three read the same step.
+#pragma once
+// fused.cu for block_step_values and take_ticket (FUSEDOPT_RULE is not defined here, so
+// it defines no kernel).
+#include "fused.cu"
+
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+
+// Sum two values over the block in a fixed tree; the results are in a[0] and b[0].
+__device__ __forceinline__ void lamb_block_sum(double* a, double* b, double x, double y) {
+    a[threadIdx.x] = x;
+    b[threadIdx.x] = y;
+    __syncthreads();
+    for (unsigned width = FO_BLOCK / 2; width > 0; width /= 2) {
+        if (threadIdx.x < width) {
+            a[threadIdx.x] += a[threadIdx.x + width];
+            b[threadIdx.x] += b[threadIdx.x + width];
+        }
+        __syncthreads();
+    }
+}
+
+// Each segment group's scalars and prologue, in shared memory, as fused_step computes
+// them; returns whether the step is skipped (skip_nonfinite's verdict).
+template <typename T>
+__device__ __forceinline__ bool lamb_group_values(StepScalars<T>* st, Prologue<T>* pro,
+                                                  StepValues* values, const double* groups,
+                                                  int ngroups, const Hyper* hyper,
+                                                  const StepState* state) {
+    __shared__ int skip;
+    if ((int)threadIdx.x < ngroups) {
+        const int k = (int)threadIdx.x;
+        const StepValues v = block_step_values<lamb>(hyper, state, groups[2 * k]);
+        st[k] = fo_narrow<T>(v);
+        pro[k] = fo_prologue<T>(*hyper, groups[2 * k + 1] != 0.0);
+        if (k == 0) {
+            *values = v;
+            skip = state->skip != 0;
+        }
+    }
+    __syncthreads();
+    return skip != 0;
+}
+
+extern "C" __global__ void __launch_bounds__(FO_BLOCK) fusedopt_lamb_moments(
+        const FUSEDOPT_T* __restrict__ p, const FUSEDOPT_T* __restrict__ g,
+        FUSEDOPT_T* __restrict__ m, FUSEDOPT_T* __restrict__ v,
+        const long long* __restrict__ tile_start, const int* __restrict__ tile_segment,
+        const int* __restrict__ tile_group, long long ntiles,
+        const FUSEDOPT_T* __restrict__ factors, int nfactors, const double* __restrict__ groups,
+        int ngroups, const Hyper* __restrict__ hyper, const StepState* __restrict__ state,
+        double* __restrict__ partial) {
+    typedef FUSEDOPT_T T;
+    __shared__ StepScalars<T> shared_st[FO_MAX_GROUPS];
+    __shared__ Prologue<T> shared_pro[FO_MAX_GROUPS];
+    __shared__ StepValues shared_values;
+    __shared__ double sums_p[FO_BLOCK], sums_r[FO_BLOCK];
+    if (lamb_group_values<T>(shared_st, shared_pro, &shared_values, groups, ngroups, hyper,
+                             state))
+        return;  // a skipped step writes nothing
+    for (long long k = blockIdx.x; k < ntiles; k += gridDim.x) {
+        const long long begin = tile_start[k], end = tile_start[k + 1];
+        const T factor = factors == nullptr ? T(1) : factors[nfactors == 1 ? 0 : tile_segment[k]];
+        const StepScalars<T> st = shared_st[tile_group[k]];
+        const Prologue<T> pro = shared_pro[tile_group[k]];
+        double sp = 0.0, sr = 0.0;
+        for (long long i = begin + threadIdx.x; i < end; i += blockDim.x) {
+            T pi = fo_load(p + i), mi = fo_load(m + i), vi = fo_load(v + i);
+            const T gi = fo_prepare_gradient(fo_load(g + i), pi, factor, pro);
+            fo_decay(pi, pro, st.lr);
+            const T r = lamb::moments(gi, mi, vi, st.c);
+            fo_store(m + i, mi);
+            fo_store(v + i, vi);
+            sp += (double)pi * (double)pi;
+            sr += (double)r * (double)r;
+        }
+        lamb_block_sum(sums_p, sums_r, sp, sr);
+        if (threadIdx.x == 0) {
+            partial[2 * k] = sums_p[0];
+            partial[2 * k + 1] = sums_r[0];
+        }
+        __syncthreads();
+    }
+}
+
+// Segment s owns tiles [segment_tiles[s], segment_tiles[s + 1]).
+extern "C" __global__ void __launch_bounds__(FO_BLOCK) fusedopt_lamb_ratios(
+        const double* __restrict__ partial, const long long* __restrict__ segment_tiles,
+        long long nsegments, FUSEDOPT_T* __restrict__ ratios) {
+    __shared__ double sums_p[FO_BLOCK], sums_r[FO_BLOCK];
+    for (long long s = blockIdx.x; s < nsegments; s += gridDim.x) {
+        double sp = 0.0, sr = 0.0;
+        for (long long k = segment_tiles[s] + threadIdx.x; k < segment_tiles[s + 1];
+             k += blockDim.x) {
+            sp += partial[2 * k];
+            sr += partial[2 * k + 1];
+        }
+        lamb_block_sum(sums_p, sums_r, sp, sr);
+        if (threadIdx.x == 0) ratios[s] = (FUSEDOPT_T)lamb_trust_ratio(sums_p[0], sums_r[0]);
+        __syncthreads();
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(FO_BLOCK) fusedopt_lamb_apply(
+        FUSEDOPT_T* __restrict__ p, const FUSEDOPT_T* __restrict__ m,
+        const FUSEDOPT_T* __restrict__ v, const long long* __restrict__ tile_start,
+        const int* __restrict__ tile_segment, const int* __restrict__ tile_group,
+        long long ntiles, const FUSEDOPT_T* __restrict__ ratios,
+        const double* __restrict__ groups, int ngroups, const Hyper* __restrict__ hyper,
+        StepState* state) {
+    typedef FUSEDOPT_T T;
+    __shared__ StepScalars<T> shared_st[FO_MAX_GROUPS];
+    __shared__ Prologue<T> shared_pro[FO_MAX_GROUPS];
+    __shared__ StepValues shared_values;
+    const bool skip = lamb_group_values<T>(shared_st, shared_pro, &shared_values, groups,
+                                           ngroups, hyper, state);
+    if (threadIdx.x == 0) take_ticket(state, shared_values, skip);
+    if (skip) return;
+    for (long long k = blockIdx.x; k < ntiles; k += gridDim.x) {
+        const long long begin = tile_start[k], end = tile_start[k + 1];
+        const T ratio = ratios[tile_segment[k]];
+        const StepScalars<T> st = shared_st[tile_group[k]];
+        const Prologue<T> pro = shared_pro[tile_group[k]];
+        for (long long i = begin + threadIdx.x; i < end; i += blockDim.x) {
+            T pi = fo_load(p + i);
+            fo_decay(pi, pro, st.lr);
+            lamb::apply(pi, lamb::direction(fo_load(m + i), fo_load(v + i), st.c), ratio, st.c);
+            fo_store(p + i, pi);
+        }
+    }
+}
+
+#endif  // __CUDACC__

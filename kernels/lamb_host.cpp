@@ -1,0 +1,157 @@
+// lamb_host.cpp: LAMB's step on the CPU (lamb.cuh), the host executor's counterpart of
+// lamb.cu, on host.cpp's thread pool and plan. Over the per-segment reduction tiles of
+// the plan (sum_start, sum_segment, segment_tiles), split across threads by elements:
+//   [norm clipping / skip_nonfinite: the gradients' tile sums, then per-segment factors]
+//   pass 1  prologue, decay, m and v; per tile, the sums of p^2 and r^2 (FO_LANES partial
+//           sums in a fixed order, as tile_sum_of_squares);
+//   ratios  per segment, its tiles' sums in tile order -> trust ratio;
+//   pass 2  p decayed again, r recomputed from the stored m and v (the same bits as pass
+//           1), p -= ratio*lr*r;
+// with a barrier between phases, then the counters advanced once. Deterministic
+// whatever the thread count: threads only decide who computes a tile or a segment.
+// Built with FUSEDOPT_T defined and lamb.cuh included (fusedopt/host.py).
+#pragma once
+#include "whole_host.cpp"
+
+namespace fo_lamb {
+using namespace fo_whole;
+
+template <typename T>
+struct Step {
+    T* p;
+    const T* g;
+    T* m;
+    T* v;
+    const HostPlan* plan;
+    const GroupValues<T>* values;
+    double* sums;     // 2 per tile: p^2, r^2
+    T* factors;       // per segment (clipnorm), else factors[0] for every element
+    T* ratios;        // per segment
+    std::atomic<int>* any_nonfinite;
+
+    // Pass 1 over tile k: m and v, and the tile's sums.
+    void moments(long long k) const {
+        const HostPlan& pl = *plan;
+        const long long b = pl.sum_start[k], e = pl.sum_start[k + 1];
+        const int group = group_at(pl, b);
+        // Copies, and restrict pointers: stores to m and v cannot change the scalars, so
+        // the loop keeps them in registers and vectorises.
+        const Prologue<T> pro = values->pro[group];
+        const StepScalars<T> st = values->st[group];
+        const T factor = factors[pl.clip_mode == FO_CLIP_SEGMENT ? pl.sum_segment[k] : 0];
+        const T* __restrict__ p = this->p;
+        const T* __restrict__ g = this->g;
+        T* __restrict__ m = this->m;
+        T* __restrict__ v = this->v;
+        double lane_p[FO_LANES], lane_r[FO_LANES];
+        for (int j = 0; j < FO_LANES; ++j) lane_p[j] = 0.0, lane_r[j] = 0.0;
+        long long i = b;
+        for (; i + FO_LANES <= e; i += FO_LANES) {
+            for (int j = 0; j < FO_LANES; ++j) {
+                T pi = p[i + j];
+                const T gi = fo_prepare_gradient(g[i + j], pi, factor, pro);
+                fo_decay(pi, pro, st.lr);
+                const T r = lamb::moments(gi, m[i + j], v[i + j], st.c);
+                lane_p[j] += (double)pi * (double)pi;
+                lane_r[j] += (double)r * (double)r;
+            }
+        }
+        double rest_p = 0.0, rest_r = 0.0;  // the last < FO_LANES elements, in order
+        for (; i < e; ++i) {
+            T pi = p[i];
+            const T gi = fo_prepare_gradient(g[i], pi, factor, pro);
+            fo_decay(pi, pro, st.lr);
+            const T r = lamb::moments(gi, m[i], v[i], st.c);
+            rest_p += (double)pi * (double)pi;
+            rest_r += (double)r * (double)r;
+        }
+        for (int width = FO_LANES / 2; width > 0; width /= 2) {
+            for (int j = 0; j < width; ++j) {
+                lane_p[j] += lane_p[j + width];
+                lane_r[j] += lane_r[j + width];
+            }
+        }
+        sums[2 * k] = lane_p[0] + rest_p;
+        sums[2 * k + 1] = lane_r[0] + rest_r;
+    }
+
+    // Pass 2 over tile k.
+    void apply(long long k) const {
+        const HostPlan& pl = *plan;
+        const long long b = pl.sum_start[k], e = pl.sum_start[k + 1];
+        const int group = group_at(pl, b);
+        const Prologue<T> pro = values->pro[group];
+        const StepScalars<T> st = values->st[group];
+        const T ratio = ratios[pl.sum_segment[k]];
+        T* __restrict__ pp = p;
+        const T* __restrict__ mm = m;
+        const T* __restrict__ vv = v;
+        for (long long i = b; i < e; ++i) {
+            T pi = pp[i];
+            fo_decay(pi, pro, st.lr);
+            lamb::apply(pi, lamb::direction(mm[i], vv[i], st.c), ratio, st.c);
+            pp[i] = pi;
+        }
+    }
+
+    // Thread t's share of the step; `barrier` is null on one thread.
+    void run(int t, int n, fo_pool::Barrier* barrier) const {
+        const HostPlan& pl = *plan;
+        auto wait = [&] { if (barrier) barrier->wait(); };
+        long long first, last;
+        tiles_of(pl, t, n, &first, &last);
+        if (!gradient_phase(pl, g, values->pro[0].unscale, t, n, first, last, factors,
+                            any_nonfinite, barrier))
+            return;
+        for (long long k = first; k < last; ++k) moments(k);
+        wait();
+        for (long long s = t; s < pl.nsegments; s += n) {
+            double sp = 0.0, sr = 0.0;
+            for (long long k = pl.segment_tiles[s]; k < pl.segment_tiles[s + 1]; ++k)
+                sp += sums[2 * k], sr += sums[2 * k + 1];
+            ratios[s] = (T)lamb_trust_ratio(sp, sr);
+        }
+        wait();
+        for (long long k = first; k < last; ++k) apply(k);
+    }
+};
+
+template <typename T>
+static int step(T* p, const T* g, T* m, T* v, HostPlan* plan, const Hyper* block,
+                StepState* state) {
+    Hyper amp_block;
+    const Hyper* h = fo_amp_hyper(plan, block, &amp_block);  // GradScaler's inputs
+    const StepValues values = fo_step_values<lamb>(*h, *state, plan->groups[0]);
+    if (fo_amp_found_inf(plan)) {
+        fo_advance(*state, values, true);
+        return 0;
+    }
+    GroupValues<T> groups;
+    for (long long k = 0; k < plan->ngroups; ++k) {
+        groups.st[k] = fo_narrow<T>(fo_step_values<lamb>(*h, *state, plan->groups[2 * k]));
+        groups.pro[k] = fo_prologue<T>(*h, plan->groups[2 * k + 1] != 0.0);
+    }
+    plan->clipnorm = h->clipnorm;
+    std::vector<double> sums(2 * plan->nsums + 2);
+    std::vector<T> factors(plan->nsegments + 1, T(1)), ratios(plan->nsegments + 1, T(1));
+    std::atomic<int> any_nonfinite(0);
+    const Step<T> work = {p, g, m, v, plan, &groups, sums.data(), factors.data(), ratios.data(),
+                          &any_nonfinite};
+    run_threads(threads_for(plan), [&](int t, int n, fo_pool::Barrier* barrier) {
+        work.run(t, n, barrier);
+    });
+    const bool skipped = any_nonfinite.load() != 0;
+    fo_advance(*state, values, skipped);
+    return skipped ? 0 : 1;
+}
+
+}  // namespace fo_lamb
+
+#ifdef FUSEDOPT_T
+// host.cpp's signature (s2 and the master copy unused: uniform float32/float64 only).
+extern "C" int fusedopt_host_step(FUSEDOPT_T* p, const FUSEDOPT_T* g, FUSEDOPT_T* s0,
+                                  FUSEDOPT_T* s1, FUSEDOPT_T*, float*, HostPlan* plan,
+                                  const Hyper* hyper, StepState* state) {
+    return fo_lamb::step<FUSEDOPT_T>(p, g, s0, s1, plan, hyper, state);
+}
+#endif

@@ -1,0 +1,128 @@
+// muon_host.cpp: Muon's element-wise passes on the CPU (muon.cuh), the host executor's
+// counterpart of muon.cu, over the per-segment tiles of host.cpp's plan:
+//   fusedopt_host_step        [GradScaler's found_inf: skip; the gradient phase], then per tile: AdamW segments the
+//                             whole update, Muon segments m and d (into `d`); a skipped
+//                             step (skip_nonfinite) sets state->skip and writes nothing;
+//   (Newton-Schulz on each Muon segment of d: NumPy matrix products, fusedopt/host.py)
+//   fusedopt_host_muon_apply  Muon segments: p decayed, p -= (lr*d)*rms_scale; then the
+//                             counters advanced once (or the skip counted).
+// plan->segment_values[s]: segment s's rms scale (>= 0) for Muon, -1 for AdamW.
+// Built with FUSEDOPT_T defined and muon.cuh included (fusedopt/host.py).
+#pragma once
+#include "whole_host.cpp"
+
+namespace fo_muon {
+using namespace fo_whole;
+
+template <typename T>
+struct Groups {
+    GroupValues<T> muon, adamw;  // the two prologues (weight decays); the same scalars
+};
+
+template <typename T>
+static StepValues group_values(const HostPlan* plan, const Hyper* h, const StepState* state,
+                               Groups<T>* out) {
+    for (long long k = 0; k < plan->ngroups; ++k) {
+        const bool decay = plan->groups[2 * k + 1] != 0.0;
+        out->muon.st[k] = fo_narrow<T>(fo_step_values<muon>(*h, *state, plan->groups[2 * k]));
+        out->adamw.st[k] = out->muon.st[k];
+        out->muon.pro[k] = fo_prologue<T>(*h, decay);
+        out->adamw.pro[k] = muon_adamw_prologue<T>(*h, decay);
+    }
+    return fo_step_values<muon>(*h, *state, plan->groups[0]);
+}
+
+template <typename T>
+static void moments_tile(const HostPlan& pl, long long k, T* p, const T* g, T* m, T* v, T* d,
+                         const Groups<T>& groups, const T* factors) {
+    const long long b = pl.sum_start[k], e = pl.sum_start[k + 1];
+    const long long segment = pl.sum_segment[k];
+    const int group = group_at(pl, b);
+    const StepScalars<T> st = groups.muon.st[group];
+    const T factor = factors[pl.clip_mode == FO_CLIP_SEGMENT ? segment : 0];
+    if (pl.segment_values[segment] < 0.0) {
+        const Prologue<T> pro = groups.adamw.pro[group];
+        for (long long i = b; i < e; ++i) {
+            const T gi = fo_prepare_gradient(g[i], p[i], factor, pro);
+            fo_decay(p[i], pro, st.lr);
+            muon::adamw(p[i], gi, m[i], v[i], st.c);
+        }
+    } else {
+        const Prologue<T> pro = groups.muon.pro[group];
+        for (long long i = b; i < e; ++i)
+            d[i] = muon::momentum(fo_prepare_gradient(g[i], p[i], factor, pro), m[i], st.c);
+    }
+}
+
+template <typename T>
+static int moments(T* p, const T* g, T* m, T* v, T* d, HostPlan* plan, const Hyper* block,
+                   StepState* state) {
+    Hyper amp_block;
+    const Hyper* h = fo_amp_hyper(plan, block, &amp_block);  // GradScaler's inputs
+    if (fo_amp_found_inf(plan)) {  // skipped: apply counts it and writes nothing
+        state->skip = 1;
+        return 0;
+    }
+    Groups<T> groups;
+    group_values(plan, h, state, &groups);
+    plan->clipnorm = h->clipnorm;
+    std::vector<T> factors(plan->nsegments + 1, T(1));
+    std::atomic<int> any_nonfinite(0);
+    run_threads(threads_for(plan), [&](int t, int n, fo_pool::Barrier* barrier) {
+        long long first, last;
+        tiles_of(*plan, t, n, &first, &last);
+        if (!gradient_phase(*plan, g, groups.muon.pro[0].unscale, t, n, first, last,
+                            factors.data(), &any_nonfinite, barrier))
+            return;
+        for (long long k = first; k < last; ++k)
+            moments_tile(*plan, k, p, g, m, v, d, groups, factors.data());
+    });
+    state->skip = any_nonfinite.load() != 0;
+    return state->skip ? 0 : 1;
+}
+
+template <typename T>
+static void apply(T* p, const T* d, HostPlan* plan, const Hyper* block, StepState* state) {
+    Hyper amp_block;
+    const Hyper* h = fo_amp_hyper(plan, block, &amp_block);
+    Groups<T> groups;
+    const StepValues values = group_values(plan, h, state, &groups);
+    if (!state->skip) {
+        run_threads(threads_for(plan), [&](int t, int n, fo_pool::Barrier*) {
+            const HostPlan& pl = *plan;
+            long long first, last;
+            tiles_of(pl, t, n, &first, &last);
+            for (long long k = first; k < last; ++k) {
+                const double scale = pl.segment_values[pl.sum_segment[k]];
+                if (scale < 0.0) continue;
+                const int group = group_at(pl, pl.sum_start[k]);
+                const Prologue<T> pro = groups.muon.pro[group];
+                const StepScalars<T> st = groups.muon.st[group];
+                for (long long i = pl.sum_start[k]; i < pl.sum_start[k + 1]; ++i) {
+                    T pi = p[i];
+                    fo_decay(pi, pro, st.lr);
+                    muon::apply(pi, d[i], (T)scale, st.c);
+                    p[i] = pi;
+                }
+            }
+        });
+    }
+    fo_advance(*state, values, state->skip != 0);
+}
+
+}  // namespace fo_muon
+
+#ifdef FUSEDOPT_T
+// host.cpp's signature; s2 is the scratch d (params-sized), not a slot, and the master
+// copy is unused (uniform float32/float64 only).
+extern "C" int fusedopt_host_step(FUSEDOPT_T* p, const FUSEDOPT_T* g, FUSEDOPT_T* s0,
+                                  FUSEDOPT_T* s1, FUSEDOPT_T* s2, float*, HostPlan* plan,
+                                  const Hyper* hyper, StepState* state) {
+    return fo_muon::moments<FUSEDOPT_T>(p, g, s0, s1, s2, plan, hyper, state);
+}
+
+extern "C" void fusedopt_host_muon_apply(FUSEDOPT_T* p, const FUSEDOPT_T* d, HostPlan* plan,
+                                         const Hyper* hyper, StepState* state) {
+    fo_muon::apply<FUSEDOPT_T>(p, d, plan, hyper, state);
+}
+#endif
