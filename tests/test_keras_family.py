@@ -48,25 +48,9 @@ def floatx(dtype):
 @pytest.fixture
 def exact_reductions(monkeypatch):
     """Keras' JAX mean and norm, computed in the input's own float dtype."""
-    import jax.numpy as jnp
-    from keras.src.backend.jax import linalg, numpy as knp
+    from test_keras_parity import exact_float64_reductions
 
-    original_mean, original_norm = knp.mean, linalg.norm
-
-    def mean(x, axis=None, keepdims=False):
-        x = jnp.asarray(x)
-        if x.dtype == jnp.float64:
-            return jnp.mean(x, axis=axis, keepdims=keepdims)
-        return original_mean(x, axis=axis, keepdims=keepdims)
-
-    def norm(x, ord=None, axis=None, keepdims=False):
-        x = jnp.asarray(x)
-        if x.dtype == jnp.float64:
-            return jnp.linalg.norm(x, ord=ord, axis=axis, keepdims=keepdims)
-        return original_norm(x, ord=ord, axis=axis, keepdims=keepdims)
-
-    monkeypatch.setattr(knp, "mean", mean)
-    monkeypatch.setattr(linalg, "norm", norm)
+    exact_float64_reductions(monkeypatch)
 
 
 def make_inputs(dtype, layout=LAYOUT, steps=STEPS, seed=0):
