@@ -603,6 +603,7 @@ def test_changing_a_group_in_a_way_that_changes_the_state_is_refused():
     pytest.param(lambda p: ft.AdamW(p, lr=0.01, amsgrad=True), id="adamw"),
     pytest.param(lambda p: ft.FusedOptimizer(p, "nadam", lr=0.01, clipnorm=1.0), id="keras-nadam"),
     pytest.param(lambda p: ft.FusedOptimizer(p, "adagrad", lr=0.05), id="keras-adagrad"),
+    pytest.param(lambda p: ft.SGD(p, lr=0.05, momentum=0.9, nesterov=True), id="torch-sgd"),
 ])
 def test_state_dict_round_trip_resumes_exactly(make):
     model = mlp()
