@@ -167,16 +167,6 @@ __device__ __forceinline__ void fused_step(
 #define FO_CAT2(a, b) a##b
 #define FO_CAT(a, b) FO_CAT2(a, b)
 
-#ifndef FUSEDOPT_P
-#define FUSEDOPT_P FUSEDOPT_T
-#endif
-#ifndef FUSEDOPT_G
-#define FUSEDOPT_G FUSEDOPT_T
-#endif
-#ifndef FUSEDOPT_S
-#define FUSEDOPT_S FUSEDOPT_T
-#endif
-
 #ifdef FUSEDOPT_RULE
 // The kernel. Pointers that a configuration does not use are null: absent slots, the
 // master copy (always, unless the params are 16-bit and master_weights is set), and

@@ -533,16 +533,6 @@ extern "C" void fusedopt_host_scale(float* x, long long n, float s, int num_thre
     });
 }
 
-#ifndef FUSEDOPT_P
-#define FUSEDOPT_P FUSEDOPT_T
-#endif
-#ifndef FUSEDOPT_G
-#define FUSEDOPT_G FUSEDOPT_T
-#endif
-#ifndef FUSEDOPT_S
-#define FUSEDOPT_S FUSEDOPT_T
-#endif
-
 #ifdef FUSEDOPT_RULE
 // `master`: the float32 master copy of 16-bit params, or null.
 extern "C" int fusedopt_host_step(FUSEDOPT_P* p, const FUSEDOPT_G* g, FUSEDOPT_S* s0,

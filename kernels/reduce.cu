@@ -106,10 +106,6 @@ __device__ __forceinline__ double tile_sumsq(const G* __restrict__ g, long long 
     return total + tail;
 }
 
-#ifndef FUSEDOPT_G
-#define FUSEDOPT_G FUSEDOPT_T
-#endif
-
 extern "C" __global__ void __launch_bounds__(FO_BLOCK) fusedopt_sumsq(
         const FUSEDOPT_G* __restrict__ g, const long long* __restrict__ tile_start,
         long long ntiles, const Hyper* __restrict__ hyper, double* __restrict__ partial,

@@ -10,6 +10,19 @@
 
 #include "common.cuh"
 
+// The storage types of a build (fusedopt/_kernels.py, storage_prelude); a unit that names
+// only the math type FUSEDOPT_T stores everything in it. Defined once here, for fused.cu,
+// reduce.cu and host.cpp alike.
+#ifndef FUSEDOPT_P
+#define FUSEDOPT_P FUSEDOPT_T
+#endif
+#ifndef FUSEDOPT_G
+#define FUSEDOPT_G FUSEDOPT_T
+#endif
+#ifndef FUSEDOPT_S
+#define FUSEDOPT_S FUSEDOPT_T
+#endif
+
 typedef unsigned short fo_u16;
 typedef unsigned int fo_u32;
 typedef unsigned long long fo_u64;
