@@ -29,6 +29,7 @@ if keras.backend.backend() != "jax":  # pragma: no cover - depends on the enviro
     pytest.skip("parity tests use Keras' JAX backend", allow_module_level=True)
 
 from fusedopt import reference  # noqa: E402
+from test_keras_parity import keras_stepper  # noqa: E402
 
 STEPS = 25
 # Ranks 0 to 3; (6, 2) is tall (Muon transposes it), (2, 3, 4) factors its last two axes.
@@ -303,13 +304,14 @@ def test_adam_options_match_keras(kwargs, dtype, floatx):
              gradient_accumulation_steps=None) | kwargs
     params, grads = make_inputs(dtype)
     kvars = [keras.Variable(p.copy()) for p in params]
+    n = h["gradient_accumulation_steps"] or 1
     kopt = keras.optimizers.Adam(**kwargs)
+    keras_apply = keras_stepper(kopt, kvars, compiled=n > 1)
     flat = np.concatenate([p.ravel() for p in params])
     m, v, acc, avg = (np.zeros_like(flat) for _ in range(4))
-    n = h["gradient_accumulation_steps"] or 1
     dt = np.dtype(dtype).type
     for micro, step_grads in enumerate(grads):
-        keras_step(kopt, kvars, step_grads)
+        keras_apply(step_grads)
         g = np.concatenate([x.ravel() for x in step_grads])
         it = micro // n  # Keras' optimizer.iterations: completed updates
         if (micro + 1) % n:
@@ -342,25 +344,20 @@ def test_adam_options_match_keras(kwargs, dtype, floatx):
 def test_loss_scale_update_matches_keras():
     """The dynamic scale and counter over finite and non-finite steps, and the inner
     optimizer's iterations (a skipped step does not count). Keras' stateful apply of
-    LossScaleOptimizer leaks tracers on JAX, so this drives its stateless_apply, the
-    path Keras' own JAX trainer takes."""
+    LossScaleOptimizer leaks tracers on JAX, so this drives its compiled stateless_apply,
+    the path Keras' own JAX trainer takes."""
     params, grads = make_inputs(np.float32, layout=[(3,), (2, 2)], steps=12, seed=5)
     finite = [True, True, False, True, True, True, True, False, False, True, True, True]
     kvars = [keras.Variable(p.copy()) for p in params]
     kopt = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(), initial_scale=8.0,
                                                dynamic_growth_steps=3)
-    kopt.build(kvars)
-    values = [v.value for v in kvars]
-    state = [v.value for v in kopt.variables]
+    keras_apply = keras_stepper(kopt, kvars, compiled=True)
     scale, counter, inner_iterations = 8.0, 0, 0
     for step_grads, ok in zip(grads, finite):
         if not ok:
             step_grads = [g.copy() for g in step_grads]
             step_grads[1][0, 1] = np.inf
-        values, state = kopt.stateless_apply(
-            state, [keras.ops.convert_to_tensor(g) for g in step_grads], values)
-        for var, value in zip(kopt.variables, state):
-            var.assign(value)
+        keras_apply(step_grads)
         scale, counter = reference.loss_scale_update(scale, counter, ok, 3)
         inner_iterations += ok
         assert float(kopt.dynamic_scale.value) == scale

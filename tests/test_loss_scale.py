@@ -46,7 +46,9 @@ def keras():
                          ids=["adam", "adam-clipnorm-decay"])
 def test_matches_keras(keras, dtype, inner_kwargs):
     """Keras' stateful LossScaleOptimizer.apply leaks JAX tracers, so Keras runs
-    through stateless_apply, the path of its own JAX trainer."""
+    through its compiled stateless_apply, the path of its own JAX trainer."""
+    from test_keras_parity import keras_stepper
+
     old = keras.config.floatx()
     keras.config.set_floatx(np.dtype(dtype).name)
     try:
@@ -56,20 +58,17 @@ def test_matches_keras(keras, dtype, inner_kwargs):
         kvars = [keras.Variable(w.copy()) for w in init]
         kopt = keras.optimizers.LossScaleOptimizer(keras.optimizers.Adam(**inner_kwargs),
                                                    initial_scale=64.0, dynamic_growth_steps=3)
-        kopt.build(kvars)
-        values, state = [v.value for v in kvars], [v.value for v in kopt.variables]
+        keras_apply = keras_stepper(kopt, kvars, compiled=True)
         flat = FlatBuffer.from_arrays(init)
         fopt = LossScaleOptimizer(fusedopt.Adam(**inner_kwargs), initial_scale=64.0,
                                   dynamic_growth_steps=3)
         tol = dict(rtol=1e-10, atol=1e-12) if dtype == np.float64 else dict(rtol=2e-5, atol=2e-6)
         for step, g in enumerate(grads):
-            values, state = kopt.stateless_apply(
-                state, [keras.ops.convert_to_tensor(x) for x in g], values)
-            for var, value in zip(kopt.variables, state):
-                var.assign(value)
+            keras_apply(g)
             fopt.apply(FlatBuffer.from_arrays(g), flat)
-            for ours, theirs in zip(flat.views(), values):
-                np.testing.assert_allclose(ours, np.asarray(theirs), **tol, err_msg=f"step {step}")
+            for ours, theirs in zip(flat.views(), kvars):
+                np.testing.assert_allclose(ours, np.asarray(theirs.value), **tol,
+                                           err_msg=f"step {step}")
             assert fopt.dynamic_scale == float(kopt.dynamic_scale.value)
             assert fopt.step_counter == int(kopt.step_counter.value)
             assert fopt.iterations == int(kopt.iterations)
