@@ -365,6 +365,8 @@ class StepPlan:
             self._build_lamb_tables(tiles)
         elif opt.rule == "muon":
             self._build_muon_tables()
+        elif opt.rule == "adafactor":
+            self._build_adafactor_tables(tiles)
         else:
             self.update_grid = self._grid(opt.rule, f"fusedopt_{opt.rule}")
         self.sumsq_grid = self._grid(None, "fusedopt_sumsq") if reduce else None
@@ -438,6 +440,51 @@ class StepPlan:
         self._enqueue("lamb", "fusedopt_lamb_apply", self.apply_grid, k.BLOCK, (
             params_data, slots[0], slots[1], *tiles, self.lamb_ratios, *groups, self.hyper,
             self.state))
+
+    def _build_adafactor_tables(self, tiles):
+        """Adafactor's segment table and scratch (kernels/adafactor.cu): two sums per
+        tile, a row mean per leading index, two scales per segment."""
+        xp, nsegments = self.backend.xp, len(tiles.segment_tiles) - 1
+        table = self.optimizer._kernel_segments(self.shapes, self.offsets)
+        self.adafactor_table = xp.asarray(table)
+        self.adafactor_segment_tiles = xp.asarray(tiles.segment_tiles)
+        self.adafactor_partial = xp.zeros(2 * max(1, tiles.count), dtype=np.float64)
+        self.adafactor_means = xp.zeros(max(1, int(table[-1])), dtype=self.dtype)
+        self.adafactor_scales = xp.ones(2 * max(1, nsegments), dtype=self.dtype)
+        rows, items = int(table[-3]), int(table[-2] + table[-1])
+        self.adafactor_grids = {}
+        for name, count in (("moments", tiles.count), ("rows", rows),
+                            ("columns", -(-items // self._k.BLOCK)), ("rms", tiles.count),
+                            ("scales", nsegments), ("apply", tiles.count)):
+            blocks = self.backend.blocks_per_sm(
+                self._function("adafactor", f"fusedopt_adafactor_{name}"), self._k.BLOCK)
+            self.adafactor_grids[name] = max(1, min(count, self.backend.sm_count * blocks))
+        self.update_grid = self.adafactor_grids["moments"]
+
+    def _enqueue_adafactor(self, grads, params_data, slots, nfactors):
+        """Adafactor's step: six launches (kernels/adafactor.cu), only the last advances
+        the step state. Slots: r, c, v."""
+        k, groups = self._k, (self.groups, np.int32(self.groups.size // 2))
+        tiles = (self.tile_start, self.tile_segment, self.tile_group, np.int64(self.tiles.count))
+        r, c, v = slots[:3]
+        table = (self.adafactor_table, np.int64(len(self.offsets) - 1))
+        grid = self.adafactor_grids
+        self._enqueue("adafactor", "fusedopt_adafactor_moments", grid["moments"], k.BLOCK, (
+            params_data, grads, v, *tiles, self.factors, nfactors, self.adafactor_table, *groups,
+            self.hyper, self.state, self.adafactor_partial))
+        self._enqueue("adafactor", "fusedopt_adafactor_rows", grid["rows"], k.BLOCK, (
+            v, r, *table, self.hyper, self.state))
+        self._enqueue("adafactor", "fusedopt_adafactor_columns", grid["columns"], k.BLOCK, (
+            v, r, c, self.adafactor_means, *table, self.hyper, self.state))
+        self._enqueue("adafactor", "fusedopt_adafactor_rms", grid["rms"], k.BLOCK, (
+            params_data, grads, r, c, self.adafactor_means, *tiles, self.factors, nfactors,
+            self.adafactor_table, *groups, self.hyper, self.state, self.adafactor_partial))
+        self._enqueue("adafactor", "fusedopt_adafactor_scales", grid["scales"], k.BLOCK, (
+            self.adafactor_partial, self.adafactor_segment_tiles, table[1],
+            self.adafactor_table, self.hyper, self.state, self.adafactor_scales))
+        self._enqueue("adafactor", "fusedopt_adafactor_apply", grid["apply"], k.BLOCK, (
+            params_data, grads, v, r, c, self.adafactor_means, *tiles, self.factors, nfactors,
+            self.adafactor_scales, self.adafactor_table, *groups, self.hyper, self.state))
 
     # ----------------------------------------------------------- the step state
     def hyperparameters_changed(self, name):
@@ -543,6 +590,8 @@ class StepPlan:
             return self._enqueue_lamb(grads, params_data, s, nfactors)
         if opt.rule == "muon":
             return self._enqueue_muon(grads, params_data, s, nfactors)
+        if opt.rule == "adafactor":
+            return self._enqueue_adafactor(grads, params_data, s, nfactors)
         master = opt._option_slots.get("master")
         self._enqueue(opt.rule, f"fusedopt_{opt.rule}", self.update_grid, self._k.BLOCK, (
             params_data, grads, s[0], s[1], s[2], master, self.tile_start, self.tile_segment,
