@@ -453,38 +453,39 @@ class StepPlan:
         self.adafactor_scales = xp.ones(2 * max(1, nsegments), dtype=self.dtype)
         rows, items = int(table[-3]), int(table[-2] + table[-1])
         self.adafactor_grids = {}
-        for name, count in (("moments", tiles.count), ("rows", rows),
-                            ("columns", -(-items // self._k.BLOCK)), ("rms", tiles.count),
-                            ("scales", nsegments), ("apply", tiles.count)):
+        for name, count in (("pass", tiles.count), ("rows", rows),
+                            ("columns", -(-items // self._k.BLOCK)), ("scales", nsegments)):
             blocks = self.backend.blocks_per_sm(
                 self._function("adafactor", f"fusedopt_adafactor_{name}"), self._k.BLOCK)
             self.adafactor_grids[name] = max(1, min(count, self.backend.sm_count * blocks))
-        self.update_grid = self.adafactor_grids["moments"]
+        self.update_grid = self.adafactor_grids["pass"]
 
     def _enqueue_adafactor(self, grads, params_data, slots, nfactors):
-        """Adafactor's step: six launches (kernels/adafactor.cu), only the last advances
-        the step state. Slots: r, c, v."""
-        k, groups = self._k, (self.groups, np.int32(self.groups.size // 2))
-        tiles = (self.tile_start, self.tile_segment, self.tile_group, np.int64(self.tiles.count))
+        """Adafactor's step (kernels/adafactor.cu): the element passes MOMENTS, RMS and
+        APPLY (0, 1, 2) of fusedopt_adafactor_pass with the row, column and segment
+        sums between them; only APPLY advances the step state. Slots: r, c, v."""
+        k, grid = self._k, self.adafactor_grids
         r, c, v = slots[:3]
         table = (self.adafactor_table, np.int64(len(self.offsets) - 1))
-        grid = self.adafactor_grids
-        self._enqueue("adafactor", "fusedopt_adafactor_moments", grid["moments"], k.BLOCK, (
-            params_data, grads, v, *tiles, self.factors, nfactors, self.adafactor_table, *groups,
-            self.hyper, self.state, self.adafactor_partial))
+
+        def element_pass(phase):
+            self._enqueue("adafactor", "fusedopt_adafactor_pass", grid["pass"], k.BLOCK, (
+                np.int32(phase), params_data, grads, v, r, c, self.adafactor_means,
+                self.tile_start, self.tile_segment, self.tile_group, np.int64(self.tiles.count),
+                self.factors, nfactors, self.adafactor_scales, self.adafactor_table,
+                self.groups, np.int32(self.groups.size // 2), self.hyper, self.state,
+                self.adafactor_partial))
+
+        element_pass(0)
         self._enqueue("adafactor", "fusedopt_adafactor_rows", grid["rows"], k.BLOCK, (
             v, r, *table, self.hyper, self.state))
         self._enqueue("adafactor", "fusedopt_adafactor_columns", grid["columns"], k.BLOCK, (
             v, r, c, self.adafactor_means, *table, self.hyper, self.state))
-        self._enqueue("adafactor", "fusedopt_adafactor_rms", grid["rms"], k.BLOCK, (
-            params_data, grads, r, c, self.adafactor_means, *tiles, self.factors, nfactors,
-            self.adafactor_table, *groups, self.hyper, self.state, self.adafactor_partial))
+        element_pass(1)
         self._enqueue("adafactor", "fusedopt_adafactor_scales", grid["scales"], k.BLOCK, (
             self.adafactor_partial, self.adafactor_segment_tiles, table[1],
             self.adafactor_table, self.hyper, self.state, self.adafactor_scales))
-        self._enqueue("adafactor", "fusedopt_adafactor_apply", grid["apply"], k.BLOCK, (
-            params_data, grads, v, r, c, self.adafactor_means, *tiles, self.factors, nfactors,
-            self.adafactor_scales, self.adafactor_table, *groups, self.hyper, self.state))
+        element_pass(2)
 
     # ----------------------------------------------------------- the step state
     def hyperparameters_changed(self, name):

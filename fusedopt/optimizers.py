@@ -449,7 +449,8 @@ class Adafactor(FusedOptimizer):
     rho = min(lr, 1/sqrt(t));  alpha = max(epsilon_2, rms(p))*rho;
     beta = 1 - t^beta_2_decay;  u = g/sqrt(v);  p <- p - alpha*u/max(1, rms(u)/clip_threshold)
     `relative_step` is kept for Keras' config: Keras applies min(lr, 1/sqrt(t)) in
-    rho whether it is set or not.
+    rho whether it is set or not. The host and CUDA executors run it as passes with
+    per-row, per-column and per-variable sums between them (kernels/adafactor.cu).
     """
 
     rule = "adafactor"

@@ -1,5 +1,6 @@
-// adafactor.cu: Adafactor's step on the GPU (adafactor.cuh), in six launches:
-//   fusedopt_adafactor_moments  per tile (tiles lie inside segments): the gradient
+// adafactor.cu: Adafactor's step on the GPU (adafactor.cuh), in six launches of four
+// kernels:
+//   fusedopt_adafactor_pass (MOMENTS)  per tile (tiles lie inside segments): the gradient
 //                               prologue and decay; the sum of p^2 (decayed p); an
 //                               unfactored segment's v and the sum of u^2; a factored
 //                               segment's G = g^2 + eps_1 into v (a scratch until
@@ -8,13 +9,13 @@
 //                               row's sum of G;
 //   fusedopt_adafactor_columns  one thread per column: c from the column's sum of G;
 //                               one per leading index: the mean of its new r;
-//   fusedopt_adafactor_rms      per factored tile: v from r, c and the row mean, the
+//   fusedopt_adafactor_pass (RMS)  per factored tile: v from r, c and the row mean, the
 //                               sum of u^2;
 //   fusedopt_adafactor_scales   per segment, its tiles' sums in a fixed order ->
 //                               max(eps_2, rms(p)) and max(1, rms(u)/clip_threshold);
-//   fusedopt_adafactor_apply    p decayed again, v rebuilt (factored: stored) or read,
-//                               u recomputed (the same bits), p moves; the last block
-//                               advances the step state.
+//   fusedopt_adafactor_pass (APPLY)  p decayed again, v rebuilt (factored: stored) or
+//                               read, u recomputed (the same bits), p moves; the last
+//                               block advances the step state.
 // Every sum is in double, by one thread in element order or by a block in a fixed
 // tree: deterministic, no atomics. Only the last launch advances the counters, so all
 // six read the same step; each returns at once on a skipped step.
@@ -36,52 +37,6 @@ __device__ __forceinline__ void adafactor_element(const T* p, const T* g, long l
     *pi = fo_load(p + i);
     *gi = fo_prepare_gradient(fo_load(g + i), *pi, factor, pro);
     fo_decay(*pi, pro, st.lr);
-}
-
-extern "C" __global__ void __launch_bounds__(FO_BLOCK) fusedopt_adafactor_moments(
-        const FUSEDOPT_T* __restrict__ p, const FUSEDOPT_T* __restrict__ g,
-        FUSEDOPT_T* __restrict__ v, const long long* __restrict__ tile_start,
-        const int* __restrict__ tile_segment, const int* __restrict__ tile_group, long long ntiles,
-        const FUSEDOPT_T* __restrict__ factors, int nfactors, const double* __restrict__ table,
-        const double* __restrict__ groups, int ngroups, const Hyper* __restrict__ hyper,
-        const StepState* __restrict__ state, double* __restrict__ partial) {
-    typedef FUSEDOPT_T T;
-    __shared__ StepScalars<T> shared_st[FO_MAX_GROUPS];
-    __shared__ Prologue<T> shared_pro[FO_MAX_GROUPS];
-    __shared__ StepValues shared_values;
-    __shared__ double sums_p[FO_BLOCK], sums_u[FO_BLOCK];
-    if (whole_group_values<adafactor, T>(shared_st, shared_pro, &shared_values, groups, ngroups,
-                                         hyper, state))
-        return;  // a skipped step writes nothing
-    for (long long k = blockIdx.x; k < ntiles; k += gridDim.x) {
-        const long long begin = tile_start[k], end = tile_start[k + 1];
-        const int segment = tile_segment[k];
-        const T factor = factors == nullptr ? T(1) : factors[nfactors == 1 ? 0 : segment];
-        const StepScalars<T> st = shared_st[tile_group[k]];
-        const Prologue<T> pro = shared_pro[tile_group[k]];
-        const bool factored = FO_ADAFACTOR_ROW(table, segment)[1] >= 0.0;
-        double sp = 0.0, su = 0.0;
-        for (long long i = begin + threadIdx.x; i < end; i += blockDim.x) {
-            T pi, gi;
-            adafactor_element(p, g, i, factor, pro, st, &pi, &gi);
-            sp += (double)(pi * pi);
-            if (factored) {
-                fo_store(v + i, adafactor::regulated(gi, st.c));
-            } else {
-                T vi = fo_load(v + i);
-                adafactor::moment(gi, vi, st.c);
-                fo_store(v + i, vi);
-                const T u = gi / fo_sqrt(vi);
-                su += (double)(u * u);
-            }
-        }
-        whole_block_sum(sums_p, sums_u, sp, su);
-        if (threadIdx.x == 0) {
-            partial[2 * k] = sums_p[0];
-            if (!factored) partial[2 * k + 1] = sums_u[0];
-        }
-        __syncthreads();
-    }
 }
 
 // The scalars that do not depend on a segment group (beta), and the skip verdict.
@@ -149,44 +104,6 @@ extern "C" __global__ void __launch_bounds__(FO_BLOCK) fusedopt_adafactor_column
     }
 }
 
-extern "C" __global__ void __launch_bounds__(FO_BLOCK) fusedopt_adafactor_rms(
-        const FUSEDOPT_T* __restrict__ p, const FUSEDOPT_T* __restrict__ g,
-        const FUSEDOPT_T* __restrict__ r, const FUSEDOPT_T* __restrict__ c,
-        const FUSEDOPT_T* __restrict__ row_means, const long long* __restrict__ tile_start,
-        const int* __restrict__ tile_segment, const int* __restrict__ tile_group, long long ntiles,
-        const FUSEDOPT_T* __restrict__ factors, int nfactors, const double* __restrict__ table,
-        const double* __restrict__ groups, int ngroups, const Hyper* __restrict__ hyper,
-        const StepState* __restrict__ state, double* __restrict__ partial) {
-    typedef FUSEDOPT_T T;
-    __shared__ StepScalars<T> shared_st[FO_MAX_GROUPS];
-    __shared__ Prologue<T> shared_pro[FO_MAX_GROUPS];
-    __shared__ StepValues shared_values;
-    __shared__ double sums[FO_BLOCK], unused[FO_BLOCK];
-    if (whole_group_values<adafactor, T>(shared_st, shared_pro, &shared_values, groups, ngroups,
-                                         hyper, state))
-        return;
-    for (long long k = blockIdx.x; k < ntiles; k += gridDim.x) {
-        const int segment = tile_segment[k];
-        const double* row = FO_ADAFACTOR_ROW(table, segment);
-        if (row[1] < 0.0) continue;  // unfactored: summed by fusedopt_adafactor_moments
-        const long long begin = tile_start[k], end = tile_start[k + 1];
-        const T factor = factors == nullptr ? T(1) : factors[nfactors == 1 ? 0 : segment];
-        const StepScalars<T> st = shared_st[tile_group[k]];
-        const Prologue<T> pro = shared_pro[tile_group[k]];
-        double su = 0.0;
-        for (long long i = begin + threadIdx.x; i < end; i += blockDim.x) {
-            T pi, gi;
-            adafactor_element(p, g, i, factor, pro, st, &pi, &gi);
-            const AdafactorIndex x = adafactor_index(row, i);
-            const T u = gi / fo_sqrt(adafactor::factored(r[x.r], row_means[x.l], c[x.c]));
-            su += (double)(u * u);
-        }
-        whole_block_sum(sums, unused, su, 0.0);
-        if (threadIdx.x == 0) partial[2 * k + 1] = sums[0];
-        __syncthreads();
-    }
-}
-
 // Segment s owns tiles [segment_tiles[s], segment_tiles[s + 1]); scales[2s], [2s + 1]:
 // its max(eps_2, rms(p)) and max(1, rms(u)/clip_threshold).
 extern "C" __global__ void __launch_bounds__(FO_BLOCK) fusedopt_adafactor_scales(
@@ -196,13 +113,7 @@ extern "C" __global__ void __launch_bounds__(FO_BLOCK) fusedopt_adafactor_scales
     __shared__ double sums_p[FO_BLOCK], sums_u[FO_BLOCK];
     if (state->skip) return;
     for (long long s = blockIdx.x; s < nsegments; s += gridDim.x) {
-        double sp = 0.0, su = 0.0;
-        for (long long k = segment_tiles[s] + threadIdx.x; k < segment_tiles[s + 1];
-             k += blockDim.x) {
-            sp += partial[2 * k];
-            su += partial[2 * k + 1];
-        }
-        whole_block_sum(sums_p, sums_u, sp, su);
+        whole_segment_sums(partial, segment_tiles, s, sums_p, sums_u);
         const long long n = (long long)(FO_ADAFACTOR_ROW(table, s + 1)[0] -
                                         FO_ADAFACTOR_ROW(table, s)[0]);
         if (threadIdx.x == 0 && n > 0) adafactor_scales(sums_p[0], sums_u[0], n, *hyper, scales + 2 * s);
@@ -210,44 +121,74 @@ extern "C" __global__ void __launch_bounds__(FO_BLOCK) fusedopt_adafactor_scales
     }
 }
 
-extern "C" __global__ void __launch_bounds__(FO_BLOCK) fusedopt_adafactor_apply(
-        FUSEDOPT_T* __restrict__ p, const FUSEDOPT_T* __restrict__ g, FUSEDOPT_T* __restrict__ v,
-        const FUSEDOPT_T* __restrict__ r, const FUSEDOPT_T* __restrict__ c,
-        const FUSEDOPT_T* __restrict__ row_means, const long long* __restrict__ tile_start,
-        const int* __restrict__ tile_segment, const int* __restrict__ tile_group, long long ntiles,
+// The passes over the elements (`phase`), tile by tile.
+#define FO_ADAFACTOR_MOMENTS 0
+#define FO_ADAFACTOR_RMS 1
+#define FO_ADAFACTOR_APPLY 2
+
+extern "C" __global__ void __launch_bounds__(FO_BLOCK) fusedopt_adafactor_pass(
+        int phase, FUSEDOPT_T* __restrict__ p, const FUSEDOPT_T* __restrict__ g,
+        FUSEDOPT_T* __restrict__ v, const FUSEDOPT_T* __restrict__ r,
+        const FUSEDOPT_T* __restrict__ c, const FUSEDOPT_T* __restrict__ row_means,
+        const long long* __restrict__ tile_start, const int* __restrict__ tile_segment,
+        const int* __restrict__ tile_group, long long ntiles,
         const FUSEDOPT_T* __restrict__ factors, int nfactors, const FUSEDOPT_T* __restrict__ scales,
         const double* __restrict__ table, const double* __restrict__ groups, int ngroups,
-        const Hyper* __restrict__ hyper, StepState* state) {
+        const Hyper* __restrict__ hyper, StepState* state, double* __restrict__ partial) {
     typedef FUSEDOPT_T T;
     __shared__ StepScalars<T> shared_st[FO_MAX_GROUPS];
     __shared__ Prologue<T> shared_pro[FO_MAX_GROUPS];
     __shared__ StepValues shared_values;
+    __shared__ double sums_p[FO_BLOCK], sums_u[FO_BLOCK];
     const bool skip = whole_group_values<adafactor, T>(shared_st, shared_pro, &shared_values,
                                                        groups, ngroups, hyper, state);
-    if (threadIdx.x == 0) take_ticket(state, shared_values, skip);
-    if (skip) return;
+    if (phase == FO_ADAFACTOR_APPLY && threadIdx.x == 0) take_ticket(state, shared_values, skip);
+    if (skip) return;  // a skipped step writes nothing
     for (long long k = blockIdx.x; k < ntiles; k += gridDim.x) {
-        const int segment = tile_segment[k];
-        const double* row = FO_ADAFACTOR_ROW(table, segment);
-        const bool factored = row[1] >= 0.0;
         const long long begin = tile_start[k], end = tile_start[k + 1];
+        const int segment = tile_segment[k];
         const T factor = factors == nullptr ? T(1) : factors[nfactors == 1 ? 0 : segment];
-        const T scale = scales[2 * segment], divisor = scales[2 * segment + 1];
         const StepScalars<T> st = shared_st[tile_group[k]];
         const Prologue<T> pro = shared_pro[tile_group[k]];
-        for (long long i = begin + threadIdx.x; i < end; i += blockDim.x) {
+        const double* row = FO_ADAFACTOR_ROW(table, segment);
+        const bool factored = row[1] >= 0.0;
+        if (phase == FO_ADAFACTOR_RMS && !factored) continue;  // summed by MOMENTS
+        double sp = 0.0, su = 0.0;
+        AdafactorWalk walk;
+        if (factored) walk = AdafactorWalk(row, begin + threadIdx.x, blockDim.x);
+        for (long long i = begin + threadIdx.x; i < end; i += blockDim.x, walk.advance()) {
             T pi, gi, vi;
             adafactor_element(p, g, i, factor, pro, st, &pi, &gi);
-            if (factored) {
-                const AdafactorIndex x = adafactor_index(row, i);
-                vi = adafactor::factored(r[x.r], row_means[x.l], c[x.c]);
+            if (phase == FO_ADAFACTOR_MOMENTS) {
+                sp += (double)(pi * pi);
+                if (factored) {
+                    fo_store(v + i, adafactor::regulated(gi, st.c));
+                    continue;
+                }
+                vi = fo_load(v + i);
+                adafactor::moment(gi, vi, st.c);
                 fo_store(v + i, vi);
+            } else if (factored) {
+                vi = walk.v(row, r, c, row_means);
+                if (phase == FO_ADAFACTOR_APPLY) fo_store(v + i, vi);
             } else {
                 vi = fo_load(v + i);
             }
-            adafactor::apply(pi, gi, vi, scale, divisor, st.c);
-            fo_store(p + i, pi);
+            if (phase == FO_ADAFACTOR_APPLY) {
+                adafactor::apply(pi, gi, vi, scales[2 * segment], scales[2 * segment + 1], st.c);
+                fo_store(p + i, pi);
+            } else {
+                const T u = gi / fo_sqrt(vi);
+                su += (double)(u * u);
+            }
         }
+        if (phase == FO_ADAFACTOR_APPLY) continue;
+        whole_block_sum(sums_p, sums_u, sp, su);
+        if (threadIdx.x == 0) {
+            if (phase == FO_ADAFACTOR_MOMENTS) partial[2 * k] = sums_p[0];
+            if (phase == FO_ADAFACTOR_RMS || !factored) partial[2 * k + 1] = sums_u[0];
+        }
+        __syncthreads();
     }
 }
 

@@ -56,23 +56,42 @@ struct adafactor {
     }
 };
 
-// Where element `i` of a factored segment (table row `row`) takes its statistics from:
-// the indices of its r, c and row-mean entries.
-struct AdafactorIndex {
-    long long r, c, l;
-};
+// Where the elements of a factored, non-empty segment (table row `seg`) take their
+// statistics from: element i's (leading index, row, column), then every `stride`-th
+// element's by increments (the stride is split into leads, rows and columns once, so
+// there is no integer division per element).
+struct AdafactorWalk {
+    long long rows, cols, lead, row, col, dl, dr, dc;
 
-FO_HD AdafactorIndex adafactor_index(const double* row, long long i) {
-    const long long rows = (long long)row[1], cols = (long long)row[2];
-    const long long local = i - (long long)row[0];
-    const long long lead = local / (rows * cols), rest = local - lead * rows * cols;
-    const long long r = rest / cols;
-    AdafactorIndex x;
-    x.r = (long long)row[3] + lead * rows + r;
-    x.c = (long long)row[4] + lead * cols + (rest - r * cols);
-    x.l = (long long)row[5] + lead;
-    return x;
-}
+    // Standing still (for a segment that is not factored: never read).
+    FO_HD AdafactorWalk() : rows(1), cols(1), lead(0), row(0), col(0), dl(0), dr(0), dc(0) {}
+
+    FO_HD AdafactorWalk(const double* seg, long long i, long long stride) {
+        rows = (long long)seg[1], cols = (long long)seg[2];
+        const long long size = rows * cols, local = i - (long long)seg[0];
+        lead = local / size, row = (local - lead * size) / cols;
+        col = local - lead * size - row * cols;
+        dl = stride / size, dr = (stride - dl * size) / cols;
+        dc = stride - dl * size - dr * cols;
+    }
+
+    FO_HD void advance() {
+        col += dc, row += dr, lead += dl;
+        if (col >= cols) col -= cols, ++row;
+        if (row >= rows) row -= rows, ++lead;
+    }
+
+    // The current element's entries in the r and c slots and in the row means.
+    FO_HD long long r_at(const double* seg) const { return (long long)seg[3] + lead * rows + row; }
+    FO_HD long long c_at(const double* seg) const { return (long long)seg[4] + lead * cols + col; }
+    FO_HD long long l_at(const double* seg) const { return (long long)seg[5] + lead; }
+
+    // v at the current element: (r / row mean) * c.
+    template <typename T>
+    FO_HD T v(const double* seg, const T* r, const T* c, const T* row_means) const {
+        return adafactor::factored(r[r_at(seg)], row_means[l_at(seg)], c[c_at(seg)]);
+    }
+};
 
 // The segment whose entries [table[s][field], table[s + 1][field]) hold entry q.
 FO_HD long long adafactor_segment_of(const double* table, long long nsegments, int field,

@@ -141,32 +141,61 @@ struct Step {
         row_means[q] = (T)sum / (T)rows;
     }
 
-    T factored_v(const double* x, long long i) const {
-        const AdafactorIndex at = adafactor_index(x, i);
-        return adafactor::factored(r[at.r], row_means[at.l], c[at.c]);
+    // f(i, n, r, row mean, c): the elements [i, i + n) of tile x, a factored segment's,
+    // that lie in one row, with that row's statistics and the c entries from the first
+    // one's column on: the loops over a row's elements vectorise.
+    template <typename F>
+    void row_runs(const Tile& x, const F& f) const {
+        AdafactorWalk at(x.row, x.b, 1);
+        for (long long i = x.b, n; i < x.e; i += n) {
+            n = x.e - i < at.cols - at.col ? x.e - i : at.cols - at.col;
+            f(i, n, r[at.r_at(x.row)], row_means[at.l_at(x.row)], c + at.c_at(x.row));
+            at.col = 0;
+            if (++at.row == at.rows) at.row = 0, ++at.lead;
+        }
     }
 
     void rms(long long k) const {
         const Tile x = tile(k);
         if (x.row[1] < 0.0) return;
-        sums[2 * k + 1] = lane_sum(x.b, x.e, [&](long long i) {
-            T pi = p[i];
-            const T u = element(x, pi, g[i]) / fo_sqrt(factored_v(x.row, i));
-            return (double)(u * u);
+        const T* __restrict__ pp = p;
+        const T* __restrict__ gg = g;
+        double sum = 0.0;
+        row_runs(x, [&](long long i0, long long n, T rr, T rm, const T* __restrict__ cc) {
+            sum += lane_sum(i0, i0 + n, [&](long long i) {
+                T pi = pp[i];
+                const T gi = element(x, pi, gg[i]);
+                const T u = gi / fo_sqrt(adafactor::factored(rr, rm, cc[i - i0]));
+                return (double)(u * u);
+            });
         });
+        sums[2 * k + 1] = sum;
     }
 
     void apply(long long k) const {
         const Tile x = tile(k);
         const T scale = scales[2 * x.segment], divisor = scales[2 * x.segment + 1];
-        const bool factored = x.row[1] >= 0.0;
-        for (long long i = x.b; i < x.e; ++i) {
-            T pi = p[i];
-            const T gi = element(x, pi, g[i]);
-            if (factored) v[i] = factored_v(x.row, i);
-            adafactor::apply(pi, gi, v[i], scale, divisor, x.st.c);
-            p[i] = pi;
+        T* __restrict__ pp = p;
+        const T* __restrict__ gg = g;
+        T* __restrict__ vv = v;
+        if (x.row[1] < 0.0) {
+            for (long long i = x.b; i < x.e; ++i) {
+                T pi = pp[i];
+                const T gi = element(x, pi, gg[i]);
+                adafactor::apply(pi, gi, vv[i], scale, divisor, x.st.c);
+                pp[i] = pi;
+            }
+            return;
         }
+        row_runs(x, [&](long long i0, long long n, T rr, T rm, const T* __restrict__ cc) {
+            for (long long i = i0; i < i0 + n; ++i) {
+                T pi = pp[i];
+                const T gi = element(x, pi, gg[i]);
+                vv[i] = adafactor::factored(rr, rm, cc[i - i0]);
+                adafactor::apply(pi, gi, vv[i], scale, divisor, x.st.c);
+                pp[i] = pi;
+            }
+        });
     }
 
     // Thread t's share of the step; `barrier` is null on one thread.
@@ -192,9 +221,8 @@ struct Step {
         for (long long k = first; k < last; ++k) rms(k);
         wait();
         for (long long s = t; s < pl.nsegments; s += n) {
-            double sp = 0.0, su = 0.0;
-            for (long long k = pl.segment_tiles[s]; k < pl.segment_tiles[s + 1]; ++k)
-                sp += sums[2 * k], su += sums[2 * k + 1];
+            double sp, su;
+            segment_sums(pl, sums, s, &sp, &su);
             const long long size = (long long)(row(s + 1)[0] - row(s)[0]);
             if (size > 0) adafactor_scales(sp, su, size, *hyper, scales + 2 * s);
         }
@@ -208,32 +236,20 @@ struct Step {
 template <typename T>
 static int step(T* p, const T* g, T* r, T* c, T* v, HostPlan* plan, const Hyper* block,
                 StepState* state) {
-    Hyper amp_block;
-    const Hyper* h = fo_amp_hyper(plan, block, &amp_block);  // GradScaler's inputs
-    const StepValues values = fo_step_values<adafactor>(*h, *state, plan->groups[0]);
-    if (fo_amp_found_inf(plan)) {
-        fo_advance(*state, values, true);
-        return 0;
-    }
-    GroupValues<T> groups;
-    for (long long k = 0; k < plan->ngroups; ++k) {
-        groups.st[k] = fo_narrow<T>(fo_step_values<adafactor>(*h, *state, plan->groups[2 * k]));
-        groups.pro[k] = fo_prologue<T>(*h, plan->groups[2 * k + 1] != 0.0);
-    }
-    plan->clipnorm = h->clipnorm;
-    const double* totals = plan->segment_values + plan->nsegments * FO_ADAFACTOR_FIELDS;
-    std::vector<double> sums(2 * plan->nsums + 2);
-    std::vector<T> factors(plan->nsegments + 1, T(1)), scales(2 * plan->nsegments + 2, T(1));
-    std::vector<T> row_means((size_t)totals[5] + 1);
-    std::atomic<int> any_nonfinite(0);
-    const Step<T> work = {p, g, r, c, v, plan, &groups, fo_narrow<T>(values), sums.data(),
-                          factors.data(), row_means.data(), scales.data(), &any_nonfinite, h};
-    run_threads(threads_for(plan), [&](int t, int n, fo_pool::Barrier* barrier) {
-        work.run(t, n, barrier);
+    return whole_step<adafactor, T>(plan, block, state, [&](const Hyper* h,
+                                                            const GroupValues<T>& groups,
+                                                            const StepValues& values,
+                                                            std::atomic<int>* any_nonfinite) {
+        const double* totals = plan->segment_values + plan->nsegments * FO_ADAFACTOR_FIELDS;
+        std::vector<double> sums(2 * plan->nsums + 2);
+        std::vector<T> factors(plan->nsegments + 1, T(1)), scales(2 * plan->nsegments + 2, T(1));
+        std::vector<T> row_means((size_t)totals[5] + 1);
+        const Step<T> work = {p, g, r, c, v, plan, &groups, fo_narrow<T>(values), sums.data(),
+                              factors.data(), row_means.data(), scales.data(), any_nonfinite, h};
+        run_threads(threads_for(plan), [&](int t, int n, fo_pool::Barrier* barrier) {
+            work.run(t, n, barrier);
+        });
     });
-    const bool skipped = any_nonfinite.load() != 0;
-    fo_advance(*state, values, skipped);
-    return skipped ? 0 : 1;
 }
 
 }  // namespace fo_adafactor

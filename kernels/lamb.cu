@@ -64,13 +64,7 @@ extern "C" __global__ void __launch_bounds__(FO_BLOCK) fusedopt_lamb_ratios(
         long long nsegments, FUSEDOPT_T* __restrict__ ratios) {
     __shared__ double sums_p[FO_BLOCK], sums_r[FO_BLOCK];
     for (long long s = blockIdx.x; s < nsegments; s += gridDim.x) {
-        double sp = 0.0, sr = 0.0;
-        for (long long k = segment_tiles[s] + threadIdx.x; k < segment_tiles[s + 1];
-             k += blockDim.x) {
-            sp += partial[2 * k];
-            sr += partial[2 * k + 1];
-        }
-        whole_block_sum(sums_p, sums_r, sp, sr);
+        whole_segment_sums(partial, segment_tiles, s, sums_p, sums_r);
         if (threadIdx.x == 0) ratios[s] = (FUSEDOPT_T)lamb_trust_ratio(sums_p[0], sums_r[0]);
         __syncthreads();
     }

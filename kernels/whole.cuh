@@ -22,6 +22,19 @@ __device__ __forceinline__ void whole_block_sum(double* a, double* b, double x, 
     }
 }
 
+// Segment s's sums of its tiles' two partial sums (partial[2k], partial[2k + 1]; segment
+// s owns tiles [segment_tiles[s], segment_tiles[s + 1])), in a fixed order: a[0], b[0].
+__device__ __forceinline__ void whole_segment_sums(const double* partial,
+                                                   const long long* segment_tiles, long long s,
+                                                   double* a, double* b) {
+    double x = 0.0, y = 0.0;
+    for (long long k = segment_tiles[s] + threadIdx.x; k < segment_tiles[s + 1]; k += blockDim.x) {
+        x += partial[2 * k];
+        y += partial[2 * k + 1];
+    }
+    whole_block_sum(a, b, x, y);
+}
+
 // Each segment group's scalars and prologue, in shared memory, as fused_step computes
 // them; returns whether the step is skipped (skip_nonfinite's verdict).
 template <typename Rule, typename T>

@@ -2,15 +2,17 @@
 // exactly the arguments fusedopt.cuda.StepPlan passes (tests/host/emulator.py checks them).
 #pragma once
 
-extern "C" void emu_fusedopt_adafactor_moments(
-        unsigned grid, unsigned block, const FUSEDOPT_T* p, const FUSEDOPT_T* g, FUSEDOPT_T* v,
+extern "C" void emu_fusedopt_adafactor_pass(
+        unsigned grid, unsigned block, int phase, FUSEDOPT_T* p, const FUSEDOPT_T* g,
+        FUSEDOPT_T* v, const FUSEDOPT_T* r, const FUSEDOPT_T* c, const FUSEDOPT_T* row_means,
         const long long* tile_start, const int* tile_segment, const int* tile_group,
-        long long ntiles, const FUSEDOPT_T* factors, int nfactors, const double* table,
-        const double* groups, int ngroups, const Hyper* hyper, const StepState* state,
-        double* partial) {
+        long long ntiles, const FUSEDOPT_T* factors, int nfactors, const FUSEDOPT_T* scales,
+        const double* table, const double* groups, int ngroups, const Hyper* hyper,
+        StepState* state, double* partial) {
     emu::launch(grid, block, [&] {
-        fusedopt_adafactor_moments(p, g, v, tile_start, tile_segment, tile_group, ntiles, factors,
-                                   nfactors, table, groups, ngroups, hyper, state, partial);
+        fusedopt_adafactor_pass(phase, p, g, v, r, c, row_means, tile_start, tile_segment,
+                                tile_group, ntiles, factors, nfactors, scales, table, groups,
+                                ngroups, hyper, state, partial);
     });
 }
 
@@ -32,19 +34,6 @@ extern "C" void emu_fusedopt_adafactor_columns(unsigned grid, unsigned block,
     });
 }
 
-extern "C" void emu_fusedopt_adafactor_rms(
-        unsigned grid, unsigned block, const FUSEDOPT_T* p, const FUSEDOPT_T* g,
-        const FUSEDOPT_T* r, const FUSEDOPT_T* c, const FUSEDOPT_T* row_means,
-        const long long* tile_start, const int* tile_segment, const int* tile_group,
-        long long ntiles, const FUSEDOPT_T* factors, int nfactors, const double* table,
-        const double* groups, int ngroups, const Hyper* hyper, const StepState* state,
-        double* partial) {
-    emu::launch(grid, block, [&] {
-        fusedopt_adafactor_rms(p, g, r, c, row_means, tile_start, tile_segment, tile_group, ntiles,
-                               factors, nfactors, table, groups, ngroups, hyper, state, partial);
-    });
-}
-
 extern "C" void emu_fusedopt_adafactor_scales(unsigned grid, unsigned block,
                                               const double* partial,
                                               const long long* segment_tiles, long long nsegments,
@@ -52,19 +41,5 @@ extern "C" void emu_fusedopt_adafactor_scales(unsigned grid, unsigned block,
                                               const StepState* state, FUSEDOPT_T* scales) {
     emu::launch(grid, block, [&] {
         fusedopt_adafactor_scales(partial, segment_tiles, nsegments, table, hyper, state, scales);
-    });
-}
-
-extern "C" void emu_fusedopt_adafactor_apply(
-        unsigned grid, unsigned block, FUSEDOPT_T* p, const FUSEDOPT_T* g, FUSEDOPT_T* v,
-        const FUSEDOPT_T* r, const FUSEDOPT_T* c, const FUSEDOPT_T* row_means,
-        const long long* tile_start, const int* tile_segment, const int* tile_group,
-        long long ntiles, const FUSEDOPT_T* factors, int nfactors, const FUSEDOPT_T* scales,
-        const double* table, const double* groups, int ngroups, const Hyper* hyper,
-        StepState* state) {
-    emu::launch(grid, block, [&] {
-        fusedopt_adafactor_apply(p, g, v, r, c, row_means, tile_start, tile_segment, tile_group,
-                                 ntiles, factors, nfactors, scales, table, groups, ngroups, hyper,
-                                 state);
     });
 }
