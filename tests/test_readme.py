@@ -292,3 +292,30 @@ def test_readme_lamb_host_figures_are_the_record():
                 for n in (2 ** 22, 2 ** 24)]
     for value, (optimizer, impl, n) in zip(figures.groups(), expected):
         assert value == f"{medians[(optimizer, impl, 'flat', None, n)]:.1f}", (optimizer, impl, n)
+
+
+MATRIX_ROWS = {"Adafactor": "adafactor", "Muon": "muon"}
+
+
+def test_readme_adafactor_and_muon_figures_are_the_record():
+    """The Adafactor and Muon table of the CPU results (the "matrices" layout) holds the
+    medians of the record it links, host executor and NumPy reference."""
+    section = README.split("**CPU results**")[1].split("\n## ")[0]
+    part = section[section.index("Adafactor and Muon on the host executor"):]
+    part = part[:part.index("\n\n", part.index("| step (matrices layout)"))]
+    record_path = re.search(r"\]\((bench/results/[^)]+)\.md\)", part).group(1)
+    record = json.loads((ROOT / f"{record_path}.json").read_text())
+    medians = {(r["optimizer"], r["impl"], r["layout"], r["n"]): r["median_ms"]
+               for r in record["rows"]}
+    checked = 0
+    for line in part.splitlines():
+        cells = [c.strip().strip("*") for c in line.strip().strip("|").split("|")]
+        if not cells or cells[0] not in MATRIX_ROWS:
+            continue
+        sizes = [2 ** int(x.strip()[1:].translate(SUPERSCRIPTS)) for x in cells[1].split("/")]
+        for impl, cell in zip(("fusedopt", "fusedopt-numpy"), cells[2:4]):
+            for n, value in zip(sizes, cell.split("/")):
+                expected = medians[(MATRIX_ROWS[cells[0]], impl, "matrices", n)]
+                assert value.strip() == f"{expected:.1f}", (cells[0], impl, n)
+                checked += 1
+    assert checked == 8, checked
