@@ -207,9 +207,7 @@ struct Step {
             for (long long q = count * t / n; q < count * (t + 1) / n; ++q) job(q);
         };
         long long first, last;
-        tiles_of(pl, t, n, &first, &last);
-        if (!gradient_phase(pl, g, values->pro[0].unscale, t, n, first, last, factors,
-                            any_nonfinite, barrier))
+        if (!start_phases(pl, g, *values, t, n, factors, any_nonfinite, barrier, &first, &last))
             return;
         for (long long k = first; k < last; ++k) moments(k);
         wait();

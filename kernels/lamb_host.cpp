@@ -99,9 +99,7 @@ struct Step {
         const HostPlan& pl = *plan;
         auto wait = [&] { if (barrier) barrier->wait(); };
         long long first, last;
-        tiles_of(pl, t, n, &first, &last);
-        if (!gradient_phase(pl, g, values->pro[0].unscale, t, n, first, last, factors,
-                            any_nonfinite, barrier))
+        if (!start_phases(pl, g, *values, t, n, factors, any_nonfinite, barrier, &first, &last))
             return;
         for (long long k = first; k < last; ++k) moments(k);
         wait();

@@ -98,6 +98,17 @@ static int whole_step(HostPlan* plan, const Hyper* block, StepState* state, cons
     return skipped ? 0 : 1;
 }
 
+// Thread t of n's tiles [*first, *last) (tiles_of), after the gradient phase over them
+// (gradient_phase); false when the step is skipped (every thread returns the same).
+template <typename T>
+static bool start_phases(const HostPlan& pl, const T* g, const GroupValues<T>& values, int t,
+                         int n, T* factors, std::atomic<int>* any_nonfinite,
+                         fo_pool::Barrier* barrier, long long* first, long long* last) {
+    tiles_of(pl, t, n, first, last);
+    return gradient_phase(pl, g, values.pro[0].unscale, t, n, *first, *last, factors,
+                          any_nonfinite, barrier);
+}
+
 // The threads a step over `plan`'s per-segment tiles runs on (host_step's rule).
 static int threads_for(HostPlan* plan) {
     long long n = plan->num_threads;
