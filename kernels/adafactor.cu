@@ -51,7 +51,7 @@ __device__ __forceinline__ bool adafactor_common(StepScalars<FUSEDOPT_T>* st, co
     return skip != 0;
 }
 
-// `G` is the v slot as fusedopt_adafactor_moments left it (G for factored segments).
+// `G` is the v slot as the MOMENTS pass left it (G for factored segments).
 extern "C" __global__ void __launch_bounds__(FO_BLOCK) fusedopt_adafactor_rows(
         const FUSEDOPT_T* __restrict__ G, FUSEDOPT_T* __restrict__ r,
         const double* __restrict__ table, long long nsegments, const Hyper* __restrict__ hyper,
