@@ -6,7 +6,9 @@ In one run on one device it measures:
     (and, for reference, NumPy's single-threaded copy);
   - fusedopt's step for every optimizer at sizes 2^16 ... 2^28 (float32) and the bytes
     it must move per element (ARCHITECTURE.md, "Performance model"); on the CPU both
-    the host executor (the kernels compiled for the CPU) and the NumPy reference;
+    the host executor (the kernels compiled for the CPU) and the NumPy reference; one
+    flat buffer, or for Adafactor and Muon, whose steps depend on the segments' shapes,
+    a few matrices and a vector (matrix_shapes, layout "matrices");
   - Adam over many small variables, 10k and 50k segments, with and without per-segment
     clipnorm (the cost of clipping per variable);
   - peers on the same sizes: the NumPy reference applied to CuPy arrays (unfused
@@ -176,30 +178,18 @@ def parse_sizes(text, device):
     return sorted(set(out))
 
 
-# Optimizers with a fused step that the benchmark's layouts cannot measure fairly.
-NOT_BENCHMARKED = {
-    "muon": "the benchmark's layouts are 1-D, where every segment takes Muon's AdamW "
-            "step; its Newton-Schulz step needs matrix layouts, which it does not have yet",
-}
-
-
 def parse_optimizers(text):
     """--optimizers "all" or "adam,sgd" -> names; unknown names are a ValueError."""
     from .optimizer import available
 
     # The benchmark measures fused steps: optimizers that only the NumPy executor runs
     # so far (README, "Which executor runs what") have no row.
-    fused = [n for n in available() if not make_optimizer(n)._reference_only()
-             and n not in NOT_BENCHMARKED]
+    fused = [n for n in available() if not make_optimizer(n)._reference_only()]
     names = fused if text == "all" else [t.strip().lower() for t in text.split(",")]
     unknown = [n for n in names if n not in available()]
     if unknown or not names:
         raise ValueError(f"--optimizers: unknown optimizer(s) {unknown}; valid names: "
                          f"all, or a comma-separated list of {', '.join(fused)}")
-    unmeasured = [n for n in names if n in NOT_BENCHMARKED]
-    if unmeasured:
-        raise ValueError(f"--optimizers: {', '.join(unmeasured)}: "
-                         f"{'; '.join(NOT_BENCHMARKED[n] for n in unmeasured)}")
     reference_only = [n for n in names if n not in fused]
     if reference_only:
         raise ValueError(f"--optimizers: {', '.join(reference_only)} run only on the NumPy "
@@ -294,15 +284,40 @@ def _format_bytes(n):
 # trust ratio needs per-variable norms between its passes (kernels/lamb.cu), so pass 2
 # reads p, m and v again (fp32: 24 + 16 = 40 bytes per element in all).
 SECOND_PASS_WORDS = {"lamb": 3}
+# Rules whose passes depend on a segment's shape: the words per element a segment of
+# `shape` moves (the headers of kernels/<rule>.cu; counted by the emulator,
+# tests/test_emulated_kernels.py). They are measured on the "matrices" layout.
+# Adafactor: factored (rank >= 2) 11 (read p, g; write G; G twice for the row and
+# column sums; read p, g; read p, g, write p, v), else 8 (p, g, v read and written,
+# then p, g, v read, p written); its r and c are a row's or a column's worth.
+# Muon: a 2-D segment 8 (read p, g, m; write m, d; read p, d; write p) plus the
+# Newton-Schulz matrix products, which are compute, not traffic; others AdamW's 7.
+SHAPED_WORDS = {
+    "adafactor": lambda shape: 11 if len(shape) >= 2 else 8,
+    "muon": lambda shape: 8 if len(shape) == 2 else 7,
+}
 
 
-def step_bytes(name, itemsize, clip=False):
-    """Bytes a fused step must move per element: read p and g, write p, read and write
-    every state slot (and what a second pass reads again); global clipping reads g
-    once more."""
+def step_bytes(name, itemsize, clip=False, shape=None):
+    """Bytes a fused step must move per element (of a segment of `shape`, for the rules
+    of SHAPED_WORDS; None: a 1-D one): read p and g, write p, read and write every
+    state slot (and what a second pass reads again); global clipping reads g once
+    more."""
+    rule = make_optimizer(name).rule
+    clip_words = 1 if clip else 0
+    if rule in SHAPED_WORDS:
+        return itemsize * (SHAPED_WORDS[rule](shape or (0,)) + clip_words)
     slots = len(make_optimizer(name).slot_names)
-    again = SECOND_PASS_WORDS.get(make_optimizer(name).rule, 0)
-    return itemsize * (3 + 2 * slots + again + (1 if clip else 0))
+    again = SECOND_PASS_WORDS.get(rule, 0)
+    return itemsize * (3 + 2 * slots + again + clip_words)
+
+
+def layout_step_bytes(name, label, shapes, clip=False):
+    """Bytes a step moves over a layout: precision_step_bytes per element, or for the
+    rules of SHAPED_WORDS each segment's own (float32)."""
+    if make_optimizer(name).rule not in SHAPED_WORDS:
+        return precision_step_bytes(name, label, clip) * sum(math.prod(s) for s in shapes)
+    return sum(step_bytes(name, 4, clip, s) * math.prod(s) for s in shapes)
 
 
 def precision_step_bytes(name, label, clip=False):
@@ -320,6 +335,27 @@ def precision_step_bytes(name, label, clip=False):
     slots = len(opt.slot_names) - (1 if opt.master_weights else 0)
     extra = precision.itemsize(grad) if clip else 0
     return precision.bytes_per_element(resolved, slots) + extra
+
+
+def bench_layout(name):
+    """The layout an optimizer's rows are measured on: "matrices" for the rules whose
+    step depends on the segments' shapes (Adafactor's factored statistics, Muon's
+    Newton-Schulz), else one flat buffer."""
+    return "matrices" if make_optimizer(name).rule in SHAPED_WORDS else "flat"
+
+
+def matrix_shapes(n):
+    """Matrices adding up to n elements, as a model's weights: a square one of about
+    n/2, a wide (1:4) one of n/4, a tall (4:1) one of n/8 and a very wide (1:16) one of
+    n/16, and a vector (a bias) holding the rest."""
+    shapes = []
+    for fraction, aspect in ((2, 1), (4, 4), (8, 0.25), (16, 16)):
+        area = n // fraction
+        rows = max(1, math.isqrt(int(area / aspect)))
+        if area // rows:
+            shapes.append((rows, area // rows))
+    rest = n - sum(math.prod(s) for s in shapes)
+    return shapes + ([(rest,)] if rest else [])
 
 
 def make_optimizer(name, **extra):
@@ -444,11 +480,12 @@ def build_plan(ctx, sizes, optimizers, peers):
     for n in sizes:
         plan.append((f"copy n=2^{n.bit_length() - 1}", _bind(measure_copy, n)))
         for name in optimizers:
+            layout = bench_layout(name)
             plan.append((f"fusedopt {name} n=2^{n.bit_length() - 1}",
-                         _bind(measure_fusedopt, name, n, "flat", None)))
+                         _bind(measure_fusedopt, name, n, layout, None)))
             if ctx.device == "cpu":
                 plan.append((f"fusedopt-numpy {name} n=2^{n.bit_length() - 1}",
-                             _bind(measure_fusedopt, name, n, "flat", None, executor="numpy")))
+                             _bind(measure_fusedopt, name, n, layout, None, executor="numpy")))
         if "adam" in optimizers:
             plan.append((f"fusedopt adam 200-tensors n=2^{n.bit_length() - 1}",
                          _bind(measure_fusedopt, "adam", n, "200-tensors", None)))
@@ -463,8 +500,8 @@ def build_plan(ctx, sizes, optimizers, peers):
                              _bind(measure_torch, name, n, "flat", dtype="bf16-state")))
         if not peers:
             continue
-        if ctx.device == "gpu":
-            for name in optimizers:
+        if ctx.device == "gpu":  # the element-wise rules (reference.<rule> on CuPy arrays)
+            for name in [o for o in optimizers if not make_optimizer(o).whole_variable]:
                 plan.append((f"cupy-unfused {name} n=2^{n.bit_length() - 1}",
                              _bind(measure_cupy_unfused, name, n)))
         for name in [o for o in optimizers if o in TORCH_PEERS]:
@@ -562,6 +599,8 @@ def measure_copy(ctx, n, warmup, repeats):
 def layout_shapes(layout, n):
     if layout == "flat":
         return [(n,)]
+    if layout == "matrices":
+        return matrix_shapes(n)
     if layout in SEGMENT_LAYOUTS:
         return model_like_shapes(n, count=SEGMENT_LAYOUTS[layout][0], seed=2)
     return model_like_shapes(n)
@@ -576,7 +615,7 @@ def _fusedopt_sets(ctx, name, n, layout, clip, executor="auto", label="float32")
 
     shapes = layout_shapes(layout, n)
     # Per-segment clipping reads g once more too; its bytes are counted like global's.
-    nbytes = precision_step_bytes(name, label, clip=bool(clip)) * n
+    nbytes = layout_step_bytes(name, label, shapes, clip=bool(clip))
     param, grad, options = PRECISIONS.get(label, ("float32", "float32", {}))
     sets = rotation(ctx, nbytes)
     out = []
@@ -1026,8 +1065,8 @@ def target_table(record):
             copy[r["n"]] = max(copy.get(r["n"], 0.0), r["gbps"])
     checks = [(what, _point(mine), _point(other), least)
               for what, mine, other, least in TARGETS] + [
-        (f"{name} vs the NumPy reference", (name, "fusedopt", "flat", None, "float32"),
-         (name, "fusedopt-numpy", "flat", None, "float32"), 3.0)
+        (f"{name} vs the NumPy reference", (name, "fusedopt", bench_layout(name), None, "float32"),
+         (name, "fusedopt-numpy", bench_layout(name), None, "float32"), 3.0)
         for name in sorted({k[0] for k in rows if k[1] == "fusedopt-numpy"})]
     lines = []
     for what, mine, other, least in checks:
@@ -1095,10 +1134,11 @@ def plot(record, path):
         ax_adam.plot(*zip(*pts), style, label=label, ms=4)
     for name in sorted({r["optimizer"] for r in rows if r["impl"] == "fusedopt"}):
         pts = sorted((r["n"], r["gbps"]) for r in rows if r["impl"] == "fusedopt"
-                     and r["optimizer"] == name and r["layout"] == "flat" and r["clip"] is None)
+                     and r["optimizer"] == name and r["layout"] == bench_layout(name)
+                     and r["clip"] is None and r.get("dtype", "float32") == "float32")
         ax_all.plot(*zip(*pts), "-o", label=name, ms=4)
     ax_adam.set_title("Adam step: fusedopt and peers")
-    ax_all.set_title("fusedopt: every optimizer (flat buffer)")
+    ax_all.set_title("fusedopt: every optimizer (flat buffer; matrices for Adafactor, Muon)")
     ax_adam.set_ylabel("achieved GB/s (bytes a fused step must move)")
     ax_adam.legend(fontsize=7)
     ax_all.legend(fontsize=7, ncol=2)

@@ -365,6 +365,8 @@ class StepPlan:
             self._build_lamb_tables(tiles)
         elif opt.rule == "muon":
             self._build_muon_tables()
+        elif opt.rule == "adafactor":
+            self._build_adafactor_tables(tiles)
         else:
             self.update_grid = self._grid(opt.rule, f"fusedopt_{opt.rule}")
         self.sumsq_grid = self._grid(None, "fusedopt_sumsq") if reduce else None
@@ -438,6 +440,52 @@ class StepPlan:
         self._enqueue("lamb", "fusedopt_lamb_apply", self.apply_grid, k.BLOCK, (
             params_data, slots[0], slots[1], *tiles, self.lamb_ratios, *groups, self.hyper,
             self.state))
+
+    def _build_adafactor_tables(self, tiles):
+        """Adafactor's segment table and scratch (kernels/adafactor.cu): two sums per
+        tile, a row mean per leading index, two scales per segment."""
+        xp, nsegments = self.backend.xp, len(tiles.segment_tiles) - 1
+        table = self.optimizer._kernel_segments(self.shapes, self.offsets)
+        self.adafactor_table = xp.asarray(table)
+        self.adafactor_segment_tiles = xp.asarray(tiles.segment_tiles)
+        self.adafactor_partial = xp.zeros(2 * max(1, tiles.count), dtype=np.float64)
+        self.adafactor_means = xp.zeros(max(1, int(table[-1])), dtype=self.dtype)
+        self.adafactor_scales = xp.ones(2 * max(1, nsegments), dtype=self.dtype)
+        rows, items = int(table[-3]), int(table[-2] + table[-1])
+        self.adafactor_grids = {}
+        for name, count in (("pass", tiles.count), ("rows", rows),
+                            ("columns", -(-items // self._k.BLOCK)), ("scales", nsegments)):
+            blocks = self.backend.blocks_per_sm(
+                self._function("adafactor", f"fusedopt_adafactor_{name}"), self._k.BLOCK)
+            self.adafactor_grids[name] = max(1, min(count, self.backend.sm_count * blocks))
+        self.update_grid = self.adafactor_grids["pass"]
+
+    def _enqueue_adafactor(self, grads, params_data, slots, nfactors):
+        """Adafactor's step (kernels/adafactor.cu): the element passes MOMENTS, RMS and
+        APPLY (0, 1, 2) of fusedopt_adafactor_pass with the row, column and segment
+        sums between them; only APPLY advances the step state. Slots: r, c, v."""
+        k, grid = self._k, self.adafactor_grids
+        r, c, v = slots[:3]
+        table = (self.adafactor_table, np.int64(len(self.offsets) - 1))
+
+        def element_pass(phase):
+            self._enqueue("adafactor", "fusedopt_adafactor_pass", grid["pass"], k.BLOCK, (
+                np.int32(phase), params_data, grads, v, r, c, self.adafactor_means,
+                self.tile_start, self.tile_segment, self.tile_group, np.int64(self.tiles.count),
+                self.factors, nfactors, self.adafactor_scales, self.adafactor_table,
+                self.groups, np.int32(self.groups.size // 2), self.hyper, self.state,
+                self.adafactor_partial))
+
+        element_pass(0)
+        self._enqueue("adafactor", "fusedopt_adafactor_rows", grid["rows"], k.BLOCK, (
+            v, r, *table, self.hyper, self.state))
+        self._enqueue("adafactor", "fusedopt_adafactor_columns", grid["columns"], k.BLOCK, (
+            v, r, c, self.adafactor_means, *table, self.hyper, self.state))
+        element_pass(1)
+        self._enqueue("adafactor", "fusedopt_adafactor_scales", grid["scales"], k.BLOCK, (
+            self.adafactor_partial, self.adafactor_segment_tiles, table[1],
+            self.adafactor_table, self.hyper, self.state, self.adafactor_scales))
+        element_pass(2)
 
     # ----------------------------------------------------------- the step state
     def hyperparameters_changed(self, name):
@@ -543,6 +591,8 @@ class StepPlan:
             return self._enqueue_lamb(grads, params_data, s, nfactors)
         if opt.rule == "muon":
             return self._enqueue_muon(grads, params_data, s, nfactors)
+        if opt.rule == "adafactor":
+            return self._enqueue_adafactor(grads, params_data, s, nfactors)
         master = opt._option_slots.get("master")
         self._enqueue(opt.rule, f"fusedopt_{opt.rule}", self.update_grid, self._k.BLOCK, (
             params_data, grads, s[0], s[1], s[2], master, self.tile_start, self.tile_segment,

@@ -359,6 +359,9 @@ class HostPlan:
             self._muon_apply.restype = None
             self._muon_apply.argtypes = [ctypes.c_void_p] * 5
             self._muon_scratch = np.zeros(max(1, self.offsets[-1]), dtype=params.dtype)
+        if optimizer.rule == "adafactor":  # kernels/adafactor_host.cpp reads the shapes
+            self._segment_values = optimizer._kernel_segments(self.shapes, params.offsets)
+            self._plan.segment_values = self._segment_values.ctypes.data
         self.write_state(optimizer._iterations, optimizer._skipped_steps,
                          optimizer._last_step_skipped)
         self.hyperparameters_changed(None)

@@ -528,7 +528,8 @@ class FusedOptimizer:
         """Why only the NumPy executor can run this configuration ('' when any can):
         what the kernels do not implement yet. Other executors refuse it. With
         `param_dtype` (and the latest step's grads dtype), also the storage a rule with
-        kernels of its own (Lamb, Muon: uniform float32/float64 only) cannot run."""
+        kernels of its own (Lamb, Adafactor, Muon: uniform float32/float64 only) cannot
+        run."""
         if self.rule not in _kernels.rule_names():
             return f"the {type(self).__name__} rule has no kernel yet"
         if self.use_ema:

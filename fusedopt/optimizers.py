@@ -11,6 +11,8 @@ config) is FusedOptimizer's.
 import math
 import re
 
+import numpy as np
+
 from . import _validate as check
 from . import reference
 from .optimizer import (COLUMNS, KERAS_DEFAULT_EPSILON, PARAMS, ROWS, FusedOptimizer,
@@ -447,7 +449,8 @@ class Adafactor(FusedOptimizer):
     rho = min(lr, 1/sqrt(t));  alpha = max(epsilon_2, rms(p))*rho;
     beta = 1 - t^beta_2_decay;  u = g/sqrt(v);  p <- p - alpha*u/max(1, rms(u)/clip_threshold)
     `relative_step` is kept for Keras' config: Keras applies min(lr, 1/sqrt(t)) in
-    rho whether it is set or not.
+    rho whether it is set or not. The host and CUDA executors run it as passes with
+    per-row, per-column and per-variable sums between them (kernels/adafactor.cu).
     """
 
     rule = "adafactor"
@@ -467,6 +470,26 @@ class Adafactor(FusedOptimizer):
 
     def _slot_specs(self):
         return ("r", 0.0, ROWS), ("c", 0.0, COLUMNS), ("velocity", 0.0)
+
+    @staticmethod
+    def _kernel_segments(shapes, offsets):
+        """For the host and CUDA executors: the segment table of kernels/adafactor.cuh, as
+        float64 (exact for these integers), 6 values per segment and a row of totals:
+        element offset, rows R (-1: not factored), columns C, and where the segment's
+        entries start in the r slot, the c slot (the NumPy executor's flat slots:
+        reference.slot_shapes) and the kernels' scratch of row means (one per leading
+        index, prod(shape[:-2]))."""
+        table, r, c, lead = [], 0, 0, 0
+        for shape, offset in zip(shapes, offsets):
+            shape = tuple(shape)
+            if len(shape) < 2:
+                table.append((offset, -1, 0, r, c, lead))
+                continue
+            rows, cols, leading = shape[-2], shape[-1], math.prod(shape[:-2])
+            table.append((offset, rows, cols, r, c, lead))
+            r, c, lead = r + leading * rows, c + leading * cols, lead + leading
+        table.append((offsets[len(shapes)], -1, 0, r, c, lead))
+        return np.asarray(table, dtype=np.float64).ravel()
 
     def _rule_scalars(self, lr, t):
         beta = 1 - t ** self.beta_2_decay

@@ -13,47 +13,9 @@
 // in a fixed tree, so the sums depend only on the layout: deterministic, no atomics.
 // Only the last kernel advances the counters, so all three read the same step.
 #pragma once
-// fused.cu for block_step_values and take_ticket (FUSEDOPT_RULE is not defined here, so
-// it defines no kernel).
-#include "fused.cu"
+#include "whole.cuh"
 
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)
-
-// Sum two values over the block in a fixed tree; the results are in a[0] and b[0].
-__device__ __forceinline__ void lamb_block_sum(double* a, double* b, double x, double y) {
-    a[threadIdx.x] = x;
-    b[threadIdx.x] = y;
-    __syncthreads();
-    for (unsigned width = FO_BLOCK / 2; width > 0; width /= 2) {
-        if (threadIdx.x < width) {
-            a[threadIdx.x] += a[threadIdx.x + width];
-            b[threadIdx.x] += b[threadIdx.x + width];
-        }
-        __syncthreads();
-    }
-}
-
-// Each segment group's scalars and prologue, in shared memory, as fused_step computes
-// them; returns whether the step is skipped (skip_nonfinite's verdict).
-template <typename T>
-__device__ __forceinline__ bool lamb_group_values(StepScalars<T>* st, Prologue<T>* pro,
-                                                  StepValues* values, const double* groups,
-                                                  int ngroups, const Hyper* hyper,
-                                                  const StepState* state) {
-    __shared__ int skip;
-    if ((int)threadIdx.x < ngroups) {
-        const int k = (int)threadIdx.x;
-        const StepValues v = block_step_values<lamb>(hyper, state, groups[2 * k]);
-        st[k] = fo_narrow<T>(v);
-        pro[k] = fo_prologue<T>(*hyper, groups[2 * k + 1] != 0.0);
-        if (k == 0) {
-            *values = v;
-            skip = state->skip != 0;
-        }
-    }
-    __syncthreads();
-    return skip != 0;
-}
 
 extern "C" __global__ void __launch_bounds__(FO_BLOCK) fusedopt_lamb_moments(
         const FUSEDOPT_T* __restrict__ p, const FUSEDOPT_T* __restrict__ g,
@@ -68,7 +30,7 @@ extern "C" __global__ void __launch_bounds__(FO_BLOCK) fusedopt_lamb_moments(
     __shared__ Prologue<T> shared_pro[FO_MAX_GROUPS];
     __shared__ StepValues shared_values;
     __shared__ double sums_p[FO_BLOCK], sums_r[FO_BLOCK];
-    if (lamb_group_values<T>(shared_st, shared_pro, &shared_values, groups, ngroups, hyper,
+    if (whole_group_values<lamb, T>(shared_st, shared_pro, &shared_values, groups, ngroups, hyper,
                              state))
         return;  // a skipped step writes nothing
     for (long long k = blockIdx.x; k < ntiles; k += gridDim.x) {
@@ -87,7 +49,7 @@ extern "C" __global__ void __launch_bounds__(FO_BLOCK) fusedopt_lamb_moments(
             sp += (double)pi * (double)pi;
             sr += (double)r * (double)r;
         }
-        lamb_block_sum(sums_p, sums_r, sp, sr);
+        whole_block_sum(sums_p, sums_r, sp, sr);
         if (threadIdx.x == 0) {
             partial[2 * k] = sums_p[0];
             partial[2 * k + 1] = sums_r[0];
@@ -102,13 +64,7 @@ extern "C" __global__ void __launch_bounds__(FO_BLOCK) fusedopt_lamb_ratios(
         long long nsegments, FUSEDOPT_T* __restrict__ ratios) {
     __shared__ double sums_p[FO_BLOCK], sums_r[FO_BLOCK];
     for (long long s = blockIdx.x; s < nsegments; s += gridDim.x) {
-        double sp = 0.0, sr = 0.0;
-        for (long long k = segment_tiles[s] + threadIdx.x; k < segment_tiles[s + 1];
-             k += blockDim.x) {
-            sp += partial[2 * k];
-            sr += partial[2 * k + 1];
-        }
-        lamb_block_sum(sums_p, sums_r, sp, sr);
+        whole_segment_sums(partial, segment_tiles, s, sums_p, sums_r);
         if (threadIdx.x == 0) ratios[s] = (FUSEDOPT_T)lamb_trust_ratio(sums_p[0], sums_r[0]);
         __syncthreads();
     }
@@ -125,7 +81,7 @@ extern "C" __global__ void __launch_bounds__(FO_BLOCK) fusedopt_lamb_apply(
     __shared__ StepScalars<T> shared_st[FO_MAX_GROUPS];
     __shared__ Prologue<T> shared_pro[FO_MAX_GROUPS];
     __shared__ StepValues shared_values;
-    const bool skip = lamb_group_values<T>(shared_st, shared_pro, &shared_values, groups,
+    const bool skip = whole_group_values<lamb, T>(shared_st, shared_pro, &shared_values, groups,
                                            ngroups, hyper, state);
     if (threadIdx.x == 0) take_ticket(state, shared_values, skip);
     if (skip) return;

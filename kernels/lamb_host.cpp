@@ -99,16 +99,13 @@ struct Step {
         const HostPlan& pl = *plan;
         auto wait = [&] { if (barrier) barrier->wait(); };
         long long first, last;
-        tiles_of(pl, t, n, &first, &last);
-        if (!gradient_phase(pl, g, values->pro[0].unscale, t, n, first, last, factors,
-                            any_nonfinite, barrier))
+        if (!start_phases(pl, g, *values, t, n, factors, any_nonfinite, barrier, &first, &last))
             return;
         for (long long k = first; k < last; ++k) moments(k);
         wait();
         for (long long s = t; s < pl.nsegments; s += n) {
-            double sp = 0.0, sr = 0.0;
-            for (long long k = pl.segment_tiles[s]; k < pl.segment_tiles[s + 1]; ++k)
-                sp += sums[2 * k], sr += sums[2 * k + 1];
+            double sp, sr;
+            segment_sums(pl, sums, s, &sp, &sr);
             ratios[s] = (T)lamb_trust_ratio(sp, sr);
         }
         wait();
@@ -119,30 +116,17 @@ struct Step {
 template <typename T>
 static int step(T* p, const T* g, T* m, T* v, HostPlan* plan, const Hyper* block,
                 StepState* state) {
-    Hyper amp_block;
-    const Hyper* h = fo_amp_hyper(plan, block, &amp_block);  // GradScaler's inputs
-    const StepValues values = fo_step_values<lamb>(*h, *state, plan->groups[0]);
-    if (fo_amp_found_inf(plan)) {
-        fo_advance(*state, values, true);
-        return 0;
-    }
-    GroupValues<T> groups;
-    for (long long k = 0; k < plan->ngroups; ++k) {
-        groups.st[k] = fo_narrow<T>(fo_step_values<lamb>(*h, *state, plan->groups[2 * k]));
-        groups.pro[k] = fo_prologue<T>(*h, plan->groups[2 * k + 1] != 0.0);
-    }
-    plan->clipnorm = h->clipnorm;
-    std::vector<double> sums(2 * plan->nsums + 2);
-    std::vector<T> factors(plan->nsegments + 1, T(1)), ratios(plan->nsegments + 1, T(1));
-    std::atomic<int> any_nonfinite(0);
-    const Step<T> work = {p, g, m, v, plan, &groups, sums.data(), factors.data(), ratios.data(),
-                          &any_nonfinite};
-    run_threads(threads_for(plan), [&](int t, int n, fo_pool::Barrier* barrier) {
-        work.run(t, n, barrier);
+    return whole_step<lamb, T>(plan, block, state, [&](const Hyper*, const GroupValues<T>& groups,
+                                                       const StepValues&,
+                                                       std::atomic<int>* any_nonfinite) {
+        std::vector<double> sums(2 * plan->nsums + 2);
+        std::vector<T> factors(plan->nsegments + 1, T(1)), ratios(plan->nsegments + 1, T(1));
+        const Step<T> work = {p, g, m, v, plan, &groups, sums.data(), factors.data(),
+                              ratios.data(), any_nonfinite};
+        run_threads(threads_for(plan), [&](int t, int n, fo_pool::Barrier* barrier) {
+            work.run(t, n, barrier);
+        });
     });
-    const bool skipped = any_nonfinite.load() != 0;
-    fo_advance(*state, values, skipped);
-    return skipped ? 0 : 1;
 }
 
 }  // namespace fo_lamb

@@ -63,6 +63,52 @@ static bool gradient_phase(const HostPlan& pl, const T* g, T unscale, int t, int
     return true;
 }
 
+// Segment s's sums of its tiles' two partial sums (sums[2k], sums[2k + 1]), in tile order.
+static void segment_sums(const HostPlan& pl, const double* sums, long long s, double* a,
+                         double* b) {
+    *a = 0.0, *b = 0.0;
+    for (long long k = pl.segment_tiles[s]; k < pl.segment_tiles[s + 1]; ++k)
+        *a += sums[2 * k], *b += sums[2 * k + 1];
+}
+
+// A whole-variable rule's host step around `run(h, groups, values, any_nonfinite)`,
+// which runs the rule's phases on the threads: GradScaler's inputs (a found_inf skips
+// the step, counted), each segment group's scalars and prologue, the clip norm for the
+// threads; then the counters advanced once. Returns 1 if the step was applied, 0 if
+// it was skipped (then no buffer was written).
+template <typename Rule, typename T, typename Run>
+static int whole_step(HostPlan* plan, const Hyper* block, StepState* state, const Run& run) {
+    Hyper amp_block;
+    const Hyper* h = fo_amp_hyper(plan, block, &amp_block);  // GradScaler's inputs
+    const StepValues values = fo_step_values<Rule>(*h, *state, plan->groups[0]);
+    if (fo_amp_found_inf(plan)) {
+        fo_advance(*state, values, true);
+        return 0;
+    }
+    GroupValues<T> groups;
+    for (long long k = 0; k < plan->ngroups; ++k) {
+        groups.st[k] = fo_narrow<T>(fo_step_values<Rule>(*h, *state, plan->groups[2 * k]));
+        groups.pro[k] = fo_prologue<T>(*h, plan->groups[2 * k + 1] != 0.0);
+    }
+    plan->clipnorm = h->clipnorm;
+    std::atomic<int> any_nonfinite(0);
+    run(h, groups, values, &any_nonfinite);
+    const bool skipped = any_nonfinite.load() != 0;
+    fo_advance(*state, values, skipped);
+    return skipped ? 0 : 1;
+}
+
+// Thread t of n's tiles [*first, *last) (tiles_of), after the gradient phase over them
+// (gradient_phase); false when the step is skipped (every thread returns the same).
+template <typename T>
+static bool start_phases(const HostPlan& pl, const T* g, const GroupValues<T>& values, int t,
+                         int n, T* factors, std::atomic<int>* any_nonfinite,
+                         fo_pool::Barrier* barrier, long long* first, long long* last) {
+    tiles_of(pl, t, n, first, last);
+    return gradient_phase(pl, g, values.pro[0].unscale, t, n, *first, *last, factors,
+                          any_nonfinite, barrier);
+}
+
 // The threads a step over `plan`'s per-segment tiles runs on (host_step's rule).
 static int threads_for(HostPlan* plan) {
     long long n = plan->num_threads;

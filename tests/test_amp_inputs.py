@@ -122,20 +122,24 @@ def test_bad_amp_inputs_are_refused_with_nothing_changed(grad_scale, found_inf, 
     assert not opt.built and np.array_equal(params.data, np.ones(5, np.float32))
 
 
-# Lamb and Muon: kernels of their own (kernels/lamb*.c*, muon*.c*), which read the
-# scale and the flag as the fused pass does (the CUDA path through the hyperparameter
-# block fusedopt_amp_inputs writes; the host steps through the plan's pointers).
+# Lamb, Muon and Adafactor: kernels of their own (kernels/lamb*.c*, muon*.c*,
+# adafactor*.c*), which read the scale and the flag as the fused pass does (the CUDA
+# path through the hyperparameter block fusedopt_amp_inputs writes; the host steps
+# through the plan's pointers).
 OWN_KERNEL_CASES = [
     ("lamb-clipnorm-decay", "Lamb", {"learning_rate": 0.01, "clipnorm": 1.0,
                                      "weight_decay": 0.1}),
     ("lamb-skip-nonfinite", "Lamb", {"learning_rate": 0.01, "skip_nonfinite": True}),
     ("muon-global-clip", "Muon", {"learning_rate": 0.01, "global_clipnorm": 2.0}),
+    ("adafactor-clipnorm-decay", "Adafactor", {"learning_rate": 0.01, "clipnorm": 1.0,
+                                               "weight_decay": 0.1}),
+    ("adafactor-skip-nonfinite", "Adafactor", {"skip_nonfinite": True}),
 ]
 
 
 @pytest.mark.parametrize("executor", ["host", "emulated"])
 @pytest.mark.parametrize("case", OWN_KERNEL_CASES, ids=[c[0] for c in OWN_KERNEL_CASES])
-def test_lamb_and_muon_read_the_scale_and_inf_flag(case, executor, libraries):
+def test_own_kernels_read_the_scale_and_inf_flag(case, executor, libraries):
     """Bit for bit the same executor stepped on grads/scale with flagged steps left out
     (its per-segment sums differ in order from NumPy's, so the NumPy executor, given
     the same inputs, is compared within float tolerance)."""

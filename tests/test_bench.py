@@ -3,6 +3,7 @@
 import builtins
 import json
 
+import numpy as np
 import pytest
 
 from fusedopt import __main__ as cli
@@ -70,23 +71,60 @@ def test_sizes_and_optimizer_arguments():
         bench.parse_optimizers("adam,nosuch")
 
 
-def test_only_fused_optimizers_are_benchmarked():
-    """Optimizers only the NumPy executor runs have no fused step to measure."""
+def test_every_fused_optimizer_is_benchmarked():
+    """Every optimizer has a fused step now; Adafactor and Muon on matrices."""
     names = bench.parse_optimizers("all")
-    assert "schedulefreeadamw" in names and "lamb" in names
-    assert not {"adafactor", "muon"} & set(names)
-    with pytest.raises(ValueError, match="adafactor run only on the NumPy executor"):
-        bench.parse_optimizers("adam,adafactor")
-    with pytest.raises(ValueError, match="muon: the benchmark's layouts are 1-D"):
-        bench.parse_optimizers("adam,muon")
+    assert {"schedulefreeadamw", "lamb", "adafactor", "muon"} <= set(names)
+    assert {n: bench.bench_layout(n) for n in ("adam", "lamb", "adafactor", "muon")} == {
+        "adam": "flat", "lamb": "flat", "adafactor": "matrices", "muon": "matrices"}
 
 
 def test_step_bytes_model():
     """Bytes per float32 element: Adam one pass (28), LAMB's two passes (40, as the
-    emulator counts them: tests/test_emulated_kernels.py), +4 for a norm clip."""
+    emulator counts them: tests/test_emulated_kernels.py), +4 for a norm clip;
+    Adafactor 44 on a factored (rank >= 2) segment and 32 on a vector, Muon 32 on a
+    matrix and AdamW's 28 on a vector (the emulator counts both too)."""
     assert bench.step_bytes("adam", 4) == 28
     assert bench.step_bytes("lamb", 4) == 40
     assert bench.step_bytes("lamb", 4, clip=True) == 44
+    assert bench.step_bytes("adafactor", 4, shape=(3, 5)) == 44
+    assert bench.step_bytes("adafactor", 4, shape=(2, 3, 5)) == 44
+    assert bench.step_bytes("adafactor", 4, shape=(7,)) == 32
+    assert bench.step_bytes("adafactor", 4, clip=True, shape=(3, 5)) == 48
+    assert bench.step_bytes("muon", 4, shape=(3, 5)) == 32
+    assert bench.step_bytes("muon", 4, shape=(7,)) == bench.step_bytes("muon", 4) == 28
+    shapes = [(6, 5), (11,)]
+    assert bench.layout_step_bytes("adafactor", "float32", shapes) == 44 * 30 + 32 * 11
+    assert bench.layout_step_bytes("adam", "float32", shapes) == 28 * 41
+
+
+@pytest.mark.parametrize("n", [2**8, 2**12 + 3, 2**16, 2**22, 2**28])
+def test_matrix_layout_adds_up(n):
+    """Square, wide, tall and very wide matrices and a vector for the rest, n in all."""
+    shapes = bench.matrix_shapes(n)
+    assert sum(int(np.prod(s)) for s in shapes) == n
+    matrices = [s for s in shapes if len(s) == 2]
+    assert len(matrices) == 4 and all(min(s) >= 1 for s in shapes)
+    wide, tall = matrices[1], matrices[2]
+    assert wide[1] > wide[0] and tall[0] > tall[1]
+    assert max(int(np.prod(s)) for s in matrices) == int(np.prod(matrices[0]))
+
+
+def test_adafactor_and_muon_rows_are_measured_on_matrices(tmp_path):
+    code = cli.main(["bench", "--device", "cpu", "--sizes", "12", "--optimizers",
+                     "adafactor,muon", "--repeats", "1", "--warmup", "1", "--rounds", "1",
+                     "--no-peers", "--quiet", "--out", str(tmp_path)])
+    assert code == 0
+    record = json.loads(next(tmp_path.glob("*.json")).read_text())
+    shapes = bench.matrix_shapes(4096)
+    for name in ("adafactor", "muon"):
+        for impl in ("fusedopt", "fusedopt-numpy"):
+            (r,) = [r for r in record["rows"] if r["optimizer"] == name and r["impl"] == impl
+                    and r["n"] == 4096]
+            assert r["layout"] == "matrices" and r["median_ms"] > 0 and "note" not in r
+            assert r["bytes"] == bench.layout_step_bytes(name, "float32", shapes)
+    table = bench.markdown_table(record)
+    assert "| adafactor vs the NumPy reference | 4096 |" in table
 
 
 def test_model_like_layout_adds_up():
@@ -111,8 +149,8 @@ def test_bench_command_writes_the_record(tmp_path, capsys):
     for r in record["rows"]:
         assert ROW_KEYS <= set(r)
         assert r["impl"] in bench.IMPLS
-        assert r["layout"] in ("flat", "200-tensors", "small-model", "torch-model",
-                               *bench.SEGMENT_LAYOUTS)
+        assert r["layout"] in ("flat", "matrices", "200-tensors", "small-model",
+                               "torch-model", *bench.SEGMENT_LAYOUTS)
         assert r["clip"] in (None, "global", "segment")
         assert r["median_ms"] > 0 and r["gbps"] == pytest.approx(r["bytes"] / (r["median_ms"] * 1e6))
         if r["layout"] != "small-model":  # timed in each of the two rounds
@@ -198,7 +236,9 @@ def test_a_run_larger_than_memory_is_refused_before_allocating(monkeypatch, caps
     monkeypatch.setattr(bench, "build_plan", must_not_run)
     code, _, err = run_bench(["--device", "cpu", "--sizes", "28", "--quiet"], capsys)
     assert code == 2
-    assert ("--sizes: the largest point (2^28 float32 elements) needs about 7.0 GiB, but only "
+    # 4 bytes x (params, grads, 3 state words, 3 temporaries) x 2^28: Adafactor's three
+    # slots are counted at full size (r and c are smaller; Muon's scratch d is not).
+    assert ("--sizes: the largest point (2^28 float32 elements) needs about 8.0 GiB, but only "
             "1.0 GiB of CPU memory is available" in err)
 
 

@@ -324,3 +324,174 @@ def test_muon_hyperparameters_set_between_steps_reach_the_kernels(libraries):
         ref.apply(g, ref_params)
         gpu.apply(g.copy(), gpu_params)
         assert_close(gpu_params.data, ref_params.data, np.float64, f"params, step {step}")
+
+
+# ------------------------------------------------------------------- Adafactor
+# Factored segments: rows longer than a block (3, 700), tall (130, 40) and wide, rank 3,
+# a column (300, 1) and a row (1, 300), and empty ones (0, 3), (4, 0) (Keras' mean over
+# nothing: NaN statistics); unfactored vectors and a scalar.
+ADAFACTOR_LAYOUT = [(3, 700), (7,), (130, 40), (2, 3, 5), (0, 3), (), (300, 1), (4, 0),
+                    (1, 300), (33,)]
+# The element passes (MOMENTS, RMS, APPLY) are one kernel, launched three times.
+ADAFACTOR = ["fusedopt_adafactor_pass", "fusedopt_adafactor_rows",
+             "fusedopt_adafactor_columns", "fusedopt_adafactor_pass",
+             "fusedopt_adafactor_scales", "fusedopt_adafactor_pass"]
+# float64 within 1e-10 of the NumPy executor over the steps (the sums are added in
+# another order); float32 as for every other rule.
+ADAFACTOR_RTOL = {np.float64: 1e-10, np.float32: RTOL[np.float32]}
+
+
+def adafactor_pair(kwargs, dtype, make_gpu, steps=5, seed=31):
+    """Adafactor on the NumPy executor and on `make_gpu(opt, params)`'s, compared every
+    step: params and every slot (r, c, velocity), NaN where NumPy has NaN."""
+    grads = random_grads(ADAFACTOR_LAYOUT, dtype, seed=seed, steps=steps)
+    grads[2][2].flat[3] = np.nan  # skipped with skip_nonfinite, propagates otherwise
+    init = random_params(ADAFACTOR_LAYOUT, dtype, seed=seed + 1)
+    ref_params, gpu_params = (fusedopt.FlatBuffer.from_arrays(init) for _ in range(2))
+    ref, gpu = fusedopt.Adafactor(**kwargs), fusedopt.Adafactor(**kwargs)
+    ref.executor = "numpy"
+    make_gpu(gpu, gpu_params)
+    rtol = ADAFACTOR_RTOL[dtype]
+    for step, g in enumerate(grads):
+        g = fusedopt.FlatBuffer.from_arrays(g).data
+        with np.errstate(invalid="ignore"):
+            ref.apply(g, ref_params)
+        gpu.apply(g.copy(), gpu_params)
+        pairs = [("params", gpu_params.data, ref_params.data)]
+        pairs += [(n, gpu.slots()[n], ref.slots()[n]) for n in ref.slot_names]
+        for name, a, b in pairs:
+            finite = b[np.isfinite(b)]
+            scale = float(np.max(np.abs(finite), initial=0.0))
+            np.testing.assert_allclose(a, b, rtol=rtol, atol=rtol * scale,
+                                       err_msg=f"{name}, step {step}")
+    assert (gpu.iterations, gpu.skipped_steps) == (ref.iterations, ref.skipped_steps)
+    return ref, gpu
+
+
+ADAFACTOR_OPTIONS = [
+    {},
+    {"learning_rate": 0.05, "beta_2_decay": -0.5, "epsilon_1": 1e-3, "epsilon_2": 0.1,
+     "clip_threshold": 0.5, "relative_step": False, "clipnorm": 0.5, "weight_decay": 0.1},
+    {"skip_nonfinite": True, "global_clipnorm": 1.0, "loss_scale_factor": 4.0,
+     "clipvalue": None, "learning_rate": fusedopt.schedules.CosineDecay(0.01, 10)},
+    {"clipvalue": 0.3, "coupled_weight_decay": 0.01, "maximize": True,
+     "segment_attributes": {"lr_multipliers": [1, 0.5, 1, 2, 1, 1, 1, 1, 3, 1],
+                            "decay": [True, False] * 5}, "weight_decay": 0.05},
+]
+ADAFACTOR_IDS = ["defaults", "all-clipnorm-decay", "skip-global-scale-schedule",
+                 "clipvalue-coupled-maximize-segments"]
+
+
+def on_host(opt, params):
+    opt.executor = "host"
+    opt.build(params)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("kwargs", ADAFACTOR_OPTIONS, ids=ADAFACTOR_IDS)
+@pytest.mark.parametrize("executor", ["emulated", "host"])
+def test_adafactor_matrices_match_numpy(libraries, executor, kwargs, dtype):
+    """The emulated GPU path with few blocks striding over many tiles, rows and
+    columns; the host executor (kernels/adafactor_host.cpp) on the same layout."""
+    adafactor_pair(kwargs, dtype, on_host if executor == "host" else lambda opt, params:
+                   emulated(opt, params, libraries, sm_count=1, blocks_per_sm=2))
+
+
+def test_adafactor_is_six_launches_and_moves_44_or_32_bytes_per_float32_element(libraries):
+    """The launch sequence (the element-pass kernel three times), one counter advance per
+    step, and the bytes model of
+    fusedopt/bench.py, element accesses counted per kernel: a factored element is read
+    and written 11 times (4 bytes each), an unfactored one 8 times."""
+    params = fusedopt.FlatBuffer.from_arrays(random_params(ADAFACTOR_LAYOUT, np.float32, 1))
+    opt = fusedopt.Adafactor()
+    backend = emulated(opt, params, libraries)
+    f = sum(int(np.prod(s)) for s in ADAFACTOR_LAYOUT if len(s) >= 2)
+    u = params.size - f
+    for step in range(2):
+        backend.launches.clear()
+        backend.reset_accesses()
+        opt.apply(params.zeros_like().data + 0.5, params)
+        assert backend.launches == ADAFACTOR
+        assert device_iterations(opt._plan) == opt.iterations == step + 1
+        counts = {name: (backend.count("load", 4, name), backend.count("store", 4, name))
+                  for name in ADAFACTOR}
+        n = f + u
+        assert counts == {
+            # MOMENTS: p, g, unfactored v; v (or G). RMS: p, g. APPLY: p, g, unfactored v;
+            # p, factored v.
+            "fusedopt_adafactor_pass": ((2 * n + u) + 2 * f + (2 * n + u), n + (n + f)),
+            "fusedopt_adafactor_rows": (f, 0), "fusedopt_adafactor_columns": (f, 0),  # G
+            "fusedopt_adafactor_scales": (0, 0)}
+        total = 4 * sum(a + b for a, b in counts.values())
+        assert total == 44 * f + 32 * u
+
+
+def test_adafactor_skipped_steps_and_graph_replays(libraries):
+    """A skipped step writes nothing in any of the six kernels, and a captured step
+    replays as the next step (the counters, rho and beta come from the device)."""
+    layout = ADAFACTOR_LAYOUT
+    init = random_params(layout, np.float64, seed=5)
+    params = fusedopt.FlatBuffer.from_arrays(init)
+    ref_params = fusedopt.FlatBuffer.from_arrays(init)
+    opt = fusedopt.Adafactor(skip_nonfinite=True)
+    ref = fusedopt.Adafactor(skip_nonfinite=True, executor="numpy")
+    emulated(opt, params, libraries)
+    grads = params.zeros_like().data
+    graph = opt.cuda_graph(grads, params)
+    for step, g in enumerate(random_grads(layout, np.float64, seed=6, steps=4)):
+        g = fusedopt.FlatBuffer.from_arrays(g).data
+        if step == 1:
+            g[5] = np.inf
+        before = [params.data.copy()] + [s.copy() for s in opt.slots().values()]
+        grads[...] = g
+        graph()
+        ref.apply(g, ref_params)
+        if step == 1:
+            for a, b in zip(before, [params.data] + list(opt.slots().values())):
+                np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(params.data, ref_params.data, rtol=1e-12, atol=1e-14)
+    assert (opt.iterations, opt.skipped_steps) == (ref.iterations, ref.skipped_steps) == (3, 1)
+
+
+@pytest.mark.parametrize("first,second", [("numpy", "host"), ("host", "emulated"),
+                                          ("emulated", "numpy")])
+def test_adafactor_checkpoints_move_between_executors(libraries, tmp_path, first, second):
+    """A checkpoint written by one executor loads into another and the run goes on as
+    if it had never moved: r and c are the NumPy executor's flat slots everywhere."""
+    from fusedopt import checkpoint
+
+    layout = ADAFACTOR_LAYOUT
+    init = random_params(layout, np.float64, seed=7)
+    grads = [fusedopt.FlatBuffer.from_arrays(g).data
+             for g in random_grads(layout, np.float64, seed=8, steps=6)]
+
+    def on(executor, opt, params):
+        if executor == "emulated":
+            emulated(opt, params, libraries)
+        else:
+            opt.executor = executor
+            opt.build(params)
+        return opt
+
+    straight_params = fusedopt.FlatBuffer.from_arrays(init)
+    straight = on("numpy", fusedopt.Adafactor(weight_decay=0.01), straight_params)
+    params = fusedopt.FlatBuffer.from_arrays(init)
+    opt = on(first, fusedopt.Adafactor(weight_decay=0.01), params)
+    for g in grads[:3]:
+        with np.errstate(invalid="ignore"):
+            straight.apply(g, straight_params)
+        opt.apply(g.copy(), params)
+    path = tmp_path / "adafactor.safetensors"
+    checkpoint.save(path, opt, params)
+    moved_params = fusedopt.FlatBuffer.from_arrays(init)
+    moved = on(second, fusedopt.Adafactor(weight_decay=0.01), moved_params)
+    checkpoint.load(path, optimizer=moved, params=moved_params)
+    assert moved.iterations == 3
+    for g in grads[3:]:
+        with np.errstate(invalid="ignore"):
+            straight.apply(g, straight_params)
+        moved.apply(g.copy(), moved_params)
+    np.testing.assert_allclose(moved_params.data, straight_params.data, rtol=1e-10, atol=1e-13)
+    for name in straight.slot_names:
+        np.testing.assert_allclose(moved.slots()[name], straight.slots()[name], rtol=1e-10,
+                                   atol=1e-13, err_msg=name)

@@ -126,7 +126,7 @@ def run_gpu(cp, cls_name, kwargs, n, shapes, steps, seed):
 @pytest.mark.parametrize("kwargs", [{}, {"clipnorm": 0.5}, {"global_clipnorm": 1.0},
                                     {"skip_nonfinite": True, "global_clipnorm": 1.0}],
                          ids=["plain", "clipnorm", "global", "skip-global"])
-@pytest.mark.parametrize("cls_name", ["Adam", "Lamb"])
+@pytest.mark.parametrize("cls_name", ["Adam", "Lamb", "Adafactor"])
 def test_gpu_runs_are_bitwise_identical(cls_name, kwargs):
     import cupy as cp
 
@@ -143,7 +143,8 @@ def test_gpu_runs_are_bitwise_identical(cls_name, kwargs):
     {"skip_nonfinite": True}, {"skip_nonfinite": True, "clipnorm": 1.0, "loss_scale_factor": 128.0},
     {"learning_rate": fusedopt.schedules.CosineDecay(1e-3, 100)},
 ], ids=["plain", "clipnorm", "global", "clipvalue-decay", "skip", "skip-clipnorm-scale", "schedule"])
-@pytest.mark.parametrize("cls_name", ["Adam", "Lamb"])  # LAMB: three launches, no sync
+# LAMB: three launches, Adafactor six, no sync
+@pytest.mark.parametrize("cls_name", ["Adam", "Lamb", "Adafactor"])
 def test_gpu_step_never_synchronises(cls_name, kwargs):
     """A step captured into a CUDA graph: capture fails on any device-to-host copy or
     synchronisation. The captured graph, replayed, then performs a real step."""
@@ -170,7 +171,9 @@ def test_gpu_step_never_synchronises(cls_name, kwargs):
     ("Adam", {}), ("AdamW", {"global_clipnorm": 1.0, "loss_scale_factor": 2.0}),
     ("SGD", {"momentum": 0.9, "momentum_in_gradient_units": True, "clipnorm": 0.5}),
     ("Lamb", {"clipnorm": 1.0, "weight_decay": 0.01}),  # kernels/lamb.cu read the block
-], ids=["adam", "adamw-global-scale", "sgd-torch-clipnorm", "lamb-clipnorm"])
+    ("Adafactor", {"clipnorm": 1.0, "weight_decay": 0.01}),  # and kernels/adafactor.cu
+], ids=["adam", "adamw-global-scale", "sgd-torch-clipnorm", "lamb-clipnorm",
+        "adafactor-clipnorm"])
 def test_gpu_grad_scale_and_found_inf_are_read_on_the_device(cls_name, kwargs):
     """apply(grad_scale=, found_inf=) (torch.amp.GradScaler's inputs): eager steps equal
     the NumPy oracle on grads/scale; the step captures into a CUDA graph (which fails on
@@ -212,7 +215,8 @@ def test_gpu_grad_scale_and_found_inf_are_read_on_the_device(cls_name, kwargs):
 
 @pytest.mark.parametrize("cls_name,kwargs", [("Adam", {"amsgrad": True}), ("Nadam", {}),
                                              ("Ftrl", {"l1_regularization_strength": 0.01}),
-                                             ("Lamb", {"weight_decay": 0.01})])
+                                             ("Lamb", {"weight_decay": 0.01}),
+                                             ("Adafactor", {"weight_decay": 0.01})])
 def test_state_moves_between_cpu_and_gpu(cls_name, kwargs):
     import cupy as cp
 
@@ -273,6 +277,56 @@ def test_gpu_muon_matrices_match_numpy(kwargs, dtype):
     assert gpu_opt.executor_name == "cuda"
     assert (gpu_opt.iterations, gpu_opt.skipped_steps) == (cpu_opt.iterations,
                                                            cpu_opt.skipped_steps)
+
+
+# Adafactor's factored statistics: rows longer than a block, a tall embedding-like
+# matrix (few columns summed over many rows), rank 3, a column, empty and 1-D segments.
+ADAFACTOR_SHAPES = [(512, 1024), (1024,), (30000, 8), (4, 33, 65), (5000, 1), (0, 7), (),
+                    (1, 3000)]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("kwargs", [
+    {}, {"clipnorm": 0.5, "weight_decay": 0.01, "skip_nonfinite": True,
+         "learning_rate": fusedopt.schedules.CosineDecay(0.01, 10)}],
+    ids=["defaults", "clipnorm-decay-skip-schedule"])
+def test_gpu_adafactor_matrices_match_numpy(kwargs, dtype):
+    """Adafactor's six kernels against the NumPy executor on matrices, every step, params
+    and every slot (float64 within 1e-10: the sums are added in another order); and a
+    second run gives the same bits (no atomics on floats)."""
+    import cupy as cp
+
+    rng = np.random.default_rng(10)
+    n = sum(int(np.prod(s)) for s in ADAFACTOR_SHAPES)
+    init = rng.normal(size=n).astype(dtype)
+    grads = [(rng.normal(size=n) * rng.uniform(0.1, 3.0)).astype(dtype) for _ in range(8)]
+    grads[4][5] = np.nan  # skipped with skip_nonfinite, propagates otherwise
+    cpu_params = fusedopt.FlatBuffer(init.copy(), ADAFACTOR_SHAPES)
+    cpu_opt = fusedopt.Adafactor(executor="numpy", **kwargs)
+    runs = []
+    for run in range(2):
+        gpu_params = fusedopt.FlatBuffer(cp.asarray(init), ADAFACTOR_SHAPES)
+        gpu_opt = fusedopt.Adafactor(**kwargs)
+        for step, g in enumerate(grads):
+            gpu_opt.apply(cp.asarray(g), gpu_params)
+            if run:
+                continue
+            with np.errstate(invalid="ignore"):
+                cpu_opt.apply(g, cpu_params)
+            rtol = 1e-10 if dtype == np.float64 else RTOL[dtype]
+            pairs = [("params", gpu_params.data, cpu_params.data)]
+            pairs += [(k, gpu_opt.slots()[k], cpu_opt.slots()[k]) for k in cpu_opt.slot_names]
+            for name, a, b in pairs:
+                scale = float(np.max(np.abs(b[np.isfinite(b)]), initial=0.0))
+                np.testing.assert_allclose(cp.asnumpy(a), b, rtol=rtol, atol=rtol * scale,
+                                           err_msg=f"{name}, step {step}")
+        assert gpu_opt.executor_name == "cuda"
+        assert (gpu_opt.iterations, gpu_opt.skipped_steps) == (cpu_opt.iterations,
+                                                               cpu_opt.skipped_steps)
+        runs.append([cp.asnumpy(gpu_params.data)] +
+                    [cp.asnumpy(s) for s in gpu_opt.slots().values()])
+    for a, b in zip(*runs):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_gpu_muon_capture_is_refused():
@@ -345,7 +399,7 @@ def test_gpu_checkpoint_resume_is_bitwise_identical(tmp_path, kwargs):
     assert opt.skipped_steps == straight_opt.skipped_steps
 
 
-@pytest.mark.parametrize("cls_name", ["Adam", "Nadam", "SGD", "Ftrl", "Lamb"])
+@pytest.mark.parametrize("cls_name", ["Adam", "Nadam", "SGD", "Ftrl", "Lamb", "Adafactor"])
 def test_gpu_skipped_step_changes_nothing(cls_name):
     import cupy as cp
 
@@ -708,8 +762,8 @@ def test_torch_16_bit_model_on_the_gpu(dtype_name):
         assert torch.equal(master.to(dtype), p.detach())
 
 
-@pytest.mark.parametrize("cls_name", ["Lamb", "Muon"])
-def test_gpu_lamb_and_muon_refuse_16_bit_buffers(cls_name):
+@pytest.mark.parametrize("cls_name", ["Lamb", "Muon", "Adafactor"])
+def test_gpu_own_kernel_rules_refuse_16_bit_buffers(cls_name):
     """Their kernels take uniform float32/float64 storage only: bfloat16 CuPy buffers
     are refused at the first apply, naming them, with nothing built."""
     import cupy as cp

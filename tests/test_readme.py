@@ -217,6 +217,16 @@ CPU_COLUMNS = ["fusedopt", "fusedopt-numpy", "torch-fused", "torch-foreach", "op
 CLIP_PEERS = {"torch-fused": "torch-clip+fused", "optax": "optax-clip"}
 
 
+def table_rows(text, labels):
+    """(label, sizes, the other cells) of each row of the README tables in `text` whose
+    first cell is one of `labels`; the sizes from a "2²² / 2²⁴" cell."""
+    for line in text.splitlines():
+        cells = [c.strip().strip("*") for c in line.strip().strip("|").split("|")]
+        if cells and cells[0] in labels:
+            sizes = [2 ** int(x.strip()[1:].translate(SUPERSCRIPTS)) for x in cells[1].split("/")]
+            yield cells[0], sizes, cells[2:]
+
+
 def test_readme_cpu_benchmark_figures_are_the_records():
     """Every figure of the README's CPU table is the median the record it links holds."""
     section = README.split("**CPU results**")[1].split("\n## ")[0]
@@ -225,20 +235,16 @@ def test_readme_cpu_benchmark_figures_are_the_records():
     medians = {(r["optimizer"], r["impl"], r["layout"], r["clip"], r["n"]): r["median_ms"]
                for r in record["rows"]}
     checked = 0
-    for line in section.splitlines():
-        cells = [c.strip().strip("*") for c in line.strip().strip("|").split("|")]
-        if not cells or cells[0] not in CPU_ROWS:
-            continue
-        optimizer, layout, clip = CPU_ROWS[cells[0]]
-        sizes = [2 ** int(x.strip()[1:].translate(SUPERSCRIPTS)) for x in cells[1].split("/")]
-        for impl, cell in zip(CPU_COLUMNS, cells[2:]):
+    for label, sizes, cells in table_rows(section, CPU_ROWS):
+        optimizer, layout, clip = CPU_ROWS[label]
+        for impl, cell in zip(CPU_COLUMNS, cells):
             figure = cell.split("(")[0].strip().strip("*").strip()
             if not figure:
                 continue
             impl = CLIP_PEERS.get(impl, impl) if clip else impl
             for n, value in zip(sizes, figure.split("/")):
                 expected = medians[(optimizer, impl, layout, clip, n)]
-                assert value.strip() == f"{expected:.1f}", (cells[0], impl, n)
+                assert value.strip() == f"{expected:.1f}", (label, impl, n)
                 checked += 1
     assert checked >= 30, checked
 
@@ -292,3 +298,26 @@ def test_readme_lamb_host_figures_are_the_record():
                 for n in (2 ** 22, 2 ** 24)]
     for value, (optimizer, impl, n) in zip(figures.groups(), expected):
         assert value == f"{medians[(optimizer, impl, 'flat', None, n)]:.1f}", (optimizer, impl, n)
+
+
+MATRIX_ROWS = {"Adafactor": "adafactor", "Muon": "muon"}
+
+
+def test_readme_adafactor_and_muon_figures_are_the_record():
+    """The Adafactor and Muon table of the CPU results (the "matrices" layout) holds the
+    medians of the record it links, host executor and NumPy reference."""
+    section = README.split("**CPU results**")[1].split("\n## ")[0]
+    part = section[section.index("Adafactor and Muon on the host executor"):]
+    part = part[:part.index("\n\n", part.index("| step (matrices layout)"))]
+    record_path = re.search(r"\]\((bench/results/[^)]+)\.md\)", part).group(1)
+    record = json.loads((ROOT / f"{record_path}.json").read_text())
+    medians = {(r["optimizer"], r["impl"], r["layout"], r["n"]): r["median_ms"]
+               for r in record["rows"]}
+    checked = 0
+    for label, sizes, cells in table_rows(part, MATRIX_ROWS):
+        for impl, cell in zip(("fusedopt", "fusedopt-numpy"), cells):
+            for n, value in zip(sizes, cell.split("/")):
+                expected = medians[(MATRIX_ROWS[label], impl, "matrices", n)]
+                assert value.strip() == f"{expected:.1f}", (label, impl, n)
+                checked += 1
+    assert checked == 8, checked
