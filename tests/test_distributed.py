@@ -86,6 +86,17 @@ EXTRA_CASES = [
     {"id": "lso-sgd-global-clipnorm-inf-rank0", "cls": "SGD",
      "kwargs": {"momentum": 0.9, "global_clipnorm": 0.5},
      "loss_scale": {"initial_scale": 0.5, "dynamic_growth_steps": 3}, "inf": [5, 0]},
+    # On the host executor: a single process keeps the scale in its step state
+    # (kernels/step.cuh), the sharded step beside a plain shard optimizer; they agree.
+    {"id": "lso-adam-ema-accumulate-host-inf-rank1", "cls": "Adam",
+     "kwargs": dict(EMA, gradient_accumulation_steps=2, weight_decay=0.1),
+     "loss_scale": {"initial_scale": 4.0, "dynamic_growth_steps": 2}, "inf": [3, 1],
+     "executor": "host"},
+    # A scale that underflows to 0 (the smallest float32 subnormal, halved) skips every
+    # later step, in one process and sharded alike.
+    {"id": "lso-sgd-underflow-host", "cls": "SGD", "kwargs": {"momentum": 0.5},
+     "loss_scale": {"initial_scale": 1e-45, "dynamic_growth_steps": 100}, "inf": [0, 0],
+     "executor": "host"},
     {"id": "lso-lamb-accumulate-ema-odd", "cls": "Lamb",
      "kwargs": dict(EMA, gradient_accumulation_steps=2, learning_rate=0.01),
      "loss_scale": {"initial_scale": 2.0, "dynamic_growth_steps": 1}, "inf": [2, 2],
