@@ -157,6 +157,20 @@ __device__ __forceinline__ void take_ticket(StepState* state, const StepValues& 
     }
 }
 
+// Tile [begin, end) as runs: [begin, *head) one element at a time, [*head, *body_end)
+// V at a time (aligned in every buffer from `first` on, see common_boundary; -1: no
+// element is), [*body_end, end) one at a time.
+template <int V>
+__device__ __forceinline__ void tile_split(long long begin, long long end, long long first,
+                                           long long* head, long long* body_end) {
+    *head = *body_end = end;
+    if (first >= 0) {
+        *head = begin + ((first - begin) % V + V) % V;
+        if (*head > end) *head = end;
+        *body_end = *head + (end - *head) / V * V;
+    }
+}
+
 // `groups` holds [multiplier, decay (1 or 0)] per segment group, `tile_group` each
 // tile's group (fusedopt/segments.py); ngroups <= FO_MAX_GROUPS <= FO_BLOCK.
 template <typename Rule, typename T, typename P, typename G, typename S>
@@ -199,12 +213,8 @@ __device__ __forceinline__ void fused_step(
     if (acc && !options.apply) {  // gradient accumulation: this call only adds
         for (long long k = blockIdx.x; k < ntiles; k += gridDim.x) {
             const long long begin = tile_start[k], end = tile_start[k + 1];
-            long long head = end, body_end = end;
-            if (first >= 0) {
-                head = begin + ((first - begin) % V + V) % V;
-                if (head > end) head = end;
-                body_end = head + (end - head) / V * V;
-            }
+            long long head, body_end;
+            tile_split<V>(begin, end, first, &head, &body_end);
             for (long long i = begin + threadIdx.x; i < head; i += blockDim.x)
                 accumulate_run<1>(i, p, g, avg, acc, rounding, options);
             for (long long i = head + V * threadIdx.x; i < body_end; i += V * blockDim.x)
@@ -219,13 +229,8 @@ __device__ __forceinline__ void fused_step(
         const T factor = factors == nullptr ? T(1) : factors[nfactors == 1 ? 0 : tile_segment[k]];
         const StepScalars<T> st = shared_st[tile_group[k]];
         const Prologue<T> pro = shared_pro[tile_group[k]];
-        // [begin, head) scalar, [head, body_end) vectorised, [body_end, end) scalar.
-        long long head = end, body_end = end;
-        if (first >= 0) {
-            head = begin + ((first - begin) % V + V) % V;
-            if (head > end) head = end;
-            body_end = head + (end - head) / V * V;
-        }
+        long long head, body_end;
+        tile_split<V>(begin, end, first, &head, &body_end);
         for (long long i = begin + threadIdx.x; i < head; i += blockDim.x)
             update_run<Rule, 1>(i, p, master, g, s0, s1, s2, avg, acc, factor, pro, st,
                                 rounding, options);
