@@ -243,3 +243,38 @@ def test_a_scale_that_underflowed_to_zero_skips_the_step(libraries, where):
     opt.apply(np.full(9, 1e-3), params)
     np.testing.assert_array_equal(params.data, before)
     assert (opt.iterations, opt.skipped_steps, opt.dynamic_scale) == (0, 2, 0.0)
+
+
+@pytest.mark.parametrize("where", ["host", "emulated"])
+def test_changing_the_accumulation_steps_mid_run_agrees_with_numpy(libraries, where):
+    """gradient_accumulation_steps assigned between calls (the slots stay the same):
+    the executors recompute Nadam's running product of the updates done, as the NumPy
+    executor derives it from calls // N."""
+    if where == "host":
+        from fusedopt import host
+
+        try:
+            host.library("nadam", np.float64)
+        except host.HostBuildError as e:
+            pytest.skip(f"no host build here: {e}")
+    grads = [fusedopt.FlatBuffer.from_arrays(g).data
+             for g in random_grads(LAYOUT, np.float64, seed=9, steps=13)]
+    runs = []
+    for executor in ("numpy", where):
+        opt = fusedopt.Nadam(gradient_accumulation_steps=2, use_ema=True,
+                             executor="numpy" if executor == "numpy" else "auto")
+        params = fusedopt.FlatBuffer.from_arrays(random_params(LAYOUT, np.float64, seed=8))
+        if executor == "emulated":
+            emulate(opt, params, libraries)
+        states = []
+        for k, g in enumerate(grads):
+            if k == 5:
+                opt.gradient_accumulation_steps = 3
+            opt.apply(g, params)
+            states.append(state_of(opt, params))
+        assert opt.executor_name == {"numpy": "numpy", "host": "host",
+                                     "emulated": "cuda"}[executor]
+        runs.append((opt.iterations, states))
+    assert runs[0][0] == runs[1][0] == 13 // 3
+    for k, (a, b) in enumerate(zip(runs[0][1], runs[1][1])):
+        assert_close(b, a, np.float64, f"call {k}")
