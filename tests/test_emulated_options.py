@@ -146,11 +146,11 @@ def scaled_grads(dtype, steps, seed=5):
     return [fusedopt.FlatBuffer.from_arrays(g).data for g in out]
 
 
-def make_lso(inner_kwargs=None):
+def make_lso(executor="auto"):
+    """executor: "numpy" for the oracle; the others are emulated (or the host's)."""
     return fusedopt.LossScaleOptimizer(
-        fusedopt.Adam(**(inner_kwargs or {"clipnorm": 1.0, "use_ema": True,
-                                          "gradient_accumulation_steps": 2})),
-        initial_scale=32.0, dynamic_growth_steps=2)
+        fusedopt.Adam(clipnorm=1.0, use_ema=True, gradient_accumulation_steps=2,
+                      executor=executor), initial_scale=32.0, dynamic_growth_steps=2)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
@@ -158,7 +158,7 @@ def test_loss_scale_on_the_device_matches_numpy(libraries, dtype):
     """The scale, its counter, params and every slot after every call; the emulated
     plan is never asked for the scale by a step (only by the asserts here)."""
     init = random_params(LAYOUT, dtype, seed=6)
-    cpu, gpu = make_lso(), make_lso()
+    cpu, gpu = make_lso("numpy"), make_lso()
     cpu_params = fusedopt.FlatBuffer.from_arrays(init)
     gpu_params = fusedopt.FlatBuffer.from_arrays(init)
     emulate(gpu.inner_optimizer, gpu_params, libraries)
@@ -198,7 +198,7 @@ def test_loss_scale_state_moves_between_the_device_and_numpy(libraries):
     goes on like one that never stopped."""
     grads = scaled_grads(np.float64, 16)
     init = random_params(LAYOUT, np.float64, seed=7)
-    straight, straight_params = make_lso(), fusedopt.FlatBuffer.from_arrays(init)
+    straight, straight_params = make_lso("numpy"), fusedopt.FlatBuffer.from_arrays(init)
     for g in grads:
         straight.apply(g, straight_params)
     first, params = make_lso(), fusedopt.FlatBuffer.from_arrays(init)
