@@ -356,10 +356,13 @@ HYPER = np.dtype([
     ("unscale", np.float64), ("clipvalue", np.float64), ("weight_decay", np.float64),
     ("coupled_weight_decay", np.float64), ("clipnorm", np.float64), ("rule", np.float64, (MAX_HYPER,)), ("lr", LEARNING_RATE),
     ("stochastic_rounding", np.int64), ("seed", np.uint64),
+    ("accumulation", np.int64), ("use_ema", np.int64), ("ema_momentum", np.float64),
+    ("ema_overwrite_frequency", np.int64), ("dynamic_growth_steps", np.int64),
 ])
 STEP_STATE = np.dtype([
     ("iterations", np.int64), ("skipped_steps", np.int64), ("last_step_skipped", np.int64),
     ("skip", np.int64), ("blocks_done", np.uint64), ("product", np.float64),
+    ("loss_scale", np.float64), ("scale_counter", np.int64),
 ])
 STEP_VALUES = np.dtype([
     ("lr", np.float64), ("c", np.float64, (MAX_SCALARS,)), ("product", np.float64),
@@ -411,10 +414,13 @@ def pack_learning_rate(spec, decay=0.0):
 
 def pack_hyper(learning_rate, rule, loss_scale_factor=None, clipvalue=None,
                weight_decay=None, clipnorm=None, coupled_weight_decay=None,
-               stochastic_rounding=False, seed=0):
+               stochastic_rounding=False, seed=0, gradient_accumulation_steps=None,
+               use_ema=False, ema_momentum=0.99, ema_overwrite_frequency=None,
+               dynamic_growth_steps=None):
     """The Hyper block: `learning_rate` from pack_learning_rate, `rule` the rule's
     hyperparameters (its class's _hyperparameters, in order), the pipeline's options
-    with their Keras spellings (None: off)."""
+    with their Keras spellings (None: off); dynamic_growth_steps: a LossScaleOptimizer's
+    (the scale itself is step state)."""
     if len(rule) > MAX_HYPER:
         raise ValueError(f"a rule may have at most {MAX_HYPER} hyperparameters, got {len(rule)}")
     out = np.zeros((), HYPER)
@@ -427,6 +433,11 @@ def pack_hyper(learning_rate, rule, loss_scale_factor=None, clipvalue=None,
     out["lr"] = learning_rate
     out["stochastic_rounding"] = int(bool(stochastic_rounding))
     out["seed"] = seed
+    out["accumulation"] = gradient_accumulation_steps or 1
+    out["use_ema"] = int(bool(use_ema))
+    out["ema_momentum"] = ema_momentum
+    out["ema_overwrite_frequency"] = ema_overwrite_frequency or 0
+    out["dynamic_growth_steps"] = dynamic_growth_steps or 0
     return out
 
 
@@ -443,16 +454,22 @@ def optimizer_hyper(opt, host_learning_rate=0.0):
         lr = pack_learning_rate(float(host_learning_rate), opt._decay)
     hyper = pack_hyper(lr, opt._device_hyperparameters(), opt.loss_scale_factor,
                        opt.clipvalue, opt.weight_decay, opt.clipnorm or opt.global_clipnorm,
-                       opt.coupled_weight_decay, opt.stochastic_rounding, opt.seed)
+                       opt.coupled_weight_decay, opt.stochastic_rounding, opt.seed,
+                       opt.gradient_accumulation_steps, opt.use_ema, opt.ema_momentum,
+                       opt.ema_overwrite_frequency, opt._dynamic_growth_steps)
     unscale = opt._unscale()  # 1/loss_scale_factor, negated with maximize
     hyper["unscale"] = 1.0 if unscale is None else unscale
     return hyper, host_evaluated
 
 
-def pack_step_state(iterations, skipped_steps=0, last_step_skipped=False, product=1.0):
+def pack_step_state(iterations, skipped_steps=0, last_step_skipped=False, product=1.0,
+                    loss_scale=(0.0, 0)):
+    """`iterations`: the calls applied (Keras' `_iterations`); `loss_scale`: a
+    LossScaleOptimizer's (dynamic scale, finite steps since it changed)."""
     out = np.zeros((), STEP_STATE)
     out["iterations"], out["skipped_steps"] = iterations, skipped_steps
     out["last_step_skipped"], out["product"] = int(last_step_skipped), product
+    out["loss_scale"], out["scale_counter"] = loss_scale
     return out
 
 

@@ -62,6 +62,11 @@ SEGMENT_LAYOUTS = {"10k-segments": (10_000, 1 << 20), "50k-segments": (50_000, 1
 # Benchmarked configurations: Keras defaults, except SGD with the usual momentum.
 CONFIGS = {"sgd": {"momentum": 0.9}}
 TORCH_PEERS = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD", "adagrad": "Adagrad"}
+# Keras' options around Adam, each a row "adam+<option>": (its arguments, the calls one
+# timed point makes: a whole accumulation cycle, whose calls differ).
+OPTION_ROWS = {"ema": ({"use_ema": True}, 1),
+               "accumulate4": ({"gradient_accumulation_steps": 4}, 4),
+               "accumulate4-ema": ({"gradient_accumulation_steps": 4, "use_ema": True}, 4)}
 CLIP_NORM = 1.0
 # Mixed-precision points: label -> (param dtype, grad dtype, optimizer options). The
 # label is the rows' "dtype"; plain float32 rows say "float32".
@@ -298,18 +303,18 @@ SHAPED_WORDS = {
 }
 
 
-def step_bytes(name, itemsize, clip=False, shape=None):
+def step_bytes(name, itemsize, clip=False, shape=None, **extra):
     """Bytes a fused step must move per element (of a segment of `shape`, for the rules
     of SHAPED_WORDS; None: a 1-D one): read p and g, write p, read and write every
-    state slot (and what a second pass reads again); global clipping reads g once
-    more."""
-    rule = make_optimizer(name).rule
+    state slot (EMA's average and the gradient accumulator included: an applying call
+    reads and zeroes it; and what a second pass reads again); global clipping reads g
+    once more."""
+    opt = make_optimizer(name, **extra)
     clip_words = 1 if clip else 0
-    if rule in SHAPED_WORDS:
-        return itemsize * (SHAPED_WORDS[rule](shape or (0,)) + clip_words)
-    slots = len(make_optimizer(name).slot_names)
-    again = SECOND_PASS_WORDS.get(rule, 0)
-    return itemsize * (3 + 2 * slots + again + clip_words)
+    if opt.rule in SHAPED_WORDS:
+        return itemsize * (SHAPED_WORDS[opt.rule](shape or (0,)) + clip_words)
+    again = SECOND_PASS_WORDS.get(opt.rule, 0)
+    return itemsize * (3 + 2 * len(opt.slot_names) + again + clip_words)
 
 
 def layout_step_bytes(name, label, shapes, clip=False):
@@ -318,6 +323,17 @@ def layout_step_bytes(name, label, shapes, clip=False):
     if make_optimizer(name).rule not in SHAPED_WORDS:
         return precision_step_bytes(name, label, clip) * sum(math.prod(s) for s in shapes)
     return sum(step_bytes(name, 4, clip, s) * math.prod(s) for s in shapes)
+
+
+def option_bytes(name, option, itemsize):
+    """Bytes per element of one timed point of OPTION_ROWS[option] (all its calls).
+    With gradient accumulation N-1 calls only add: they read g and the accumulator and
+    write the accumulator (3 words), and with EMA also read p and read and write the
+    average (6 words; p is written only when the average overwrites it); the N-th is
+    a full step with every slot."""
+    kwargs, calls = OPTION_ROWS[option]
+    light = 6 if kwargs.get("use_ema") else 3
+    return (calls - 1) * light * itemsize + step_bytes(name, itemsize, **kwargs)
 
 
 def precision_step_bytes(name, label, clip=False):
@@ -487,6 +503,9 @@ def build_plan(ctx, sizes, optimizers, peers):
                 plan.append((f"fusedopt-numpy {name} n=2^{n.bit_length() - 1}",
                              _bind(measure_fusedopt, name, n, layout, None, executor="numpy")))
         if "adam" in optimizers:
+            for option in OPTION_ROWS:
+                plan.append((f"fusedopt adam+{option} n=2^{n.bit_length() - 1}",
+                             _bind(measure_fusedopt_option, "adam", n, option)))
             plan.append((f"fusedopt adam 200-tensors n=2^{n.bit_length() - 1}",
                          _bind(measure_fusedopt, "adam", n, "200-tensors", None)))
             plan.append((f"fusedopt adam clip n=2^{n.bit_length() - 1}",
@@ -610,13 +629,14 @@ CLIP_OPTIONS = {None: {}, "global": {"global_clipnorm": CLIP_NORM},
                 "segment": {"clipnorm": CLIP_NORM}}
 
 
-def _fusedopt_sets(ctx, name, n, layout, clip, executor="auto", label="float32"):
+def _fusedopt_sets(ctx, name, n, layout, clip, executor="auto", label="float32", extra=None):
     from .flat import FlatBuffer
 
     shapes = layout_shapes(layout, n)
     # Per-segment clipping reads g once more too; its bytes are counted like global's.
     nbytes = layout_step_bytes(name, label, shapes, clip=bool(clip))
     param, grad, options = PRECISIONS.get(label, ("float32", "float32", {}))
+    options = {**options, **(extra or {})}
     sets = rotation(ctx, nbytes)
     out = []
     for i in range(sets):
@@ -646,6 +666,25 @@ def measure_fusedopt(ctx, name, n, layout, clip, warmup, repeats, executor="auto
     del sets
     ctx.free()
     return [row(name, impl, n, layout, clip, ms, nbytes, dtype=precision, note=note)]
+
+
+def measure_fusedopt_option(ctx, name, n, option, warmup, repeats):
+    """fusedopt's step with one of Keras' options (OPTION_ROWS), row "<name>+<option>";
+    with gradient accumulation one timed point is a whole cycle of N calls."""
+    kwargs, calls = OPTION_ROWS[option]
+    sets, _ = _fusedopt_sets(ctx, name, n, "flat", None, extra=kwargs)
+    nbytes = option_bytes(name, option, 4) * n
+
+    def step(i):
+        opt, params, grads = sets[i]
+        for _ in range(calls):
+            opt.apply(grads, params)
+
+    ms = ctx.time(step, len(sets), warmup, repeats)
+    del sets
+    ctx.free()
+    note = f"{calls} calls (one accumulation cycle)" if calls > 1 else None
+    return [row(f"{name}+{option}", "fusedopt", n, "flat", None, ms, nbytes, note=note)]
 
 
 def measure_cupy_unfused(ctx, name, n, warmup, repeats):

@@ -295,7 +295,7 @@ class StepPlan:
             self._build_tables()
             self.write_hyperparameters()
             self.write_state(optimizer._iterations, optimizer._skipped_steps,
-                             optimizer._last_step_skipped)
+                             optimizer._last_step_skipped, optimizer._loss_scale_state)
 
     # ---------------------------------------------------- tables, for a clip mode
     def clip_mode(self):
@@ -505,8 +505,9 @@ class StepPlan:
             if self.optimizer.rule == "muon":
                 self._write_muon_segments()
             self.write_hyperparameters()
-        if name in self.optimizer._running_product_inputs:
-            # The product is a function of the step count and these hyperparameters
+        if name in self.optimizer._running_product_inputs or \
+                name == "gradient_accumulation_steps":
+            # The product is a function of the updates done and these hyperparameters
             # (Nadam's beta_1): recompute it as the host executors do. Rare, so the
             # one read of the step count it needs is acceptable.
             self.write_state(*self.read_state())
@@ -516,27 +517,50 @@ class StepPlan:
                                                                  host_learning_rate)
         self._enqueue(None, "fusedopt_write_hyper", 1, 1, (self.hyper, block))
 
-    def write_state(self, iterations, skipped_steps, last_step_skipped):
-        """Set the device counters (build, load_state_dict); Nadam's running product
-        comes from the Python side as a function of the step count."""
+    def write_state(self, iterations, skipped_steps, last_step_skipped, loss_scale=None):
+        """Set the device counters (build, load_state_dict; `iterations`: calls
+        applied); Nadam's running product comes from the Python side as a function of
+        the step count. The loss scale is kept unless given as (scale, counter): with a
+        LossScaleOptimizer that reads it from the device (a sync, as rare as this)."""
+        if loss_scale is None:
+            loss_scale = self.read_loss_scale() if self.optimizer._dynamic_growth_steps \
+                else (0.0, 0)
         state = self._k.pack_step_state(iterations, skipped_steps, last_step_skipped,
-                                        self.optimizer._running_product(iterations))
+                                        self.optimizer._device_product(iterations), loss_scale)
         with self.backend.on_device():
             self._enqueue(None, "fusedopt_write_state", 1, 1, (self.state, state))
         self._host_counts = (iterations, skipped_steps, last_step_skipped)
+
+    def _read_device_state(self):
+        with self.backend.on_device():
+            self.join_current_stream()
+            raw = self.backend.to_host(self.state)
+        return np.frombuffer(raw.tobytes(), dtype=self._k.STEP_STATE)[0]
 
     def read_state(self):
         """(iterations, skipped steps, last step skipped): the host's count while every
         step completes, else read from the device (a sync)."""
         if not self._device_skips:
             return self._host_counts
-        with self.backend.on_device():
-            self.join_current_stream()
-            raw = self.backend.to_host(self.state)
-        state = np.frombuffer(raw.tobytes(), dtype=self._k.STEP_STATE)[0]
+        state = self._read_device_state()
         self._host_counts = (int(state["iterations"]), int(state["skipped_steps"]),
                              bool(state["last_step_skipped"]))
         return self._host_counts
+
+    def read_loss_scale(self):
+        """A LossScaleOptimizer's (dynamic scale, finite steps since it changed), read
+        from the device (a sync: only when asked, never by a step)."""
+        state = self._read_device_state()
+        return float(state["loss_scale"]), int(state["scale_counter"])
+
+    def write_loss_scale(self, scale, counter):
+        self.write_state(*self.read_state(), (float(np.float32(scale)), int(counter)))
+
+    def loss_scale_view(self):
+        """The dynamic scale as a one-element float64 device array (a view of the step
+        state): scale_loss multiplies by it on the device, without a sync."""
+        offset = self._k.STEP_STATE.fields["loss_scale"][1]
+        return self.state[offset:offset + 8].view(np.float64)
 
     @property
     def next_iteration(self):
@@ -574,10 +598,11 @@ class StepPlan:
     def _enqueue_step(self, grads, params_data, slots):
         opt, mode, skip = self.optimizer, self.mode, self.optimizer.skip_nonfinite
         key = self.storage(grads.dtype)
+        accumulator = opt._option_slots.get("gradient_accumulator")
         if mode is not None or skip:
             self._enqueue(None, "fusedopt_sumsq", self.sumsq_grid, self._k.BLOCK, (
-                grads, self.tile_start, np.int64(self.tiles.count), self.hyper, self.partial,
-                self.tile_nonfinite), key)
+                grads, accumulator, self.tile_start, np.int64(self.tiles.count), self.hyper,
+                self.state, self.partial, self.tile_nonfinite), key)
         if mode is not None:
             self._enqueue(None, "fusedopt_clip_factors", self.factors_grid, self._k.BLOCK, (
                 self.partial, self.segment_tiles, np.int64(self.nsegments),
@@ -593,9 +618,10 @@ class StepPlan:
             return self._enqueue_muon(grads, params_data, s, nfactors)
         if opt.rule == "adafactor":
             return self._enqueue_adafactor(grads, params_data, s, nfactors)
-        master = opt._option_slots.get("master")
+        master, average = (opt._option_slots.get(k) for k in ("master", "average"))
         self._enqueue(opt.rule, f"fusedopt_{opt.rule}", self.update_grid, self._k.BLOCK, (
-            params_data, grads, s[0], s[1], s[2], master, self.tile_start, self.tile_segment,
+            params_data, grads, s[0], s[1], s[2], master, average, accumulator,
+            self.tile_start, self.tile_segment,
             self.tile_group, np.int64(self.tiles.count), self.factors, nfactors, self.groups,
             np.int32(self.groups.size // 2), self.hyper, self.state), key)
 

@@ -64,7 +64,9 @@ shard's optimizer on the N-th call, while the norm needs a sum across ranks firs
 A LossScaleOptimizer is sharded as its inner optimizer with the dynamic scale kept
 here, on the device, one copy per rank: the scale unscales the shard's gradient as
 loss_scale_factor would, and the found-inf decision is the all-gathered non-finite
-flag, so every rank halves, keeps or doubles its scale together.
+flag (or a scale that underflowed to 0), so every rank halves, keeps or doubles its
+scale together. (A single process keeps the same scale in its optimizer's step state,
+kernels/step.cuh; the shard's optimizer is a plain one, the scale applied here.)
 
 Collectives have the timeout given to init_process_group: pass one there.
 NCCL (CuPy buffers through DLPack) is written but untested here (no GPU).
@@ -289,12 +291,10 @@ class ShardedOptimizer:
         if self._ema_swapped:  # the same on every rank: refused before any collective
             raise ValueError("`params` hold the EMA weights (swap_ema_weights); swap them "
                              "back before the next step")
-        if self._lso is not None and self.params.xp is np and self._scale[0] == 0:
-            raise ValueError("the dynamic loss scale has underflowed to 0 (every recent "
-                             "step had non-finite gradients); nothing was changed")
         with cuda.on_device(self.params.device):  # this rank's GPU, not CuPy's default
             shard = self._reduce_scatter(g) if not reduced else g[self.lo:self.hi]
-            shard, bad = self._prologue(shard)
+            with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+                shard, bad = self._prologue(shard)  # inf and NaN are skipped, not warned
             gather = self._params_may_change()
             self.inner.apply(shard, self.shard)
             if self._lso is not None:
@@ -379,6 +379,10 @@ class ShardedOptimizer:
             return None, None  # loss_scale_factor alone needs nothing from other ranks
         total = self._sum_over_ranks(local)
         sums, bad = total[:nseg], total[nseg] > 0
+        if self._lso is not None:
+            # A scale that underflowed to 0 skips the step, as a single process's
+            # LossScaleOptimizer does (kernels/step.cuh, fo_phase), on every rank.
+            bad = bad | (self._scale[0] == 0)
         if clipnorm:
             factors = clipnorm_factors(xp, sums, clipnorm)
         elif global_clipnorm:

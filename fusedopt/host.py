@@ -236,7 +236,8 @@ def library(rule, dtype, grad=None, state=None):
     on disk). Raises HostBuildError when it cannot be built."""
     fn = _load(rule, _kernels.storage_key(dtype, grad, state)).fusedopt_host_step
     fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 9
+    # host.cpp's step also takes use_ema's average and the gradient accumulator.
+    fn.argtypes = [ctypes.c_void_p] * (9 if _kernels.own_kernels(rule) else 11)
     return fn
 
 
@@ -364,6 +365,7 @@ class HostPlan:
             self._plan.segment_values = self._segment_values.ctypes.data
         self.write_state(optimizer._iterations, optimizer._skipped_steps,
                          optimizer._last_step_skipped)
+        self.write_loss_scale(*optimizer._loss_scale_state)
         self.hyperparameters_changed(None)
 
     def hyperparameters_changed(self, name):
@@ -395,8 +397,8 @@ class HostPlan:
             plan.nsegments = len(self.offsets) - 1
             plan.clip_mode = CLIP_MODES[mode]
             self.sum_tiles, self._mode = sums, mode
-        if name in opt._running_product_inputs:
-            # The running product (Nadam's) is a function of the step count and these
+        if name in opt._running_product_inputs or name == "gradient_accumulation_steps":
+            # The running product (Nadam's) is a function of the updates done and these
             # hyperparameters: recompute it, as the NumPy executor does.
             self.write_state(*self.read_state())
 
@@ -444,8 +446,18 @@ class HostPlan:
                               self.state.ctypes.data)
         if self.optimizer.rule == "muon":  # uniform float32/float64: no master copy
             return self._muon_step(fn, grads, params_data, s, plan, hyper, state)
-        fn(params_data.ctypes.data, grads.ctypes.data, s[0], s[1], s[2], master, plan, hyper,
-           state)
+        if _kernels.own_kernels(self.optimizer.rule):
+            fn(params_data.ctypes.data, grads.ctypes.data, s[0], s[1], s[2], master, plan,
+               hyper, state)
+            return
+        options = self.optimizer._option_slots
+        average, accumulator = (None if options.get(k) is None else options[k].ctypes.data
+                                for k in ("average", "gradient_accumulator"))
+        if fn(params_data.ctypes.data, grads.ctypes.data, s[0], s[1], s[2], master, average,
+              accumulator, plan, hyper, state) < 0:
+            # fusedopt.optimizer refuses these before any buffer exists (_precision_for).
+            raise RuntimeError("use_ema and gradient_accumulation_steps run on float32 or "
+                               "float64 buffers only")
 
     def _muon_step(self, fn, grads, params_data, s, plan, hyper, state):
         """Muon: the element-wise pass (AdamW segments done, d for the Muon ones),
@@ -472,6 +484,15 @@ class HostPlan:
                 bool(state["last_step_skipped"]))
 
     def write_state(self, iterations, skipped_steps, last_step_skipped):
+        """Set the counters (`iterations`: calls applied); the loss scale is kept."""
         self.state[...] = _kernels.pack_step_state(
             iterations, skipped_steps, last_step_skipped,
-            self.optimizer._running_product(iterations))
+            self.optimizer._device_product(iterations), self.read_loss_scale())
+
+    def read_loss_scale(self):
+        """A LossScaleOptimizer's (dynamic scale, finite steps since it changed)."""
+        return float(self.state["loss_scale"]), int(self.state["scale_counter"])
+
+    def write_loss_scale(self, scale, counter):
+        self.state["loss_scale"] = float(np.float32(scale))
+        self.state["scale_counter"] = int(counter)

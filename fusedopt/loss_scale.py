@@ -9,19 +9,29 @@ optimizer; after `dynamic_growth_steps` such steps in a row the scale doubles. A
 with any inf or NaN gradient is skipped (params, slots and the inner iterations stay
 as they were) and halves the scale. The scale is float32, as Keras keeps it.
 
-The inner optimizer does the work with its own machinery: it runs with
-skip_nonfinite (its executor checks the gradients in the pass that reads them, and
-counts the skip in its counters) and with loss_scale_factor = the scale (its
-prologue unscales). The scale and its counter are state slots of one element each,
-so state_dict, load_state_dict and checkpoints carry them (the counter in float64,
-which holds every integer below 2**53 and which both checkpoint containers store).
+The inner optimizer does the work with its own machinery, on every executor: it
+runs with skip_nonfinite (its executor checks the gradients in the pass that reads
+them, and counts the skip in its counters), and its step state holds the scale and
+its counter next to those counters (kernels/step.cuh: StepState.loss_scale and
+scale_counter; reference.ReferencePlan for the NumPy executor). The step unscales by
+the scale and updates it itself, so on a GPU a step never waits for the host and a
+captured step (cuda_graph) replays the scale's growth and backoff. Reading
+`dynamic_scale` or `step_counter` there is a sync, asked for, never per step;
+`scale_loss` of a CuPy loss multiplies by the scale on the device. (An inner rule
+with kernels of its own, Lamb or Muon, runs on the NumPy executor under the wrapper.)
+
+A dynamic scale of 0 (after some 165 non-finite steps in a row in float32) would make
+every gradient inf or NaN: such a step is skipped like a non-finite one.
+
+state_dict, load_state_dict and checkpoints carry the scale and its counter as two
+slots of one element each (the counter in float64, which holds every integer below
+2**53 and which both checkpoint containers store).
 """
 
 import numpy as np
 
 from . import _validate as check
-from . import cuda, reference
-from .flat import FlatBuffer
+from . import cuda
 from .optimizer import _WRAPPERS, FusedOptimizer, get
 
 # Keras' base-optimizer arguments and their defaults: the wrapper refuses any other
@@ -77,31 +87,44 @@ class LossScaleOptimizer(FusedOptimizer):
                                                   low=1)
         self.name = "loss_scale_optimizer" if name is None else name
         inner._skip_nonfinite = True  # a non-finite step is skipped, as in Keras
+        inner._dynamic_growth_steps = self.dynamic_growth_steps
+        if inner.built:  # a new plan for it (the executor may change: Lamb, Muon)
+            inner.executor = inner.executor
         self.inner_optimizer = inner
-        self._scale = None  # [dynamic_scale] (float32) and [step_counter] (float64) once built
-        self._pending_scale = None
+        self._write_scale(float(np.float32(self.initial_scale)), 0)
+        inner._hyperparameters_changed(None)  # a built inner plan learns the growth steps
 
     # ------------------------------------------------------------ the scale
+    def _read_scale(self):
+        """(scale, counter) from where the step state lives (a GPU read syncs)."""
+        inner = self.inner_optimizer
+        if inner._plan is not None:
+            return inner._plan.read_loss_scale()
+        return inner._loss_scale_state
+
+    def _write_scale(self, scale, counter):
+        inner = self.inner_optimizer
+        if inner._plan is not None:
+            inner._plan.write_loss_scale(scale, counter)
+        else:
+            inner._loss_scale_state = (float(np.float32(scale)), int(counter))
+
     @property
     def dynamic_scale(self):
         """The current loss scale (the initial one before the first step)."""
-        if self._scale is not None:
-            return float(cuda.to_device(self._scale[0], "cpu")[0])
-        if self._pending_scale is not None:
-            return float(self._pending_scale[0][0])
-        return float(np.float32(self.initial_scale))
+        return float(self._read_scale()[0])
 
     @property
     def step_counter(self):
         """Finite steps since the scale last changed."""
-        if self._scale is not None:
-            return int(cuda.to_device(self._scale[1], "cpu")[0])
-        if self._pending_scale is not None:
-            return int(self._pending_scale[1][0])
-        return 0
+        return int(self._read_scale()[1])
 
     def scale_loss(self, loss):
-        """loss * the current scale: differentiate this, then apply()."""
+        """loss * the current scale: differentiate this, then apply(). A CuPy loss on
+        the GPU executor is multiplied by the scale on the device (no sync)."""
+        plan = self.inner_optimizer._plan
+        if cuda.is_gpu_array(loss) and getattr(plan, "name", None) == "cuda":
+            return loss * plan.loss_scale_view()[0].astype(loss.dtype)
         return loss * self.dynamic_scale
 
     # ------------------------------------------------------------ delegation
@@ -137,7 +160,7 @@ class LossScaleOptimizer(FusedOptimizer):
 
     @property
     def built(self):
-        return self.inner_optimizer.built and self._scale is not None
+        return self.inner_optimizer.built
 
     @property
     def _layout(self):
@@ -152,9 +175,10 @@ class LossScaleOptimizer(FusedOptimizer):
         return self.inner_optimizer.slot_names + _OWN_SLOTS
 
     def slots(self):
+        """The inner optimizer's (live) slots, and copies of the scale and its counter."""
         if not self.built:
             return {}
-        return {**self.inner_optimizer.slots(), **dict(zip(_OWN_SLOTS, self._scale))}
+        return {**self.inner_optimizer.slots(), **dict(zip(_OWN_SLOTS, self._own_arrays()))}
 
     @property
     def executor(self):
@@ -179,75 +203,35 @@ class LossScaleOptimizer(FusedOptimizer):
 
     # ------------------------------------------------------------ build and step
     def build(self, params):
-        self._check_cpu(params)
         self.inner_optimizer.build(params)
-        if self._scale is not None:
-            return
-        if self._pending_scale is not None:
-            scale, counter = self._pending_scale
-        else:
-            scale = np.array([self.initial_scale], np.float32)
-            counter = np.zeros(1, np.float64)
-        self._scale = [scale.copy(), counter.copy()]
-        self._pending_scale = None
 
     def apply(self, grads, params):
         """Unscale and step, or skip a step with non-finite gradients; then update the
-        scale. Every argument is checked (by the inner optimizer) before anything
-        changes."""
-        self._check_cpu(params)
-        scale, counter = self.dynamic_scale, self.step_counter
-        if scale == 0.0:
-            raise ValueError("the dynamic loss scale has underflowed to 0 (every recent "
-                             "step had non-finite gradients); nothing was changed")
-        inner = self.inner_optimizer
-        inner.loss_scale_factor = scale
-        try:
-            inner.apply(grads, params)
-        finally:
-            inner.loss_scale_factor = None
-        self.build(params)
-        scale, counter = reference.loss_scale_update(
-            np.float32(scale), counter, not inner.last_step_skipped, self.dynamic_growth_steps)
-        self._scale[0][0] = scale
-        self._scale[1][0] = counter
+        scale: all inside the inner optimizer's step (on a GPU, on the device). Every
+        argument is checked (by the inner optimizer) before anything changes."""
+        self.inner_optimizer.apply(grads, params)
 
-    def _check_cpu(self, params):
-        # The scale is read on the host before each step; on a GPU that would be a
-        # synchronisation per step, which fusedopt's CUDA path never does.
-        if isinstance(params, FlatBuffer):
-            device = params.device
-        elif isinstance(params, np.ndarray) or cuda.is_gpu_array(params):
-            device = cuda.device_of(params)
-        else:
-            return  # not a buffer: the inner optimizer names what is wrong
-        if device != "cpu":
-            raise ValueError("LossScaleOptimizer runs on CPU (NumPy) buffers so far; on "
-                             "the GPU the scale is not kept on the device yet")
+    def cuda_graph(self, grads, params):
+        """The inner optimizer's captured step: each replay unscales by the device's
+        scale and updates it, as apply() does."""
+        return self.inner_optimizer.cuda_graph(grads, params)
 
     # ------------------------------------------------------------ state
     def state_dict(self):
         state = self.inner_optimizer.state_dict()
         state["optimizer"] = "lossscaleoptimizer"
         state["inner_optimizer"] = type(self.inner_optimizer).__name__.lower()
-        state["slots"].update(zip(_OWN_SLOTS, (a.copy() for a in self._own_arrays())))
+        state["slots"].update(zip(_OWN_SLOTS, self._own_arrays()))
         return state
 
     def _own_arrays(self):
-        if self._scale is not None:
-            return self._scale
-        if self._pending_scale is not None:
-            return self._pending_scale
-        return [np.array([self.initial_scale], np.float32), np.zeros(1, np.float64)]
+        scale, counter = self._read_scale()
+        return [np.array([scale], np.float32), np.array([counter], np.float64)]
 
     def load_state_dict(self, state):
         inner_state, own = self._parse_state(state)
         self.inner_optimizer.load_state_dict(inner_state)
-        if self._scale is not None:
-            self._scale[0][...] = own[0]
-            self._scale[1][...] = own[1]
-        else:
-            self._pending_scale = own
+        self._write_scale(float(own[0][0]), int(own[1][0]))
 
     def _parse_state(self, state):
         """(the inner optimizer's state, [scale, counter]) after checking everything."""

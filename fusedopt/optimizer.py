@@ -250,6 +250,10 @@ class FusedOptimizer:
         self._iterations = 0
         self._skipped_steps = 0
         self._last_step_skipped = False
+        # Set by a LossScaleOptimizer wrapping this one: its dynamic_growth_steps, and
+        # (scale, finite steps since it changed) until a plan holds them (step state).
+        self._dynamic_growth_steps = None
+        self._loss_scale_state = (0.0, 0)
         self._layout = None   # set by build(): the layout every buffer must have
         self._device = None
         self._slots = None    # rule-ordered list: a 1-D array per slot, None where absent
@@ -304,6 +308,9 @@ class FusedOptimizer:
             )
         if not callable(self._learning_rate):
             self._check_learning_rate_value(self._learning_rate)
+        if self.__dict__.get("_dynamic_growth_steps") and self.loss_scale_factor is not None:
+            raise ValueError("`loss_scale_factor`: this optimizer is wrapped by a "
+                             "LossScaleOptimizer, whose dynamic scale unscales the gradients")
         if self.ema_overwrite_frequency is not None and not self.use_ema:
             # Keras ignores it then; it would silently do nothing.
             raise ValueError("`ema_overwrite_frequency` needs `use_ema=True`")
@@ -408,6 +415,11 @@ class FusedOptimizer:
     def _running_product(self, iterations):
         return 1.0
 
+    def _device_product(self, calls):
+        """The running product the step state holds after `calls` calls applied: that
+        of the updates among them (gradient accumulation: calls // N)."""
+        return self._running_product(calls // self._accumulation)
+
     # The hyperparameters _running_product depends on: setting one recomputes it.
     _running_product_inputs = ()
 
@@ -470,6 +482,8 @@ class FusedOptimizer:
             return
         previous = self._executor
         self._iterations, self._skipped_steps, self._last_step_skipped = self._counters()
+        if self._dynamic_growth_steps:  # a LossScaleOptimizer's scale moves along
+            self._loss_scale_state = self._plan.read_loss_scale()
         self._executor = value
         try:
             self._plan = executors.plan_for(self, self._buffers)
@@ -529,15 +543,19 @@ class FusedOptimizer:
         what the kernels do not implement yet. Other executors refuse it. With
         `param_dtype` (and the latest step's grads dtype), also the storage a rule with
         kernels of its own (Lamb, Adafactor, Muon: uniform float32/float64 only) cannot
-        run."""
+        run. Keras' options (use_ema, gradient accumulation, a LossScaleOptimizer's
+        dynamic scale) are in fused.cu's pass (kernels/options.cuh), not in those rules'
+        own."""
         if self.rule not in _kernels.rule_names():
             return f"the {type(self).__name__} rule has no kernel yet"
-        if self.use_ema:
-            return "use_ema"
-        if self.gradient_accumulation_steps:
-            return "gradient_accumulation_steps"
-        if param_dtype is not None and _kernels.own_kernels(self.rule):
-            return self._own_kernel_storage(param_dtype, self._grads_dtype)
+        if _kernels.own_kernels(self.rule):
+            for option, on in (("use_ema", self.use_ema),
+                               ("gradient_accumulation_steps", self.gradient_accumulation_steps),
+                               ("a LossScaleOptimizer", self._dynamic_growth_steps)):
+                if on:
+                    return option
+            if param_dtype is not None:
+                return self._own_kernel_storage(param_dtype, self._grads_dtype)
         return ""
 
     def _own_kernel_storage(self, param_dtype, grad_dtype):

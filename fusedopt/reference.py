@@ -363,10 +363,18 @@ class ReferencePlan:
             for spec in optimizer._slot_specs()]
         self.write_state(optimizer._iterations, optimizer._skipped_steps,
                          optimizer._last_step_skipped)
+        self.write_loss_scale(*optimizer._loss_scale_state)
 
     @property
     def next_iteration(self):
         return self.counters[0]
+
+    def read_loss_scale(self):
+        """A LossScaleOptimizer's (dynamic scale, finite steps since it changed)."""
+        return float(self.loss_scale[0]), int(self.loss_scale[1])
+
+    def write_loss_scale(self, scale, counter):
+        self.loss_scale = [np.float32(scale), int(counter)]  # float32, as Keras keeps it
 
     def hyperparameters_changed(self, name):
         """Nothing to refresh: every step reads the optimizer's attributes."""
@@ -374,11 +382,16 @@ class ReferencePlan:
     def step(self, grads, params_data, slots, host_learning_rate=None, amp=None):
         opt = self.optimizer
         grad_scale, found_inf = amp if amp is not None else (None, None)
-        # A 16-bit inf or NaN counts as any other.
+        growth = opt._dynamic_growth_steps  # a LossScaleOptimizer's inner optimizer
+        # A 16-bit inf or NaN counts as any other. A dynamic scale of 0 (underflowed)
+        # would turn every gradient into inf or NaN: such a step is skipped too.
         if (opt.skip_nonfinite and not _all_finite(grads)) or \
-                (found_inf is not None and found_inf.reshape(-1)[0] != 0):
+                (found_inf is not None and found_inf.reshape(-1)[0] != 0) or \
+                (growth and not self.loss_scale[0]):
             self.counters[1] += 1
             self.counters[2] = True
+            if growth:
+                self.write_loss_scale(*loss_scale_update(*self.loss_scale, False, growth))
             return
         calls = self.counters[0]
         pairs, segment_group = opt._segment_groups()
@@ -389,6 +402,8 @@ class ReferencePlan:
         unscale = opt._unscale()
         if grad_scale is not None:  # in double, as kernels/reduce.cu's fusedopt_amp_inputs
             unscale = (1.0 if unscale is None else unscale) / float(grad_scale.reshape(-1)[0])
+        if growth:  # then the dynamic scale, in double, as kernels/step.cuh's fo_phase
+            unscale = (1.0 if unscale is None else unscale) / float(self.loss_scale[0])
         unscale = None if unscale is None else dt(unscale)
         # Non-finite gradients propagate as in Keras (or are skipped above); NumPy's
         # warnings about them would only repeat that.
@@ -406,6 +421,8 @@ class ReferencePlan:
                 self._moving_average(params_data, average, calls // opt._accumulation)
         self.counters[0] += 1
         self.counters[2] = False
+        if growth:
+            self.write_loss_scale(*loss_scale_update(*self.loss_scale, True, growth))
 
     def read_state(self):
         return tuple(self.counters)

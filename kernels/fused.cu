@@ -24,8 +24,13 @@
 // scalars at its start, one thread per group. Blocks stride over tiles; threads stride within a tile,
 // 16 / sizeof(math type) elements of every buffer at a time (16 bytes of a float32
 // buffer, 8 of a bfloat16 one) when all buffers share their element phase.
+//
+// Keras' options (kernels/options.cuh): with use_ema the moving average `avg`, with
+// gradient accumulation the accumulator `acc` (both null without) are slots loaded
+// and stored like the rule's. What a call does (apply, or only accumulate; overwrite)
+// is decided per launch from the step state, so every call launches the same kernels.
 #pragma once
-#include "step.cuh"
+#include "options.cuh"
 #include "storage.cuh"
 
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)
@@ -34,10 +39,11 @@
 // buffer (one access per buffer). Absent slots' lanes are zeros, never uninitialised.
 template <typename Rule, int N, typename T, typename P, typename G, typename S>
 __device__ __forceinline__ void update_run(long long i, P* p, float* master, const G* g,
-                                           S* s0, S* s1, S* s2, T factor,
+                                           S* s0, S* s1, S* s2, S* avg, S* acc, T factor,
                                            const Prologue<T>& pro, const StepScalars<T>& st,
-                                           const FoRounding& rounding) {
-    T pv[N], gv[N], av[N] = {}, bv[N] = {}, cv[N] = {};
+                                           const FoRounding& rounding,
+                                           const OptionScalars<T>& o) {
+    T pv[N], gv[N], av[N] = {}, bv[N] = {}, cv[N] = {}, ev[N] = {}, qv[N] = {};
     bool from_master = false;
     if constexpr (sizeof(P) == 2) {
         if (master) {
@@ -50,9 +56,21 @@ __device__ __forceinline__ void update_run(long long i, P* p, float* master, con
     if (s0) fo_load_run<N>(s0 + i, av);
     if (s1) fo_load_run<N>(s1 + i, bv);
     if (s2) fo_load_run<N>(s2 + i, cv);
+    if (avg) fo_load_run<N>(avg + i, ev);
+    if (acc) {
+        fo_load_run<N>(acc + i, qv);
+#pragma unroll
+        for (int k = 0; k < N; ++k) gv[k] = fo_accumulated_mean(gv[k], qv[k], o);
+    }
 #pragma unroll
     for (int k = 0; k < N; ++k)
         fused_element<Rule>(pv[k], gv[k], av[k], bv[k], cv[k], factor, pro, st);
+    if (avg) {
+#pragma unroll
+        for (int k = 0; k < N; ++k) fo_moving_average(pv[k], ev[k], o);
+        fo_store_run<N>(avg + i, ev);
+    }
+    if (acc) fo_store_run<N>(acc + i, qv);
     if constexpr (sizeof(P) == 2) {
         if (master) fo_store_run<N>(master + i, pv);
     }
@@ -60,6 +78,30 @@ __device__ __forceinline__ void update_run(long long i, P* p, float* master, con
     if (s0) fo_store_run<N>(s0 + i, av);
     if (s1) fo_store_run<N>(s1 + i, bv);
     if (s2) fo_store_run<N>(s2 + i, cv);
+}
+
+// Gradient accumulation's light calls: g and the accumulator, plus the params and the
+// moving average with use_ema (the params written only when the average overwrites
+// them).
+template <int N, typename T, typename P, typename G, typename S>
+__device__ __forceinline__ void accumulate_run(long long i, P* p, const G* g, S* avg, S* acc,
+                                               const FoRounding& rounding,
+                                               const OptionScalars<T>& o) {
+    T gv[N], qv[N], pv[N] = {}, ev[N] = {};
+    fo_load_run<N>(g + i, gv);
+    fo_load_run<N>(acc + i, qv);
+    if (avg) {
+        fo_load_run<N>(p + i, pv);
+        fo_load_run<N>(avg + i, ev);
+    }
+#pragma unroll
+    for (int k = 0; k < N; ++k) fo_accumulate(gv[k], qv[k], o);
+    fo_store_run<N>(acc + i, qv);
+    if (!avg) return;
+#pragma unroll
+    for (int k = 0; k < N; ++k) fo_moving_average(pv[k], ev[k], o);
+    fo_store_run<N>(avg + i, ev);
+    if (o.overwrite) fo_store_param_run<N>(p + i, pv, rounding, (fo_u64)i);
 }
 
 // Where element 0 of buffer x sits in a run of V elements of its own type: x / sizeof
@@ -76,13 +118,16 @@ __device__ __forceinline__ long long run_phase(const X* x) {
 template <int V, typename P, typename G, typename S>
 __device__ __forceinline__ long long common_boundary(const P* p, const float* master,
                                                      const G* g, const S* s0, const S* s1,
-                                                     const S* s2) {
+                                                     const S* s2, const S* avg,
+                                                     const S* acc) {
     const long long phase = run_phase<V>(p);
     bool same = phase >= 0 && run_phase<V>(g) == phase;
     if (master) same = same && run_phase<V>(master) == phase;
     if (s0) same = same && run_phase<V>(s0) == phase;
     if (s1) same = same && run_phase<V>(s1) == phase;
     if (s2) same = same && run_phase<V>(s2) == phase;
+    if (avg) same = same && run_phase<V>(avg) == phase;
+    if (acc) same = same && run_phase<V>(acc) == phase;
     return same ? (V - phase) % V : -1;
 }
 
@@ -98,14 +143,31 @@ __device__ __noinline__ StepValues block_step_values(const Hyper* hyper, const S
 // The last block to start a step advances the step state: every other block has read
 // it by then (its threads read it before a barrier, thread 0 takes the ticket after),
 // and the next kernel in the stream sees the new state. An integer ticket, no floating-point atomics.
+// With `hyper` (fused_step) it advances with Keras' options (step.cuh); the rules with
+// kernels of their own pass none.
 __device__ __forceinline__ void take_ticket(StepState* state, const StepValues& values,
-                                            bool skip) {
+                                            bool skip, const Hyper* hyper = nullptr) {
     __threadfence();
     if (atomicAdd(&state->blocks_done, 1ULL) == gridDim.x - 1) {
         StepState s = *state;
-        fo_advance(s, values, skip);
+        if (hyper) fo_advance(s, *hyper, values, skip);
+        else fo_advance(s, values, skip);
         s.blocks_done = 0;
         *state = s;
+    }
+}
+
+// Tile [begin, end) as runs: [begin, *head) one element at a time, [*head, *body_end)
+// V at a time (aligned in every buffer from `first` on, see common_boundary; -1: no
+// element is), [*body_end, end) one at a time.
+template <int V>
+__device__ __forceinline__ void tile_split(long long begin, long long end, long long first,
+                                           long long* head, long long* body_end) {
+    *head = *body_end = end;
+    if (first >= 0) {
+        *head = begin + ((first - begin) % V + V) % V;
+        if (*head > end) *head = end;
+        *body_end = *head + (end - *head) / V * V;
     }
 }
 
@@ -115,7 +177,7 @@ template <typename Rule, typename T, typename P, typename G, typename S>
 __device__ __forceinline__ void fused_step(
         P* __restrict__ p, const G* __restrict__ g,
         S* __restrict__ s0, S* __restrict__ s1, S* __restrict__ s2, float* __restrict__ master,
-        const long long* __restrict__ tile_start, const int* __restrict__ tile_segment,
+        S* __restrict__ avg, S* __restrict__ acc, const long long* __restrict__ tile_start, const int* __restrict__ tile_segment,
         const int* __restrict__ tile_group, long long ntiles, const T* __restrict__ factors,
         int nfactors, const double* __restrict__ groups, int ngroups,
         const Hyper* __restrict__ hyper, StepState* state) {
@@ -124,43 +186,60 @@ __device__ __forceinline__ void fused_step(
     __shared__ StepValues shared_values;  // group 0's: the running product to advance
     __shared__ int shared_skip;
     __shared__ FoRounding shared_rounding;
+    __shared__ OptionScalars<T> shared_options;
     if ((int)threadIdx.x < ngroups) {
         const int k = (int)threadIdx.x;
         const StepValues values = block_step_values<Rule>(hyper, state, groups[2 * k]);
+        const StepPhase phase = fo_phase(*hyper, *state);
         shared_st[k] = fo_narrow<T>(values);
-        shared_pro[k] = fo_prologue<T>(*hyper, groups[2 * k + 1] != 0.0);
+        shared_pro[k] = fo_prologue<T>(*hyper, phase, groups[2 * k + 1] != 0.0);
         if (k == 0) {
             shared_values = values;
-            shared_skip = state->skip != 0;  // skip_nonfinite: the gradients are not finite
+            shared_options = fo_options<T>(phase);
+            // skip_nonfinite: the gradients are not finite (or the loss scale is 0)
+            shared_skip = state->skip != 0 || phase.underflow;
             shared_rounding.stochastic = hyper->stochastic_rounding != 0;
             shared_rounding.seed = hyper->seed;
             shared_rounding.step = (fo_u64)state->iterations;
         }
     }
     __syncthreads();
-    if (threadIdx.x == 0) take_ticket(state, shared_values, shared_skip != 0);
+    if (threadIdx.x == 0) take_ticket(state, shared_values, shared_skip != 0, hyper);
     if (shared_skip) return;  // a skipped step writes nothing
     constexpr int V = 16 / sizeof(T);  // lanes of the vector path: 16 bytes of math type
     const FoRounding rounding = shared_rounding;
-    const long long first = common_boundary<V>(p, master, g, s0, s1, s2);
+    const OptionScalars<T> options = shared_options;
+    const long long first = common_boundary<V>(p, master, g, s0, s1, s2, avg, acc);
+    if (acc && !options.apply) {  // gradient accumulation: this call only adds
+        for (long long k = blockIdx.x; k < ntiles; k += gridDim.x) {
+            const long long begin = tile_start[k], end = tile_start[k + 1];
+            long long head, body_end;
+            tile_split<V>(begin, end, first, &head, &body_end);
+            for (long long i = begin + threadIdx.x; i < head; i += blockDim.x)
+                accumulate_run<1>(i, p, g, avg, acc, rounding, options);
+            for (long long i = head + V * threadIdx.x; i < body_end; i += V * blockDim.x)
+                accumulate_run<V>(i, p, g, avg, acc, rounding, options);
+            for (long long i = body_end + threadIdx.x; i < end; i += blockDim.x)
+                accumulate_run<1>(i, p, g, avg, acc, rounding, options);
+        }
+        return;
+    }
     for (long long k = blockIdx.x; k < ntiles; k += gridDim.x) {
         const long long begin = tile_start[k], end = tile_start[k + 1];
         const T factor = factors == nullptr ? T(1) : factors[nfactors == 1 ? 0 : tile_segment[k]];
         const StepScalars<T> st = shared_st[tile_group[k]];
         const Prologue<T> pro = shared_pro[tile_group[k]];
-        // [begin, head) scalar, [head, body_end) vectorised, [body_end, end) scalar.
-        long long head = end, body_end = end;
-        if (first >= 0) {
-            head = begin + ((first - begin) % V + V) % V;
-            if (head > end) head = end;
-            body_end = head + (end - head) / V * V;
-        }
+        long long head, body_end;
+        tile_split<V>(begin, end, first, &head, &body_end);
         for (long long i = begin + threadIdx.x; i < head; i += blockDim.x)
-            update_run<Rule, 1>(i, p, master, g, s0, s1, s2, factor, pro, st, rounding);
+            update_run<Rule, 1>(i, p, master, g, s0, s1, s2, avg, acc, factor, pro, st,
+                                rounding, options);
         for (long long i = head + V * threadIdx.x; i < body_end; i += V * blockDim.x)
-            update_run<Rule, V>(i, p, master, g, s0, s1, s2, factor, pro, st, rounding);
+            update_run<Rule, V>(i, p, master, g, s0, s1, s2, avg, acc, factor, pro, st,
+                                rounding, options);
         for (long long i = body_end + threadIdx.x; i < end; i += blockDim.x)
-            update_run<Rule, 1>(i, p, master, g, s0, s1, s2, factor, pro, st, rounding);
+            update_run<Rule, 1>(i, p, master, g, s0, s1, s2, avg, acc, factor, pro, st,
+                                rounding, options);
     }
 }
 
@@ -169,16 +248,18 @@ __device__ __forceinline__ void fused_step(
 
 #ifdef FUSEDOPT_RULE
 // The kernel. Pointers that a configuration does not use are null: absent slots, the
-// master copy (always, unless the params are 16-bit and master_weights is set), and
+// master copy (always, unless the params are 16-bit and master_weights is set), the
+// moving average without use_ema, the accumulator without gradient accumulation, and
 // `factors` without norm clipping.
 extern "C" __global__ void __launch_bounds__(FO_BLOCK) FO_CAT(fusedopt_, FUSEDOPT_RULE)(
         FUSEDOPT_P* p, const FUSEDOPT_G* g, FUSEDOPT_S* s0, FUSEDOPT_S* s1, FUSEDOPT_S* s2,
-        float* master, const long long* tile_start, const int* tile_segment,
-        const int* tile_group, long long ntiles, const FUSEDOPT_T* factors, int nfactors,
-        const double* groups, int ngroups, const Hyper* hyper, StepState* state) {
-    fused_step<FUSEDOPT_RULE, FUSEDOPT_T>(p, g, s0, s1, s2, master, tile_start, tile_segment,
-                                          tile_group, ntiles, factors, nfactors, groups,
-                                          ngroups, hyper, state);
+        float* master, FUSEDOPT_S* average, FUSEDOPT_S* accumulator,
+        const long long* tile_start, const int* tile_segment, const int* tile_group,
+        long long ntiles, const FUSEDOPT_T* factors, int nfactors, const double* groups,
+        int ngroups, const Hyper* hyper, StepState* state) {
+    fused_step<FUSEDOPT_RULE, FUSEDOPT_T>(p, g, s0, s1, s2, master, average, accumulator,
+                                          tile_start, tile_segment, tile_group, ntiles,
+                                          factors, nfactors, groups, ngroups, hyper, state);
 }
 #endif
 

@@ -21,8 +21,16 @@
 // between storage and math type exactly as fused.cu does (kernels/storage.cuh).
 // kernels/whole_host.cpp includes this file for the rules with kernels of their own
 // (lamb_host.cpp, muon_host.cpp: FUSEDOPT_T only, P/G/S default to it below).
+//
+// Keras' options (kernels/options.cuh: EMA, gradient accumulation), for uniform
+// float32/float64 storage (fusedopt/optimizer.py refuses them on 16-bit buffers): a
+// call that only accumulates runs one light loop over g and the accumulator (and p
+// and the average with EMA); a call that applies forms the accumulated mean of each
+// chunk into a scratch the update reads as its gradient, and updates the moving
+// average after the chunk's update, while the chunk is still in cache. Each loop is
+// simple enough to vectorise.
 #pragma once
-#include "step.cuh"
+#include "options.cuh"
 #include "storage.cuh"
 
 #include <string.h>
@@ -149,11 +157,13 @@ class Barrier {
 }  // namespace fo_pool
 
 // ------------------------------------------------------------------ per tile
-// Sum of (g * unscale)^2 over [begin, end) in double, as fusedopt_sumsq does; with
-// Check, `nonfinite` says whether a raw gradient is inf or NaN (skip_nonfinite).
-template <bool Check, typename G, typename T>
-static double tile_sum_of_squares(const G* __restrict__ g, long long begin, long long end,
-                                  T unscale, int* nonfinite) {
+// Sum of (g * unscale)^2 over [begin, end) in double, as fusedopt_sumsq does (with
+// Acc, of the accumulated mean's squares, options.cuh: fo_norm_value); with Check,
+// `nonfinite` says whether a raw gradient is inf or NaN (skip_nonfinite).
+template <bool Check, bool Acc, typename G, typename T>
+static double tile_sum_of_squares(const G* __restrict__ g, const T* __restrict__ acc,
+                                  long long begin, long long end, T unscale, T steps,
+                                  int* nonfinite) {
     double lane[FO_LANES];
     T bad[FO_LANES];  // sums of g - g: 0 while every g is finite, else NaN
     for (int j = 0; j < FO_LANES; ++j) lane[j] = 0.0, bad[j] = T(0);
@@ -161,7 +171,8 @@ static double tile_sum_of_squares(const G* __restrict__ g, long long begin, long
     for (; i + FO_LANES <= end; i += FO_LANES) {
         for (int j = 0; j < FO_LANES; ++j) {
             const T gi = fo_load(g[i + j]);
-            const double x = (double)(gi * unscale);
+            const double x = (double)fo_norm_value(gi, Acc ? acc[i + j] : T(0), Acc, unscale,
+                                                   steps);
             lane[j] += x * x;
             if (Check) bad[j] += gi - gi;
         }
@@ -169,7 +180,7 @@ static double tile_sum_of_squares(const G* __restrict__ g, long long begin, long
     double rest = 0.0;  // the last < FO_LANES elements, in order
     for (; i < end; ++i) {
         const T gi = fo_load(g[i]);
-        const double x = (double)(gi * unscale);
+        const double x = (double)fo_norm_value(gi, Acc ? acc[i] : T(0), Acc, unscale, steps);
         rest += x * x;
         if (Check) bad[0] += gi - gi;
     }
@@ -182,6 +193,30 @@ static double tile_sum_of_squares(const G* __restrict__ g, long long begin, long
     if (Check) *nonfinite = bad[0] != T(0);
     return lane[0] + rest;
 }
+
+template <bool Check, typename G, typename T>
+static double tile_sum_of_squares(const G* g, long long begin, long long end, T unscale,
+                                  int* nonfinite) {
+    return tile_sum_of_squares<Check, false>(g, (const T*)nullptr, begin, end, unscale, T(1),
+                                             nonfinite);
+}
+
+// What the norm clip sums: the gradients times unscale, or on gradient accumulation's
+// applying call the mean of them and the accumulator (`acc` null otherwise).
+template <typename T, typename G>
+struct NormInput {
+    const G* g;
+    const T* acc;
+    T unscale;
+    T steps;
+
+    template <bool Check>
+    double sum(long long begin, long long end, int* nonfinite) const {
+        if (acc)
+            return tile_sum_of_squares<Check, true>(g, acc, begin, end, unscale, steps, nonfinite);
+        return tile_sum_of_squares<Check, false>(g, acc, begin, end, unscale, steps, nonfinite);
+    }
+};
 
 // The fused update of n contiguous elements: every element read once, written once.
 // `factor` is the norm-clip factor of every element, or, with Factors, of each one.
@@ -225,6 +260,42 @@ static void update_dispatch(P* p, float* master, const G* g, S* s0, S* s1, S* s2
     }
     update_run<Rule, Factors, false, false>(p, master, g, s0, s1, s2, factors, n, factor, pro,
                                             st, rounding, first);
+}
+
+// Gradient accumulation's applying call: mean[i] = the chunk's accumulated mean, which
+// the update then reads as its gradient; the accumulator restarts.
+template <typename T>
+static void accumulated_mean_run(T* __restrict__ mean, const T* __restrict__ g,
+                                 T* __restrict__ acc, long long n, const OptionScalars<T> o) {
+    for (long long i = 0; i < n; ++i) mean[i] = fo_accumulated_mean(g[i], acc[i], o);
+}
+
+// The moving average after the update of a chunk (Overwrite: the params take it).
+template <bool Overwrite, typename T>
+static void moving_average_run(T* __restrict__ p, T* __restrict__ avg, long long n,
+                               OptionScalars<T> o) {
+    o.overwrite = Overwrite;
+    for (long long i = 0; i < n; ++i) fo_moving_average(p[i], avg[i], o);
+}
+
+template <typename T>
+static void moving_average_run(T* p, T* avg, long long n, const OptionScalars<T>& o) {
+    if (o.overwrite) moving_average_run<true>(p, avg, n, o);
+    else moving_average_run<false>(p, avg, n, o);
+}
+
+// Gradient accumulation's light calls (fused.cu, accumulate_run), with EMA the moving
+// average after each chunk's accumulation.
+template <typename T>
+static void accumulate_only(T* p, const T* g, T* avg, T* acc, long long n,
+                            const OptionScalars<T>& o) {
+    for (long long a = 0; a < n; a += FO_CHUNK) {
+        const long long count = n - a < FO_CHUNK ? n - a : FO_CHUNK;
+        T* __restrict__ q = acc + a;
+        const T* __restrict__ x = g + a;
+        for (long long i = 0; i < count; ++i) fo_accumulate(x[i], q[i], o);
+        if (avg) moving_average_run(p + a, avg + a, count, o);
+    }
 }
 
 // ------------------------------------------------------------------ the step
@@ -279,8 +350,7 @@ struct GroupValues {
 template <typename T, typename G>
 struct SegmentFactors {
     const HostPlan* plan;
-    const G* g;
-    T unscale;
+    NormInput<T, G> input;
     long long begin, end;            // this thread's elements
     long long segment = -1;          // the segment of the next element, once known
     T factor = T(1);
@@ -309,8 +379,8 @@ struct SegmentFactors {
         double sum = 0.0;
         for (long long k = p.segment_tiles[s]; k < p.segment_tiles[s + 1]; ++k) {
             if (whole && !p.skip_nonfinite)
-                p.partial[k] = tile_sum_of_squares<false>(g, p.sum_start[k], p.sum_start[k + 1],
-                                                          unscale, nullptr);
+                p.partial[k] = input.template sum<false>(p.sum_start[k], p.sum_start[k + 1],
+                                                         nullptr);
             sum += p.partial[k];
         }
         return (T)clipnorm_factor(sum, p.clipnorm);
@@ -360,7 +430,7 @@ static void thread_elements(const HostPlan& plan, int t, int n, long long* begin
 // that straddle two threads' elements (SegmentFactors sums the others on the way).
 // Thread t takes the tiles starting among its elements.
 template <typename T, typename G>
-static void thread_sums(int t, int n, const G* g, const HostPlan& plan, T unscale,
+static void thread_sums(int t, int n, const NormInput<T, G>& input, const HostPlan& plan,
                         std::atomic<int>* any_nonfinite) {
     long long begin, end;
     thread_elements(plan, t, n, &begin, &end);
@@ -376,28 +446,48 @@ static void thread_sums(int t, int n, const G* g, const HostPlan& plan, T unscal
             if (begin <= plan.offsets[s] && plan.offsets[s + 1] <= end) continue;  // whole
         }
         if (plan.skip_nonfinite) {
-            plan.partial[k] = tile_sum_of_squares<true>(g, b, e, unscale, &plan.nonfinite[k]);
+            plan.partial[k] = input.template sum<true>(b, e, &plan.nonfinite[k]);
             bad |= plan.nonfinite[k];
         } else {
-            plan.partial[k] = tile_sum_of_squares<false>(g, b, e, unscale, nullptr);
+            plan.partial[k] = input.template sum<false>(b, e, nullptr);
         }
     }
     if (bad) any_nonfinite->fetch_or(1);
 }
+
+// Keras' options of one step (options.cuh): the slots (null where absent) and the
+// call's scalars.
+template <typename T, typename S>
+struct StepOptions {
+    S* avg;  // use_ema's moving average
+    S* acc;  // gradient accumulation's accumulator
+    OptionScalars<T> o;
+};
 
 // Thread t's update of its tiles, in chunks of at most FO_CHUNK elements that never
 // cross from one run of a segment group to the next.
 template <typename Rule, typename T, typename P, typename G, typename S>
 static void thread_update(int t, int n, P* p, float* master, const G* g, S* const s[3],
                           const HostPlan& plan, const GroupValues<T>& values,
-                          const FoRounding& rounding) {
+                          const FoRounding& rounding, const StepOptions<T, S>& options,
+                          const NormInput<T, G>& norm) {
     long long begin, end;
     thread_elements(plan, t, n, &begin, &end);
     if (begin >= end) return;
+    constexpr bool uniform = sizeof(P) == sizeof(T) && sizeof(G) == sizeof(T) &&
+                             sizeof(S) == sizeof(T);
+    if constexpr (uniform) {  // P, G and S are T: the options' loops (see the top)
+        if (options.acc && !options.o.apply) {
+            accumulate_only<T>(p + begin, g + begin, options.avg ? options.avg + begin : nullptr,
+                               options.acc + begin, end - begin, options.o);
+            return;
+        }
+    }
     S scratch[3 * FO_CHUNK];
     T factors[FO_CHUNK];
+    T mean[FO_CHUNK];  // the accumulated mean of a chunk, on the call that applies
     const T factor = plan.clip_mode == FO_CLIP_GLOBAL ? global_factor<T>(plan) : T(1);
-    SegmentFactors<T, G> segments = {&plan, g, values.pro[0].unscale, begin, end};
+    SegmentFactors<T, G> segments = {&plan, norm, begin, end};
     const bool per_segment = plan.clip_mode == FO_CLIP_SEGMENT;
     long long run = first_tile_at(plan.run_start, plan.nruns, begin + 1) - 1;  // holds begin
     for (long long a = begin, count; a < end; a += count) {
@@ -416,30 +506,44 @@ static void thread_update(int t, int n, P* p, float* master, const G* g, S* cons
             }
         }
         float* m = master ? master + a : nullptr;
+        // The segments' norms first: they read the accumulator the mean restarts.
+        if (per_segment) segments.fill(a, count, factors);
+        const G* ga = g + a;
+        if constexpr (uniform) {
+            if (options.acc) {
+                accumulated_mean_run<T>(mean, g + a, options.acc + a, count, options.o);
+                ga = mean;
+            }
+        }
         if (per_segment) {
-            segments.fill(a, count, factors);
-            update_dispatch<Rule, true>(p + a, m, g + a, slot[0], slot[1], slot[2], factors,
+            update_dispatch<Rule, true>(p + a, m, ga, slot[0], slot[1], slot[2], factors,
                                         count, factor, pro, st, rounding, a);
         } else {
-            update_dispatch<Rule, false>(p + a, m, g + a, slot[0], slot[1], slot[2],
+            update_dispatch<Rule, false>(p + a, m, ga, slot[0], slot[1], slot[2],
                                          (const T*)nullptr, count, factor, pro, st, rounding, a);
+        }
+        if constexpr (uniform) {
+            if (options.avg) moving_average_run<T>(p + a, options.avg + a, count, options.o);
         }
     }
 }
 
 // One thread's share of a step: its sums, wait for everyone's, then its update, unless
-// a gradient is not finite and skip_nonfinite is set.
+// a gradient is not finite and skip_nonfinite is set. Gradient accumulation's calls
+// that only add need no norms, only the finite check.
 template <typename Rule, typename T, typename P, typename G, typename S>
 static void thread_step(int t, int n, P* p, float* master, const G* g, S* const slots[3],
                         const HostPlan& plan, const GroupValues<T>& values,
-                        const FoRounding& rounding, fo_pool::Barrier* barrier,
+                        const FoRounding& rounding, const StepOptions<T, S>& options,
+                        const NormInput<T, G>& norm, fo_pool::Barrier* barrier,
                         std::atomic<int>* any_nonfinite) {
-    if (plan.clip_mode != FO_CLIP_NONE || plan.skip_nonfinite) {
-        thread_sums<T>(t, n, g, plan, values.pro[0].unscale, any_nonfinite);
+    const bool norms = plan.clip_mode != FO_CLIP_NONE && (options.o.apply || !options.acc);
+    if (norms || plan.skip_nonfinite) {
+        thread_sums<T>(t, n, norm, plan, any_nonfinite);
         if (barrier) barrier->wait();
         if (any_nonfinite->load()) return;
     }
-    thread_update<Rule, T>(t, n, p, master, g, slots, plan, values, rounding);
+    thread_update<Rule, T>(t, n, p, master, g, slots, plan, values, rounding, options, norm);
 }
 
 // torch.amp.GradScaler's inputs, read here as the GPU reads them (reduce.cu,
@@ -459,24 +563,33 @@ static bool fo_amp_found_inf(const HostPlan* plan) {
 
 // One optimizer step: its values from the hyperparameters and the counters (the
 // functions the GPU runs), the update, then the counters advanced (fo_advance), as the
-// GPU does on the device. Returns 1 if the step was applied, 0 if skip_nonfinite
-// skipped it (then no buffer was written).
+// GPU does on the device. Returns 1 if the step was applied, 0 if it was skipped
+// (skip_nonfinite, found_inf, a loss scale of 0: then no buffer was written), -1 if
+// Keras' options came with storage they do not run on (nothing written or counted).
 template <typename Rule, typename T, typename P, typename G, typename S>
-static int host_step(P* p, const G* g, S* s0, S* s1, S* s2, float* master, HostPlan* plan,
-                     const Hyper* block, StepState* state) {
+static int host_step(P* p, const G* g, S* s0, S* s1, S* s2, float* master, S* average,
+                     S* accumulator, HostPlan* plan, const Hyper* block, StepState* state) {
+    if constexpr (!(sizeof(P) == sizeof(T) && sizeof(G) == sizeof(T) && sizeof(S) == sizeof(T))) {
+        if (average || accumulator) return -1;
+    }
     Hyper amp_block;
     const Hyper* h = fo_amp_hyper(plan, block, &amp_block);
     // Group 0's values also advance the state (the running product never depends on lr).
     const StepValues values = fo_step_values<Rule>(*h, *state, plan->groups[0]);
-    if (fo_amp_found_inf(plan)) {
-        fo_advance(*state, values, true);
+    const StepPhase phase = fo_phase(*h, *state);
+    if (fo_amp_found_inf(plan) || phase.underflow) {
+        fo_advance(*state, *h, values, true);
         return 0;
     }
     GroupValues<T> groups;
     for (long long k = 0; k < plan->ngroups; ++k) {
         groups.st[k] = fo_narrow<T>(fo_step_values<Rule>(*h, *state, plan->groups[2 * k]));
-        groups.pro[k] = fo_prologue<T>(*h, plan->groups[2 * k + 1] != 0.0);
+        groups.pro[k] = fo_prologue<T>(*h, phase, plan->groups[2 * k + 1] != 0.0);
     }
+    const StepOptions<T, S> options = {average, accumulator, fo_options<T>(phase)};
+    const NormInput<T, G> norm = {
+        g, phase.apply ? (const T*)(const void*)accumulator : nullptr, options.o.unscale,
+        options.o.steps};
     plan->clipnorm = h->clipnorm;
     S* const slots[3] = {s0, s1, s2};
     FoRounding rounding;
@@ -490,17 +603,17 @@ static int host_step(P* p, const G* g, S* s0, S* s1, S* s2, float* master, HostP
     if (size < FO_MIN_PARALLEL || n < 1) n = 1;
     plan->threads_used = (int)n;
     if (n == 1) {
-        thread_step<Rule, T>(0, 1, p, master, g, slots, *plan, groups, rounding, nullptr,
-                             &any_nonfinite);
+        thread_step<Rule, T>(0, 1, p, master, g, slots, *plan, groups, rounding, options, norm,
+                             nullptr, &any_nonfinite);
     } else {
         fo_pool::Barrier barrier((int)n);
         fo_pool::pool().run((int)n, [&](int t, int threads) {
             thread_step<Rule, T>(t, threads, p, master, g, slots, *plan, groups, rounding,
-                                 &barrier, &any_nonfinite);
+                                 options, norm, &barrier, &any_nonfinite);
         });
     }
     const bool skipped = any_nonfinite.load() != 0;
-    fo_advance(*state, values, skipped);
+    fo_advance(*state, *h, values, skipped);
     return skipped ? 0 : 1;
 }
 
@@ -534,10 +647,13 @@ extern "C" void fusedopt_host_scale(float* x, long long n, float s, int num_thre
 }
 
 #ifdef FUSEDOPT_RULE
-// `master`: the float32 master copy of 16-bit params, or null.
+// `master`: the float32 master copy of 16-bit params, or null; `average` and
+// `accumulator`: use_ema's and gradient accumulation's slots, or null.
 extern "C" int fusedopt_host_step(FUSEDOPT_P* p, const FUSEDOPT_G* g, FUSEDOPT_S* s0,
                                   FUSEDOPT_S* s1, FUSEDOPT_S* s2, float* master,
+                                  FUSEDOPT_S* average, FUSEDOPT_S* accumulator,
                                   HostPlan* plan, const Hyper* hyper, StepState* state) {
-    return host_step<FUSEDOPT_RULE, FUSEDOPT_T>(p, g, s0, s1, s2, master, plan, hyper, state);
+    return host_step<FUSEDOPT_RULE, FUSEDOPT_T>(p, g, s0, s1, s2, master, average, accumulator,
+                                                plan, hyper, state);
 }
 #endif

@@ -1,7 +1,8 @@
 // reduce.cu: the small kernels around the update, all on the device so a step never
 // waits for the host:
-//   fusedopt_sumsq        sum of (g/loss_scale)^2 per tile in double, and whether the
-//                         tile holds inf or NaN;
+//   fusedopt_sumsq        sum of (g/loss_scale)^2 per tile in double (of the
+//                         accumulated mean's squares on gradient accumulation's
+//                         applying call), and whether the tile holds inf or NaN;
 //   fusedopt_clip_factors per-segment (clipnorm) or global (global_clipnorm) factors;
 //   fusedopt_skip_check   skip_nonfinite: the verdict on this step, for the update;
 //   fusedopt_amp_inputs   torch.amp.GradScaler's scale and inf flag, device tensors
@@ -15,7 +16,7 @@
 // are no floating-point atomics. Built once per gradient dtype with FUSEDOPT_G (the
 // grads' storage type) and FUSEDOPT_T (its math type) defined.
 #pragma once
-#include "step.cuh"
+#include "options.cuh"
 #include "storage.cuh"
 
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)
@@ -53,11 +54,15 @@ struct Chunk {
     }
 };
 
+// The square of the value the norm clip sees (options.cuh, fo_norm_value: g*unscale,
+// or on the call that applies with an accumulator the mean the rule will see); the
+// finite check is on the raw gradient.
 template <typename T>
-__device__ __forceinline__ double square(T x, T unscale, int& nonfinite) {
+__device__ __forceinline__ double square(T x, T a, bool accumulated, T unscale, T steps,
+                                         int& nonfinite) {
     nonfinite |= !fo_isfinite(x);
-    const double scaled = (double)(x * unscale);
-    return scaled * scaled;
+    const double value = (double)fo_norm_value(x, a, accumulated, unscale, steps);
+    return value * value;
 }
 
 // This thread's share of the sum of squares of tile [begin, end). The chunks are the
@@ -66,59 +71,81 @@ __device__ __forceinline__ double square(T x, T unscale, int& nonfinite) {
 // plus element begin + t of the head before the first whole chunk and element
 // C1*V + t of the tail after the last. Which element goes into which sum in which
 // order depends only on the layout, never on the buffer's address: the same bits on
-// the vector and the scalar path.
+// the vector and the scalar path. `acc` (null unless this call applies accumulated
+// gradients; of the math type: accumulation takes float32/float64 state only) is read
+// alongside g.
 template <typename G, typename T>
-__device__ __forceinline__ double tile_sumsq(const G* __restrict__ g, long long begin,
-                                             long long end, T unscale, bool vector,
-                                             int& nonfinite) {
+__device__ __forceinline__ double tile_sumsq(const G* __restrict__ g, const T* __restrict__ acc,
+                                             long long begin, long long end, T unscale,
+                                             T steps, bool vector, int& nonfinite) {
     constexpr int V = Chunk<G>::V, UNROLL = 4;
     const long long t = threadIdx.x, B = blockDim.x;
     const long long c0 = (begin + V - 1) / V, c1 = end / V;
     const long long head_end = c0 * V < end ? c0 * V : end;
     const long long tail_begin = c1 * V > head_end ? c1 * V : head_end;
-    double head = 0.0, tail = 0.0, acc[UNROLL] = {};
-    T x;
+    const bool accumulated = acc != nullptr;
+    double head = 0.0, tail = 0.0, sums[UNROLL] = {};
+    T x, a = T(0);
     if (begin + t < head_end) {
         fo_load_run<1>(g + begin + t, &x);
-        head = square(x, unscale, nonfinite);
+        if (accumulated) fo_load_run<1>(acc + begin + t, &a);
+        head = square(x, a, accumulated, unscale, steps, nonfinite);
     }
     for (long long c = c0 + t; c < c1; c += UNROLL * B) {
         Chunk<G> chunks[UNROLL];
+        Chunk<T> accs[UNROLL];
 #pragma unroll
-        for (int u = 0; u < UNROLL; ++u)  // all loads first: UNROLL in flight per thread
-            if (c + u * B < c1) chunks[u].load(g, c + u * B, vector);
+        for (int u = 0; u < UNROLL; ++u) {  // all loads first: UNROLL in flight per thread
+            if (c + u * B < c1) {
+                chunks[u].load(g, c + u * B, vector);
+                if (accumulated) accs[u].load(acc, c + u * B, vector);
+            }
+        }
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
             if (c + u * B >= c1) continue;
             double s = 0.0;
 #pragma unroll
-            for (int k = 0; k < V; ++k) s += square(chunks[u].x[k], unscale, nonfinite);
-            acc[u] += s;
+            for (int k = 0; k < V; ++k)
+                s += square(chunks[u].x[k], accumulated ? accs[u].x[k] : T(0), accumulated,
+                            unscale, steps, nonfinite);
+            sums[u] += s;
         }
     }
     if (tail_begin + t < end) {
         fo_load_run<1>(g + tail_begin + t, &x);
-        tail = square(x, unscale, nonfinite);
+        if (accumulated) fo_load_run<1>(acc + tail_begin + t, &a);
+        tail = square(x, a, accumulated, unscale, steps, nonfinite);
     }
     double total = head;
 #pragma unroll
-    for (int u = 0; u < UNROLL; ++u) total += acc[u];
+    for (int u = 0; u < UNROLL; ++u) total += sums[u];
     return total + tail;
 }
 
+// `accumulator`: gradient accumulation's slot (null without); read on the call that
+// applies, whose norm is that of the mean (on the other calls the sums are not used,
+// only the finite check). The unscale is the call's (step.cuh, fo_phase: with a
+// LossScaleOptimizer's scale from the step state).
 extern "C" __global__ void __launch_bounds__(FO_BLOCK) fusedopt_sumsq(
-        const FUSEDOPT_G* __restrict__ g, const long long* __restrict__ tile_start,
-        long long ntiles, const Hyper* __restrict__ hyper, double* __restrict__ partial,
-        int* __restrict__ tile_nonfinite) {
+        const FUSEDOPT_G* __restrict__ g, const FUSEDOPT_T* __restrict__ accumulator,
+        const long long* __restrict__ tile_start, long long ntiles,
+        const Hyper* __restrict__ hyper, const StepState* __restrict__ state,
+        double* __restrict__ partial, int* __restrict__ tile_nonfinite) {
     __shared__ double sums[FO_BLOCK];
     __shared__ int flags[FO_BLOCK];
-    const FUSEDOPT_T unscale = (FUSEDOPT_T)hyper->unscale;
-    const bool vector = (unsigned long long)g % (16 / sizeof(FUSEDOPT_T) * sizeof(FUSEDOPT_G)) == 0;
+    const StepPhase phase = fo_phase(*hyper, *state);
+    const FUSEDOPT_T unscale = (FUSEDOPT_T)phase.unscale;
+    const FUSEDOPT_T steps = (FUSEDOPT_T)phase.accumulation;
+    const FUSEDOPT_T* acc = phase.apply ? accumulator : nullptr;
+    const bool vector =
+        (unsigned long long)g % (16 / sizeof(FUSEDOPT_T) * sizeof(FUSEDOPT_G)) == 0 &&
+        (unsigned long long)acc % 16 == 0;
     for (long long k = blockIdx.x; k < ntiles; k += gridDim.x) {
         int nonfinite = 0;
-        const double acc = tile_sumsq(g, tile_start[k], tile_start[k + 1], unscale, vector,
-                                      nonfinite);
-        block_reduce(sums, flags, acc, nonfinite);
+        const double total = tile_sumsq(g, acc, tile_start[k], tile_start[k + 1], unscale,
+                                        steps, vector, nonfinite);
+        block_reduce(sums, flags, total, nonfinite);
         if (threadIdx.x == 0) {
             partial[k] = sums[0];
             if (tile_nonfinite) tile_nonfinite[k] = flags[0];

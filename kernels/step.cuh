@@ -57,15 +57,26 @@ struct Hyper {
     LearningRate lr;
     long long stochastic_rounding;  // 1: bfloat16 params are stored stochastically
     unsigned long long seed;        // of the stochastic rounding (kernels/storage.cuh)
+    // Keras' options around the rule (fusedopt/optimizer.py; kernels/options.cuh):
+    long long accumulation;          // gradient_accumulation_steps N; 1 without
+    long long use_ema;               // 1: a moving average of the params after each call
+    double ema_momentum;
+    long long ema_overwrite_frequency;  // > 0: copy the average into the params that often
+    long long dynamic_growth_steps;  // > 0: a LossScaleOptimizer's; the scale is StepState's
 };
 
 struct StepState {
-    long long iterations;         // completed steps: Keras' optimizer.iterations
+    long long iterations;         // calls applied: Keras' `_iterations` (updates * N
+                                  // under gradient accumulation)
     long long skipped_steps;      // steps skipped for non-finite gradients
     long long last_step_skipped;  // 1 when the latest step was skipped
     long long skip;               // the finite check's verdict on the step in flight
     unsigned long long blocks_done;  // GPU: blocks of the update in flight that finished
-    double product;               // Nadam: u_1*...*u_iterations; 1 for the other rules
+    double product;               // Nadam: u_1*...*u_updates; 1 for the other rules
+    // A LossScaleOptimizer's dynamic scale (a float32 value, as Keras keeps it) and its
+    // count of finite steps since it last changed (Hyper.dynamic_growth_steps > 0).
+    double loss_scale;
+    long long scale_counter;
 };
 
 // One step's values, in double: the learning rate (weight decay uses it), the rule's
@@ -147,6 +158,42 @@ FO_HD double fo_learning_rate(const LearningRate& r, long long iterations) {
     return lr;
 }
 
+// Gradient accumulation (Keras 3): `iterations` counts calls; the rule runs on every
+// N-th (is_update_step = (calls + 1) % N == 0) and its step t counts updates.
+FO_HD long long fo_accumulation(const Hyper& h) { return h.accumulation > 1 ? h.accumulation : 1; }
+FO_HD long long fo_updates(const Hyper& h, const StepState& s) {
+    return s.iterations / fo_accumulation(h);
+}
+FO_HD bool fo_applies(const Hyper& h, const StepState& s) {
+    return (s.iterations + 1) % fo_accumulation(h) == 0;
+}
+
+// What a call does around the rule (kernels/options.cuh), from the same two blocks.
+struct StepPhase {
+    double unscale;       // Hyper's unscale, divided by a LossScaleOptimizer's scale
+    double ema_momentum;  // 0 on the first update: the average starts as the params
+    double accumulation;  // N
+    int apply;            // 0: one of gradient accumulation's N-1 calls that only add
+    int ema;              // update the moving average after the rule
+    int overwrite;        // then copy it into the params (ema_overwrite_frequency)
+    int underflow;        // the dynamic scale is 0: skip, as for non-finite gradients
+};
+
+FO_HD StepPhase fo_phase(const Hyper& h, const StepState& s) {
+    StepPhase ph;
+    const long long updates = fo_updates(h, s);
+    const bool dynamic = h.dynamic_growth_steps > 0;
+    ph.unscale = dynamic ? h.unscale / s.loss_scale : h.unscale;
+    ph.underflow = dynamic && s.loss_scale == 0.0;
+    ph.accumulation = (double)fo_accumulation(h);
+    ph.apply = fo_applies(h, s);
+    ph.ema = h.use_ema != 0;
+    ph.ema_momentum = updates != 0 ? h.ema_momentum : 0.0;
+    ph.overwrite = ph.ema && h.ema_overwrite_frequency > 0 &&
+                   (updates + 1) % h.ema_overwrite_frequency == 0;
+    return ph;
+}
+
 // This step's values for a segment group with learning-rate `multiplier`: the rate
 // (multiplied first, so every scalar derived from it is the one an optimizer with
 // rate multiplier*lr computes), then the rule's scalars for t = iterations + 1.
@@ -157,23 +204,45 @@ FO_HD double fo_learning_rate(const LearningRate& r, long long iterations) {
 template <typename Rule>
 FO_HD StepValues fo_step_values(const Hyper& h, const StepState& s, double multiplier = 1.0) {
     StepValues v = {};
-    v.lr = fo_learning_rate(h.lr, s.iterations) * multiplier;
+    v.lr = fo_learning_rate(h.lr, s.iterations) * multiplier;  // schedules see every call
     v.product = s.product;
-    Rule::scalars(h.rule, s.iterations + 1, v.lr, s.product, v);
+    Rule::scalars(h.rule, fo_updates(h, s) + 1, v.lr, s.product, v);
     return v;
 }
 
-// After a step: count it (taking the rule's new running product) or count the skip.
-FO_HD void fo_advance(StepState& s, const StepValues& v, bool skipped) {
+// After a step: count it (taking the rule's new running product if the rule ran) or
+// count the skip.
+FO_HD void fo_advance(StepState& s, const StepValues& v, bool skipped, bool applied = true) {
     if (skipped) {
         s.skipped_steps += 1;
         s.last_step_skipped = 1;
     } else {
         s.iterations += 1;
         s.last_step_skipped = 0;
-        s.product = v.product;
+        if (applied) s.product = v.product;
     }
     s.skip = 0;
+}
+
+// The same for a step with Keras' options (fused.cu, host.cpp): the product only on
+// calls that apply the rule; then a LossScaleOptimizer's scale, in float32 as Keras
+// keeps it: halved by a skip, doubled after dynamic_growth_steps finite calls in a row
+// (reference.loss_scale_update).
+FO_HD void fo_advance(StepState& s, const Hyper& h, const StepValues& v, bool skipped) {
+    fo_advance(s, v, skipped, fo_applies(h, s));
+    if (h.dynamic_growth_steps > 0) {
+        float scale = (float)s.loss_scale;
+        if (skipped) {
+            scale = scale * 0.5f;
+            s.scale_counter = 0;
+        } else if (s.scale_counter == h.dynamic_growth_steps - 1) {
+            scale = scale * 2.0f;
+            s.scale_counter = 0;
+        } else {
+            s.scale_counter += 1;
+        }
+        s.loss_scale = (double)scale;
+    }
 }
 
 // The math type's copies the per-element code reads (rounded once, as the NumPy path
@@ -194,5 +263,14 @@ FO_HD Prologue<T> fo_prologue(const Hyper& h, bool decay = true) {
     pro.clipvalue = (T)h.clipvalue;
     pro.weight_decay = decay ? (T)h.weight_decay : T(-1);
     pro.coupled_weight_decay = decay ? (T)h.coupled_weight_decay : T(0);
+    return pro;
+}
+
+// The prologue of a call in `phase`: its unscale (with a LossScaleOptimizer's scale),
+// or 1 under gradient accumulation, whose mean is already unscaled (options.cuh).
+template <typename T>
+FO_HD Prologue<T> fo_prologue(const Hyper& h, const StepPhase& phase, bool decay) {
+    Prologue<T> pro = fo_prologue<T>(h, decay);
+    pro.unscale = fo_accumulation(h) > 1 ? T(1) : (T)phase.unscale;
     return pro;
 }

@@ -105,6 +105,13 @@ COMBINED_CASES = [
      {"momentum": 0.9, "loss_scale_factor": 0.25, "clipnorm": 1.0}),
     ("lion+loss_scale+clipvalue", "Lion", {"loss_scale_factor": 8.0, "clipvalue": 0.05}),
     ("adagrad+loss_scale+clipnorm", "Adagrad", {"loss_scale_factor": 3.0, "clipnorm": 0.5}),
+    # Accumulation: clipping sees the mean; the scale divides each call's gradient.
+    ("adam+accumulate+clipnorm+ema", "Adam",
+     {"gradient_accumulation_steps": 2, "clipnorm": 0.5, "use_ema": True,
+      "ema_overwrite_frequency": 3}),
+    ("nadam+accumulate+global_clipnorm+loss_scale", "Nadam",
+     {"gradient_accumulation_steps": 3, "global_clipnorm": 1.0, "loss_scale_factor": 4.0,
+      "weight_decay": 0.05}),
 ]
 
 # fusedopt's own options, which Keras does not have: every executor runs them, the

@@ -47,8 +47,8 @@ def test_mixed_precision_rows_are_measured_with_their_bytes(tmp_path, capsys):
                      "--out", str(tmp_path)])
     assert code == 0
     record = json.loads(next(tmp_path.glob("*.json")).read_text())
-    mine = {r["dtype"]: r for r in record["rows"]
-            if r["impl"] == "fusedopt" and r["layout"] == "flat" and r["clip"] is None}
+    mine = {r["dtype"]: r for r in record["rows"] if r["impl"] == "fusedopt"
+            and r["optimizer"] == "adam" and r["layout"] == "flat" and r["clip"] is None}
     assert set(mine) == {"float32", *bench.PRECISIONS}
     for label, r in mine.items():
         assert r["bytes"] == bench.precision_step_bytes("adam", label) * 4096
@@ -59,6 +59,16 @@ def test_mixed_precision_rows_are_measured_with_their_bytes(tmp_path, capsys):
     assert all(r["median_ms"] or "missing" in r.get("note", "") for r in torch_bf16)
     out = capsys.readouterr().out
     assert "| adam | fusedopt [bf16+master] | flat |" in out
+
+
+@pytest.mark.parametrize("option,expected", [
+    # EMA reads and writes its average (+8); accumulation's 3 light calls move g and
+    # the accumulator (12 each, 24 with EMA), the 4th is a full step with it (36, 44).
+    ("ema", 36), ("accumulate4", 3 * 12 + 36), ("accumulate4-ema", 3 * 24 + 44),
+])
+def test_option_rows_follow_the_performance_model(option, expected):
+    """The model tests/test_emulated_options.py checks access by access."""
+    assert bench.option_bytes("adam", option, 4) == expected
 
 
 def test_sizes_and_optimizer_arguments():
@@ -166,6 +176,8 @@ def test_bench_command_writes_the_record(tmp_path, capsys):
     for layout, (count, n) in bench.SEGMENT_LAYOUTS.items():
         for clip in (None, "segment"):
             assert ("fusedopt", "adam", n, layout, clip) in impls
+    for option in bench.OPTION_ROWS:
+        assert ("fusedopt", f"adam+{option}", 2**14, "flat", None) in impls
     assert record_path.with_suffix(".md").read_text().startswith("## ")
     png = record_path.with_suffix(".png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000

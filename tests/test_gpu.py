@@ -61,6 +61,11 @@ def assert_close(actual, desired, dtype, what):
     np.testing.assert_allclose(actual, desired, rtol=rtol, atol=rtol * scale, err_msg=what)
 
 
+def _accumulation(kwargs):
+    """Keras' iterations are updates: calls // N under gradient accumulation."""
+    return kwargs.get("gradient_accumulation_steps") or 1
+
+
 def random_state(opt, size, dtype, rng):
     """A state_dict with random (non-zero, valid) slots so every element must change."""
     slots = {}
@@ -110,7 +115,7 @@ def test_gpu_matches_numpy_every_step(case, layout, dtype):
         for name in cpu_opt.slot_names:
             assert_close(cp.asnumpy(gpu_opt.slots()[name]), cpu_opt.slots()[name], dtype,
                          f"{name}, step {step}")
-    assert gpu_opt.iterations == cpu_opt.iterations == STEPS
+    assert gpu_opt.iterations == cpu_opt.iterations == STEPS // _accumulation(kwargs)
     assert_guards_intact(cp, backing, n)
 
 
@@ -138,14 +143,24 @@ def test_gpu_runs_are_bitwise_identical(cls_name, kwargs):
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("kwargs", [
-    {}, {"clipnorm": 1.0}, {"global_clipnorm": 1.0}, {"clipvalue": 0.1, "weight_decay": 0.01},
-    {"skip_nonfinite": True}, {"skip_nonfinite": True, "clipnorm": 1.0, "loss_scale_factor": 128.0},
-    {"learning_rate": fusedopt.schedules.CosineDecay(1e-3, 100)},
-], ids=["plain", "clipnorm", "global", "clipvalue-decay", "skip", "skip-clipnorm-scale", "schedule"])
-# LAMB: three launches, Adafactor six, no sync
-@pytest.mark.parametrize("cls_name", ["Adam", "Lamb", "Adafactor"])
-def test_gpu_step_never_synchronises(cls_name, kwargs):
+SYNC_FREE_OPTIONS = {
+    "plain": {}, "clipnorm": {"clipnorm": 1.0}, "global": {"global_clipnorm": 1.0},
+    "clipvalue-decay": {"clipvalue": 0.1, "weight_decay": 0.01},
+    "skip": {"skip_nonfinite": True},
+    "skip-clipnorm-scale": {"skip_nonfinite": True, "clipnorm": 1.0, "loss_scale_factor": 128.0},
+    "schedule": {"learning_rate": fusedopt.schedules.CosineDecay(1e-3, 100)},
+    # Keras' options are fused.cu's (Lamb's and Adafactor's own kernels take them on
+    # NumPy only)
+    "ema-accumulate-clipnorm-skip": {"use_ema": True, "ema_overwrite_frequency": 2,
+                                     "gradient_accumulation_steps": 2, "clipnorm": 1.0,
+                                     "skip_nonfinite": True},
+}
+SYNC_FREE = [(cls, name) for cls in ("Adam", "Lamb", "Adafactor") for name in SYNC_FREE_OPTIONS
+             if cls == "Adam" or not name.startswith("ema")]
+
+
+@pytest.mark.parametrize("cls_name,option", SYNC_FREE, ids=[f"{c}-{o}" for c, o in SYNC_FREE])
+def test_gpu_step_never_synchronises(cls_name, option):  # Lamb: 3 launches, Adafactor 6; no sync
     """A step captured into a CUDA graph: capture fails on any device-to-host copy or
     synchronisation. The captured graph, replayed, then performs a real step."""
     import cupy as cp
@@ -154,7 +169,7 @@ def test_gpu_step_never_synchronises(cls_name, kwargs):
     shapes = [(50_000,), (3,), (50_000,)]
     params = fusedopt.FlatBuffer(cp.asarray(np.linspace(-1, 1, n, dtype=np.float32)), shapes)
     grads = cp.asarray(np.random.default_rng(0).normal(size=n).astype(np.float32))
-    opt = getattr(fusedopt, cls_name)(**kwargs)
+    opt = getattr(fusedopt, cls_name)(**SYNC_FREE_OPTIONS[option])
     opt.apply(grads, params)  # build and compile outside the capture
     stream = cp.cuda.Stream(non_blocking=True)
     with stream:
@@ -455,7 +470,7 @@ def test_cuda_graph_replays_equal_eager_steps(case, n):
         step()
     _assert_same_bits(_state(graphed, graph_params), _state(eager, eager_params),
                       f"{n} replays")
-    assert graphed.iterations == eager.iterations == n
+    assert graphed.iterations == eager.iterations == n // _accumulation(kwargs)
 
 
 @pytest.mark.parametrize("cls_name,kwargs", [
@@ -776,3 +791,72 @@ def test_gpu_own_kernel_rules_refuse_16_bit_buffers(cls_name):
     with pytest.raises(ValueError, match="bfloat16 params"):
         opt.apply(cp.asarray(ones), params)
     assert not opt.built
+
+
+# ------------------------------------------- EMA, accumulation, LossScaleOptimizer
+def test_gpu_options_and_loss_scale_match_numpy_with_poisoned_steps():
+    """EMA with overwrites, gradient accumulation, clipnorm and a LossScaleOptimizer's
+    dynamic scale (growth and backoff) on the device, against the NumPy executor;
+    then swapping the EMA weights in and out on the device."""
+    import cupy as cp
+
+    shapes = [(300_001,), (5,), (0,), (4097,)]
+    size = sum(int(np.prod(s)) for s in shapes)
+    rng = np.random.default_rng(8)
+    init = rng.normal(size=size).astype(np.float32)
+    steps = [(rng.normal(size=size) * 64).astype(np.float32) for _ in range(16)]
+    for k in (3, 9, 10):
+        steps[k][k * 7] = np.inf
+
+    def make(executor="auto"):
+        return fusedopt.LossScaleOptimizer(
+            fusedopt.Adam(use_ema=True, ema_overwrite_frequency=3, ema_momentum=0.8,
+                          gradient_accumulation_steps=2, clipnorm=1.0, executor=executor),
+            initial_scale=64.0, dynamic_growth_steps=2)
+
+    cpu, gpu = make("numpy"), make()
+    cpu_params = fusedopt.FlatBuffer(init.copy(), shapes)
+    gpu_params = fusedopt.FlatBuffer(cp.asarray(init), shapes)
+    for k, g in enumerate(steps):
+        cpu.apply(g, cpu_params)
+        gpu.apply(cp.asarray(g), gpu_params)
+        assert gpu.executor_name == "cuda"
+        assert (gpu.dynamic_scale, gpu.step_counter) == (cpu.dynamic_scale, cpu.step_counter)
+        assert_close(cp.asnumpy(gpu_params.data), cpu_params.data, np.float32, f"step {k}")
+        for name in cpu.slot_names:
+            assert_close(cp.asnumpy(cp.asarray(gpu.slots()[name])), cpu.slots()[name],
+                         np.float32, f"{name}, step {k}")
+    assert (gpu.iterations, gpu.skipped_steps) == (cpu.iterations, cpu.skipped_steps)
+    loss = cp.asarray(np.float32(0.5))
+    assert float(gpu.scale_loss(loss)) == 0.5 * cpu.dynamic_scale
+    trained = cp.asnumpy(gpu_params.data)
+    with gpu.ema_weights(gpu_params):
+        np.testing.assert_array_equal(cp.asnumpy(gpu_params.data),
+                                      cp.asnumpy(gpu.slots()["average"]))
+    np.testing.assert_array_equal(cp.asnumpy(gpu_params.data), trained)
+
+
+def test_gpu_loss_scale_step_never_synchronises():
+    """A LossScaleOptimizer's step, captured: the scale is read and updated on the
+    device (a host read would fail the capture); replays grow it."""
+    import cupy as cp
+
+    n = 100_003
+    params = fusedopt.FlatBuffer(cp.asarray(np.linspace(-1, 1, n, dtype=np.float32)), [(n,)])
+    grads = cp.asarray(np.random.default_rng(0).normal(size=n).astype(np.float32))
+    opt = fusedopt.LossScaleOptimizer(fusedopt.Adam(), initial_scale=8.0,
+                                      dynamic_growth_steps=1)
+    opt.apply(grads, params)  # build and compile outside the capture
+    assert opt.dynamic_scale == 16.0
+    loss = cp.ones((), np.float32)
+    assert float(opt.scale_loss(loss)) == 16.0  # and the memory pool holds its blocks
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture()
+        opt.apply(grads, params)
+        scaled = opt.scale_loss(loss)
+        graph = stream.end_capture()
+    for _ in range(3):
+        graph.launch(stream)
+    stream.synchronize()
+    assert opt.dynamic_scale == 128.0 and float(scaled) == 128.0

@@ -78,8 +78,11 @@ def host_step(lib, opt, params, g, slots, lr, scalars):
 
 
 # The cases of the rules that run as one fused pass (fused_element); the host step of
-# the others is tested through the host executor (tests/test_host_executor.py).
-FUSED_CASES = [c for c in KERNEL_CASES if not _kernels.own_kernels(getattr(fusedopt, c[1]).rule)]
+# the others is tested through the host executor (tests/test_host_executor.py), and so
+# are Keras' options around fused_element (EMA, gradient accumulation:
+# kernels/options.cuh; also tests/test_emulated_options.py).
+FUSED_CASES = [c for c in KERNEL_CASES if not _kernels.own_kernels(getattr(fusedopt, c[1]).rule)
+               and not (c[2].get("use_ema") or c[2].get("gradient_accumulation_steps"))]
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])

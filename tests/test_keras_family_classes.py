@@ -30,9 +30,9 @@ def bits(a):
 REFERENCE_ONLY = [
     ("Lamb", {"use_ema": True}, "use_ema"), ("Muon", {"use_ema": True}, "use_ema"),
     ("Adafactor", {"use_ema": True}, "use_ema"),
-    ("Adam", {"use_ema": True}, "use_ema"),
-    ("SGD", {"gradient_accumulation_steps": 2}, "gradient_accumulation_steps"),
-    ("ScheduleFreeAdamW", {"use_ema": True}, "use_ema"),
+    ("Lamb", {"gradient_accumulation_steps": 2}, "gradient_accumulation_steps"),
+    ("Muon", {"gradient_accumulation_steps": 3}, "gradient_accumulation_steps"),
+    ("Adafactor", {"gradient_accumulation_steps": 2}, "gradient_accumulation_steps"),
 ]
 
 

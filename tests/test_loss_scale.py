@@ -42,8 +42,12 @@ def keras():
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("inner_kwargs", [{}, {"clipnorm": 1.0, "weight_decay": 0.1}],
-                         ids=["adam", "adam-clipnorm-decay"])
+@pytest.mark.parametrize("inner_kwargs", [
+    {}, {"clipnorm": 1.0, "weight_decay": 0.1},
+    # the scale in the step state with Keras' other options (the host executor's)
+    {"use_ema": True, "ema_overwrite_frequency": 3, "gradient_accumulation_steps": 2,
+     "clipnorm": 1.0},
+], ids=["adam", "adam-clipnorm-decay", "adam-ema-accumulate-clipnorm"])
 def test_matches_keras(keras, dtype, inner_kwargs):
     """Keras' stateful LossScaleOptimizer.apply leaks JAX tracers, so Keras runs
     through its compiled stateless_apply, the path of its own JAX trainer."""

@@ -6,22 +6,24 @@
 #define EMU_RULE(rule)                                                                       \
     extern "C" void emu_fusedopt_##rule(                                                      \
         unsigned grid, unsigned block, FUSEDOPT_P* p, const FUSEDOPT_G* g, FUSEDOPT_S* s0,    \
-        FUSEDOPT_S* s1, FUSEDOPT_S* s2, float* master, const long long* tile_start,           \
-        const int* tile_segment, const int* tile_group, long long ntiles,                     \
-        const FUSEDOPT_T* factors, int nfactors, const double* groups, int ngroups,           \
-        const Hyper* hyper, StepState* state) {                                               \
+        FUSEDOPT_S* s1, FUSEDOPT_S* s2, float* master, FUSEDOPT_S* average,                   \
+        FUSEDOPT_S* accumulator, const long long* tile_start, const int* tile_segment,        \
+        const int* tile_group, long long ntiles, const FUSEDOPT_T* factors, int nfactors,     \
+        const double* groups, int ngroups, const Hyper* hyper, StepState* state) {            \
         emu::launch(grid, block, [&] {                                                        \
-            fused_step<rule, FUSEDOPT_T>(p, g, s0, s1, s2, master, tile_start, tile_segment,  \
-                                         tile_group, ntiles, factors, nfactors, groups,       \
-                                         ngroups, hyper, state);                              \
+            fused_step<rule, FUSEDOPT_T>(p, g, s0, s1, s2, master, average, accumulator,      \
+                                         tile_start, tile_segment, tile_group, ntiles,        \
+                                         factors, nfactors, groups, ngroups, hyper, state);   \
         });                                                                                   \
     }
 
 extern "C" void emu_fusedopt_sumsq(unsigned grid, unsigned block, const FUSEDOPT_G* g,
-                                   const long long* tile_start, long long ntiles,
-                                   const Hyper* hyper, double* partial, int* tile_nonfinite) {
-    emu::launch(grid, block,
-                [&] { fusedopt_sumsq(g, tile_start, ntiles, hyper, partial, tile_nonfinite); });
+                                   const FUSEDOPT_T* accumulator, const long long* tile_start,
+                                   long long ntiles, const Hyper* hyper, const StepState* state,
+                                   double* partial, int* tile_nonfinite) {
+    emu::launch(grid, block, [&] {
+        fusedopt_sumsq(g, accumulator, tile_start, ntiles, hyper, state, partial, tile_nonfinite);
+    });
 }
 
 extern "C" void emu_fusedopt_clip_factors(unsigned grid, unsigned block, const double* partial,

@@ -81,12 +81,16 @@ extern "C" const char* host_struct_layout(const char* name) {
               FO_FIELD(Hyper, clipvalue) + FO_FIELD(Hyper, weight_decay) +
               FO_FIELD(Hyper, coupled_weight_decay) +
               FO_FIELD(Hyper, clipnorm) + FO_FIELD(Hyper, rule) + FO_FIELD(Hyper, lr) +
-              FO_FIELD(Hyper, stochastic_rounding) + FO_FIELD(Hyper, seed);
+              FO_FIELD(Hyper, stochastic_rounding) + FO_FIELD(Hyper, seed) +
+              FO_FIELD(Hyper, accumulation) + FO_FIELD(Hyper, use_ema) +
+              FO_FIELD(Hyper, ema_momentum) + FO_FIELD(Hyper, ema_overwrite_frequency) +
+              FO_FIELD(Hyper, dynamic_growth_steps);
     else if (n == "StepState")
         out = std::to_string(sizeof(StepState)) + ";" + FO_FIELD(StepState, iterations) +
               FO_FIELD(StepState, skipped_steps) + FO_FIELD(StepState, last_step_skipped) +
               FO_FIELD(StepState, skip) + FO_FIELD(StepState, blocks_done) +
-              FO_FIELD(StepState, product);
+              FO_FIELD(StepState, product) + FO_FIELD(StepState, loss_scale) +
+              FO_FIELD(StepState, scale_counter);
     else if (n == "StepValues")
         out = std::to_string(sizeof(StepValues)) + ";" + FO_FIELD(StepValues, lr) +
               FO_FIELD(StepValues, c) + FO_FIELD(StepValues, product);

@@ -1,0 +1,65 @@
+// options.cuh: Keras 3's options around every rule, per element, in the math type,
+// shared by the CUDA kernel (fused.cu) and the host build (host.cpp); the NumPy twin
+// is fusedopt/reference.py (accumulate, ema).
+//   gradient accumulation: N-1 calls only add the unscaled gradient to the
+//     accumulator; the N-th runs the pipeline on (g*unscale + acc)/N and zeroes acc;
+//   use_ema: after the rule, on every call, avg <- mom*avg + (1-mom)*p (mom 0 on the
+//     first update), and p <- avg when ema_overwrite_frequency says so.
+// Which call does what comes from the step state (step.cuh, fo_phase), so a captured
+// step replays every phase. The slots are loaded and stored like the rule's
+// (kernels/storage.cuh); the optimizers take these options on float32 or float64
+// buffers only (fusedopt/optimizer.py, _precision_for).
+#pragma once
+#include "step.cuh"
+
+// One call's options in the math type, rounded once (as NumPy casts its scalars).
+template <typename T>
+struct OptionScalars {
+    T unscale;       // this call's 1/loss scale, for the accumulator
+    T steps;         // N
+    T ema_momentum;
+    T one_minus_ema_momentum;  // 1 - mom, in T as Keras computes it
+    int apply;       // the rule runs on this call
+    int overwrite;   // the average overwrites the params after this call
+};
+
+template <typename T>
+FO_HD OptionScalars<T> fo_options(const StepPhase& ph) {
+    OptionScalars<T> o;
+    o.unscale = (T)ph.unscale;
+    o.steps = (T)ph.accumulation;
+    o.ema_momentum = (T)ph.ema_momentum;
+    o.one_minus_ema_momentum = T(1) - o.ema_momentum;
+    o.apply = ph.apply;
+    o.overwrite = ph.overwrite;
+    return o;
+}
+
+// The gradient the pipeline sees on the call that applies: the mean of the N calls'
+// unscaled gradients (the prologue's unscale is then 1); the accumulator restarts.
+template <typename T>
+FO_HD T fo_accumulated_mean(T g, T& acc, const OptionScalars<T>& o) {
+    const T mean = (g * o.unscale + acc) / o.steps;
+    acc = T(0);
+    return mean;
+}
+
+// One of the N-1 calls that only accumulate (no clip, no decay, no rule).
+template <typename T>
+FO_HD void fo_accumulate(T g, T& acc, const OptionScalars<T>& o) {
+    acc = acc + g * o.unscale;
+}
+
+// Keras' moving average after the rule (on every call, accumulating ones included).
+template <typename T>
+FO_HD void fo_moving_average(T& p, T& avg, const OptionScalars<T>& o) {
+    avg = o.ema_momentum * avg + o.one_minus_ema_momentum * p;
+    if (o.overwrite) p = avg;
+}
+
+// What the norm clip sums the square of: on the call that applies with an
+// accumulator, the mean the rule will see; else g*unscale.
+template <typename T>
+FO_HD T fo_norm_value(T g, T acc, bool accumulated, T unscale, T steps) {
+    return accumulated ? (g * unscale + acc) / steps : g * unscale;
+}

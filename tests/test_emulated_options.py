@@ -1,0 +1,280 @@
+"""Keras' options around the rule on the GPU path, run on the CPU by the kernel
+emulator (tests/host/emulator.py): the moving average (use_ema), gradient
+accumulation and a LossScaleOptimizer's dynamic scale, all decided on the device
+from the step state (kernels/step.cuh: fo_phase, fo_advance; kernels/options.cuh).
+
+What CASES does not cover: the bytes each kind of call moves (an accumulating call
+reads g and the accumulator only), the options combined with clipping, skips and a
+changed hyperparameter, captured steps of a LossScaleOptimizer, its state on the
+device through state_dict, and the scale's underflow on every executor.
+"""
+
+import numpy as np
+import pytest
+
+import fusedopt
+from conftest import random_grads, random_params
+from emulator import emulate
+
+LAYOUT = [(5000,), (3,), (0,), (9001,), (1,)]
+RTOL = {np.float64: 1e-12, np.float32: 2e-6}
+
+
+@pytest.fixture
+def libraries(emulator_libraries):
+    return emulator_libraries
+
+
+def state_of(opt, params):
+    return [params.data.copy()] + [np.array(s) for s in opt.slots().values()]
+
+
+def assert_close(actual, desired, dtype, what):
+    rtol = RTOL[dtype]
+    for k, (x, y) in enumerate(zip(actual, desired)):
+        scale = float(np.max(np.abs(y[np.isfinite(y)]), initial=0.0))
+        np.testing.assert_allclose(x, y, rtol=rtol, atol=rtol * scale, err_msg=f"{what} {k}")
+
+
+def bytes_moved(backend, kernel):
+    """(bytes loaded, bytes stored) by `kernel` since the last reset."""
+    return tuple(sum(n * width for (name, kind, width), n in backend.accesses.items()
+                     if name == kernel and kind == k) for k in ("load", "store"))
+
+
+# --------------------------------------------------------------- bytes per element
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("kwargs, accumulating, applying", [
+    # (loads, stores) per element, in buffers: Adam's update reads p, g, m, v and
+    # writes p, m, v; the accumulator adds a read and a write on every call.
+    ({"gradient_accumulation_steps": 3}, (2, 1), (5, 4)),
+    # The moving average: a read and a write of its slot, and a read of p on calls
+    # that only accumulate (p is written there only when the average overwrites it).
+    ({"gradient_accumulation_steps": 3, "use_ema": True}, (4, 2), (6, 5)),
+    ({"gradient_accumulation_steps": 3, "use_ema": True, "ema_overwrite_frequency": 1},
+     (4, 3), (6, 5)),
+    ({"use_ema": True}, None, (5, 4)),
+], ids=["accumulate", "accumulate-ema", "accumulate-ema-overwrite", "ema"])
+def test_each_call_moves_the_modelled_bytes(libraries, dtype, kwargs, accumulating, applying):
+    """The bytes-per-element model of fusedopt/bench.py, counted access by access."""
+    opt = fusedopt.Adam(**kwargs)
+    params = fusedopt.FlatBuffer.from_arrays(random_params(LAYOUT, dtype, seed=1))
+    backend = emulate(opt, params, libraries)
+    size, item = params.size, np.dtype(dtype).itemsize
+    n = kwargs.get("gradient_accumulation_steps") or 1
+    for call, g in enumerate(random_grads(LAYOUT, dtype, seed=2, steps=2 * n)):
+        backend.reset_accesses()
+        opt.apply(fusedopt.FlatBuffer.from_arrays(g), params)
+        expected = applying if (call + 1) % n == 0 else accumulating
+        assert bytes_moved(backend, "fusedopt_adam") == (expected[0] * size * item,
+                                                         expected[1] * size * item), call
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+def test_accumulating_calls_launch_what_applying_calls_launch(libraries, dtype):
+    """One launch sequence for every call (a captured step replays all N phases);
+    the kernels decide on the device what each call does."""
+    opt = fusedopt.Adam(gradient_accumulation_steps=2, clipnorm=1.0, skip_nonfinite=True)
+    params = fusedopt.FlatBuffer.from_arrays(random_params(LAYOUT, dtype, seed=1))
+    backend = emulate(opt, params, libraries)
+    sequences = []
+    for g in random_grads(LAYOUT, dtype, seed=2, steps=2):
+        backend.launches.clear()
+        opt.apply(fusedopt.FlatBuffer.from_arrays(g), params)
+        sequences.append(list(backend.launches))
+    assert sequences[0] == sequences[1] == [
+        "fusedopt_sumsq", "fusedopt_clip_factors", "fusedopt_skip_check", "fusedopt_adam"]
+
+
+# ------------------------------------------------------ combined, skipped, changed
+COMBINED = [
+    ("Adam", {"gradient_accumulation_steps": 3, "use_ema": True, "ema_overwrite_frequency": 2,
+              "clipnorm": 0.5, "skip_nonfinite": True}),
+    ("Nadam", {"gradient_accumulation_steps": 2, "global_clipnorm": 1.0, "weight_decay": 0.1,
+               "loss_scale_factor": 4.0, "skip_nonfinite": True,
+               "learning_rate": fusedopt.schedules.ExponentialDecay(0.01, 3, 0.5)}),
+    ("SGD", {"momentum": 0.9, "use_ema": True, "ema_momentum": 0.7, "clipvalue": 0.3,
+             "skip_nonfinite": True}),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("cls_name,kwargs", COMBINED, ids=[c for c, _ in COMBINED])
+def test_options_with_clipping_skips_and_replays_match_numpy(libraries, cls_name, kwargs, dtype):
+    """Eager emulated steps, replays of one captured step and the NumPy executor, with
+    non-finite calls (skipped: nothing accumulates) and ema_momentum changed at call
+    9: replays equal eager steps to the bit, both match NumPy every call."""
+    rng = np.random.default_rng(3)
+    init = random_params(LAYOUT, dtype, seed=4)
+    size = sum(int(np.prod(s)) for s in LAYOUT)
+    grads = [(rng.normal(size=size) * rng.uniform(0.1, 2.0)).astype(dtype) for _ in range(14)]
+    grads[4][7], grads[5][0], grads[11][size - 1] = np.nan, np.inf, -np.inf
+    runs = {}
+    for mode in ("numpy", "eager", "graph"):
+        opt = getattr(fusedopt, cls_name)(**kwargs)
+        params = fusedopt.FlatBuffer.from_arrays(init)
+        if mode != "numpy":
+            emulate(opt, params, libraries)
+        buffer = np.zeros(size, dtype)
+        step = opt.cuda_graph(buffer, params) if mode == "graph" else None
+        states = []
+        for k, g in enumerate(grads):
+            if k == 9 and opt.use_ema:
+                opt.ema_momentum = 0.5
+            buffer[...] = g
+            step() if step else opt.apply(buffer.copy(), params)
+            states.append(state_of(opt, params))
+        runs[mode] = (opt, states)
+    for k in range(len(grads)):
+        for a, b in zip(runs["graph"][1][k], runs["eager"][1][k]):
+            np.testing.assert_array_equal(a, b, err_msg=f"replay {k}")
+        assert_close(runs["eager"][1][k], runs["numpy"][1][k], dtype, f"call {k}")
+    counts = {(o.iterations, o.skipped_steps) for o, _ in runs.values()}
+    n = kwargs.get("gradient_accumulation_steps") or 1
+    assert counts == {(11 // n, 3)}
+
+
+# ------------------------------------------------------------ LossScaleOptimizer
+POISONED = {2, 7, 8, 13}
+
+
+def scaled_grads(dtype, steps, seed=5):
+    out = random_grads(LAYOUT, dtype, seed, steps, scale=32.0)
+    for k in POISONED:
+        out[k][0] = out[k][0].copy()
+        out[k][0].flat[k] = np.nan if k % 2 else np.inf
+    return [fusedopt.FlatBuffer.from_arrays(g).data for g in out]
+
+
+def make_lso(executor="auto"):
+    """executor: "numpy" for the oracle; the others are emulated (or the host's)."""
+    return fusedopt.LossScaleOptimizer(
+        fusedopt.Adam(clipnorm=1.0, use_ema=True, gradient_accumulation_steps=2,
+                      executor=executor), initial_scale=32.0, dynamic_growth_steps=2)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+def test_loss_scale_on_the_device_matches_numpy(libraries, dtype):
+    """The scale, its counter, params and every slot after every call; the emulated
+    plan is never asked for the scale by a step (only by the asserts here)."""
+    init = random_params(LAYOUT, dtype, seed=6)
+    cpu, gpu = make_lso("numpy"), make_lso()
+    cpu_params = fusedopt.FlatBuffer.from_arrays(init)
+    gpu_params = fusedopt.FlatBuffer.from_arrays(init)
+    emulate(gpu.inner_optimizer, gpu_params, libraries)
+    scales = []
+    for k, g in enumerate(scaled_grads(dtype, 18)):
+        cpu.apply(g, cpu_params)
+        gpu.apply(g.copy(), gpu_params)
+        assert gpu.inner_optimizer.executor_name == "cuda"
+        assert (gpu.dynamic_scale, gpu.step_counter) == (cpu.dynamic_scale, cpu.step_counter)
+        assert_close(state_of(gpu, gpu_params), state_of(cpu, cpu_params), dtype, f"call {k}")
+        scales.append(gpu.dynamic_scale)
+    assert max(scales) > 32.0 and any(b < a for a, b in zip(scales, scales[1:]))  # grew, backed off
+    assert (gpu.iterations, gpu.skipped_steps) == (cpu.iterations, cpu.skipped_steps)
+    assert gpu.skipped_steps == len(POISONED)
+
+
+def test_captured_loss_scale_steps_replay_like_eager_ones(libraries):
+    eager, graphed = make_lso(), make_lso()
+    eager_params = fusedopt.FlatBuffer.from_arrays(random_params(LAYOUT, np.float64, seed=6))
+    graph_params = eager_params.copy()
+    emulate(eager.inner_optimizer, eager_params, libraries)
+    emulate(graphed.inner_optimizer, graph_params, libraries)
+    buffer = np.zeros(eager_params.size)
+    step = graphed.cuda_graph(buffer, graph_params)
+    for g in scaled_grads(np.float64, 16):
+        buffer[...] = g
+        eager.apply(buffer.copy(), eager_params)
+        step()
+        assert (graphed.dynamic_scale, graphed.step_counter) == \
+            (eager.dynamic_scale, eager.step_counter)
+    for a, b in zip(state_of(graphed, graph_params), state_of(eager, eager_params)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_loss_scale_state_moves_between_the_device_and_numpy(libraries):
+    """state_dict reads the device's scale; load_state_dict writes it there; the run
+    goes on like one that never stopped."""
+    grads = scaled_grads(np.float64, 16)
+    init = random_params(LAYOUT, np.float64, seed=7)
+    straight, straight_params = make_lso("numpy"), fusedopt.FlatBuffer.from_arrays(init)
+    for g in grads:
+        straight.apply(g, straight_params)
+    first, params = make_lso(), fusedopt.FlatBuffer.from_arrays(init)
+    emulate(first.inner_optimizer, params, libraries)
+    for g in grads[:9]:
+        first.apply(g, params)
+    state = first.state_dict()
+    assert state["slots"]["dynamic_scale"][0] == first.dynamic_scale
+    second = make_lso()
+    emulate(second.inner_optimizer, params, libraries)
+    second.load_state_dict(state)
+    assert (second.dynamic_scale, second.step_counter) == (first.dynamic_scale,
+                                                           first.step_counter)
+    for g in grads[9:]:
+        second.apply(g, params)
+    assert_close(state_of(second, params), state_of(straight, straight_params), np.float64,
+                 "resumed")
+    assert (second.dynamic_scale, second.iterations) == (straight.dynamic_scale,
+                                                          straight.iterations)
+
+
+@pytest.mark.parametrize("where", ["numpy", "host", "emulated"])
+def test_a_scale_that_underflowed_to_zero_skips_the_step(libraries, where):
+    """Halving the smallest float32 subnormal gives 0; 1/0 would make every gradient
+    inf or NaN, so such a step is skipped (and counted) like a non-finite one."""
+    if where == "host":
+        from fusedopt import host
+
+        try:
+            host.library("adam", np.float64)
+        except host.HostBuildError as e:
+            pytest.skip(f"no host build here: {e}")
+    opt = fusedopt.LossScaleOptimizer(
+        fusedopt.Adam(executor="host" if where == "host" else "numpy"),
+        initial_scale=float(np.float32(1e-45)), dynamic_growth_steps=5)
+    params = fusedopt.FlatBuffer.from_arrays([np.linspace(-1, 1, 9)])
+    if where == "emulated":
+        emulate(opt.inner_optimizer, params, libraries)
+    opt.apply(np.full(9, np.nan), params)
+    assert opt.dynamic_scale == 0.0 and opt.skipped_steps == 1
+    before = params.data.copy()
+    opt.apply(np.full(9, 1e-3), params)
+    np.testing.assert_array_equal(params.data, before)
+    assert (opt.iterations, opt.skipped_steps, opt.dynamic_scale) == (0, 2, 0.0)
+
+
+@pytest.mark.parametrize("where", ["host", "emulated"])
+def test_changing_the_accumulation_steps_mid_run_agrees_with_numpy(libraries, where):
+    """gradient_accumulation_steps assigned between calls (the slots stay the same):
+    the executors recompute Nadam's running product of the updates done, as the NumPy
+    executor derives it from calls // N."""
+    if where == "host":
+        from fusedopt import host
+
+        try:
+            host.library("nadam", np.float64)
+        except host.HostBuildError as e:
+            pytest.skip(f"no host build here: {e}")
+    grads = [fusedopt.FlatBuffer.from_arrays(g).data
+             for g in random_grads(LAYOUT, np.float64, seed=9, steps=13)]
+    runs = []
+    for executor in ("numpy", where):
+        opt = fusedopt.Nadam(gradient_accumulation_steps=2, use_ema=True,
+                             executor="numpy" if executor == "numpy" else "auto")
+        params = fusedopt.FlatBuffer.from_arrays(random_params(LAYOUT, np.float64, seed=8))
+        if executor == "emulated":
+            emulate(opt, params, libraries)
+        states = []
+        for k, g in enumerate(grads):
+            if k == 5:
+                opt.gradient_accumulation_steps = 3
+            opt.apply(g, params)
+            states.append(state_of(opt, params))
+        assert opt.executor_name == {"numpy": "numpy", "host": "host",
+                                     "emulated": "cuda"}[executor]
+        runs.append((opt.iterations, states))
+    assert runs[0][0] == runs[1][0] == 13 // 3
+    for k, (a, b) in enumerate(zip(runs[0][1], runs[1][1])):
+        assert_close(b, a, np.float64, f"call {k}")
