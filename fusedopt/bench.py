@@ -66,7 +66,10 @@ TORCH_PEERS = {"adam": "Adam", "adamw": "AdamW", "sgd": "SGD", "adagrad": "Adagr
 # timed point makes: a whole accumulation cycle, whose calls differ).
 OPTION_ROWS = {"ema": ({"use_ema": True}, 1),
                "accumulate4": ({"gradient_accumulation_steps": 4}, 4),
-               "accumulate4-ema": ({"gradient_accumulation_steps": 4, "use_ema": True}, 4)}
+               "accumulate4-ema": ({"gradient_accumulation_steps": 4, "use_ema": True}, 4),
+               "loss-scale": ({}, 1)}
+# Option rows whose optimizer is wrapped (the wrapper's class name, in fusedopt).
+OPTION_WRAPPERS = {"loss-scale": "LossScaleOptimizer"}
 CLIP_NORM = 1.0
 # Mixed-precision points: label -> (param dtype, grad dtype, optimizer options). The
 # label is the rows' "dtype"; plain float32 rows say "float32".
@@ -330,10 +333,13 @@ def option_bytes(name, option, itemsize):
     With gradient accumulation N-1 calls only add: they read g and the accumulator and
     write the accumulator (3 words), and with EMA also read p and read and write the
     average (6 words; p is written only when the average overwrites it); the N-th is
-    a full step with every slot."""
+    a full step with every slot. A LossScaleOptimizer's step checks the gradients for
+    inf/NaN before the update (skip_nonfinite's pass), reading g once more, as a norm
+    clip does."""
     kwargs, calls = OPTION_ROWS[option]
     light = 6 if kwargs.get("use_ema") else 3
-    return (calls - 1) * light * itemsize + step_bytes(name, itemsize, **kwargs)
+    check = option in OPTION_WRAPPERS
+    return (calls - 1) * light * itemsize + step_bytes(name, itemsize, clip=check, **kwargs)
 
 
 def precision_step_bytes(name, label, clip=False):
@@ -356,8 +362,10 @@ def precision_step_bytes(name, label, clip=False):
 def bench_layout(name):
     """The layout an optimizer's rows are measured on: "matrices" for the rules whose
     step depends on the segments' shapes (Adafactor's factored statistics, Muon's
-    Newton-Schulz), else one flat buffer."""
-    return "matrices" if make_optimizer(name).rule in SHAPED_WORDS else "flat"
+    Newton-Schulz), else one flat buffer. `name` may be an option row's ("adam+ema"
+    is measured on Adam's layout)."""
+    base = name.split("+")[0]
+    return "matrices" if make_optimizer(base).rule in SHAPED_WORDS else "flat"
 
 
 def matrix_shapes(n):
@@ -629,7 +637,9 @@ CLIP_OPTIONS = {None: {}, "global": {"global_clipnorm": CLIP_NORM},
                 "segment": {"clipnorm": CLIP_NORM}}
 
 
-def _fusedopt_sets(ctx, name, n, layout, clip, executor="auto", label="float32", extra=None):
+def _fusedopt_sets(ctx, name, n, layout, clip, executor="auto", label="float32", extra=None,
+                   wrapper=None):
+    import fusedopt
     from .flat import FlatBuffer
 
     shapes = layout_shapes(layout, n)
@@ -643,6 +653,8 @@ def _fusedopt_sets(ctx, name, n, layout, clip, executor="auto", label="float32",
         params = FlatBuffer(ctx.rand(n, 2 * i).astype(precision.numpy_dtype(param)), shapes)
         grads = (ctx.rand(n, 2 * i + 1) * 1e-2).astype(precision.numpy_dtype(grad))
         opt = make_optimizer(name, executor=executor, **CLIP_OPTIONS[clip], **options)
+        if wrapper is not None:
+            opt = getattr(fusedopt, wrapper)(opt)
         opt.build(params)
         out.append((opt, params, grads))
     return out, nbytes
@@ -672,7 +684,8 @@ def measure_fusedopt_option(ctx, name, n, option, warmup, repeats):
     """fusedopt's step with one of Keras' options (OPTION_ROWS), row "<name>+<option>";
     with gradient accumulation one timed point is a whole cycle of N calls."""
     kwargs, calls = OPTION_ROWS[option]
-    sets, _ = _fusedopt_sets(ctx, name, n, "flat", None, extra=kwargs)
+    sets, _ = _fusedopt_sets(ctx, name, n, "flat", None, extra=kwargs,
+                             wrapper=OPTION_WRAPPERS.get(option))
     nbytes = option_bytes(name, option, 4) * n
 
     def step(i):
@@ -683,7 +696,7 @@ def measure_fusedopt_option(ctx, name, n, option, warmup, repeats):
     ms = ctx.time(step, len(sets), warmup, repeats)
     del sets
     ctx.free()
-    note = f"{calls} calls (one accumulation cycle)" if calls > 1 else None
+    note = f"{calls} calls (one accumulation cycle)" if calls > 1 else OPTION_WRAPPERS.get(option)
     return [row(f"{name}+{option}", "fusedopt", n, "flat", None, ms, nbytes, note=note)]
 
 

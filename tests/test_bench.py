@@ -65,6 +65,8 @@ def test_mixed_precision_rows_are_measured_with_their_bytes(tmp_path, capsys):
     # EMA reads and writes its average (+8); accumulation's 3 light calls move g and
     # the accumulator (12 each, 24 with EMA), the 4th is a full step with it (36, 44).
     ("ema", 36), ("accumulate4", 3 * 12 + 36), ("accumulate4-ema", 3 * 24 + 44),
+    # The LossScaleOptimizer's inf/NaN check reads g once more (+4).
+    ("loss-scale", 32),
 ])
 def test_option_rows_follow_the_performance_model(option, expected):
     """The model tests/test_emulated_options.py checks access by access."""
@@ -85,8 +87,9 @@ def test_every_fused_optimizer_is_benchmarked():
     """Every optimizer has a fused step now; Adafactor and Muon on matrices."""
     names = bench.parse_optimizers("all")
     assert {"schedulefreeadamw", "lamb", "adafactor", "muon"} <= set(names)
-    assert {n: bench.bench_layout(n) for n in ("adam", "lamb", "adafactor", "muon")} == {
-        "adam": "flat", "lamb": "flat", "adafactor": "matrices", "muon": "matrices"}
+    assert {n: bench.bench_layout(n) for n in ("adam", "lamb", "adafactor", "muon", "adam+ema")} == {
+        "adam": "flat", "lamb": "flat", "adafactor": "matrices", "muon": "matrices",
+        "adam+ema": "flat"}
 
 
 def test_step_bytes_model():

@@ -71,6 +71,23 @@ def test_each_call_moves_the_modelled_bytes(libraries, dtype, kwargs, accumulati
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+def test_loss_scale_step_moves_the_modelled_bytes(libraries, dtype):
+    """A LossScaleOptimizer's step: the inf/NaN check reads g once (fusedopt_sumsq; its
+    stores are one partial per tile), then Adam's pass as without the wrapper; the scale
+    is read and updated in the step state, nothing per element (bench.option_bytes)."""
+    opt = fusedopt.LossScaleOptimizer(fusedopt.Adam(), initial_scale=8.0)
+    params = fusedopt.FlatBuffer.from_arrays(random_params(LAYOUT, dtype, seed=1))
+    backend = emulate(opt.inner_optimizer, params, libraries)
+    size, item = params.size, np.dtype(dtype).itemsize
+    for g in random_grads(LAYOUT, dtype, seed=2, steps=2):
+        backend.reset_accesses()
+        opt.apply(fusedopt.FlatBuffer.from_arrays(g), params)
+        assert bytes_moved(backend, "fusedopt_adam") == (4 * size * item, 3 * size * item)
+        assert bytes_moved(backend, "fusedopt_sumsq")[0] == size * item
+    assert opt.iterations == 2
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
 def test_accumulating_calls_launch_what_applying_calls_launch(libraries, dtype):
     """One launch sequence for every call (a captured step replays all N phases);
     the kernels decide on the device what each call does."""
