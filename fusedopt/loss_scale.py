@@ -17,8 +17,9 @@ scale_counter; reference.ReferencePlan for the NumPy executor). The step unscale
 the scale and updates it itself, so on a GPU a step never waits for the host and a
 captured step (cuda_graph) replays the scale's growth and backoff. Reading
 `dynamic_scale` or `step_counter` there is a sync, asked for, never per step;
-`scale_loss` of a CuPy loss multiplies by the scale on the device. (An inner rule
-with kernels of its own, Lamb or Muon, runs on the NumPy executor under the wrapper.)
+`scale_loss` of a CuPy loss multiplies by the scale on the device. Rules with kernels
+of their own (Lamb, Adafactor, Muon) do the same in those kernels (kernels/whole.cuh,
+muon.cu, whole_host.cpp, muon_host.cpp).
 
 A dynamic scale of 0 (after some 165 non-finite steps in a row in float32) would make
 every gradient inf or NaN: such a step is skipped like a non-finite one.
@@ -88,7 +89,7 @@ class LossScaleOptimizer(FusedOptimizer):
         self.name = "loss_scale_optimizer" if name is None else name
         inner._skip_nonfinite = True  # a non-finite step is skipped, as in Keras
         inner._dynamic_growth_steps = self.dynamic_growth_steps
-        if inner.built:  # a new plan for it (the executor may change: Lamb, Muon)
+        if inner.built:  # a new plan for it, chosen with the wrapper's settings
             inner.executor = inner.executor
         self.inner_optimizer = inner
         self._write_scale(float(np.float32(self.initial_scale)), 0)

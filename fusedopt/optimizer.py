@@ -543,15 +543,14 @@ class FusedOptimizer:
         what the kernels do not implement yet. Other executors refuse it. With
         `param_dtype` (and the latest step's grads dtype), also the storage a rule with
         kernels of its own (Lamb, Adafactor, Muon: uniform float32/float64 only) cannot
-        run. Keras' options (use_ema, gradient accumulation, a LossScaleOptimizer's
-        dynamic scale) are in fused.cu's pass (kernels/options.cuh), not in those rules'
-        own."""
+        run. Keras' options use_ema and gradient accumulation are in fused.cu's pass
+        (kernels/options.cuh), not in those rules' own; a LossScaleOptimizer's dynamic
+        scale is in both (kernels/step.cuh: fo_phase, fo_advance)."""
         if self.rule not in _kernels.rule_names():
             return f"the {type(self).__name__} rule has no kernel yet"
         if _kernels.own_kernels(self.rule):
             for option, on in (("use_ema", self.use_ema),
-                               ("gradient_accumulation_steps", self.gradient_accumulation_steps),
-                               ("a LossScaleOptimizer", self._dynamic_growth_steps)):
+                               ("gradient_accumulation_steps", self.gradient_accumulation_steps)):
                 if on:
                     return option
             if param_dtype is not None:

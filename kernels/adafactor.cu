@@ -39,13 +39,14 @@ __device__ __forceinline__ void adafactor_element(const T* p, const T* g, long l
     fo_decay(*pi, pro, st.lr);
 }
 
-// The scalars that do not depend on a segment group (beta), and the skip verdict.
+// The scalars that do not depend on a segment group (beta), and the skip verdict
+// (skip_nonfinite's, or a LossScaleOptimizer's scale that underflowed: fo_phase).
 __device__ __forceinline__ bool adafactor_common(StepScalars<FUSEDOPT_T>* st, const Hyper* hyper,
                                                  const StepState* state) {
     __shared__ int skip;
     if (threadIdx.x == 0) {
         *st = fo_narrow<FUSEDOPT_T>(block_step_values<adafactor>(hyper, state, 1.0));
-        skip = state->skip != 0;
+        skip = state->skip != 0 || fo_phase(*hyper, *state).underflow;
     }
     __syncthreads();
     return skip != 0;
@@ -111,7 +112,7 @@ extern "C" __global__ void __launch_bounds__(FO_BLOCK) fusedopt_adafactor_scales
         long long nsegments, const double* __restrict__ table, const Hyper* __restrict__ hyper,
         const StepState* __restrict__ state, FUSEDOPT_T* __restrict__ scales) {
     __shared__ double sums_p[FO_BLOCK], sums_u[FO_BLOCK];
-    if (state->skip) return;
+    if (state->skip || fo_phase(*hyper, *state).underflow) return;
     for (long long s = blockIdx.x; s < nsegments; s += gridDim.x) {
         whole_segment_sums(partial, segment_tiles, s, sums_p, sums_u);
         const long long n = (long long)(FO_ADAFACTOR_ROW(table, s + 1)[0] -
@@ -142,7 +143,8 @@ extern "C" __global__ void __launch_bounds__(FO_BLOCK) fusedopt_adafactor_pass(
     __shared__ double sums_p[FO_BLOCK], sums_u[FO_BLOCK];
     const bool skip = whole_group_values<adafactor, T>(shared_st, shared_pro, &shared_values,
                                                        groups, ngroups, hyper, state);
-    if (phase == FO_ADAFACTOR_APPLY && threadIdx.x == 0) take_ticket(state, shared_values, skip);
+    if (phase == FO_ADAFACTOR_APPLY && threadIdx.x == 0)
+        take_ticket(state, shared_values, skip, hyper);
     if (skip) return;  // a skipped step writes nothing
     for (long long k = blockIdx.x; k < ntiles; k += gridDim.x) {
         const long long begin = tile_start[k], end = tile_start[k + 1];

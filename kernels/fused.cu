@@ -143,15 +143,15 @@ __device__ __noinline__ StepValues block_step_values(const Hyper* hyper, const S
 // The last block to start a step advances the step state: every other block has read
 // it by then (its threads read it before a barrier, thread 0 takes the ticket after),
 // and the next kernel in the stream sees the new state. An integer ticket, no floating-point atomics.
-// With `hyper` (fused_step) it advances with Keras' options (step.cuh); the rules with
-// kernels of their own pass none.
+// It advances with Keras' options (step.cuh, fo_advance): the calls counted and a
+// LossScaleOptimizer's scale grown or halved, for every rule (lamb.cu, adafactor.cu and
+// muon.cu take the ticket too).
 __device__ __forceinline__ void take_ticket(StepState* state, const StepValues& values,
-                                            bool skip, const Hyper* hyper = nullptr) {
+                                            bool skip, const Hyper* hyper) {
     __threadfence();
     if (atomicAdd(&state->blocks_done, 1ULL) == gridDim.x - 1) {
         StepState s = *state;
-        if (hyper) fo_advance(s, *hyper, values, skip);
-        else fo_advance(s, values, skip);
+        fo_advance(s, *hyper, values, skip);
         s.blocks_done = 0;
         *state = s;
     }

@@ -83,7 +83,7 @@ extern "C" __global__ void __launch_bounds__(FO_BLOCK) fusedopt_lamb_apply(
     __shared__ StepValues shared_values;
     const bool skip = whole_group_values<lamb, T>(shared_st, shared_pro, &shared_values, groups,
                                            ngroups, hyper, state);
-    if (threadIdx.x == 0) take_ticket(state, shared_values, skip);
+    if (threadIdx.x == 0) take_ticket(state, shared_values, skip, hyper);
     if (skip) return;
     for (long long k = blockIdx.x; k < ntiles; k += gridDim.x) {
         const long long begin = tile_start[k], end = tile_start[k + 1];

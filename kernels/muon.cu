@@ -19,7 +19,8 @@
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)
 
 // Each segment group's scalars and its two prologues (Muon, AdamW segments), in shared
-// memory; returns whether the step is skipped (skip_nonfinite's verdict).
+// memory (the unscale with a LossScaleOptimizer's scale, step.cuh: fo_phase); returns
+// whether the step is skipped (skip_nonfinite's verdict, or a scale that underflowed).
 template <typename T>
 __device__ __forceinline__ bool muon_group_values(StepScalars<T>* st, Prologue<T>* pro,
                                                   Prologue<T>* pro_adamw, StepValues* values,
@@ -29,12 +30,13 @@ __device__ __forceinline__ bool muon_group_values(StepScalars<T>* st, Prologue<T
     if ((int)threadIdx.x < ngroups) {
         const int k = (int)threadIdx.x;
         const StepValues v = block_step_values<muon>(hyper, state, groups[2 * k]);
+        const StepPhase phase = fo_phase(*hyper, *state);
         st[k] = fo_narrow<T>(v);
-        pro[k] = fo_prologue<T>(*hyper, groups[2 * k + 1] != 0.0);
-        pro_adamw[k] = muon_adamw_prologue<T>(*hyper, groups[2 * k + 1] != 0.0);
+        pro[k] = fo_prologue<T>(*hyper, phase, groups[2 * k + 1] != 0.0);
+        pro_adamw[k] = muon_adamw_prologue<T>(*hyper, phase, groups[2 * k + 1] != 0.0);
         if (k == 0) {
             *values = v;
-            skip = state->skip != 0;
+            skip = state->skip != 0 || phase.underflow;
         }
     }
     __syncthreads();
@@ -96,7 +98,7 @@ extern "C" __global__ void __launch_bounds__(FO_BLOCK) fusedopt_muon_apply(
     __shared__ StepValues shared_values;
     const bool skip = muon_group_values<T>(shared_st, shared_pro, shared_adamw, &shared_values,
                                            groups, ngroups, hyper, state);
-    if (threadIdx.x == 0) take_ticket(state, shared_values, skip);
+    if (threadIdx.x == 0) take_ticket(state, shared_values, skip, hyper);
     if (skip) return;
     for (long long k = blockIdx.x; k < ntiles; k += gridDim.x) {
         const double scale = segment_values[tile_segment[k]];

@@ -47,8 +47,8 @@ struct muon {
 // The prologue of an AdamW segment: Muon's Prologue with adam_weight_decay in place of
 // weight_decay (none when the segment group's decay is off, or it is None: -1).
 template <typename T>
-FO_HD Prologue<T> muon_adamw_prologue(const Hyper& h, bool decay) {
-    Prologue<T> pro = fo_prologue<T>(h, decay);
+FO_HD Prologue<T> muon_adamw_prologue(const Hyper& h, const StepPhase& phase, bool decay) {
+    Prologue<T> pro = fo_prologue<T>(h, phase, decay);
     pro.weight_decay = decay ? (T)h.rule[10] : T(-1);
     return pro;
 }

@@ -1,11 +1,13 @@
 // muon_host.cpp: Muon's element-wise passes on the CPU (muon.cuh), the host executor's
 // counterpart of muon.cu, over the per-segment tiles of host.cpp's plan:
-//   fusedopt_host_step        [GradScaler's found_inf: skip; the gradient phase], then per tile: AdamW segments the
+//   fusedopt_host_step        [GradScaler's found_inf or an underflowed loss scale: skip;
+//                             the gradient phase], then per tile: AdamW segments the
 //                             whole update, Muon segments m and d (into `d`); a skipped
 //                             step (skip_nonfinite) sets state->skip and writes nothing;
 //   (Newton-Schulz on each Muon segment of d: NumPy matrix products, fusedopt/host.py)
 //   fusedopt_host_muon_apply  Muon segments: p decayed, p -= (lr*d)*rms_scale; then the
-//                             counters advanced once (or the skip counted).
+//                             counters (and a LossScaleOptimizer's scale) advanced once
+//                             (or the skip counted).
 // plan->segment_values[s]: segment s's rms scale (>= 0) for Muon, -1 for AdamW.
 // Built with FUSEDOPT_T defined and muon.cuh included (fusedopt/host.py).
 #pragma once
@@ -22,12 +24,13 @@ struct Groups {
 template <typename T>
 static StepValues group_values(const HostPlan* plan, const Hyper* h, const StepState* state,
                                Groups<T>* out) {
+    const StepPhase phase = fo_phase(*h, *state);  // a LossScaleOptimizer's unscale
     for (long long k = 0; k < plan->ngroups; ++k) {
         const bool decay = plan->groups[2 * k + 1] != 0.0;
         out->muon.st[k] = fo_narrow<T>(fo_step_values<muon>(*h, *state, plan->groups[2 * k]));
         out->adamw.st[k] = out->muon.st[k];
-        out->muon.pro[k] = fo_prologue<T>(*h, decay);
-        out->adamw.pro[k] = muon_adamw_prologue<T>(*h, decay);
+        out->muon.pro[k] = fo_prologue<T>(*h, phase, decay);
+        out->adamw.pro[k] = muon_adamw_prologue<T>(*h, phase, decay);
     }
     return fo_step_values<muon>(*h, *state, plan->groups[0]);
 }
@@ -59,7 +62,9 @@ static int moments(T* p, const T* g, T* m, T* v, T* d, HostPlan* plan, const Hyp
                    StepState* state) {
     Hyper amp_block;
     const Hyper* h = fo_amp_hyper(plan, block, &amp_block);  // GradScaler's inputs
-    if (fo_amp_found_inf(plan)) {  // skipped: apply counts it and writes nothing
+    // Skipped (found_inf, or a LossScaleOptimizer's scale that underflowed): apply counts
+    // it and writes nothing.
+    if (fo_amp_found_inf(plan) || fo_phase(*h, *state).underflow) {
         state->skip = 1;
         return 0;
     }
@@ -107,7 +112,7 @@ static void apply(T* p, const T* d, HostPlan* plan, const Hyper* block, StepStat
             }
         });
     }
-    fo_advance(*state, values, state->skip != 0);
+    fo_advance(*state, *h, values, state->skip != 0);  // the scale too
 }
 
 }  // namespace fo_muon

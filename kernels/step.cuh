@@ -224,7 +224,8 @@ FO_HD void fo_advance(StepState& s, const StepValues& v, bool skipped, bool appl
     s.skip = 0;
 }
 
-// The same for a step with Keras' options (fused.cu, host.cpp): the product only on
+// The same for a step with Keras' options (every executor's step: fused.cu, host.cpp,
+// and the own kernels of lamb, adafactor, muon): the product only on
 // calls that apply the rule; then a LossScaleOptimizer's scale, in float32 as Keras
 // keeps it: halved by a skip, doubled after dynamic_growth_steps finite calls in a row
 // (reference.loss_scale_update).

@@ -36,7 +36,8 @@ __device__ __forceinline__ void whole_segment_sums(const double* partial,
 }
 
 // Each segment group's scalars and prologue, in shared memory, as fused_step computes
-// them; returns whether the step is skipped (skip_nonfinite's verdict).
+// them (the unscale with a LossScaleOptimizer's scale, step.cuh: fo_phase); returns
+// whether the step is skipped (skip_nonfinite's verdict, or a scale that underflowed).
 template <typename Rule, typename T>
 __device__ __forceinline__ bool whole_group_values(StepScalars<T>* st, Prologue<T>* pro,
                                                    StepValues* values, const double* groups,
@@ -46,11 +47,12 @@ __device__ __forceinline__ bool whole_group_values(StepScalars<T>* st, Prologue<
     if ((int)threadIdx.x < ngroups) {
         const int k = (int)threadIdx.x;
         const StepValues v = block_step_values<Rule>(hyper, state, groups[2 * k]);
+        const StepPhase phase = fo_phase(*hyper, *state);
         st[k] = fo_narrow<T>(v);
-        pro[k] = fo_prologue<T>(*hyper, groups[2 * k + 1] != 0.0);
+        pro[k] = fo_prologue<T>(*hyper, phase, groups[2 * k + 1] != 0.0);
         if (k == 0) {
             *values = v;
-            skip = state->skip != 0;
+            skip = state->skip != 0 || phase.underflow;
         }
     }
     __syncthreads();

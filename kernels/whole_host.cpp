@@ -73,28 +73,31 @@ static void segment_sums(const HostPlan& pl, const double* sums, long long s, do
 
 // A whole-variable rule's host step around `run(h, groups, values, any_nonfinite)`,
 // which runs the rule's phases on the threads: GradScaler's inputs (a found_inf skips
-// the step, counted), each segment group's scalars and prologue, the clip norm for the
-// threads; then the counters advanced once. Returns 1 if the step was applied, 0 if
-// it was skipped (then no buffer was written).
+// the step, counted, as does a LossScaleOptimizer's scale that underflowed), each
+// segment group's scalars and prologue (the unscale with that scale: fo_phase), the
+// clip norm for the threads; then the counters (and the scale) advanced once, as
+// host.cpp's host_step does. Returns 1 if the step was applied, 0 if it was skipped
+// (then no buffer was written).
 template <typename Rule, typename T, typename Run>
 static int whole_step(HostPlan* plan, const Hyper* block, StepState* state, const Run& run) {
     Hyper amp_block;
     const Hyper* h = fo_amp_hyper(plan, block, &amp_block);  // GradScaler's inputs
     const StepValues values = fo_step_values<Rule>(*h, *state, plan->groups[0]);
-    if (fo_amp_found_inf(plan)) {
-        fo_advance(*state, values, true);
+    const StepPhase phase = fo_phase(*h, *state);
+    if (fo_amp_found_inf(plan) || phase.underflow) {
+        fo_advance(*state, *h, values, true);
         return 0;
     }
     GroupValues<T> groups;
     for (long long k = 0; k < plan->ngroups; ++k) {
         groups.st[k] = fo_narrow<T>(fo_step_values<Rule>(*h, *state, plan->groups[2 * k]));
-        groups.pro[k] = fo_prologue<T>(*h, plan->groups[2 * k + 1] != 0.0);
+        groups.pro[k] = fo_prologue<T>(*h, phase, plan->groups[2 * k + 1] != 0.0);
     }
     plan->clipnorm = h->clipnorm;
     std::atomic<int> any_nonfinite(0);
     run(h, groups, values, &any_nonfinite);
     const bool skipped = any_nonfinite.load() != 0;
-    fo_advance(*state, values, skipped);
+    fo_advance(*state, *h, values, skipped);
     return skipped ? 0 : 1;
 }
 

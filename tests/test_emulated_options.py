@@ -192,6 +192,81 @@ def test_loss_scale_on_the_device_matches_numpy(libraries, dtype):
     assert gpu.skipped_steps == len(POISONED)
 
 
+# The rules with kernels of their own (lamb.cu, adafactor.cu, muon.cu): matrices (Muon's
+# Newton-Schulz, Adafactor's factored moments), a 3-D variable, a vector and a scalar.
+OWN_LAYOUT = [(30, 20), (7,), (3, 4, 5), (), (12, 9)]
+OWN_RULES = [("Lamb", {"clipnorm": 0.5, "weight_decay": 0.1}),
+             ("Adafactor", {"clipnorm": 1.0}),
+             ("Muon", {"global_clipnorm": 1.0, "weight_decay": 0.1})]
+
+
+def own_scaled_grads(steps, seed=11):
+    out = random_grads(OWN_LAYOUT, np.float64, seed, steps, scale=32.0)
+    for k in POISONED:
+        out[k][0] = out[k][0].copy()
+        out[k][0].flat[k] = np.nan if k % 2 else np.inf
+    return [fusedopt.FlatBuffer.from_arrays(g).data for g in out]
+
+
+def own_lso_run(cls_name, kwargs, executor, libraries=None):
+    """(optimizer, params, per-call records) of a LossScaleOptimizer around a rule with
+    kernels of its own, on `executor` ("numpy", "host" or "emulated")."""
+    opt = fusedopt.LossScaleOptimizer(
+        getattr(fusedopt, cls_name)(executor="host" if executor == "host" else "numpy",
+                                    **kwargs),
+        initial_scale=32.0, dynamic_growth_steps=2)
+    params = fusedopt.FlatBuffer.from_arrays(random_params(OWN_LAYOUT, np.float64, seed=12))
+    if executor == "emulated":
+        emulate(opt.inner_optimizer, params, libraries, sm_count=1, blocks_per_sm=2)
+    records = []
+    for g in own_scaled_grads(18):
+        opt.apply(g.copy(), params)
+        records.append((state_of(opt, params), opt.dynamic_scale, opt.step_counter,
+                        opt.iterations, opt.skipped_steps))
+    return opt, params, records
+
+
+def assert_own_lso_runs_agree(runs, reference):
+    for k, (got, want) in enumerate(zip(runs, reference)):
+        assert got[1:] == want[1:], f"call {k}: (scale, counter, iterations, skipped)"
+        for j, (x, y) in enumerate(zip(got[0], want[0])):
+            scale = float(np.max(np.abs(y), initial=0.0))
+            np.testing.assert_allclose(x, y, rtol=1e-10, atol=1e-10 * scale,
+                                       err_msg=f"call {k}, buffer {j}")
+    scales = [r[1] for r in reference]
+    assert max(scales) > 32.0 and any(b < a for a, b in zip(scales, scales[1:]))
+    assert reference[-1][4] == len(POISONED)
+
+
+@pytest.mark.parametrize("cls_name, kwargs", OWN_RULES, ids=[c for c, _ in OWN_RULES])
+def test_loss_scale_around_own_kernel_rules_matches_numpy(libraries, cls_name, kwargs):
+    """Lamb, Adafactor and Muon's own kernels unscale by the device's dynamic scale and
+    grow or halve it (take_ticket with the Hyper block), every call as NumPy does."""
+    gpu, _, runs = own_lso_run(cls_name, kwargs, "emulated", libraries)
+    assert gpu.inner_optimizer.executor_name == "cuda"
+    _, _, reference = own_lso_run(cls_name, kwargs, "numpy")
+    assert_own_lso_runs_agree(runs, reference)
+
+
+@pytest.mark.parametrize("cls_name", [c for c, _ in OWN_RULES])
+def test_an_underflowed_scale_skips_own_kernel_rules(libraries, cls_name):
+    """A scale of 0 skips the step in every one of the rule's launches (whole.cuh,
+    adafactor_common, muon_group_values), counted by the last."""
+    opt = fusedopt.LossScaleOptimizer(getattr(fusedopt, cls_name)(executor="numpy"),
+                                      initial_scale=float(np.float32(1e-45)),
+                                      dynamic_growth_steps=5)
+    params = fusedopt.FlatBuffer.from_arrays(random_params(OWN_LAYOUT, np.float64, seed=3))
+    emulate(opt.inner_optimizer, params, libraries, sm_count=1, blocks_per_sm=2)
+    size = params.size
+    opt.apply(np.full(size, np.nan), params)
+    assert opt.dynamic_scale == 0.0 and opt.skipped_steps == 1
+    before = state_of(opt, params)
+    opt.apply(np.full(size, 1e-3), params)
+    for a, b in zip(state_of(opt, params), before):
+        np.testing.assert_array_equal(a, b)
+    assert (opt.iterations, opt.skipped_steps, opt.dynamic_scale) == (0, 2, 0.0)
+
+
 def test_captured_loss_scale_steps_replay_like_eager_ones(libraries):
     eager, graphed = make_lso(), make_lso()
     eager_params = fusedopt.FlatBuffer.from_arrays(random_params(LAYOUT, np.float64, seed=6))

@@ -836,6 +836,54 @@ def test_gpu_options_and_loss_scale_match_numpy_with_poisoned_steps():
     np.testing.assert_array_equal(cp.asnumpy(gpu_params.data), trained)
 
 
+@pytest.mark.parametrize("cls_name, kwargs", [
+    ("Lamb", {"clipnorm": 0.5, "weight_decay": 0.1}),
+    ("Adafactor", {"clipnorm": 1.0}),
+    ("Muon", {"global_clipnorm": 1.0, "weight_decay": 0.1}),
+], ids=["lamb", "adafactor", "muon"])
+def test_gpu_loss_scale_around_own_kernel_rules_matches_numpy(cls_name, kwargs):
+    """A LossScaleOptimizer around Lamb, Adafactor and Muon: their own kernels unscale by
+    the device's dynamic scale and grow or halve it (poisoned steps), in float64 within
+    1e-10 of the NumPy executor after every call."""
+    import cupy as cp
+
+    shapes = [(300, 200), (5,), (3, 40, 50), (), (1000, 130)]
+    size = sum(int(np.prod(s)) for s in shapes)
+    rng = np.random.default_rng(9)
+    init = rng.normal(size=size)
+    steps = [rng.normal(size=size) * 64 for _ in range(16)]
+    for k in (3, 9, 10):
+        steps[k][k * 7] = np.nan if k % 2 else np.inf
+
+    def make(executor="auto"):
+        return fusedopt.LossScaleOptimizer(
+            getattr(fusedopt, cls_name)(executor=executor, **kwargs),
+            initial_scale=64.0, dynamic_growth_steps=2)
+
+    cpu, gpu = make("numpy"), make()
+    cpu_params = fusedopt.FlatBuffer(init.copy(), shapes)
+    gpu_params = fusedopt.FlatBuffer(cp.asarray(init), shapes)
+    scales = []
+    for k, g in enumerate(steps):
+        cpu.apply(g, cpu_params)
+        gpu.apply(cp.asarray(g), gpu_params)
+        assert gpu.executor_name == "cuda"
+        assert (gpu.dynamic_scale, gpu.step_counter, gpu.iterations, gpu.skipped_steps) == \
+            (cpu.dynamic_scale, cpu.step_counter, cpu.iterations, cpu.skipped_steps)
+        np.testing.assert_allclose(cp.asnumpy(gpu_params.data), cpu_params.data, rtol=1e-10,
+                                   atol=1e-10 * float(np.max(np.abs(cpu_params.data))),
+                                   err_msg=f"step {k}")
+        for name in cpu.slot_names:
+            want = np.asarray(cpu.slots()[name])
+            np.testing.assert_allclose(cp.asnumpy(cp.asarray(gpu.slots()[name])), want,
+                                       rtol=1e-10,
+                                       atol=1e-10 * float(np.max(np.abs(want), initial=0.0)),
+                                       err_msg=f"{name}, step {k}")
+        scales.append(gpu.dynamic_scale)
+    assert max(scales) > 64.0 and any(b < a for a, b in zip(scales, scales[1:]))
+    assert gpu.skipped_steps == 3
+
+
 def test_gpu_loss_scale_step_never_synchronises():
     """A LossScaleOptimizer's step, captured: the scale is read and updated on the
     device (a host read would fail the capture); replays grow it."""

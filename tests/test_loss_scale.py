@@ -261,3 +261,63 @@ def test_host_executor_steps_like_the_numpy_executor():
         assert opt.executor_name == executor
         results.append((bits(params.data), opt.dynamic_scale, opt.iterations))
     assert results[0] == results[1]
+
+
+OWN_RULES = [("Lamb", {"clipnorm": 0.5, "weight_decay": 0.1}),
+             ("Adafactor", {"clipnorm": 1.0}),
+             ("Muon", {"global_clipnorm": 1.0, "weight_decay": 0.1})]
+OWN_LAYOUT = [(6, 5), (4,), (), (2, 3, 4), (7, 3)]  # matrices for Muon and Adafactor
+
+
+@pytest.mark.parametrize("cls_name, kwargs", OWN_RULES, ids=[c for c, _ in OWN_RULES])
+def test_host_executor_runs_own_kernel_rules_like_numpy(cls_name, kwargs):
+    """Lamb, Adafactor and Muon's host kernels (whole_host.cpp, muon_host.cpp) unscale by
+    the dynamic scale and grow or halve it: params, slots, scale, counter, iterations
+    and skips after every call, against the NumPy executor; then a scale that
+    underflowed to 0 skips the step there too."""
+    from fusedopt import host
+
+    try:
+        host.library(cls_name.lower(), np.float64)
+    except host.HostBuildError as e:
+        pytest.skip(f"no host build here: {e}")
+    rng = np.random.default_rng(4)
+    grads = []
+    for step in range(16):
+        g = [rng.normal(size=s) * 16.0 for s in OWN_LAYOUT]
+        if step in (2, 7, 8, 13):
+            g[0].flat[step] = np.nan if step % 2 else np.inf
+        grads.append(FlatBuffer.from_arrays(g).data)
+    runs = {}
+    for executor in ("host", "numpy"):
+        opt = LossScaleOptimizer(getattr(fusedopt, cls_name)(executor=executor, **kwargs),
+                                 initial_scale=16.0, dynamic_growth_steps=2)
+        params = FlatBuffer.from_arrays(random_params(OWN_LAYOUT, np.float64, 5))
+        records = []
+        for g in grads:
+            opt.apply(g.copy(), params)
+            records.append(([params.data.copy()] + [np.array(s) for s in opt.slots().values()],
+                            (opt.dynamic_scale, opt.step_counter, opt.iterations,
+                             opt.skipped_steps)))
+        assert opt.executor_name == executor
+        runs[executor] = records
+    for k, ((got, got_counts), (want, want_counts)) in enumerate(zip(runs["host"],
+                                                                      runs["numpy"])):
+        assert got_counts == want_counts, f"call {k}"
+        for j, (x, y) in enumerate(zip(got, want)):
+            np.testing.assert_allclose(x, y, rtol=1e-10,
+                                       atol=1e-10 * float(np.max(np.abs(y), initial=0.0)),
+                                       err_msg=f"call {k}, buffer {j}")
+    scales = [counts[0] for _, counts in runs["numpy"]]
+    assert max(scales) > 16.0 and any(b < a for a, b in zip(scales, scales[1:]))
+    assert runs["numpy"][-1][1][3] == 4
+
+    opt = LossScaleOptimizer(getattr(fusedopt, cls_name)(executor="host", **kwargs),
+                             initial_scale=float(np.float32(1e-45)), dynamic_growth_steps=5)
+    params = FlatBuffer.from_arrays(random_params(OWN_LAYOUT, np.float64, 6))
+    opt.apply(np.full(params.size, np.nan), params)
+    assert opt.dynamic_scale == 0.0 and opt.skipped_steps == 1
+    before = [bits(params.data)] + [bits(s) for s in opt.slots().values()]
+    opt.apply(np.full(params.size, 1e-3), params)
+    assert [bits(params.data)] + [bits(s) for s in opt.slots().values()] == before
+    assert (opt.iterations, opt.skipped_steps, opt.dynamic_scale) == (0, 2, 0.0)
