@@ -561,6 +561,42 @@ static bool fo_amp_found_inf(const HostPlan* plan) {
     return plan->found_inf && *plan->found_inf != 0.0f;
 }
 
+// The start of every host step (host_step; whole_host.cpp's whole_step for the rules
+// with kernels of their own): the block with GradScaler's inputs, group 0's values (they
+// advance the state: the running product never depends on lr), the phase (Keras'
+// options, a LossScaleOptimizer's unscale), each segment group's scalars and prologue.
+// Not copyable: `h` may point at its own `amp_block`.
+template <typename T>
+struct StepStart {
+    Hyper amp_block;
+    const Hyper* h;
+    StepValues values;
+    StepPhase phase;
+    GroupValues<T> groups;
+    StepStart() = default;
+    StepStart(const StepStart&) = delete;
+};
+
+// Fills `start`; false when the step is skipped before any buffer is read (found_inf,
+// or a LossScaleOptimizer's scale that underflowed): then it is already counted.
+template <typename Rule, typename T>
+static bool start_step(HostPlan* plan, const Hyper* block, StepState* state,
+                       StepStart<T>* start) {
+    start->h = fo_amp_hyper(plan, block, &start->amp_block);
+    const Hyper& h = *start->h;
+    start->values = fo_step_values<Rule>(h, *state, plan->groups[0]);
+    start->phase = fo_phase(h, *state);
+    if (fo_amp_found_inf(plan) || start->phase.underflow) {
+        fo_advance(*state, h, start->values, true);
+        return false;
+    }
+    for (long long k = 0; k < plan->ngroups; ++k) {
+        start->groups.st[k] = fo_narrow<T>(fo_step_values<Rule>(h, *state, plan->groups[2 * k]));
+        start->groups.pro[k] = fo_prologue<T>(h, start->phase, plan->groups[2 * k + 1] != 0.0);
+    }
+    return true;
+}
+
 // One optimizer step: its values from the hyperparameters and the counters (the
 // functions the GPU runs), the update, then the counters advanced (fo_advance), as the
 // GPU does on the device. Returns 1 if the step was applied, 0 if it was skipped
@@ -572,20 +608,12 @@ static int host_step(P* p, const G* g, S* s0, S* s1, S* s2, float* master, S* av
     if constexpr (!(sizeof(P) == sizeof(T) && sizeof(G) == sizeof(T) && sizeof(S) == sizeof(T))) {
         if (average || accumulator) return -1;
     }
-    Hyper amp_block;
-    const Hyper* h = fo_amp_hyper(plan, block, &amp_block);
-    // Group 0's values also advance the state (the running product never depends on lr).
-    const StepValues values = fo_step_values<Rule>(*h, *state, plan->groups[0]);
-    const StepPhase phase = fo_phase(*h, *state);
-    if (fo_amp_found_inf(plan) || phase.underflow) {
-        fo_advance(*state, *h, values, true);
-        return 0;
-    }
-    GroupValues<T> groups;
-    for (long long k = 0; k < plan->ngroups; ++k) {
-        groups.st[k] = fo_narrow<T>(fo_step_values<Rule>(*h, *state, plan->groups[2 * k]));
-        groups.pro[k] = fo_prologue<T>(*h, phase, plan->groups[2 * k + 1] != 0.0);
-    }
+    StepStart<T> start;
+    if (!start_step<Rule>(plan, block, state, &start)) return 0;
+    const Hyper* h = start.h;
+    const StepValues& values = start.values;
+    const StepPhase& phase = start.phase;
+    const GroupValues<T>& groups = start.groups;
     const StepOptions<T, S> options = {average, accumulator, fo_options<T>(phase)};
     const NormInput<T, G> norm = {
         g, phase.apply ? (const T*)(const void*)accumulator : nullptr, options.o.unscale,

@@ -80,19 +80,11 @@ static void segment_sums(const HostPlan& pl, const double* sums, long long s, do
 // (then no buffer was written).
 template <typename Rule, typename T, typename Run>
 static int whole_step(HostPlan* plan, const Hyper* block, StepState* state, const Run& run) {
-    Hyper amp_block;
-    const Hyper* h = fo_amp_hyper(plan, block, &amp_block);  // GradScaler's inputs
-    const StepValues values = fo_step_values<Rule>(*h, *state, plan->groups[0]);
-    const StepPhase phase = fo_phase(*h, *state);
-    if (fo_amp_found_inf(plan) || phase.underflow) {
-        fo_advance(*state, *h, values, true);
-        return 0;
-    }
-    GroupValues<T> groups;
-    for (long long k = 0; k < plan->ngroups; ++k) {
-        groups.st[k] = fo_narrow<T>(fo_step_values<Rule>(*h, *state, plan->groups[2 * k]));
-        groups.pro[k] = fo_prologue<T>(*h, phase, plan->groups[2 * k + 1] != 0.0);
-    }
+    StepStart<T> start;
+    if (!start_step<Rule>(plan, block, state, &start)) return 0;  // host.cpp
+    const Hyper* h = start.h;
+    const StepValues& values = start.values;
+    const GroupValues<T>& groups = start.groups;
     plan->clipnorm = h->clipnorm;
     std::atomic<int> any_nonfinite(0);
     run(h, groups, values, &any_nonfinite);
