@@ -47,6 +47,13 @@ def run_pair(cls_name, kwargs, dtype, libraries, grads_list, layout=LAYOUT, misa
     ref = getattr(fusedopt, cls_name)(**kwargs)
     gpu = getattr(fusedopt, cls_name)(**kwargs)
     backend = emulated(gpu, gpu_params, libraries)
+    step_pair(ref, gpu, ref_params, gpu_params, grads_list, dtype)
+    return ref, gpu, backend, gpu_params
+
+
+def step_pair(ref, gpu, ref_params, gpu_params, grads_list, dtype):
+    """Each step's grads through both optimizers; params, every slot and the counts
+    compared after each step."""
     for step, grads in enumerate(grads_list):
         g = fusedopt.FlatBuffer.from_arrays(grads).data
         ref.apply(g, ref_params)
@@ -55,7 +62,6 @@ def run_pair(cls_name, kwargs, dtype, libraries, grads_list, layout=LAYOUT, misa
         for name in ref.slot_names:
             assert_close(gpu.slots()[name], ref.slots()[name], dtype, f"{name}, step {step}")
         assert gpu.iterations == ref.iterations
-    return ref, gpu, backend, gpu_params
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
@@ -264,13 +270,7 @@ def test_muon_matrices_match_numpy(libraries, kwargs, dtype):
     emulated(gpu, gpu_params, libraries, sm_count=1, blocks_per_sm=2)
     adamw = [gpu.uses_adamw(i, s) for i, s in enumerate(MUON_LAYOUT)]
     assert adamw[3] and not adamw[0] and not adamw[2] and adamw[5] == ("exclude_layers" in kwargs)
-    for step, g in enumerate(grads):
-        g = fusedopt.FlatBuffer.from_arrays(g).data
-        ref.apply(g, ref_params)
-        gpu.apply(g.copy(), gpu_params)
-        assert_close(gpu_params.data, ref_params.data, dtype, f"params, step {step}")
-        for name in ref.slot_names:
-            assert_close(gpu.slots()[name], ref.slots()[name], dtype, f"{name}, step {step}")
+    step_pair(ref, gpu, ref_params, gpu_params, grads, dtype)
     assert (gpu.iterations, gpu.skipped_steps) == (ref.iterations, ref.skipped_steps)
 
 
