@@ -412,6 +412,9 @@ class _ParameterState(Mapping):
         return repr({k: self[k] for k in self})
 
 
+_EMA_KEYS = ("use_ema", "ema_momentum", "ema_overwrite_frequency")
+
+
 class FusedOptimizer(torch.optim.Optimizer):
     """A torch.optim.Optimizer running fusedopt's rule `optimizer` (Keras 3 semantics).
 
@@ -450,6 +453,13 @@ class FusedOptimizer(torch.optim.Optimizer):
           skipped step counts in the fusedopt optimizer's skipped_steps, and
           state[p]["step"] does not advance, as in torch. After scaler.unscale_(opt)
           only the inf flag is passed.
+
+    Keras' EMA: with use_ema=True (ema_momentum, ema_overwrite_frequency: for the whole
+    optimizer, not per group) each parameter's moving average is `state[p]["average"]`;
+    swap_ema_weights() / `with opt.ema_weights():` put the averages in the model (for
+    evaluation) and back, finalize_variable_values() keeps them, in place on the
+    parameters' device. gradient_accumulation_steps is refused: torch accumulates
+    gradients across backward() calls itself.
     """
 
     _state_names = {}  # fusedopt slot name -> the name in `state` (torch's, for Adam)
@@ -468,8 +478,14 @@ class FusedOptimizer(torch.optim.Optimizer):
         for key, why in (("learning_rate", "pass lr= (torch's name, kept in param_groups)"),
                          ("decay", "use a torch.optim.lr_scheduler"),
                          ("skip_nonfinite", "use torch.amp.GradScaler, which skips steps "
-                                            "with inf/NaN gradients")):
-            if key in hyperparameters:
+                                            "with inf/NaN gradients"),
+                         ("gradient_accumulation_steps",
+                          "torch accumulates gradients itself: run backward() on N "
+                          "micro-batches (each loss divided by N for their mean) and "
+                          "step() once")):
+            # (gradient accumulation's off value, None, as Keras' configs hold it, passes)
+            if key in hyperparameters and not (key == "gradient_accumulation_steps"
+                                               and hyperparameters[key] is None):
                 raise ValueError(f"`{key}` is not an argument of fusedopt.torch.FusedOptimizer: "
                                  f"{why}")
         if lr is not None:
@@ -478,6 +494,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         config = template.get_config()
         self._rule_name = optimizer.lower()
         self._keras_keys = [k for k in config if k not in self._not_group_keys]
+        # Keras' EMA options act on the whole optimizer, not per group: every flat
+        # buffer's fusedopt optimizer takes them (swap_ema_weights).
+        self._ema_options = {k: config[k] for k in _EMA_KEYS}
         defaults = {"lr": config["learning_rate"], **{k: config[k] for k in self._keras_keys}}
         self._setup(params, defaults)
 
@@ -487,6 +506,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         TypeError/ValueError naming the group's key for a bad value."""
         arguments = {"learning_rate": _learning_rate(group["lr"], f"{where}['lr']")}
         arguments.update({k: group[k] for k in self._keras_keys})
+        arguments.update(self._ema_options)
         return self._rule_name, arguments
 
     def _state_name(self, slot):
@@ -637,6 +657,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._ema_swapped():
+            raise ValueError("the parameters hold the EMA weights (swap_ema_weights); swap "
+                             "them back before the next step")
         plans = [self._plan(bucket) for bucket in self._buckets]
         grad_scale, found_inf = self._grad_scaler_request()
         for bucket, (strays, change) in zip(self._buckets, plans):
@@ -698,6 +721,67 @@ class FusedOptimizer(torch.optim.Optimizer):
                             grad_scale=_step_input(grad_scale, flat.device, "grad_scale"),
                             found_inf=_step_input(found_inf, flat.device, "found_inf"))
         _bump_versions(flat.params)
+
+    # --------------------------------------------------------------------- EMA
+    # Keras' use_ema for torch models: every parameter's moving average is a state slot
+    # ("average") of its flat buffer; these swap it into the parameters and back in
+    # place, one exchange per flat buffer on torch's current stream (no host copy).
+    def swap_ema_weights(self):
+        """Exchange every parameter with its moving average (use_ema=True): the model
+        then holds the EMA weights, e.g. for evaluation. Call it again to swap back;
+        step() is refused meanwhile. Refused before the first step (no average yet)."""
+        self._check_ema("swap_ema_weights")
+        for bucket in self._buckets:
+            with _torch_stream(bucket.flat.device):
+                bucket.optimizer.swap_ema_weights(bucket.flat.flat_params)
+            _bump_versions(bucket.flat.params)
+
+    def ema_weights(self):
+        """A context manager: the parameters hold their moving averages inside the
+        block (`with opt.ema_weights(): evaluate(model)`), their own values after it."""
+
+        @contextlib.contextmanager
+        def swapped():
+            self.swap_ema_weights()
+            try:
+                yield self
+            finally:
+                self.swap_ema_weights()
+
+        return swapped()
+
+    def finalize_variable_values(self):
+        """Keras' end of training: copy every moving average into its parameter (the
+        averages are kept). Without use_ema nothing changes, as in Keras."""
+        if not self._uses_ema():
+            return
+        self._check_ema("finalize_variable_values")
+        if self._ema_swapped():
+            raise ValueError("the parameters hold the EMA weights already "
+                             "(swap_ema_weights)")
+        for bucket in self._buckets:
+            with _torch_stream(bucket.flat.device):
+                bucket.optimizer.finalize_variable_values(bucket.flat.flat_params)
+            _bump_versions(bucket.flat.params)
+
+    def _uses_ema(self):
+        return all(b.optimizer.use_ema for b in self._buckets)
+
+    def _ema_swapped(self):
+        return any(b.optimizer._ema_swapped for b in self._buckets)
+
+    def _check_ema(self, what):
+        """Everything a swap or finalize needs, checked on every flat buffer before
+        any changes (ValueError otherwise)."""
+        if not self._uses_ema():
+            raise ValueError(f"{what} needs an optimizer made with `use_ema=True`")
+        for bucket in self._buckets:
+            bucket.flat.check_in_place(f"{bucket.where()}['params']")
+            # Calls counted, not updates: every call (an accumulating one too) moves
+            # the average.
+            if bucket.optimizer._counters()[0] == 0 and not bucket.optimizer._ema_swapped:
+                raise ValueError(f"{what}: {bucket.where()} has no moving average yet; "
+                                 "step() first")
 
     # ------------------------------------------------------------------- state
     def state_dict(self):

@@ -898,6 +898,103 @@ def test_train_torch_starts_from_the_numpy_jobs_weights():
     np.testing.assert_allclose(ours, train.forward(flat, x)[-1], rtol=1e-5, atol=1e-6)
 
 
+# ========================================================================= EMA
+def _ema_pair(**options):
+    """A float32 and a float64 parameter (two flat buffers) under the torch optimizer,
+    and fusedopt optimizers on NumPy buffers stepping the same values."""
+    rng = np.random.default_rng(3)
+    initial = [rng.normal(size=(3, 4)).astype(np.float32), rng.normal(size=5)]
+    params = [torch.nn.Parameter(torch.from_numpy(a.copy())) for a in initial]
+    opt = ft.FusedOptimizer(params, "adam", lr=0.05, use_ema=True, **options)
+    config = {"learning_rate": 0.05, "use_ema": True, **options}
+    references = [(fusedopt.get({"class_name": "adam", "config": config}),
+                   fusedopt.FlatBuffer.from_arrays([a])) for a in initial]
+    return rng, params, opt, references
+
+
+def _ema_steps(rng, params, opt, references, steps):
+    for _ in range(steps):
+        for p, (reference, flat) in zip(params, references):
+            g = rng.normal(size=p.shape).astype(flat.dtype)
+            p.grad.copy_(torch.from_numpy(g))
+            reference.apply(g.ravel(), flat)
+        opt.step()
+
+
+@pytest.mark.parametrize("options", [{"ema_momentum": 0.9}, {"ema_overwrite_frequency": 3}],
+                         ids=["ema", "ema-overwrite3"])
+def test_ema_weights_swap_into_the_model_and_back(options):
+    rng, params, opt, references = _ema_pair(**options)
+    _ema_steps(rng, params, opt, references, 5)
+    own = [p.detach().clone() for p in params]
+    averages = [reference.slots()["average"] for reference, _ in references]
+    for p, (_, flat) in zip(params, references):  # the steps as fusedopt's, bit for bit
+        assert np.array_equal(p.detach().numpy().ravel(), flat.data)
+    assert not any(np.array_equal(a, o.numpy().ravel()) for a, o in zip(averages, own))
+    with opt.ema_weights():
+        for p, average in zip(params, averages):
+            assert np.array_equal(p.detach().numpy().ravel(), average)
+        with pytest.raises(ValueError, match="hold the EMA weights"):
+            opt.step()
+        with pytest.raises(ValueError, match="already"):
+            opt.finalize_variable_values()
+        for p, average in zip(params, averages):  # refused with nothing changed
+            assert np.array_equal(p.detach().numpy().ravel(), average)
+    for p, o in zip(params, own):
+        assert torch.equal(p.detach(), o)
+    for p, average in zip(params, averages):  # the average is its own again
+        assert np.array_equal(opt.state[p]["average"].numpy().ravel(), average)
+    _ema_steps(rng, params, opt, references, 2)  # training goes on exactly
+    for p, (_, flat) in zip(params, references):
+        assert np.array_equal(p.detach().numpy().ravel(), flat.data)
+
+
+def test_finalize_copies_the_averages_into_the_model():
+    rng, params, opt, references = _ema_pair(ema_momentum=0.8)
+    _ema_steps(rng, params, opt, references, 4)
+    opt.finalize_variable_values()
+    for p, (reference, _) in zip(params, references):
+        average = reference.slots()["average"]
+        assert np.array_equal(p.detach().numpy().ravel(), average)
+        assert np.array_equal(opt.state[p]["average"].numpy().ravel(), average)
+
+
+def test_ema_weights_are_refused_without_use_ema_or_before_a_step():
+    params = [torch.nn.Parameter(torch.ones(3))]
+    plain = ft.FusedOptimizer(params, "adam", lr=0.1)
+    with pytest.raises(ValueError, match="needs an optimizer made with `use_ema=True`"):
+        plain.swap_ema_weights()
+    plain.finalize_variable_values()  # Keras: nothing to do without use_ema
+    assert torch.equal(params[0].detach(), torch.ones(3))
+    fresh = ft.FusedOptimizer([torch.nn.Parameter(torch.ones(3))], "adam", use_ema=True)
+    with pytest.raises(ValueError, match="no moving average yet; step\\(\\) first"):
+        fresh.swap_ema_weights()
+    with pytest.raises(ValueError, match="no moving average yet"):
+        fresh.finalize_variable_values()
+
+
+def test_gradient_accumulation_is_refused_naming_torchs_own():
+    """Silently ignored before: refused now, pointing to torch's accumulation."""
+    with pytest.raises(ValueError, match="`gradient_accumulation_steps` is not an argument "
+                                         ".*run backward\\(\\) on N micro-batches"):
+        ft.FusedOptimizer([torch.nn.Parameter(torch.ones(3))], "adam",
+                          gradient_accumulation_steps=2)
+
+
+def test_ema_options_reach_every_flat_buffer_and_the_state():
+    rng, params, opt, references = _ema_pair(ema_momentum=0.7, ema_overwrite_frequency=2)
+    assert all(b.optimizer.use_ema and b.optimizer.ema_momentum == 0.7
+               and b.optimizer.ema_overwrite_frequency == 2 for b in opt._buckets)
+    _ema_steps(rng, params, opt, references, 3)
+    state = opt.state_dict()
+    resumed = ft.FusedOptimizer([torch.nn.Parameter(p.detach().clone()) for p in params],
+                                "adam", lr=0.05, use_ema=True, ema_momentum=0.7,
+                                ema_overwrite_frequency=2)
+    resumed.load_state_dict(state)
+    for p, q in zip(params, resumed.param_groups[0]["params"]):
+        assert torch.equal(resumed.state[q]["average"], opt.state[p]["average"])
+
+
 # ========================================================================= GPU
 gpu = pytest.mark.skipif(not (torch.cuda.is_available() and cuda.gpu_available()),
                          reason="needs a CUDA GPU with CuPy")
@@ -924,3 +1021,29 @@ def test_gpu_flat_buffers_alias_through_dlpack_and_match_torch():
             scaler.update()
     for p, q in zip(*(m.parameters() for m in models)):
         assert_close(p.detach(), q.detach())
+
+
+@gpu
+def test_gpu_ema_weights_swap_on_the_device_and_match_the_cpu():
+    """The same steps on a CUDA model and a CPU one: the GPU's averages, swapped into
+    the model on the device, agree with the CPU's within float32 rounding (autograd's
+    gradients differ in their last bits between the two), and swapping back restores
+    the trained weights exactly."""
+    device = torch.device("cuda:0")
+    models = [mlp(), mlp().to(device)]
+    opts = [ft.FusedOptimizer(m.parameters(), "adam", lr=0.01, use_ema=True, ema_momentum=0.9)
+            for m in models]
+    for t in range(5):
+        for model, opt in zip(models, opts):
+            opt.zero_grad()
+            x, y = (a.to(next(model.parameters()).device) for a in batch(t))
+            ((model(x) - y) ** 2).mean().backward()
+            opt.step()
+    cpu_average = [opts[0].state[p]["average"].clone() for p in models[0].parameters()]
+    trained = [p.detach().clone() for p in models[1].parameters()]
+    with opts[1].ema_weights():
+        for p, a in zip(models[1].parameters(), cpu_average):
+            assert p.device == device
+            assert_close(p.detach().cpu(), a)
+    for p, q in zip(models[1].parameters(), trained):
+        assert torch.equal(p.detach(), q)
