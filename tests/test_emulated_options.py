@@ -240,7 +240,17 @@ def assert_own_lso_runs_agree(runs, reference):
     assert reference[-1][4] == len(POISONED)
 
 
-@pytest.mark.parametrize("cls_name, kwargs", OWN_RULES, ids=[c for c, _ in OWN_RULES])
+# ...and with Keras' options inside the wrapped rule: each call's gradient unscaled by
+# the dynamic scale before it is accumulated, the average after every finite call.
+OWN_LSO_RULES = OWN_RULES + [
+    ("Adafactor", {"gradient_accumulation_steps": 2, "use_ema": True,
+                   "ema_overwrite_frequency": 2, "clipnorm": 1.0}),
+    ("Muon", {"gradient_accumulation_steps": 3, "use_ema": True, "global_clipnorm": 1.0}),
+]
+OWN_LSO_IDS = [c for c, _ in OWN_RULES] + ["Adafactor-accumulate-ema", "Muon-accumulate-ema"]
+
+
+@pytest.mark.parametrize("cls_name, kwargs", OWN_LSO_RULES, ids=OWN_LSO_IDS)
 def test_loss_scale_around_own_kernel_rules_matches_numpy(libraries, cls_name, kwargs):
     """Lamb, Adafactor and Muon's own kernels unscale by the device's dynamic scale and
     grow or halve it (take_ticket with the Hyper block), every call as NumPy does."""
