@@ -428,6 +428,9 @@ def own_options_run(cls_name, kwargs, dtype, mode, libraries):
         step() if step else opt.apply(buffer.copy(), params)
         records.append((state_of(opt, params), opt.iterations, opt.skipped_steps))
     assert opt.executor_name == {"numpy": "numpy", "host": "host"}.get(mode, "cuda")
+    if cls_name == "Muon":  # a matrix, one excluded by its name, and AdamW's variables
+        assert [opt.uses_adamw(i, s) for i, s in enumerate(OWN_LAYOUT)] == \
+            [False, True, True, True, True]
     return opt, records
 
 
