@@ -64,7 +64,7 @@ struct Options {
     // On the call that applies, the accumulator over [b, e) becomes the mean the rule
     // reads: (g*unscale + acc)/N (options.cuh).
     void mean_in_place(const T* g, long long b, long long e) const {
-        if (acc == nullptr) return;
+        if (acc == nullptr || !o.apply) return;
         for (long long i = b; i < e; ++i) {
             T q = acc[i];
             acc[i] = fo_accumulated_mean(g[i], q, o);
