@@ -537,6 +537,13 @@ def test_own_kernel_options_move_the_modelled_bytes(libraries, cls_name, overwri
         for kernel in set(backend.launches):
             want = expected.get(kernel, (0, 0))
             assert bytes_moved(backend, kernel) == (want[0] * 4, want[1] * 4), (call, kernel)
+        if call % 2:  # fusedopt/bench.py's model of an applying call, segment by segment
+            from fusedopt import bench
+
+            model = sum(bench.step_bytes(cls_name.lower(), 4, shape=s,
+                                         **{k: v for k, v in kwargs.items() if v}) *
+                        int(np.prod(s)) for s in OWN_LAYOUT)
+            assert model == sum(sum(bytes_moved(backend, k)) for k in set(backend.launches))
     assert all(s == sequences[0] for s in sequences)
     assert opt.iterations == 2
 
