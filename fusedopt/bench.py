@@ -306,6 +306,16 @@ SHAPED_WORDS = {
 }
 
 
+def _shaped_option_words(opt):
+    """Words per element Keras' options add to an applying call of a rule of
+    SHAPED_WORDS (kernels/whole.cuh): EMA's average read and written; the accumulator
+    read and restarted, Adafactor's written once more (the mean its later passes read)."""
+    words = 2 if opt.use_ema else 0
+    if opt.gradient_accumulation_steps:
+        words += 3 if opt.rule == "adafactor" else 2
+    return words
+
+
 def step_bytes(name, itemsize, clip=False, shape=None, **extra):
     """Bytes a fused step must move per element (of a segment of `shape`, for the rules
     of SHAPED_WORDS; None: a 1-D one): read p and g, write p, read and write every
@@ -315,7 +325,8 @@ def step_bytes(name, itemsize, clip=False, shape=None, **extra):
     opt = make_optimizer(name, **extra)
     clip_words = 1 if clip else 0
     if opt.rule in SHAPED_WORDS:
-        return itemsize * (SHAPED_WORDS[opt.rule](shape or (0,)) + clip_words)
+        words = SHAPED_WORDS[opt.rule](shape or (0,)) + _shaped_option_words(opt)
+        return itemsize * (words + clip_words)
     again = SECOND_PASS_WORDS.get(opt.rule, 0)
     return itemsize * (3 + 2 * len(opt.slot_names) + again + clip_words)
 

@@ -408,38 +408,52 @@ class StepPlan:
         else:
             self.segment_values[...] = self.backend.xp.asarray(values)
 
-    def _enqueue_muon(self, grads, params_data, slots, nfactors):
+    def _enqueue_muon(self, grads, params_data, slots, nfactors, options):
         """Muon's step: the element-wise pass, Newton-Schulz on each Muon segment by
         CuPy's matrix products on the same stream, then the apply, which advances the
         step state. The matrix products allocate temporaries from CuPy's pool, which a
-        captured graph must not hold on to: capturing is refused."""
+        captured graph must not hold on to: capturing is refused.
+
+        `options`: use_ema's average and the gradient accumulator (or None). The
+        kernels decide on the device whether a call only accumulates; the matrix
+        products are left out of such a call when the host knows it too (its count of
+        calls is exact: no skip_nonfinite, no found_inf). Otherwise they run on the
+        scratch d, which the apply then does not read."""
         if self._capturing or self.backend.is_capturing(self.backend.current_stream()):
             raise RuntimeError("Muon's step runs matrix products with temporary buffers: it "
                                "cannot be captured as a CUDA graph")
         k, groups = self._k, (self.groups, np.int32(self.groups.size // 2))
         tiles = (self.tile_start, self.tile_segment, self.tile_group, np.int64(self.tiles.count))
         self._enqueue("muon", "fusedopt_muon_moments", self.update_grid, k.BLOCK, (
-            params_data, grads, slots[0], slots[1], self.muon_scratch, *tiles, self.factors,
-            nfactors, self.segment_values, *groups, self.hyper, self.state))
-        self.optimizer._orthogonalise(self.muon_scratch, self.muon_matrices)
+            params_data, grads, slots[0], slots[1], self.muon_scratch, *options, *tiles,
+            self.factors, nfactors, self.segment_values, *groups, self.hyper, self.state))
+        if self._device_skips or self._applies(self._host_counts[0]):
+            self.optimizer._orthogonalise(self.muon_scratch, self.muon_matrices)
         self._enqueue("muon", "fusedopt_muon_apply", self.apply_grid, k.BLOCK, (
-            params_data, self.muon_scratch, *tiles, self.segment_values, *groups, self.hyper,
-            self.state))
+            params_data, self.muon_scratch, options[0], *tiles, self.segment_values, *groups,
+            self.hyper, self.state))
 
-    def _enqueue_lamb(self, grads, params_data, slots, nfactors):
+    def _applies(self, calls):
+        """Whether the call after `calls` applied ones runs the rule (step.cuh,
+        fo_applies): every call, or every N-th under gradient accumulation."""
+        n = self.optimizer.gradient_accumulation_steps or 1
+        return (calls + 1) % n == 0
+
+    def _enqueue_lamb(self, grads, params_data, slots, nfactors, options):
         """LAMB's update: two passes with the per-segment trust ratios between them;
-        only the last launch advances the step state."""
+        only the last launch advances the step state. `options`: use_ema's average and
+        the gradient accumulator (or None)."""
         k, groups = self._k, (self.groups, np.int32(self.groups.size // 2))
         tiles = (self.tile_start, self.tile_segment, self.tile_group, np.int64(self.tiles.count))
         self._enqueue("lamb", "fusedopt_lamb_moments", self.update_grid, k.BLOCK, (
-            params_data, grads, slots[0], slots[1], *tiles, self.factors, nfactors, *groups,
-            self.hyper, self.state, self.lamb_partial))
+            params_data, grads, slots[0], slots[1], *options, *tiles, self.factors, nfactors,
+            *groups, self.hyper, self.state, self.lamb_partial))
         self._enqueue("lamb", "fusedopt_lamb_ratios", self.ratios_grid, k.BLOCK, (
             self.lamb_partial, self.lamb_segment_tiles,
             np.int64(len(self.lamb_segment_tiles) - 1), self.lamb_ratios))
         self._enqueue("lamb", "fusedopt_lamb_apply", self.apply_grid, k.BLOCK, (
-            params_data, slots[0], slots[1], *tiles, self.lamb_ratios, *groups, self.hyper,
-            self.state))
+            params_data, slots[0], slots[1], options[0], *tiles, self.lamb_ratios, *groups,
+            self.hyper, self.state))
 
     def _build_adafactor_tables(self, tiles):
         """Adafactor's segment table and scratch (kernels/adafactor.cu): two sums per
@@ -460,17 +474,18 @@ class StepPlan:
             self.adafactor_grids[name] = max(1, min(count, self.backend.sm_count * blocks))
         self.update_grid = self.adafactor_grids["pass"]
 
-    def _enqueue_adafactor(self, grads, params_data, slots, nfactors):
+    def _enqueue_adafactor(self, grads, params_data, slots, nfactors, options):
         """Adafactor's step (kernels/adafactor.cu): the element passes MOMENTS, RMS and
         APPLY (0, 1, 2) of fusedopt_adafactor_pass with the row, column and segment
-        sums between them; only APPLY advances the step state. Slots: r, c, v."""
+        sums between them; only APPLY advances the step state. Slots: r, c, v.
+        `options`: use_ema's average and the gradient accumulator (or None)."""
         k, grid = self._k, self.adafactor_grids
         r, c, v = slots[:3]
         table = (self.adafactor_table, np.int64(len(self.offsets) - 1))
 
         def element_pass(phase):
             self._enqueue("adafactor", "fusedopt_adafactor_pass", grid["pass"], k.BLOCK, (
-                np.int32(phase), params_data, grads, v, r, c, self.adafactor_means,
+                np.int32(phase), params_data, grads, v, r, c, self.adafactor_means, *options,
                 self.tile_start, self.tile_segment, self.tile_group, np.int64(self.tiles.count),
                 self.factors, nfactors, self.adafactor_scales, self.adafactor_table,
                 self.groups, np.int32(self.groups.size // 2), self.hyper, self.state,
@@ -612,13 +627,16 @@ class StepPlan:
                 self.tile_nonfinite, np.int64(self.tiles.count), self.state))
         s = list(slots) + [None] * (3 - len(slots))
         nfactors = np.int32(1 if mode == "global" else self.nsegments)
-        if opt.rule == "lamb":  # uniform float32/float64 storage only (fusedopt.precision)
-            return self._enqueue_lamb(grads, params_data, s, nfactors)
-        if opt.rule == "muon":
-            return self._enqueue_muon(grads, params_data, s, nfactors)
-        if opt.rule == "adafactor":
-            return self._enqueue_adafactor(grads, params_data, s, nfactors)
         master, average = (opt._option_slots.get(k) for k in ("master", "average"))
+        # The rules with kernels of their own (uniform float32/float64 storage only,
+        # fusedopt.precision) take use_ema's average and the accumulator too.
+        options = (average, accumulator)
+        if opt.rule == "lamb":
+            return self._enqueue_lamb(grads, params_data, s, nfactors, options)
+        if opt.rule == "muon":
+            return self._enqueue_muon(grads, params_data, s, nfactors, options)
+        if opt.rule == "adafactor":
+            return self._enqueue_adafactor(grads, params_data, s, nfactors, options)
         self._enqueue(opt.rule, f"fusedopt_{opt.rule}", self.update_grid, self._k.BLOCK, (
             params_data, grads, s[0], s[1], s[2], master, average, accumulator,
             self.tile_start, self.tile_segment,

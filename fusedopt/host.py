@@ -236,8 +236,10 @@ def library(rule, dtype, grad=None, state=None):
     on disk). Raises HostBuildError when it cannot be built."""
     fn = _load(rule, _kernels.storage_key(dtype, grad, state)).fusedopt_host_step
     fn.restype = ctypes.c_int
-    # host.cpp's step also takes use_ema's average and the gradient accumulator.
-    fn.argtypes = [ctypes.c_void_p] * (9 if _kernels.own_kernels(rule) else 11)
+    # p, g, three slots, the master copy, use_ema's average, the gradient accumulator,
+    # the plan, the hyperparameters and the step state (the rules with kernels of their
+    # own take the same arguments).
+    fn.argtypes = [ctypes.c_void_p] * 11
     return fn
 
 
@@ -358,7 +360,7 @@ class HostPlan:
             self._muon_apply = _load(optimizer.rule, _kernels.storage_key(
                 params.dtype)).fusedopt_host_muon_apply
             self._muon_apply.restype = None
-            self._muon_apply.argtypes = [ctypes.c_void_p] * 5
+            self._muon_apply.argtypes = [ctypes.c_void_p] * 6
             self._muon_scratch = np.zeros(max(1, self.offsets[-1]), dtype=params.dtype)
         if optimizer.rule == "adafactor":  # kernels/adafactor_host.cpp reads the shapes
             self._segment_values = optimizer._kernel_segments(self.shapes, params.offsets)
@@ -444,31 +446,30 @@ class HostPlan:
         master = None if master is None else master.ctypes.data
         plan, hyper, state = (ctypes.addressof(self._plan), self.hyper.ctypes.data,
                               self.state.ctypes.data)
-        if self.optimizer.rule == "muon":  # uniform float32/float64: no master copy
-            return self._muon_step(fn, grads, params_data, s, plan, hyper, state)
-        if _kernels.own_kernels(self.optimizer.rule):
-            fn(params_data.ctypes.data, grads.ctypes.data, s[0], s[1], s[2], master, plan,
-               hyper, state)
-            return
         options = self.optimizer._option_slots
         average, accumulator = (None if options.get(k) is None else options[k].ctypes.data
                                 for k in ("average", "gradient_accumulator"))
+        if self.optimizer.rule == "muon":  # uniform float32/float64: no master copy
+            return self._muon_step(fn, grads, params_data, s, average, accumulator, plan,
+                                   hyper, state)
         if fn(params_data.ctypes.data, grads.ctypes.data, s[0], s[1], s[2], master, average,
               accumulator, plan, hyper, state) < 0:
             # fusedopt.optimizer refuses these before any buffer exists (_precision_for).
             raise RuntimeError("use_ema and gradient_accumulation_steps run on float32 or "
                                "float64 buffers only")
 
-    def _muon_step(self, fn, grads, params_data, s, plan, hyper, state):
+    def _muon_step(self, fn, grads, params_data, s, average, accumulator, plan, hyper, state):
         """Muon: the element-wise pass (AdamW segments done, d for the Muon ones),
         Newton-Schulz by NumPy's matrix products on each Muon segment of d, then the
         apply, which advances the counters (kernels/muon_host.cpp). GradScaler's inputs
-        are read by both passes (a found_inf skips the step as skip_nonfinite does)."""
+        are read by both passes (a found_inf skips the step as skip_nonfinite does). A
+        skipped call, or one of gradient accumulation that only adds (the first pass
+        says which), runs no matrix products."""
         d = self._muon_scratch
-        if fn(params_data.ctypes.data, grads.ctypes.data, s[0], s[1], d.ctypes.data, None, plan,
-              hyper, state):
+        if fn(params_data.ctypes.data, grads.ctypes.data, s[0], s[1], d.ctypes.data, None,
+              average, accumulator, plan, hyper, state):
             self.optimizer._orthogonalise(d, self._muon_matrices)
-        self._muon_apply(params_data.ctypes.data, d.ctypes.data, plan, hyper, state)
+        self._muon_apply(params_data.ctypes.data, d.ctypes.data, average, plan, hyper, state)
 
     def join_current_stream(self):
         """Nothing to join: a host step has finished when step() returns."""

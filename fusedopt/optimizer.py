@@ -543,18 +543,16 @@ class FusedOptimizer:
         what the kernels do not implement yet. Other executors refuse it. With
         `param_dtype` (and the latest step's grads dtype), also the storage a rule with
         kernels of its own (Lamb, Adafactor, Muon: uniform float32/float64 only) cannot
-        run. Keras' options use_ema and gradient accumulation are in fused.cu's pass
-        (kernels/options.cuh), not in those rules' own; a LossScaleOptimizer's dynamic
-        scale is in both (kernels/step.cuh: fo_phase, fo_advance)."""
+        run. Keras' options use_ema and gradient accumulation run on every executor for
+        every rule with a kernel: in fused.cu's pass and host.cpp, and in the own
+        kernels of Lamb, Adafactor and Muon (kernels/whole.cuh, whole_host.cpp), all
+        with kernels/options.cuh's per-element functions; a LossScaleOptimizer's
+        dynamic scale likewise (kernels/step.cuh: fo_phase, fo_advance). Those options
+        on 16-bit buffers are refused for every executor (`_precision_for`)."""
         if self.rule not in _kernels.rule_names():
             return f"the {type(self).__name__} rule has no kernel yet"
-        if _kernels.own_kernels(self.rule):
-            for option, on in (("use_ema", self.use_ema),
-                               ("gradient_accumulation_steps", self.gradient_accumulation_steps)):
-                if on:
-                    return option
-            if param_dtype is not None:
-                return self._own_kernel_storage(param_dtype, self._grads_dtype)
+        if _kernels.own_kernels(self.rule) and param_dtype is not None:
+            return self._own_kernel_storage(param_dtype, self._grads_dtype)
         return ""
 
     def _own_kernel_storage(self, param_dtype, grad_dtype):

@@ -22,6 +22,12 @@
 // fp32 bytes per element: factored segments 12 (read p, g; write G) + 4 (rows) + 4
 // (columns) + 8 (read p, g) + 16 (read p, g; write p, v) = 44; unfactored 16 + 16 = 32;
 // the r and c statistics are a row's or a column's worth of the params.
+// Keras' options (whole.cuh; `average`, `accumulator` null without): a call that only
+// accumulates is the MOMENTS launch adding g into the accumulator (12 bytes; with
+// use_ema 8 more, and p written on an overwrite), the other five return at once; the
+// call that applies has MOMENTS read the accumulator beside g and store the mean there
+// (+8 bytes), which RMS and APPLY read in place of g, APPLY restarting it (+4); with
+// use_ema APPLY moves the average (+8).
 #pragma once
 #include "whole.cuh"
 
@@ -29,24 +35,27 @@
 
 #define FO_ADAFACTOR_ROW(table, s) ((table) + (s) * FO_ADAFACTOR_FIELDS)
 
-// The prepared gradient and decayed parameter of element i (the same bits in every pass).
+// The prepared gradient (from element i's raw gradient `graw`) and decayed parameter of
+// element i (the same bits in every pass).
 template <typename T>
-__device__ __forceinline__ void adafactor_element(const T* p, const T* g, long long i, T factor,
+__device__ __forceinline__ void adafactor_element(const T* p, T graw, long long i, T factor,
                                                   const Prologue<T>& pro,
                                                   const StepScalars<T>& st, T* pi, T* gi) {
     *pi = fo_load(p + i);
-    *gi = fo_prepare_gradient(fo_load(g + i), *pi, factor, pro);
+    *gi = fo_prepare_gradient(graw, *pi, factor, pro);
     fo_decay(*pi, pro, st.lr);
 }
 
-// The scalars that do not depend on a segment group (beta), and the skip verdict
-// (skip_nonfinite's, or a LossScaleOptimizer's scale that underflowed: fo_phase).
+// The scalars that do not depend on a segment group (beta), and whether the statistics
+// stay as they are: a skipped step (skip_nonfinite's verdict, or a LossScaleOptimizer's
+// scale that underflowed: fo_phase) or a call of gradient accumulation that only adds.
 __device__ __forceinline__ bool adafactor_common(StepScalars<FUSEDOPT_T>* st, const Hyper* hyper,
                                                  const StepState* state) {
     __shared__ int skip;
     if (threadIdx.x == 0) {
         *st = fo_narrow<FUSEDOPT_T>(block_step_values<adafactor>(hyper, state, 1.0));
-        skip = state->skip != 0 || fo_phase(*hyper, *state).underflow;
+        const StepPhase phase = fo_phase(*hyper, *state);
+        skip = state->skip != 0 || phase.underflow || !phase.apply;
     }
     __syncthreads();
     return skip != 0;
@@ -112,7 +121,8 @@ extern "C" __global__ void __launch_bounds__(FO_BLOCK) fusedopt_adafactor_scales
         long long nsegments, const double* __restrict__ table, const Hyper* __restrict__ hyper,
         const StepState* __restrict__ state, FUSEDOPT_T* __restrict__ scales) {
     __shared__ double sums_p[FO_BLOCK], sums_u[FO_BLOCK];
-    if (state->skip || fo_phase(*hyper, *state).underflow) return;
+    const StepPhase phase = fo_phase(*hyper, *state);
+    if (state->skip || phase.underflow || !phase.apply) return;
     for (long long s = blockIdx.x; s < nsegments; s += gridDim.x) {
         whole_segment_sums(partial, segment_tiles, s, sums_p, sums_u);
         const long long n = (long long)(FO_ADAFACTOR_ROW(table, s + 1)[0] -
@@ -131,6 +141,7 @@ extern "C" __global__ void __launch_bounds__(FO_BLOCK) fusedopt_adafactor_pass(
         int phase, FUSEDOPT_T* __restrict__ p, const FUSEDOPT_T* __restrict__ g,
         FUSEDOPT_T* __restrict__ v, const FUSEDOPT_T* __restrict__ r,
         const FUSEDOPT_T* __restrict__ c, const FUSEDOPT_T* __restrict__ row_means,
+        FUSEDOPT_T* __restrict__ average, FUSEDOPT_T* __restrict__ accumulator,
         const long long* __restrict__ tile_start, const int* __restrict__ tile_segment,
         const int* __restrict__ tile_group, long long ntiles,
         const FUSEDOPT_T* __restrict__ factors, int nfactors, const FUSEDOPT_T* __restrict__ scales,
@@ -140,12 +151,23 @@ extern "C" __global__ void __launch_bounds__(FO_BLOCK) fusedopt_adafactor_pass(
     __shared__ StepScalars<T> shared_st[FO_MAX_GROUPS];
     __shared__ Prologue<T> shared_pro[FO_MAX_GROUPS];
     __shared__ StepValues shared_values;
+    __shared__ OptionScalars<T> shared_options;
     __shared__ double sums_p[FO_BLOCK], sums_u[FO_BLOCK];
     const bool skip = whole_group_values<adafactor, T>(shared_st, shared_pro, &shared_values,
-                                                       groups, ngroups, hyper, state);
+                                                       &shared_options, groups, ngroups, hyper,
+                                                       state);
     if (phase == FO_ADAFACTOR_APPLY && threadIdx.x == 0)
         take_ticket(state, shared_values, skip, hyper);
     if (skip) return;  // a skipped step writes nothing
+    const OptionScalars<T> options = shared_options;
+    if (accumulator && !options.apply) {  // gradient accumulation: this call only adds
+        if (phase == FO_ADAFACTOR_MOMENTS)
+            whole_accumulate(p, g, average, accumulator, tile_start, ntiles, options);
+        return;
+    }
+    // On the call that applies, MOMENTS leaves the accumulated mean in the accumulator;
+    // RMS and APPLY read it there.
+    const T* grad = accumulator ? accumulator : g;
     for (long long k = blockIdx.x; k < ntiles; k += gridDim.x) {
         const long long begin = tile_start[k], end = tile_start[k + 1];
         const int segment = tile_segment[k];
@@ -160,7 +182,11 @@ extern "C" __global__ void __launch_bounds__(FO_BLOCK) fusedopt_adafactor_pass(
         if (factored) walk = AdafactorWalk(row, begin + threadIdx.x, blockDim.x);
         for (long long i = begin + threadIdx.x; i < end; i += blockDim.x, walk.advance()) {
             T pi, gi, vi;
-            adafactor_element(p, g, i, factor, pro, st, &pi, &gi);
+            const T graw = phase == FO_ADAFACTOR_MOMENTS
+                               ? whole_gradient(g, accumulator, i, options, true)
+                               : fo_load(grad + i);
+            if (phase == FO_ADAFACTOR_APPLY && accumulator) fo_store(accumulator + i, T(0));
+            adafactor_element(p, graw, i, factor, pro, st, &pi, &gi);
             if (phase == FO_ADAFACTOR_MOMENTS) {
                 sp += (double)(pi * pi);
                 if (factored) {
@@ -178,6 +204,7 @@ extern "C" __global__ void __launch_bounds__(FO_BLOCK) fusedopt_adafactor_pass(
             }
             if (phase == FO_ADAFACTOR_APPLY) {
                 adafactor::apply(pi, gi, vi, scales[2 * segment], scales[2 * segment + 1], st.c);
+                whole_average(pi, average, i, options);
                 fo_store(p + i, pi);
             } else {
                 const T u = gi / fo_sqrt(vi);

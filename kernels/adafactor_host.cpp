@@ -12,6 +12,8 @@
 // then the counters advanced once. plan->segment_values is the segment table of
 // adafactor.cuh (Adafactor._kernel_segments). Deterministic whatever the thread count:
 // every sum is over a fixed range in a fixed order, threads only decide who takes it.
+// Keras' options (whole_host.cpp): the passes read the accumulated mean as their
+// gradient, apply restarts the accumulator and the moving average follows each tile.
 // Built with FUSEDOPT_T defined and adafactor.cuh included (fusedopt/host.py).
 #pragma once
 #include "whole_host.cpp"
@@ -49,6 +51,7 @@ struct Step {
     T* row_means;           // per leading index of the factored segments
     T* scales;              // 2 per segment
     std::atomic<int>* any_nonfinite;
+    Options<T> opts;        // use_ema, gradient accumulation
 
     const double* row(long long s) const {
         return plan->segment_values + s * FO_ADAFACTOR_FIELDS;
@@ -81,7 +84,7 @@ struct Step {
     void moments(long long k) const {
         const Tile x = tile(k);
         const T* __restrict__ pp = p;
-        const T* __restrict__ gg = g;
+        const T* __restrict__ gg = opts.gradient(g);
         T* __restrict__ vv = v;
         if (x.row[1] >= 0.0) {  // factored: G into v
             sums[2 * k] = lane_sum(x.b, x.e, [&](long long i) {
@@ -159,7 +162,7 @@ struct Step {
         const Tile x = tile(k);
         if (x.row[1] < 0.0) return;
         const T* __restrict__ pp = p;
-        const T* __restrict__ gg = g;
+        const T* __restrict__ gg = opts.gradient(g);
         double sum = 0.0;
         row_runs(x, [&](long long i0, long long n, T rr, T rm, const T* __restrict__ cc) {
             sum += lane_sum(i0, i0 + n, [&](long long i) {
@@ -176,7 +179,7 @@ struct Step {
         const Tile x = tile(k);
         const T scale = scales[2 * x.segment], divisor = scales[2 * x.segment + 1];
         T* __restrict__ pp = p;
-        const T* __restrict__ gg = g;
+        const T* __restrict__ gg = opts.gradient(g);
         T* __restrict__ vv = v;
         if (x.row[1] < 0.0) {
             for (long long i = x.b; i < x.e; ++i) {
@@ -207,7 +210,7 @@ struct Step {
             for (long long q = count * t / n; q < count * (t + 1) / n; ++q) job(q);
         };
         long long first, last;
-        if (!start_phases(pl, g, *values, t, n, factors, any_nonfinite, barrier, &first, &last))
+        if (!start_phases(pl, g, opts, t, n, factors, any_nonfinite, barrier, &first, &last))
             return;
         for (long long k = first; k < last; ++k) moments(k);
         wait();
@@ -225,25 +228,30 @@ struct Step {
             if (size > 0) adafactor_scales(sp, su, size, *hyper, scales + 2 * s);
         }
         wait();
-        for (long long k = first; k < last; ++k) apply(k);
+        for (long long k = first; k < last; ++k) {
+            apply(k);
+            const long long b = pl.sum_start[k], e = pl.sum_start[k + 1];
+            opts.restart(b, e);     // the mean's last read
+            opts.average(p, b, e);  // the tile in cache
+        }
     }
 
     const Hyper* hyper;
 };
 
 template <typename T>
-static int step(T* p, const T* g, T* r, T* c, T* v, HostPlan* plan, const Hyper* block,
-                StepState* state) {
-    return whole_step<adafactor, T>(plan, block, state, [&](const Hyper* h,
-                                                            const GroupValues<T>& groups,
-                                                            const StepValues& values,
-                                                            std::atomic<int>* any_nonfinite) {
+static int step(T* p, const T* g, T* r, T* c, T* v, T* average, T* accumulator, HostPlan* plan,
+                const Hyper* block, StepState* state) {
+    return whole_step<adafactor, T>(p, g, average, accumulator, plan, block, state, [&](
+            const Hyper* h, const GroupValues<T>& groups, const StepValues& values,
+            const Options<T>& opts, std::atomic<int>* any_nonfinite) {
         const double* totals = plan->segment_values + plan->nsegments * FO_ADAFACTOR_FIELDS;
         std::vector<double> sums(2 * plan->nsums + 2);
         std::vector<T> factors(plan->nsegments + 1, T(1)), scales(2 * plan->nsegments + 2, T(1));
         std::vector<T> row_means((size_t)totals[5] + 1);
         const Step<T> work = {p, g, r, c, v, plan, &groups, fo_narrow<T>(values), sums.data(),
-                              factors.data(), row_means.data(), scales.data(), any_nonfinite, h};
+                              factors.data(), row_means.data(), scales.data(), any_nonfinite,
+                              opts, h};
         run_threads(threads_for(plan), [&](int t, int n, fo_pool::Barrier* barrier) {
             work.run(t, n, barrier);
         });
@@ -256,8 +264,10 @@ static int step(T* p, const T* g, T* r, T* c, T* v, HostPlan* plan, const Hyper*
 // host.cpp's signature: the slots r, c, v (the master copy unused: uniform
 // float32/float64 only).
 extern "C" int fusedopt_host_step(FUSEDOPT_T* p, const FUSEDOPT_T* g, FUSEDOPT_T* s0,
-                                  FUSEDOPT_T* s1, FUSEDOPT_T* s2, float*, HostPlan* plan,
-                                  const Hyper* hyper, StepState* state) {
-    return fo_adafactor::step<FUSEDOPT_T>(p, g, s0, s1, s2, plan, hyper, state);
+                                  FUSEDOPT_T* s1, FUSEDOPT_T* s2, float*, FUSEDOPT_T* average,
+                                  FUSEDOPT_T* accumulator, HostPlan* plan, const Hyper* hyper,
+                                  StepState* state) {
+    return fo_adafactor::step<FUSEDOPT_T>(p, g, s0, s1, s2, average, accumulator, plan, hyper,
+                                          state);
 }
 #endif

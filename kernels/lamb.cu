@@ -8,6 +8,12 @@
 // Recomputing r costs a read of m and v in pass 2 (fp32: 24 + 16 = 40 bytes per
 // element in all) where a scratch r would cost a write and a read of r (also 40) plus
 // a params-sized buffer, so the step keeps no scratch but the per-tile sums.
+// Keras' options (whole.cuh; `average`, `accumulator` null without): a call that only
+// accumulates is fusedopt_lamb_moments adding g into the accumulator (8 bytes read, 4
+// written per fp32 element; with use_ema also p and the average read, the average
+// written, p only on an overwrite), the other two return at once; the call that
+// applies reads the accumulator beside g in pass 1 and restarts it (+8 bytes), and
+// with use_ema pass 2 moves the average (+8 bytes).
 // The tiles lie inside segments (fusedopt/_kernels.py, TileTable(per_segment=True)).
 // Each thread takes a fixed set of a tile's elements in a fixed order and blocks add
 // in a fixed tree, so the sums depend only on the layout: deterministic, no atomics.
@@ -18,8 +24,9 @@
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)
 
 extern "C" __global__ void __launch_bounds__(FO_BLOCK) fusedopt_lamb_moments(
-        const FUSEDOPT_T* __restrict__ p, const FUSEDOPT_T* __restrict__ g,
+        FUSEDOPT_T* __restrict__ p, const FUSEDOPT_T* __restrict__ g,
         FUSEDOPT_T* __restrict__ m, FUSEDOPT_T* __restrict__ v,
+        FUSEDOPT_T* __restrict__ average, FUSEDOPT_T* __restrict__ accumulator,
         const long long* __restrict__ tile_start, const int* __restrict__ tile_segment,
         const int* __restrict__ tile_group, long long ntiles,
         const FUSEDOPT_T* __restrict__ factors, int nfactors, const double* __restrict__ groups,
@@ -29,10 +36,16 @@ extern "C" __global__ void __launch_bounds__(FO_BLOCK) fusedopt_lamb_moments(
     __shared__ StepScalars<T> shared_st[FO_MAX_GROUPS];
     __shared__ Prologue<T> shared_pro[FO_MAX_GROUPS];
     __shared__ StepValues shared_values;
+    __shared__ OptionScalars<T> shared_options;
     __shared__ double sums_p[FO_BLOCK], sums_r[FO_BLOCK];
-    if (whole_group_values<lamb, T>(shared_st, shared_pro, &shared_values, groups, ngroups, hyper,
-                             state))
+    if (whole_group_values<lamb, T>(shared_st, shared_pro, &shared_values, &shared_options,
+                                    groups, ngroups, hyper, state))
         return;  // a skipped step writes nothing
+    const OptionScalars<T> options = shared_options;
+    if (accumulator && !options.apply) {  // gradient accumulation: this call only adds
+        whole_accumulate(p, g, average, accumulator, tile_start, ntiles, options);
+        return;
+    }
     for (long long k = blockIdx.x; k < ntiles; k += gridDim.x) {
         const long long begin = tile_start[k], end = tile_start[k + 1];
         const T factor = factors == nullptr ? T(1) : factors[nfactors == 1 ? 0 : tile_segment[k]];
@@ -41,7 +54,8 @@ extern "C" __global__ void __launch_bounds__(FO_BLOCK) fusedopt_lamb_moments(
         double sp = 0.0, sr = 0.0;
         for (long long i = begin + threadIdx.x; i < end; i += blockDim.x) {
             T pi = fo_load(p + i), mi = fo_load(m + i), vi = fo_load(v + i);
-            const T gi = fo_prepare_gradient(fo_load(g + i), pi, factor, pro);
+            const T gi = fo_prepare_gradient(whole_gradient(g, accumulator, i, options, false),
+                                             pi, factor, pro);
             fo_decay(pi, pro, st.lr);
             const T r = lamb::moments(gi, mi, vi, st.c);
             fo_store(m + i, mi);
@@ -72,7 +86,8 @@ extern "C" __global__ void __launch_bounds__(FO_BLOCK) fusedopt_lamb_ratios(
 
 extern "C" __global__ void __launch_bounds__(FO_BLOCK) fusedopt_lamb_apply(
         FUSEDOPT_T* __restrict__ p, const FUSEDOPT_T* __restrict__ m,
-        const FUSEDOPT_T* __restrict__ v, const long long* __restrict__ tile_start,
+        const FUSEDOPT_T* __restrict__ v, FUSEDOPT_T* __restrict__ average,
+        const long long* __restrict__ tile_start,
         const int* __restrict__ tile_segment, const int* __restrict__ tile_group,
         long long ntiles, const FUSEDOPT_T* __restrict__ ratios,
         const double* __restrict__ groups, int ngroups, const Hyper* __restrict__ hyper,
@@ -81,10 +96,12 @@ extern "C" __global__ void __launch_bounds__(FO_BLOCK) fusedopt_lamb_apply(
     __shared__ StepScalars<T> shared_st[FO_MAX_GROUPS];
     __shared__ Prologue<T> shared_pro[FO_MAX_GROUPS];
     __shared__ StepValues shared_values;
-    const bool skip = whole_group_values<lamb, T>(shared_st, shared_pro, &shared_values, groups,
-                                           ngroups, hyper, state);
+    __shared__ OptionScalars<T> shared_options;
+    const bool skip = whole_group_values<lamb, T>(shared_st, shared_pro, &shared_values,
+                                                  &shared_options, groups, ngroups, hyper, state);
     if (threadIdx.x == 0) take_ticket(state, shared_values, skip, hyper);
-    if (skip) return;
+    const OptionScalars<T> options = shared_options;
+    if (skip || !options.apply) return;  // skipped, or a call that only accumulates
     for (long long k = blockIdx.x; k < ntiles; k += gridDim.x) {
         const long long begin = tile_start[k], end = tile_start[k + 1];
         const T ratio = ratios[tile_segment[k]];
@@ -94,6 +111,7 @@ extern "C" __global__ void __launch_bounds__(FO_BLOCK) fusedopt_lamb_apply(
             T pi = fo_load(p + i);
             fo_decay(pi, pro, st.lr);
             lamb::apply(pi, lamb::direction(fo_load(m + i), fo_load(v + i), st.c), ratio, st.c);
+            whole_average(pi, average, i, options);
             fo_store(p + i, pi);
         }
     }

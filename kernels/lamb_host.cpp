@@ -9,6 +9,8 @@
 //           1), p -= ratio*lr*r;
 // with a barrier between phases, then the counters advanced once. Deterministic
 // whatever the thread count: threads only decide who computes a tile or a segment.
+// Keras' options (whole_host.cpp): pass 1 reads the accumulated mean as its gradient
+// and restarts the accumulator; the moving average follows each tile of pass 2.
 // Built with FUSEDOPT_T defined and lamb.cuh included (fusedopt/host.py).
 #pragma once
 #include "whole_host.cpp"
@@ -28,6 +30,7 @@ struct Step {
     T* factors;       // per segment (clipnorm), else factors[0] for every element
     T* ratios;        // per segment
     std::atomic<int>* any_nonfinite;
+    Options<T> opts;  // use_ema, gradient accumulation
 
     // Pass 1 over tile k: m and v, and the tile's sums.
     void moments(long long k) const {
@@ -40,7 +43,7 @@ struct Step {
         const StepScalars<T> st = values->st[group];
         const T factor = factors[pl.clip_mode == FO_CLIP_SEGMENT ? pl.sum_segment[k] : 0];
         const T* __restrict__ p = this->p;
-        const T* __restrict__ g = this->g;
+        const T* __restrict__ g = opts.gradient(this->g);
         T* __restrict__ m = this->m;
         T* __restrict__ v = this->v;
         double lane_p[FO_LANES], lane_r[FO_LANES];
@@ -99,9 +102,12 @@ struct Step {
         const HostPlan& pl = *plan;
         auto wait = [&] { if (barrier) barrier->wait(); };
         long long first, last;
-        if (!start_phases(pl, g, *values, t, n, factors, any_nonfinite, barrier, &first, &last))
+        if (!start_phases(pl, g, opts, t, n, factors, any_nonfinite, barrier, &first, &last))
             return;
-        for (long long k = first; k < last; ++k) moments(k);
+        for (long long k = first; k < last; ++k) {
+            moments(k);
+            opts.restart(pl.sum_start[k], pl.sum_start[k + 1]);  // the tile's mean is read
+        }
         wait();
         for (long long s = t; s < pl.nsegments; s += n) {
             double sp, sr;
@@ -109,20 +115,23 @@ struct Step {
             ratios[s] = (T)lamb_trust_ratio(sp, sr);
         }
         wait();
-        for (long long k = first; k < last; ++k) apply(k);
+        for (long long k = first; k < last; ++k) {
+            apply(k);
+            opts.average(p, pl.sum_start[k], pl.sum_start[k + 1]);  // the tile in cache
+        }
     }
 };
 
 template <typename T>
-static int step(T* p, const T* g, T* m, T* v, HostPlan* plan, const Hyper* block,
-                StepState* state) {
-    return whole_step<lamb, T>(plan, block, state, [&](const Hyper*, const GroupValues<T>& groups,
-                                                       const StepValues&,
-                                                       std::atomic<int>* any_nonfinite) {
+static int step(T* p, const T* g, T* m, T* v, T* average, T* accumulator, HostPlan* plan,
+                const Hyper* block, StepState* state) {
+    return whole_step<lamb, T>(p, g, average, accumulator, plan, block, state, [&](
+            const Hyper*, const GroupValues<T>& groups, const StepValues&,
+            const Options<T>& opts, std::atomic<int>* any_nonfinite) {
         std::vector<double> sums(2 * plan->nsums + 2);
         std::vector<T> factors(plan->nsegments + 1, T(1)), ratios(plan->nsegments + 1, T(1));
         const Step<T> work = {p, g, m, v, plan, &groups, sums.data(), factors.data(),
-                              ratios.data(), any_nonfinite};
+                              ratios.data(), any_nonfinite, opts};
         run_threads(threads_for(plan), [&](int t, int n, fo_pool::Barrier* barrier) {
             work.run(t, n, barrier);
         });
@@ -134,8 +143,9 @@ static int step(T* p, const T* g, T* m, T* v, HostPlan* plan, const Hyper* block
 #ifdef FUSEDOPT_T
 // host.cpp's signature (s2 and the master copy unused: uniform float32/float64 only).
 extern "C" int fusedopt_host_step(FUSEDOPT_T* p, const FUSEDOPT_T* g, FUSEDOPT_T* s0,
-                                  FUSEDOPT_T* s1, FUSEDOPT_T*, float*, HostPlan* plan,
-                                  const Hyper* hyper, StepState* state) {
-    return fo_lamb::step<FUSEDOPT_T>(p, g, s0, s1, plan, hyper, state);
+                                  FUSEDOPT_T* s1, FUSEDOPT_T*, float*, FUSEDOPT_T* average,
+                                  FUSEDOPT_T* accumulator, HostPlan* plan, const Hyper* hyper,
+                                  StepState* state) {
+    return fo_lamb::step<FUSEDOPT_T>(p, g, s0, s1, average, accumulator, plan, hyper, state);
 }
 #endif

@@ -9,6 +9,11 @@
 //                             counters (and a LossScaleOptimizer's scale) advanced once
 //                             (or the skip counted).
 // plan->segment_values[s]: segment s's rms scale (>= 0) for Muon, -1 for AdamW.
+// Keras' options (whole_host.cpp): a call of gradient accumulation that only adds is
+// accumulate_phase in fusedopt_host_step, which returns 0 (no Newton-Schulz), and apply
+// only counts it; on the call that applies, the first pass reads the accumulated mean
+// and restarts the accumulator; the moving average follows the tiles that write p
+// (AdamW segments in the first pass, Muon segments in apply).
 // Built with FUSEDOPT_T defined and muon.cuh included (fusedopt/host.py).
 #pragma once
 #include "whole_host.cpp"
@@ -37,7 +42,7 @@ static StepValues group_values(const HostPlan* plan, const Hyper* h, const StepS
 
 template <typename T>
 static void moments_tile(const HostPlan& pl, long long k, T* p, const T* g, T* m, T* v, T* d,
-                         const Groups<T>& groups, const T* factors) {
+                         const Groups<T>& groups, const T* factors, const Options<T>& opts) {
     const long long b = pl.sum_start[k], e = pl.sum_start[k + 1];
     const long long segment = pl.sum_segment[k];
     const int group = group_at(pl, b);
@@ -50,6 +55,7 @@ static void moments_tile(const HostPlan& pl, long long k, T* p, const T* g, T* m
             fo_decay(p[i], pro, st.lr);
             muon::adamw(p[i], gi, m[i], v[i], st.c);
         }
+        opts.average(p, b, e);
     } else {
         const Prologue<T> pro = groups.muon.pro[group];
         for (long long i = b; i < e; ++i)
@@ -57,9 +63,11 @@ static void moments_tile(const HostPlan& pl, long long k, T* p, const T* g, T* m
     }
 }
 
+// Returns 1 when the rule runs on this call (Newton-Schulz follows), 0 when it does not
+// (a skipped step, or a call of gradient accumulation that only adds).
 template <typename T>
-static int moments(T* p, const T* g, T* m, T* v, T* d, HostPlan* plan, const Hyper* block,
-                   StepState* state) {
+static int moments(T* p, const T* g, T* m, T* v, T* d, T* average, T* accumulator,
+                   HostPlan* plan, const Hyper* block, StepState* state) {
     Hyper amp_block;
     const Hyper* h = fo_amp_hyper(plan, block, &amp_block);  // GradScaler's inputs
     // Skipped (found_inf, or a LossScaleOptimizer's scale that underflowed): apply counts
@@ -71,28 +79,36 @@ static int moments(T* p, const T* g, T* m, T* v, T* d, HostPlan* plan, const Hyp
     Groups<T> groups;
     group_values(plan, h, state, &groups);
     plan->clipnorm = h->clipnorm;
+    const Options<T> opts = {average, accumulator, fo_options<T>(fo_phase(*h, *state))};
     std::vector<T> factors(plan->nsegments + 1, T(1));
     std::atomic<int> any_nonfinite(0);
     run_threads(threads_for(plan), [&](int t, int n, fo_pool::Barrier* barrier) {
-        long long first, last;
-        tiles_of(*plan, t, n, &first, &last);
-        if (!gradient_phase(*plan, g, groups.muon.pro[0].unscale, t, n, first, last,
-                            factors.data(), &any_nonfinite, barrier))
+        if (opts.adds_only()) {
+            accumulate_phase(*plan, p, g, opts, t, n, &any_nonfinite, barrier);
             return;
-        for (long long k = first; k < last; ++k)
-            moments_tile(*plan, k, p, g, m, v, d, groups, factors.data());
+        }
+        long long first, last;
+        if (!start_phases(*plan, g, opts, t, n, factors.data(), &any_nonfinite, barrier, &first,
+                          &last))
+            return;
+        for (long long k = first; k < last; ++k) {
+            moments_tile(*plan, k, p, opts.gradient(g), m, v, d, groups, factors.data(), opts);
+            opts.restart(plan->sum_start[k], plan->sum_start[k + 1]);  // the mean is read
+        }
     });
     state->skip = any_nonfinite.load() != 0;
-    return state->skip ? 0 : 1;
+    return state->skip || opts.adds_only() ? 0 : 1;
 }
 
 template <typename T>
-static void apply(T* p, const T* d, HostPlan* plan, const Hyper* block, StepState* state) {
+static void apply(T* p, const T* d, T* average, HostPlan* plan, const Hyper* block,
+                  StepState* state) {
     Hyper amp_block;
     const Hyper* h = fo_amp_hyper(plan, block, &amp_block);
     Groups<T> groups;
     const StepValues values = group_values(plan, h, state, &groups);
-    if (!state->skip) {
+    const Options<T> opts = {average, nullptr, fo_options<T>(fo_phase(*h, *state))};
+    if (!state->skip && opts.o.apply) {  // not skipped, nor a call that only accumulates
         run_threads(threads_for(plan), [&](int t, int n, fo_pool::Barrier*) {
             const HostPlan& pl = *plan;
             long long first, last;
@@ -109,6 +125,7 @@ static void apply(T* p, const T* d, HostPlan* plan, const Hyper* block, StepStat
                     muon::apply(pi, d[i], (T)scale, st.c);
                     p[i] = pi;
                 }
+                opts.average(p, pl.sum_start[k], pl.sum_start[k + 1]);
             }
         });
     }
@@ -121,13 +138,16 @@ static void apply(T* p, const T* d, HostPlan* plan, const Hyper* block, StepStat
 // host.cpp's signature; s2 is the scratch d (params-sized), not a slot, and the master
 // copy is unused (uniform float32/float64 only).
 extern "C" int fusedopt_host_step(FUSEDOPT_T* p, const FUSEDOPT_T* g, FUSEDOPT_T* s0,
-                                  FUSEDOPT_T* s1, FUSEDOPT_T* s2, float*, HostPlan* plan,
-                                  const Hyper* hyper, StepState* state) {
-    return fo_muon::moments<FUSEDOPT_T>(p, g, s0, s1, s2, plan, hyper, state);
+                                  FUSEDOPT_T* s1, FUSEDOPT_T* s2, float*, FUSEDOPT_T* average,
+                                  FUSEDOPT_T* accumulator, HostPlan* plan, const Hyper* hyper,
+                                  StepState* state) {
+    return fo_muon::moments<FUSEDOPT_T>(p, g, s0, s1, s2, average, accumulator, plan, hyper,
+                                        state);
 }
 
-extern "C" void fusedopt_host_muon_apply(FUSEDOPT_T* p, const FUSEDOPT_T* d, HostPlan* plan,
+extern "C" void fusedopt_host_muon_apply(FUSEDOPT_T* p, const FUSEDOPT_T* d,
+                                         FUSEDOPT_T* average, HostPlan* plan,
                                          const Hyper* hyper, StepState* state) {
-    fo_muon::apply<FUSEDOPT_T>(p, d, plan, hyper, state);
+    fo_muon::apply<FUSEDOPT_T>(p, d, average, plan, hyper, state);
 }
 #endif

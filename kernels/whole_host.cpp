@@ -1,7 +1,17 @@
 // whole_host.cpp: what the host steps of the whole-variable rules share (lamb_host.cpp,
-// muon_host.cpp): the per-segment tiles of host.cpp's plan (sum_start, sum_segment,
-// segment_tiles) split across threads, a tile's segment group, and the gradient phase
-// before the update (norm sums, the finite check, per-segment or global clip factors).
+// adafactor_host.cpp, muon_host.cpp): the per-segment tiles of host.cpp's plan
+// (sum_start, sum_segment, segment_tiles) split across threads, a tile's segment group,
+// the gradient phase before the update (norm sums, the finite check, per-segment or
+// global clip factors), and Keras' options around the rule (kernels/options.cuh, as
+// whole.cuh on the GPU; float32/float64 buffers only):
+//   a call of gradient accumulation that only adds runs no rule: after the finite check
+//     (skip_nonfinite), each thread runs host.cpp's accumulate_only over its tiles;
+//   on the call that applies, the norms are those of the accumulated mean; each thread
+//     then turns its tiles of the accumulator into that mean in place, which the rule's
+//     passes read as their gradient (Options::gradient), and the pass that reads it
+//     last restarts it at 0 (Options::restart);
+//   the moving average runs after the pass that writes p, tile by tile while the tile is
+//     in cache (Options::average).
 #pragma once
 #include "host.cpp"
 
@@ -25,29 +35,72 @@ static int group_at(const HostPlan& plan, long long x) {
     return plan.run_group[first_tile_at(plan.run_start, plan.nruns, x + 1) - 1];
 }
 
-// The gradient phase of thread t of n (tiles [first, last)): the tiles' sums of
-// squares and the finite check, a barrier, then the clip factors: factors[s] per
-// segment (clipnorm) or factors[0] (global_clipnorm), and a barrier. Returns false when
-// a gradient is not finite under skip_nonfinite (every thread returns the same).
+// Keras' options of one step (options.cuh): the slots (null where absent) and the
+// call's scalars.
 template <typename T>
-static bool gradient_phase(const HostPlan& pl, const T* g, T unscale, int t, int n,
-                           long long first, long long last, T* factors,
+struct Options {
+    T* avg;  // use_ema's moving average
+    T* acc;  // gradient accumulation's accumulator
+    OptionScalars<T> o;
+
+    // A call of gradient accumulation that only adds.
+    bool adds_only() const { return acc != nullptr && !o.apply; }
+
+    // What the rule's passes read as the gradient on a call that applies: g, or the
+    // accumulated mean the threads left in the accumulator (mean_in_place).
+    const T* gradient(const T* g) const { return acc != nullptr ? acc : g; }
+
+    // The accumulator over [b, e) restarts (0, as fo_accumulated_mean leaves it),
+    // after the rule's last read of the mean there.
+    void restart(long long b, long long e) const {
+        if (acc != nullptr) memset(acc + b, 0, sizeof(T) * (size_t)(e - b));
+    }
+
+    // The moving average over [b, e) after the rule wrote p there (host.cpp).
+    void average(T* p, long long b, long long e) const {
+        if (avg != nullptr) moving_average_run<T>(p + b, avg + b, e - b, o);
+    }
+
+    // On the call that applies, the accumulator over [b, e) becomes the mean the rule
+    // reads: (g*unscale + acc)/N (options.cuh).
+    void mean_in_place(const T* g, long long b, long long e) const {
+        if (acc == nullptr || !o.apply) return;
+        for (long long i = b; i < e; ++i) {
+            T q = acc[i];
+            acc[i] = fo_accumulated_mean(g[i], q, o);
+        }
+    }
+};
+
+// The gradient phase of thread t of n (tiles [first, last)): the tiles' sums of
+// squares (of the accumulated mean on gradient accumulation's applying call) and the
+// finite check, a barrier, then the clip factors: factors[s] per segment (clipnorm) or
+// factors[0] (global_clipnorm), and a barrier. A call that only accumulates needs no
+// norms, only the finite check. Returns false when a gradient is not finite under
+// skip_nonfinite (every thread returns the same).
+template <typename T>
+static bool gradient_phase(const HostPlan& pl, const T* g, const Options<T>& opts, int t,
+                           int n, long long first, long long last, T* factors,
                            std::atomic<int>* any_nonfinite, fo_pool::Barrier* barrier) {
     auto wait = [&] { if (barrier) barrier->wait(); };
-    if (pl.clip_mode == FO_CLIP_NONE && !pl.skip_nonfinite) return true;
+    const bool norms = pl.clip_mode != FO_CLIP_NONE && !opts.adds_only();
+    if (!norms && !pl.skip_nonfinite) return true;
+    const NormInput<T, T> input = {g, opts.adds_only() ? nullptr : opts.acc, opts.o.unscale,
+                                   opts.o.steps};
     int bad = 0;
     for (long long k = first; k < last; ++k) {
         const long long b = pl.sum_start[k], e = pl.sum_start[k + 1];
         if (pl.skip_nonfinite) {
-            pl.partial[k] = tile_sum_of_squares<true>(g, b, e, unscale, &pl.nonfinite[k]);
+            pl.partial[k] = input.template sum<true>(b, e, &pl.nonfinite[k]);
             bad |= pl.nonfinite[k];
         } else {
-            pl.partial[k] = tile_sum_of_squares<false>(g, b, e, unscale, nullptr);
+            pl.partial[k] = input.template sum<false>(b, e, nullptr);
         }
     }
     if (bad) any_nonfinite->fetch_or(1);
     wait();
     if (any_nonfinite->load()) return false;
+    if (!norms) return true;
     if (pl.clip_mode == FO_CLIP_SEGMENT) {
         for (long long s = t; s < pl.nsegments; s += n) {
             double sum = 0.0;
@@ -71,37 +124,34 @@ static void segment_sums(const HostPlan& pl, const double* sums, long long s, do
         *a += sums[2 * k], *b += sums[2 * k + 1];
 }
 
-// A whole-variable rule's host step around `run(h, groups, values, any_nonfinite)`,
-// which runs the rule's phases on the threads: GradScaler's inputs (a found_inf skips
-// the step, counted, as does a LossScaleOptimizer's scale that underflowed), each
-// segment group's scalars and prologue (the unscale with that scale: fo_phase), the
-// clip norm for the threads; then the counters (and the scale) advanced once, as
-// host.cpp's host_step does. Returns 1 if the step was applied, 0 if it was skipped
-// (then no buffer was written).
-template <typename Rule, typename T, typename Run>
-static int whole_step(HostPlan* plan, const Hyper* block, StepState* state, const Run& run) {
-    StepStart<T> start;
-    if (!start_step<Rule>(plan, block, state, &start)) return 0;  // host.cpp
-    const Hyper* h = start.h;
-    const StepValues& values = start.values;
-    const GroupValues<T>& groups = start.groups;
-    plan->clipnorm = h->clipnorm;
-    std::atomic<int> any_nonfinite(0);
-    run(h, groups, values, &any_nonfinite);
-    const bool skipped = any_nonfinite.load() != 0;
-    fo_advance(*state, *h, values, skipped);
-    return skipped ? 0 : 1;
+// Thread t of n's tiles [*first, *last) (tiles_of), after the gradient phase over them
+// (gradient_phase) and, on gradient accumulation's applying call, with the thread's
+// tiles of the accumulator holding the mean; false when the step is skipped (every
+// thread returns the same).
+template <typename T>
+static bool start_phases(const HostPlan& pl, const T* g, const Options<T>& opts, int t, int n,
+                         T* factors, std::atomic<int>* any_nonfinite, fo_pool::Barrier* barrier,
+                         long long* first, long long* last) {
+    tiles_of(pl, t, n, first, last);
+    if (!gradient_phase(pl, g, opts, t, n, *first, *last, factors, any_nonfinite, barrier))
+        return false;
+    opts.mean_in_place(g, pl.sum_start[*first], pl.sum_start[*last]);
+    return true;
 }
 
-// Thread t of n's tiles [*first, *last) (tiles_of), after the gradient phase over them
-// (gradient_phase); false when the step is skipped (every thread returns the same).
+// Thread t of n's share of a call of gradient accumulation that only adds: the finite
+// check (skip_nonfinite), then host.cpp's accumulate_only over the thread's tiles.
 template <typename T>
-static bool start_phases(const HostPlan& pl, const T* g, const GroupValues<T>& values, int t,
-                         int n, T* factors, std::atomic<int>* any_nonfinite,
-                         fo_pool::Barrier* barrier, long long* first, long long* last) {
-    tiles_of(pl, t, n, first, last);
-    return gradient_phase(pl, g, values.pro[0].unscale, t, n, *first, *last, factors,
-                          any_nonfinite, barrier);
+static void accumulate_phase(const HostPlan& pl, T* p, const T* g, const Options<T>& opts,
+                             int t, int n, std::atomic<int>* any_nonfinite,
+                             fo_pool::Barrier* barrier) {
+    long long first, last;
+    tiles_of(pl, t, n, &first, &last);
+    if (!gradient_phase(pl, g, opts, t, n, first, last, (T*)nullptr, any_nonfinite, barrier))
+        return;
+    const long long b = pl.sum_start[first], e = pl.sum_start[last];
+    accumulate_only<T>(p + b, g + b, opts.avg ? opts.avg + b : nullptr, opts.acc + b, e - b,
+                       opts.o);
 }
 
 // The threads a step over `plan`'s per-segment tiles runs on (host_step's rule).
@@ -122,6 +172,37 @@ static void run_threads(int n, const Job& job) {
         fo_pool::Barrier barrier(n);
         fo_pool::pool().run(n, [&](int t, int threads) { job(t, threads, &barrier); });
     }
+}
+
+// A whole-variable rule's host step around `run(h, groups, values, opts, any_nonfinite)`,
+// which runs the rule's phases on the threads: GradScaler's inputs (a found_inf skips
+// the step, counted, as does a LossScaleOptimizer's scale that underflowed), each
+// segment group's scalars and prologue (the unscale with that scale: fo_phase), the
+// clip norm for the threads; a call of gradient accumulation that only adds runs
+// accumulate_phase instead of the rule; then the counters (and the scale) advanced
+// once, as host.cpp's host_step does. Returns 1 if the rule was applied, 0 if the step
+// was skipped (then no buffer was written) or only accumulated.
+template <typename Rule, typename T, typename Run>
+static int whole_step(T* p, const T* g, T* average, T* accumulator, HostPlan* plan,
+                      const Hyper* block, StepState* state, const Run& run) {
+    StepStart<T> start;
+    if (!start_step<Rule>(plan, block, state, &start)) return 0;  // host.cpp
+    const Hyper* h = start.h;
+    const StepValues& values = start.values;
+    const GroupValues<T>& groups = start.groups;
+    const Options<T> opts = {average, accumulator, fo_options<T>(start.phase)};
+    plan->clipnorm = h->clipnorm;
+    std::atomic<int> any_nonfinite(0);
+    if (opts.adds_only()) {
+        run_threads(threads_for(plan), [&](int t, int n, fo_pool::Barrier* barrier) {
+            accumulate_phase(*plan, p, g, opts, t, n, &any_nonfinite, barrier);
+        });
+    } else {
+        run(h, groups, values, opts, &any_nonfinite);
+    }
+    const bool skipped = any_nonfinite.load() != 0;
+    fo_advance(*state, *h, values, skipped);
+    return skipped || opts.adds_only() ? 0 : 1;
 }
 
 }  // namespace fo_whole

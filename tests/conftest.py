@@ -112,6 +112,17 @@ COMBINED_CASES = [
     ("nadam+accumulate+global_clipnorm+loss_scale", "Nadam",
      {"gradient_accumulation_steps": 3, "global_clipnorm": 1.0, "loss_scale_factor": 4.0,
       "weight_decay": 0.05}),
+    # The same options in the rules with kernels of their own (kernels/whole.cuh): the
+    # norms of the mean per variable or over all, the average after the rule.
+    ("lamb+accumulate+clipnorm+ema", "Lamb",
+     {"gradient_accumulation_steps": 2, "clipnorm": 0.5, "use_ema": True,
+      "ema_overwrite_frequency": 2, "weight_decay": 0.05}),
+    ("adafactor+accumulate+global_clipnorm+ema", "Adafactor",
+     {"gradient_accumulation_steps": 2, "global_clipnorm": 1.0, "use_ema": True,
+      "ema_momentum": 0.9, "ema_overwrite_frequency": 3, "loss_scale_factor": 4.0}),
+    ("muon+accumulate+clipnorm+ema", "Muon",
+     {"gradient_accumulation_steps": 3, "clipnorm": 0.5, "use_ema": True,
+      "ema_overwrite_frequency": 2}),
 ]
 
 # fusedopt's own options, which Keras does not have: every executor runs them, the

@@ -237,12 +237,21 @@ def test_lamb_ratios_of_segments_over_many_tiles_and_few_blocks(libraries, dtype
         assert_close(gpu_params.data, ref_params.data, dtype, f"params, step {step}")
 
 
-def test_lamb_bits_do_not_depend_on_the_buffers_alignment(libraries):
-    grads = random_grads(LAYOUT, np.float32, seed=13, steps=3)
-    *_, aligned = run_pair("Lamb", {"clipnorm": 0.5}, np.float32, libraries, grads)
-    *_, unaligned = run_pair("Lamb", {"clipnorm": 0.5}, np.float32, libraries, grads,
-                             misalign=True)
+@pytest.mark.parametrize("kwargs", [
+    {"clipnorm": 0.5},
+    # a call that only accumulates takes fused.cu's vector path where the buffers allow
+    # (kernels/whole.cuh, whole_accumulate), the scalar one otherwise
+    {"clipnorm": 0.5, "gradient_accumulation_steps": 2, "use_ema": True,
+     "ema_overwrite_frequency": 1},
+], ids=["clipnorm", "clipnorm-accumulate-ema"])
+def test_lamb_bits_do_not_depend_on_the_buffers_alignment(libraries, kwargs):
+    grads = random_grads(LAYOUT, np.float32, seed=13, steps=4)
+    ref, gpu, _, aligned = run_pair("Lamb", kwargs, np.float32, libraries, grads)
+    _, other, _, unaligned = run_pair("Lamb", kwargs, np.float32, libraries, grads,
+                                      misalign=True)
     np.testing.assert_array_equal(aligned.data, unaligned.data)
+    for name in ref.slot_names:
+        np.testing.assert_array_equal(gpu.slots()[name], other.slots()[name], err_msg=name)
 
 
 # ------------------------------------------------------------------------ Muon
@@ -259,7 +268,9 @@ MUON_NAMES = ["dense_kernel", "bias", "out_kernel", "token_embedding", "scale", 
      "adam_weight_decay": None, "clipnorm": 0.5},
     {"exclude_layers": ["^skip"], "skip_nonfinite": True, "global_clipnorm": 1.0,
      "loss_scale_factor": 4.0},
-], ids=["defaults", "plain-clipnorm", "excluded-global-skip"])
+    {"exclude_layers": ["^skip"], "skip_nonfinite": True, "clipnorm": 0.5,
+     "gradient_accumulation_steps": 2, "use_ema": True, "ema_overwrite_frequency": 2},
+], ids=["defaults", "plain-clipnorm", "excluded-global-skip", "excluded-accumulate-ema-skip"])
 def test_muon_matrices_match_numpy(libraries, kwargs, dtype):
     grads = random_grads(MUON_LAYOUT, dtype, seed=21, steps=5)
     grads[2][1].flat[3] = np.nan  # skipped with skip_nonfinite, propagates otherwise
@@ -377,9 +388,11 @@ ADAFACTOR_OPTIONS = [
     {"clipvalue": 0.3, "coupled_weight_decay": 0.01, "maximize": True,
      "segment_attributes": {"lr_multipliers": [1, 0.5, 1, 2, 1, 1, 1, 1, 3, 1],
                             "decay": [True, False] * 5}, "weight_decay": 0.05},
+    {"gradient_accumulation_steps": 2, "use_ema": True, "ema_overwrite_frequency": 1,
+     "clipnorm": 0.5, "skip_nonfinite": True, "loss_scale_factor": 4.0},
 ]
 ADAFACTOR_IDS = ["defaults", "all-clipnorm-decay", "skip-global-scale-schedule",
-                 "clipvalue-coupled-maximize-segments"]
+                 "clipvalue-coupled-maximize-segments", "accumulate-ema-clipnorm-skip"]
 
 
 def on_host(opt, params):

@@ -6,7 +6,9 @@ from the step state (kernels/step.cuh: fo_phase, fo_advance; kernels/options.cuh
 What CASES does not cover: the bytes each kind of call moves (an accumulating call
 reads g and the accumulator only), the options combined with clipping, skips and a
 changed hyperparameter, captured steps of a LossScaleOptimizer, its state on the
-device through state_dict, and the scale's underflow on every executor.
+device through state_dict, and the scale's underflow on every executor; and the same
+for the rules with kernels of their own (Lamb, Adafactor, Muon: kernels/whole.cuh),
+with the host executor beside the emulated GPU path.
 """
 
 import numpy as np
@@ -238,7 +240,17 @@ def assert_own_lso_runs_agree(runs, reference):
     assert reference[-1][4] == len(POISONED)
 
 
-@pytest.mark.parametrize("cls_name, kwargs", OWN_RULES, ids=[c for c, _ in OWN_RULES])
+# ...and with Keras' options inside the wrapped rule: each call's gradient unscaled by
+# the dynamic scale before it is accumulated, the average after every finite call.
+OWN_LSO_RULES = OWN_RULES + [
+    ("Adafactor", {"gradient_accumulation_steps": 2, "use_ema": True,
+                   "ema_overwrite_frequency": 2, "clipnorm": 1.0}),
+    ("Muon", {"gradient_accumulation_steps": 3, "use_ema": True, "global_clipnorm": 1.0}),
+]
+OWN_LSO_IDS = [c for c, _ in OWN_RULES] + ["Adafactor-accumulate-ema", "Muon-accumulate-ema"]
+
+
+@pytest.mark.parametrize("cls_name, kwargs", OWN_LSO_RULES, ids=OWN_LSO_IDS)
 def test_loss_scale_around_own_kernel_rules_matches_numpy(libraries, cls_name, kwargs):
     """Lamb, Adafactor and Muon's own kernels unscale by the device's dynamic scale and
     grow or halve it (take_ticket with the Hyper block), every call as NumPy does."""
@@ -370,3 +382,190 @@ def test_changing_the_accumulation_steps_mid_run_agrees_with_numpy(libraries, wh
     assert runs[0][0] == runs[1][0] == 13 // 3
     for k, (a, b) in enumerate(zip(runs[0][1], runs[1][1])):
         assert_close(b, a, np.float64, f"call {k}")
+
+
+# -------------------------------- the options in the rules with kernels of their own
+# Lamb, Adafactor and Muon run use_ema and gradient accumulation in their own kernels
+# (kernels/whole.cuh on the GPU, whole_host.cpp on the host). OWN_LAYOUT's factored
+# (rank >= 2) and unfactored segments for Adafactor; for Muon matrices, a vector, a
+# rank-3 variable and a scalar (AdamW), and the last matrix excluded by its name.
+OWN_NAMES = ["dense_kernel", "bias", "conv_kernel", "scale", "skip_kernel"]
+OWN_OPTIONS = [
+    ("Lamb", {"gradient_accumulation_steps": 3, "use_ema": True, "ema_overwrite_frequency": 2,
+              "clipnorm": 0.5, "weight_decay": 0.1, "skip_nonfinite": True}),
+    ("Adafactor", {"gradient_accumulation_steps": 2, "use_ema": True, "ema_momentum": 0.9,
+                   "ema_overwrite_frequency": 3, "global_clipnorm": 1.0, "skip_nonfinite": True,
+                   "loss_scale_factor": 4.0}),
+    ("Muon", {"gradient_accumulation_steps": 3, "use_ema": True, "ema_overwrite_frequency": 2,
+              "clipnorm": 0.5, "skip_nonfinite": True, "exclude_layers": ["^skip"]}),
+]
+# float64 within 1e-10 of the NumPy executor (Lamb's and Adafactor's sums are added in
+# another order); float32 as test_emulated_kernels.py's Adafactor.
+OWN_RTOL = {np.float64: 1e-10, np.float32: 2e-6}
+OWN_POISONED = (4, 9)  # non-finite calls in the middle of an accumulation cycle: skipped
+
+
+def own_options_run(cls_name, kwargs, dtype, mode, libraries):
+    """Per-call (params and every slot, iterations, skipped) of `cls_name` with the
+    options on `mode`: "numpy", "host", "eager" (emulated) or "graph" (emulated, one
+    captured step replayed every call); ema_momentum changes at call 11."""
+    rng = np.random.default_rng(13)
+    size = sum(int(np.prod(s)) for s in OWN_LAYOUT)
+    grads = [(rng.normal(size=size) * rng.uniform(0.2, 2.0)).astype(dtype) for _ in range(16)]
+    grads[OWN_POISONED[0]][5], grads[OWN_POISONED[1]][size - 1] = np.nan, -np.inf
+    opt = getattr(fusedopt, cls_name)(executor="host" if mode == "host" else "numpy", **kwargs)
+    params = fusedopt.FlatBuffer.from_arrays(random_params(OWN_LAYOUT, dtype, seed=14),
+                                             names=OWN_NAMES)
+    if mode in ("eager", "graph"):
+        emulate(opt, params, libraries, sm_count=1, blocks_per_sm=2)
+    buffer = np.zeros(size, dtype)
+    step = opt.cuda_graph(buffer, params) if mode == "graph" else None
+    records = []
+    for k, g in enumerate(grads):
+        if k == 11:
+            opt.ema_momentum = 0.5
+        buffer[...] = g
+        step() if step else opt.apply(buffer.copy(), params)
+        records.append((state_of(opt, params), opt.iterations, opt.skipped_steps))
+    assert opt.executor_name == {"numpy": "numpy", "host": "host"}.get(mode, "cuda")
+    if cls_name == "Muon":  # a matrix, one excluded by its name, and AdamW's variables
+        assert [opt.uses_adamw(i, s) for i, s in enumerate(OWN_LAYOUT)] == \
+            [False, True, True, True, True]
+    return opt, records
+
+
+def host_or_skip(rule):
+    from fusedopt import host
+
+    try:
+        host.library(rule, np.float64)
+    except host.HostBuildError as e:
+        pytest.skip(f"no host build here: {e}")
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("cls_name,kwargs", OWN_OPTIONS, ids=[c for c, _ in OWN_OPTIONS])
+def test_own_kernel_rules_with_options_match_numpy(libraries, cls_name, kwargs, dtype):
+    """EMA (with overwrites) and gradient accumulation, a norm clip of the mean, skipped
+    calls and a changed ema_momentum, in Lamb's, Adafactor's and Muon's own kernels:
+    the emulated GPU path (eager, and for Lamb and Adafactor one captured step replayed
+    every call, equal to the eager steps to the bit) and the host executor against the
+    NumPy executor after every call, params and every slot."""
+    host_or_skip(getattr(fusedopt, cls_name).rule)
+    modes = ["numpy", "host", "eager"] + (["graph"] if cls_name != "Muon" else [])
+    runs = {mode: own_options_run(cls_name, kwargs, dtype, mode, libraries) for mode in modes}
+    reference = runs["numpy"][1]
+    rtol = OWN_RTOL[dtype]
+    for mode in modes[1:]:
+        for k, (got, want) in enumerate(zip(runs[mode][1], reference)):
+            assert got[1:] == want[1:], f"{mode}, call {k}: (iterations, skipped)"
+            for j, (x, y) in enumerate(zip(got[0], want[0])):
+                scale = float(np.max(np.abs(y), initial=0.0))
+                np.testing.assert_allclose(x, y, rtol=rtol, atol=rtol * scale,
+                                           err_msg=f"{mode}, call {k}, buffer {j}")
+    if "graph" in runs:
+        for k, (a, b) in enumerate(zip(runs["graph"][1], runs["eager"][1])):
+            for x, y in zip(a[0], b[0]):
+                np.testing.assert_array_equal(x, y, err_msg=f"replay {k}")
+    # What the run covered: accumulating and applying calls, two skips, and overwrites
+    # after the first update (the params equal the moving average, momentum > 0).
+    n, f = kwargs["gradient_accumulation_steps"], kwargs["ema_overwrite_frequency"]
+    opt = runs["numpy"][0]
+    assert (opt.iterations, opt.skipped_steps) == ((16 - len(OWN_POISONED)) // n, 2)
+    average = 1 + list(opt.slots()).index("average")
+    calls, overwrites = 0, []
+    for k, (state, *_) in enumerate(reference):
+        if k in OWN_POISONED:
+            continue
+        updates = calls // n
+        if updates >= 1 and (updates + 1) % f == 0:
+            overwrites.append(k)
+            np.testing.assert_array_equal(state[0], state[average], err_msg=f"call {k}")
+        calls += 1
+    assert len(overwrites) >= n
+
+
+@pytest.mark.parametrize("cls_name", ["Lamb", "Adafactor", "Muon"])
+@pytest.mark.parametrize("overwrite", [None, 1], ids=["ema", "ema-overwrite"])
+def test_own_kernel_options_move_the_modelled_bytes(libraries, cls_name, overwrite):
+    """Bytes per float32 element of each kernel, counted access by access, on the calls
+    that only accumulate and on those that apply (the models in kernels/lamb.cu,
+    adafactor.cu, muon.cu): a call that only accumulates is the first kernel reading
+    g, the accumulator, p and the average and writing the accumulator and the average
+    (and p when the average overwrites it); the applying call adds a read and a write
+    of the accumulator (Adafactor: and a write of the mean it keeps there) and a read
+    and a write of the average to the rule's own. Every call launches the same kernels."""
+    kwargs = {"gradient_accumulation_steps": 2, "use_ema": True,
+              "ema_overwrite_frequency": overwrite}
+    opt = getattr(fusedopt, cls_name)(**kwargs)
+    params = fusedopt.FlatBuffer.from_arrays(random_params(OWN_LAYOUT, np.float32, seed=1),
+                                             names=OWN_NAMES)
+    backend = emulate(opt, params, libraries)
+    n = params.size
+    factored = sum(int(np.prod(s)) for s in OWN_LAYOUT if len(s) >= 2)
+    adamw = sum(int(np.prod(s)) for i, s in enumerate(OWN_LAYOUT) if opt.uses_adamw(i, s)) \
+        if cls_name == "Muon" else 0
+    ow = 1 if overwrite else 0
+    first = {"Lamb": "fusedopt_lamb_moments", "Adafactor": "fusedopt_adafactor_pass",
+             "Muon": "fusedopt_muon_moments"}[cls_name]
+    if cls_name == "Lamb":
+        applying = {"fusedopt_lamb_moments": (5 * n, 3 * n),
+                    "fusedopt_lamb_apply": (4 * n, 2 * n)}
+    elif cls_name == "Adafactor":
+        u = n - factored
+        # test_emulated_kernels.py's counts, plus the accumulator (read, the mean
+        # written, 0 written) and the average (read, written).
+        applying = {"fusedopt_adafactor_pass": ((2 * n + u) + 2 * factored + (2 * n + u) + 2 * n,
+                                                n + (n + factored) + 3 * n),
+                    "fusedopt_adafactor_rows": (factored, 0),
+                    "fusedopt_adafactor_columns": (factored, 0)}
+    else:
+        muon = n - adamw
+        applying = {"fusedopt_muon_moments": (4 * adamw + 3 * muon + n + adamw,
+                                              3 * adamw + 2 * muon + n + adamw),
+                    "fusedopt_muon_apply": (2 * muon + muon, muon + muon)}
+    sequences = []
+    for call, g in enumerate(random_grads(OWN_LAYOUT, np.float32, seed=2, steps=4)):
+        backend.launches.clear()
+        backend.reset_accesses()
+        opt.apply(fusedopt.FlatBuffer.from_arrays(g), params)
+        sequences.append(list(backend.launches))
+        if call % 2 == 0:  # only accumulates
+            expected = {first: (4 * n, (2 + ow) * n)}
+        else:
+            expected = applying
+        for kernel in set(backend.launches):
+            want = expected.get(kernel, (0, 0))
+            assert bytes_moved(backend, kernel) == (want[0] * 4, want[1] * 4), (call, kernel)
+        if call % 2:  # fusedopt/bench.py's model of an applying call, segment by segment
+            from fusedopt import bench
+
+            model = sum(bench.step_bytes(cls_name.lower(), 4, shape=s,
+                                         **{k: v for k, v in kwargs.items() if v}) *
+                        int(np.prod(s)) for s in OWN_LAYOUT)
+            assert model == sum(sum(bytes_moved(backend, k)) for k in set(backend.launches))
+    assert all(s == sequences[0] for s in sequences)
+    assert opt.iterations == 2
+
+
+@pytest.mark.parametrize("skip_nonfinite", [False, True], ids=["counted", "device-skips"])
+def test_muon_runs_no_matrix_products_on_calls_that_only_accumulate(libraries, skip_nonfinite):
+    """The host knows which calls only accumulate while its count of calls is exact
+    (fusedopt/cuda.py, _enqueue_muon); with skip_nonfinite only the device knows, and
+    the products run on every call (the apply kernel then ignores them)."""
+    opt = fusedopt.Muon(gradient_accumulation_steps=3, skip_nonfinite=skip_nonfinite)
+    params = fusedopt.FlatBuffer.from_arrays(random_params(OWN_LAYOUT, np.float64, seed=1),
+                                             names=OWN_NAMES)
+    emulate(opt, params, libraries)
+    ran, call = [], [0]
+    orthogonalise = opt._orthogonalise
+    opt._orthogonalise = lambda d, matrices: (ran.append(call[0]), orthogonalise(d, matrices))
+    ref = fusedopt.Muon(gradient_accumulation_steps=3, skip_nonfinite=skip_nonfinite)
+    ref_params = fusedopt.FlatBuffer.from_arrays(random_params(OWN_LAYOUT, np.float64, seed=1),
+                                                 names=OWN_NAMES)
+    for call[0], g in enumerate(random_grads(OWN_LAYOUT, np.float64, seed=2, steps=6)):
+        opt.apply(fusedopt.FlatBuffer.from_arrays(g), params)
+        ref.apply(fusedopt.FlatBuffer.from_arrays(g), ref_params)
+        np.testing.assert_allclose(params.data, ref_params.data, rtol=1e-12, atol=1e-14)
+    assert ran == ([0, 1, 2, 3, 4, 5] if skip_nonfinite else [2, 5])
+    assert opt.iterations == 2

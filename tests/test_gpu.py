@@ -67,10 +67,11 @@ def _accumulation(kwargs):
 
 
 def random_state(opt, size, dtype, rng):
-    """A state_dict with random (non-zero, valid) slots so every element must change."""
+    """A state_dict with random (non-zero, valid) slots so every element must change.
+    `opt` is built: each slot keeps its size (Adafactor's r and c are not the params')."""
     slots = {}
     for name in opt.slot_names:
-        values = rng.uniform(0.01, 1.0, size)
+        values = rng.uniform(0.01, 1.0, np.asarray(opt.slots()[name]).size)
         if name in ("momentum", "linear", "average_gradient"):
             values *= rng.choice([-1.0, 1.0], size)
         slots[name] = values.astype(dtype)
@@ -840,7 +841,13 @@ def test_gpu_options_and_loss_scale_match_numpy_with_poisoned_steps():
     ("Lamb", {"clipnorm": 0.5, "weight_decay": 0.1}),
     ("Adafactor", {"clipnorm": 1.0}),
     ("Muon", {"global_clipnorm": 1.0, "weight_decay": 0.1}),
-], ids=["lamb", "adafactor", "muon"])
+    # Keras' options inside the wrapped rule (kernels/whole.cuh)
+    ("Lamb", {"gradient_accumulation_steps": 2, "use_ema": True, "ema_overwrite_frequency": 3,
+              "global_clipnorm": 1.0}),
+    ("Adafactor", {"gradient_accumulation_steps": 3, "use_ema": True, "clipnorm": 1.0}),
+    ("Muon", {"gradient_accumulation_steps": 2, "use_ema": True, "ema_overwrite_frequency": 2}),
+], ids=["lamb", "adafactor", "muon", "lamb-accumulate-ema", "adafactor-accumulate-ema",
+        "muon-accumulate-ema"])
 def test_gpu_loss_scale_around_own_kernel_rules_matches_numpy(cls_name, kwargs):
     """A LossScaleOptimizer around Lamb, Adafactor and Muon: their own kernels unscale by
     the device's dynamic scale and grow or halve it (poisoned steps), in float64 within
@@ -882,6 +889,63 @@ def test_gpu_loss_scale_around_own_kernel_rules_matches_numpy(cls_name, kwargs):
         scales.append(gpu.dynamic_scale)
     assert max(scales) > 64.0 and any(b < a for a, b in zip(scales, scales[1:]))
     assert gpu.skipped_steps == 3
+
+
+OWN_OPTION_SHAPES = [(300, 200), (5,), (3, 40, 50), (), (1000, 130), (20, 30)]
+OWN_OPTION_NAMES = ["dense_kernel", "bias", "conv_kernel", "scale", "out_kernel", "skip_kernel"]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("cls_name, kwargs", [
+    ("Lamb", {"gradient_accumulation_steps": 3, "use_ema": True, "ema_overwrite_frequency": 2,
+              "clipnorm": 0.5, "weight_decay": 0.1, "skip_nonfinite": True}),
+    ("Adafactor", {"gradient_accumulation_steps": 2, "use_ema": True, "ema_momentum": 0.9,
+                   "ema_overwrite_frequency": 3, "global_clipnorm": 1.0, "skip_nonfinite": True,
+                   "loss_scale_factor": 4.0}),
+    ("Muon", {"gradient_accumulation_steps": 3, "use_ema": True, "ema_overwrite_frequency": 2,
+              "clipnorm": 0.5, "skip_nonfinite": True, "exclude_layers": ["^skip"]}),
+], ids=["lamb", "adafactor", "muon"])
+def test_gpu_own_kernel_rules_with_options_match_numpy(cls_name, kwargs, dtype):
+    """use_ema (with overwrites) and gradient accumulation in Lamb's, Adafactor's and
+    Muon's own kernels (kernels/whole.cuh), with a norm clip of the accumulated mean and
+    two skipped calls, against the NumPy executor after every call (float64 within
+    1e-10); Lamb and Adafactor also as one captured step replayed every call, equal to
+    the eager steps to the bit (the phase comes from the device's step state)."""
+    import cupy as cp
+
+    size = sum(int(np.prod(s)) for s in OWN_OPTION_SHAPES)
+    rng = np.random.default_rng(10)
+    init = rng.normal(size=size).astype(dtype)
+    steps = [(rng.normal(size=size) * rng.uniform(0.2, 2.0)).astype(dtype) for _ in range(16)]
+    steps[4][11], steps[9][size - 1] = np.nan, -np.inf
+    rtol = {np.float64: 1e-10, np.float32: RTOL[np.float32]}[dtype]
+
+    def make(data):
+        params = fusedopt.FlatBuffer(data, OWN_OPTION_SHAPES, names=OWN_OPTION_NAMES)
+        return getattr(fusedopt, cls_name)(**kwargs), params
+
+    cpu, cpu_params = make(init.copy())
+    gpu, gpu_params = make(cp.asarray(init))
+    graphed, graph_params = make(cp.asarray(init))
+    grads = cp.zeros(size, dtype=dtype)
+    replay = graphed.cuda_graph(grads, graph_params) if cls_name != "Muon" else None
+    for k, g in enumerate(steps):
+        cpu.apply(g, cpu_params)
+        gpu.apply(cp.asarray(g), gpu_params)
+        if replay is not None:
+            grads[...] = cp.asarray(g)
+            replay()
+            _assert_same_bits(_state(graphed, graph_params), _state(gpu, gpu_params),
+                              f"replay {k}")
+        assert gpu.executor_name == "cuda"
+        assert (gpu.iterations, gpu.skipped_steps) == (cpu.iterations, cpu.skipped_steps)
+        for got, want in zip(_state(gpu, gpu_params), [cpu_params.data] +
+                             [np.asarray(s) for s in cpu.slots().values()]):
+            np.testing.assert_allclose(got, want, rtol=rtol,
+                                       atol=rtol * float(np.max(np.abs(want), initial=0.0)),
+                                       err_msg=f"call {k}")
+    n = kwargs["gradient_accumulation_steps"]
+    assert (gpu.iterations, gpu.skipped_steps) == (14 // n, 2)
 
 
 def test_gpu_loss_scale_step_never_synchronises():

@@ -155,6 +155,26 @@ def test_adafactor_bitwise_equal_across_thread_counts(host_ok, kwargs, dtype):
             np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("cls_name", ["Lamb", "Adafactor", "Muon"])
+def test_whole_variable_options_bitwise_equal_across_thread_counts(host_ok, cls_name, dtype):
+    """Keras' options in the whole-variable rules' host steps (kernels/whole_host.cpp):
+    the accumulate-only calls, the accumulated mean each thread forms over its tiles,
+    its norms and the moving average, over matrices big enough for the pool; the
+    same bits for every thread count, and the NumPy executor's values (run_both)."""
+    layout = [(300, 251), (3,), (40, 7, 90), (1000, 1), (1, 999), (0, 4)]
+    kwargs = {"gradient_accumulation_steps": 2, "use_ema": True, "ema_overwrite_frequency": 2,
+              "clipnorm": 0.05, "skip_nonfinite": True, "loss_scale_factor": 2.0}
+    results = []
+    for threads in (1, 2, 3, 4):
+        opt, params = run_both(cls_name, kwargs, dtype, layout, steps=6, num_threads=threads)
+        assert opt._plan.threads_used == threads
+        results.append([params.data.copy()] + [s.copy() for s in opt.slots().values()])
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            np.testing.assert_array_equal(a, b)
+
+
 @pytest.mark.parametrize("size,num_threads,used", [
     (3 * 16384 + 1, 2, 1),       # below the pool's threshold: the calling thread
     (400000, 1, 1),

@@ -27,7 +27,10 @@ def bits(a):
 
 
 # ------------------------------------------------------------------- executors
-REFERENCE_ONLY = [
+# Keras' options on the rules with kernels of their own: every executor runs them on
+# float32/float64 buffers (kernels/whole.cuh, whole_host.cpp); 16-bit buffers stay
+# refused by the host and CUDA executors.
+OWN_KERNEL_OPTIONS = [
     ("Lamb", {"use_ema": True}, "use_ema"), ("Muon", {"use_ema": True}, "use_ema"),
     ("Adafactor", {"use_ema": True}, "use_ema"),
     ("Lamb", {"gradient_accumulation_steps": 2}, "gradient_accumulation_steps"),
@@ -36,22 +39,45 @@ REFERENCE_ONLY = [
 ]
 
 
-@pytest.mark.parametrize("cls_name, kwargs, reason", REFERENCE_ONLY,
-                         ids=[f"{c}-{r}" for c, _, r in REFERENCE_ONLY])
-def test_reference_only_configurations_take_numpy_and_refuse_the_others(cls_name, kwargs, reason):
-    params, grads = params_and_grads()
-    opt = getattr(fusedopt, cls_name)(**kwargs)
-    opt.apply(grads[0], params)
-    assert opt.executor_name == "numpy"
-    for executor in ("host", "cuda"):
-        other = getattr(fusedopt, cls_name)(executor=executor, **kwargs)
-        before = bits(params.data)
-        with pytest.raises(ValueError, match=reason):
-            other.apply(grads[1], params)
-        assert bits(params.data) == before and not other.built and other.iterations == 0
-    with pytest.raises(ValueError, match=reason):
-        opt.executor = "host"  # moving a built optimizer is refused too
-    assert opt.executor_name == "numpy"
+@pytest.mark.parametrize("cls_name, kwargs, option", OWN_KERNEL_OPTIONS,
+                         ids=[f"{c}-{r}" for c, _, r in OWN_KERNEL_OPTIONS])
+def test_options_on_own_kernel_rules_run_on_the_host_and_16_bit_is_refused(cls_name, kwargs,
+                                                                            option):
+    from fusedopt import host
+
+    try:
+        host.library(getattr(fusedopt, cls_name).rule, np.float64)
+    except host.HostBuildError as e:
+        pytest.skip(f"no host build here: {e}")
+    runs = {}
+    for executor in ("auto", "host", "numpy"):
+        params, grads = params_and_grads(steps=4)
+        opt = getattr(fusedopt, cls_name)(executor=executor, **kwargs)
+        for g in grads:
+            opt.apply(g, params)
+        assert opt.executor_name == ("numpy" if executor == "numpy" else "host")
+        assert opt._reference_only(params.dtype) == ""
+        runs[executor] = [params.data.copy()] + [s.copy() for s in opt.slots().values()]
+    assert option == "use_ema" or opt.iterations == 4 // kwargs[option]
+    for a, b, c in zip(runs["auto"], runs["host"], runs["numpy"]):
+        assert bits(a) == bits(b)
+        np.testing.assert_allclose(a, c, rtol=1e-12, atol=1e-14)
+    # Moving a built optimizer onto the host executor is accepted too.
+    params, grads = params_and_grads(steps=2)
+    moved = getattr(fusedopt, cls_name)(executor="numpy", **kwargs)
+    moved.apply(grads[0], params)
+    moved.executor = "host"
+    moved.apply(grads[1], params)
+    assert moved.executor_name == "host"
+    # 16-bit buffers: refused by the host executor, before anything is built or written.
+    import ml_dtypes
+
+    half = FlatBuffer.from_arrays(random_params(LAYOUT, np.float32, 1), dtype=ml_dtypes.bfloat16)
+    before = bits(half.data)
+    refused = getattr(fusedopt, cls_name)(executor="host", **kwargs)
+    with pytest.raises(ValueError, match="bfloat16"):
+        refused.apply(np.ones(half.size, ml_dtypes.bfloat16), half)
+    assert bits(half.data) == before and not refused.built and refused.iterations == 0
 
 
 def test_schedule_free_adamw_runs_on_the_host_executor_like_numpy():

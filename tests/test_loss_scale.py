@@ -265,11 +265,19 @@ def test_host_executor_steps_like_the_numpy_executor():
 
 OWN_RULES = [("Lamb", {"clipnorm": 0.5, "weight_decay": 0.1}),
              ("Adafactor", {"clipnorm": 1.0}),
-             ("Muon", {"global_clipnorm": 1.0, "weight_decay": 0.1})]
+             ("Muon", {"global_clipnorm": 1.0, "weight_decay": 0.1}),
+             # Keras' options inside the wrapped rule (kernels/whole_host.cpp)
+             ("Lamb", {"gradient_accumulation_steps": 2, "use_ema": True,
+                       "ema_overwrite_frequency": 3, "global_clipnorm": 1.0}),
+             ("Adafactor", {"gradient_accumulation_steps": 3, "use_ema": True}),
+             ("Muon", {"gradient_accumulation_steps": 2, "use_ema": True,
+                       "ema_overwrite_frequency": 2, "clipnorm": 0.5})]
+OWN_IDS = ["Lamb", "Adafactor", "Muon", "Lamb-accumulate-ema", "Adafactor-accumulate-ema",
+           "Muon-accumulate-ema"]
 OWN_LAYOUT = [(6, 5), (4,), (), (2, 3, 4), (7, 3)]  # matrices for Muon and Adafactor
 
 
-@pytest.mark.parametrize("cls_name, kwargs", OWN_RULES, ids=[c for c, _ in OWN_RULES])
+@pytest.mark.parametrize("cls_name, kwargs", OWN_RULES, ids=OWN_IDS)
 def test_host_executor_runs_own_kernel_rules_like_numpy(cls_name, kwargs):
     """Lamb, Adafactor and Muon's host kernels (whole_host.cpp, muon_host.cpp) unscale by
     the dynamic scale and grow or halve it: params, slots, scale, counter, iterations

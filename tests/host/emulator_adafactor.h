@@ -5,14 +5,15 @@
 extern "C" void emu_fusedopt_adafactor_pass(
         unsigned grid, unsigned block, int phase, FUSEDOPT_T* p, const FUSEDOPT_T* g,
         FUSEDOPT_T* v, const FUSEDOPT_T* r, const FUSEDOPT_T* c, const FUSEDOPT_T* row_means,
-        const long long* tile_start, const int* tile_segment, const int* tile_group,
-        long long ntiles, const FUSEDOPT_T* factors, int nfactors, const FUSEDOPT_T* scales,
-        const double* table, const double* groups, int ngroups, const Hyper* hyper,
-        StepState* state, double* partial) {
+        FUSEDOPT_T* average, FUSEDOPT_T* accumulator, const long long* tile_start,
+        const int* tile_segment, const int* tile_group, long long ntiles,
+        const FUSEDOPT_T* factors, int nfactors, const FUSEDOPT_T* scales, const double* table,
+        const double* groups, int ngroups, const Hyper* hyper, StepState* state,
+        double* partial) {
     emu::launch(grid, block, [&] {
-        fusedopt_adafactor_pass(phase, p, g, v, r, c, row_means, tile_start, tile_segment,
-                                tile_group, ntiles, factors, nfactors, scales, table, groups,
-                                ngroups, hyper, state, partial);
+        fusedopt_adafactor_pass(phase, p, g, v, r, c, row_means, average, accumulator,
+                                tile_start, tile_segment, tile_group, ntiles, factors, nfactors,
+                                scales, table, groups, ngroups, hyper, state, partial);
     });
 }
 

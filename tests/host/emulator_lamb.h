@@ -3,13 +3,15 @@
 #pragma once
 
 extern "C" void emu_fusedopt_lamb_moments(
-        unsigned grid, unsigned block, const FUSEDOPT_T* p, const FUSEDOPT_T* g, FUSEDOPT_T* m,
-        FUSEDOPT_T* v, const long long* tile_start, const int* tile_segment, const int* tile_group,
-        long long ntiles, const FUSEDOPT_T* factors, int nfactors, const double* groups,
-        int ngroups, const Hyper* hyper, const StepState* state, double* partial) {
+        unsigned grid, unsigned block, FUSEDOPT_T* p, const FUSEDOPT_T* g, FUSEDOPT_T* m,
+        FUSEDOPT_T* v, FUSEDOPT_T* average, FUSEDOPT_T* accumulator, const long long* tile_start,
+        const int* tile_segment, const int* tile_group, long long ntiles,
+        const FUSEDOPT_T* factors, int nfactors, const double* groups, int ngroups,
+        const Hyper* hyper, const StepState* state, double* partial) {
     emu::launch(grid, block, [&] {
-        fusedopt_lamb_moments(p, g, m, v, tile_start, tile_segment, tile_group, ntiles, factors,
-                              nfactors, groups, ngroups, hyper, state, partial);
+        fusedopt_lamb_moments(p, g, m, v, average, accumulator, tile_start, tile_segment,
+                              tile_group, ntiles, factors, nfactors, groups, ngroups, hyper,
+                              state, partial);
     });
 }
 
@@ -22,11 +24,11 @@ extern "C" void emu_fusedopt_lamb_ratios(unsigned grid, unsigned block, const do
 
 extern "C" void emu_fusedopt_lamb_apply(
         unsigned grid, unsigned block, FUSEDOPT_T* p, const FUSEDOPT_T* m, const FUSEDOPT_T* v,
-        const long long* tile_start, const int* tile_segment, const int* tile_group,
-        long long ntiles, const FUSEDOPT_T* ratios, const double* groups, int ngroups,
-        const Hyper* hyper, StepState* state) {
+        FUSEDOPT_T* average, const long long* tile_start, const int* tile_segment,
+        const int* tile_group, long long ntiles, const FUSEDOPT_T* ratios, const double* groups,
+        int ngroups, const Hyper* hyper, StepState* state) {
     emu::launch(grid, block, [&] {
-        fusedopt_lamb_apply(p, m, v, tile_start, tile_segment, tile_group, ntiles, ratios, groups,
-                            ngroups, hyper, state);
+        fusedopt_lamb_apply(p, m, v, average, tile_start, tile_segment, tile_group, ntiles,
+                            ratios, groups, ngroups, hyper, state);
     });
 }
