@@ -398,7 +398,9 @@ class ReferencePlan:
         # Each group's rate and scalars: m*lr, then the rule's scalars from it.
         values = [opt._step_scalars(calls, host_learning_rate, m) + (decay,)
                   for m, decay in pairs]
-        dt = params_data.dtype.type
+        # The unscale is a math-type scalar, as the kernels' (T)unscale (step.cuh):
+        # for 16-bit params float32, never rounded to the params' 16 bits.
+        dt = _math_dtype(params_data.dtype).type
         unscale = opt._unscale()
         if grad_scale is not None:  # in double, as kernels/reduce.cu's fusedopt_amp_inputs
             unscale = (1.0 if unscale is None else unscale) / float(grad_scale.reshape(-1)[0])

@@ -238,12 +238,19 @@ def test_float16_params_checkpoint_with_stochastic_state(tmp_path):
 EXECUTORS = ["numpy", "host", "emulated"]
 
 
-def make(cls_name, executor, params, libraries, **kwargs):
+def make(cls_name, executor, params, libraries, loss_scale=None, **kwargs):
+    """`cls_name` on `executor`; with `loss_scale` (LossScaleOptimizer's arguments)
+    wrapped in a LossScaleOptimizer (returned; its inner optimizer runs the steps)."""
     opt = getattr(fusedopt, cls_name)(executor="numpy" if executor == "emulated" else executor,
                                       **kwargs)
+    outer = opt if loss_scale is None else fusedopt.LossScaleOptimizer(opt, **loss_scale)
     if executor == "emulated":
         emulate(opt, params, libraries)
-    return opt
+    return outer
+
+
+def inner(opt):
+    return getattr(opt, "inner_optimizer", opt)
 
 
 @pytest.fixture
@@ -325,9 +332,12 @@ def executors_for(case, precision_case):
     return ("emulated",)
 
 
-def run_three(case, precision_case, libraries, executors=None, layout=LAYOUT, steps=STEPS):
+def run_three(case, precision_case, libraries, executors=None, layout=LAYOUT, steps=STEPS,
+              amp=None, nonfinite_at=()):
     """The same steps on the NumPy reference and `executors`; params and every slot
-    compared after every step (bitwise unless a norm sum may move a rounding)."""
+    compared after every step (bitwise unless a norm sum may move a rounding).
+    `amp`: per step a GradScaler's (scale, found_inf) for apply(); `nonfinite_at`: steps
+    whose gradient gets an inf (skipped with skip_nonfinite, or found_inf)."""
     _, cls_name, kwargs = case
     _, param, grad, options = precision_case
     executors = executors or executors_for(case, precision_case)
@@ -342,18 +352,31 @@ def run_three(case, precision_case, libraries, executors=None, layout=LAYOUT, st
     exact = bitwise_expected(kwargs)
     for step, g in enumerate(grads):
         g = fusedopt.FlatBuffer.from_arrays(g, dtype=dtype_of(grad)).data
+        if step in nonfinite_at:
+            g[len(g) // 2] = np.inf
+        extra = {}
+        if amp is not None:
+            scale, found = amp[step]
+            extra = {"grad_scale": np.array([scale], np.float32),
+                     "found_inf": np.array([found], np.float32)}
         for opt, params in runs.values():
-            opt.apply(g, params)
+            opt.apply(g, params, **extra)
         ref, ref_params = runs["numpy"]
         for executor in executors:
             opt, params = runs[executor]
             what = f"{executor}, step {step}"
             assert_matches(params.data, ref_params.data, exact, f"params, {what}")
-            for name in ref.slot_names:
-                assert opt.slots()[name].dtype == ref.slots()[name].dtype
-                assert_matches(opt.slots()[name], ref.slots()[name], exact, f"{name}, {what}")
-    for executor in executors:
-        assert runs[executor][0].iterations == steps
+            for name in inner(ref).slot_names:
+                actual, desired = inner(opt).slots()[name], inner(ref).slots()[name]
+                assert actual.dtype == desired.dtype
+                assert_matches(actual, desired, exact, f"{name}, {what}")
+            assert opt.iterations == ref.iterations, what
+            assert inner(opt).skipped_steps == inner(ref).skipped_steps, what
+    n = kwargs.get("gradient_accumulation_steps") or 1
+    skipped = len(set(nonfinite_at) | {k for k, (_, found) in enumerate(amp or []) if found})
+    for executor, (opt, _) in runs.items():
+        assert (opt.iterations, inner(opt).skipped_steps) == ((steps - skipped) // n,
+                                                              skipped), executor
     return runs
 
 
@@ -388,6 +411,36 @@ OPTION_CASES = [
 @pytest.mark.parametrize("case", OPTION_CASES, ids=[c[0] for c in OPTION_CASES])
 def test_pipeline_options_in_mixed_precision(case, precision_case, host_ok, libraries):
     run_three(case, precision_case, libraries)
+
+
+# The unscale (1/loss_scale_factor, a LossScaleOptimizer's 1/scale, GradScaler's
+# 1/grad_scale) is a float32 scalar for 16-bit params, as the kernels' (T)unscale:
+# rounding it to the params' 16 bits moved about a third of the params of a bfloat16
+# SGD step with loss_scale_factor=3 (the NumPy executor did so until it was fixed).
+F16_CASE = ("f16", "float16", "float16", {})
+UNSCALE_PRECISIONS = [PRECISIONS[0], PRECISIONS[1], PRECISIONS[2], F16_CASE, PRECISIONS[4]]
+UNSCALE_CASES = [
+    ("sgd+loss_scale_factor", "SGD", {"learning_rate": 1.0, "loss_scale_factor": 3.0}),
+    ("adam+loss_scale_optimizer", "Adam",
+     {"loss_scale": {"initial_scale": 3.0, "dynamic_growth_steps": 2}}),
+]
+
+
+@pytest.mark.parametrize("precision_case", UNSCALE_PRECISIONS,
+                         ids=[p[0] for p in UNSCALE_PRECISIONS])
+@pytest.mark.parametrize("case", UNSCALE_CASES, ids=[c[0] for c in UNSCALE_CASES])
+def test_16_bit_params_unscale_in_float32_bitwise(case, precision_case, host_ok, libraries):
+    run_three(case, precision_case, libraries, executors=("host", "emulated"), steps=4)
+
+
+@pytest.mark.parametrize("precision_case", [PRECISIONS[0], F16_CASE],
+                         ids=["bf16", "f16"])
+def test_16_bit_params_with_grad_scaler_inputs_bitwise(precision_case, host_ok, libraries):
+    """torch.amp.GradScaler's scale and inf flag (apply's grad_scale, found_inf) with
+    16-bit params: a scale of 3 (1/3 is not a bfloat16) and a flagged step."""
+    amp = [(3.0, 0.0), (3.0, 1.0), (6.0, 0.0), (6.0, 0.0)]
+    run_three(("sgd-momentum", "SGD", {"momentum": 0.9}), precision_case, libraries,
+              executors=("host", "emulated"), steps=4, amp=amp)
 
 
 def test_unaligned_16_bit_buffers_take_the_scalar_path_with_the_same_bits(libraries):
