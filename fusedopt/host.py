@@ -453,11 +453,8 @@ class HostPlan:
         options = self.optimizer._option_slots
         average, accumulator = (None if options.get(k) is None else options[k].ctypes.data
                                 for k in ("average", "gradient_accumulator"))
-        if fn(params_data.ctypes.data, grads.ctypes.data, s[0], s[1], s[2], master, average,
-              accumulator, plan, hyper, state) < 0:
-            # fusedopt.optimizer refuses these before any buffer exists (_precision_for).
-            raise RuntimeError("use_ema and gradient_accumulation_steps run on float32 or "
-                               "float64 buffers only")
+        fn(params_data.ctypes.data, grads.ctypes.data, s[0], s[1], s[2], master, average,
+           accumulator, plan, hyper, state)
 
     def _muon_step(self, fn, grads, params_data, s, plan, hyper, state):
         """Muon: the element-wise pass (AdamW segments done, d for the Muon ones),
