@@ -151,7 +151,11 @@ class FusedOptimizer:
             to nearest, in the same pass. Only for 16-bit params.
         state_dtype: the dtype of the state slots: None (default: float32, float64
             for float64 params), "float32" or "bfloat16" (float64 params: float64).
-            Slots are updated in float32 and stored rounded to nearest.
+            Slots are updated in float32 and stored rounded to nearest; so are
+            use_ema's `average` and the `gradient_accumulator`. The average is of
+            what the model holds after the step (the master, else the params as
+            stored), and an overwrite writes the stored average into the master and
+            the params (kernels/options.cuh).
         stochastic_rounding: bfloat16 params without a master copy are stored
             rounded stochastically (unbiased), from a hash of `seed`, the step count
             and the element's index: deterministic, nothing else to checkpoint.
