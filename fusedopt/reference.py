@@ -315,9 +315,9 @@ def newton_schulz(x, steps, a, b, c):
 def ema(average, p, momentum):
     """Keras' moving average of the weights, after the step: average <- mom*average +
     (1-mom)*p, with mom = 0 on the first update (the average starts as p) and
-    ema_momentum afterwards; 1-mom is taken in the math dtype, as Keras does in the
-    variable's. `average` and `p` are math-dtype arrays (ReferencePlan._moving_average
-    loads and stores 16-bit storage)."""
+    ema_momentum afterwards; 1-mom is taken in the math dtype (Keras takes it in the
+    variable's: the same for float32 and float64 variables). `average` and `p` are
+    math-dtype arrays (ReferencePlan._moving_average loads and stores 16-bit storage)."""
     average[...] = momentum * average + (1 - momentum) * p
 
 
