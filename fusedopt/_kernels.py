@@ -168,10 +168,17 @@ def rule_kernels(rule):
     return [f"fusedopt_{rule}"]
 
 
-def reduce_source(dtype):
-    """The translation unit exporting the reduction kernels for one gradient dtype."""
-    key = storage_key(dtype)
+def reduce_source(dtype, state=None):
+    """The translation unit exporting the reduction kernels for grads of `dtype` and
+    state of `state` (default `dtype`): fusedopt_sumsq reads gradient accumulation's
+    slot, stored in the state dtype."""
+    key = storage_key(dtype, dtype, state)
     return expand_includes(storage_prelude(key) + '#include "reduce.cu"\n')
+
+
+def reduce_key(storage):
+    """The (grad, state) pair a storage key's reductions are built for."""
+    return storage[1], storage[2]
 
 
 _RULE_STRUCT = r"^\s*struct\s+{}\s*\{{"
@@ -213,7 +220,7 @@ def translation_units(full=False):
     rule for float64, float32 and bfloat16 params, grads with float32 state; every
     combination for CROSS_PRODUCT_RULE (every rule with `full`); a rule with kernels of
     its own for OWN_KERNEL_KEYS only, with its `rule_kernels`; the reductions for each
-    gradient dtype."""
+    accepted pair of gradient and state dtypes."""
     units = []
     reduction = ["fusedopt_sumsq", "fusedopt_clip_factors", "fusedopt_skip_check",
                  "fusedopt_write_hyper", "fusedopt_write_state"]
@@ -229,8 +236,9 @@ def translation_units(full=False):
             if full or everywhere or rule == CROSS_PRODUCT_RULE:
                 units.append((f"{rule}/{key_label(key)}", rule_source(rule, *key),
                               [f"fusedopt_{rule}"]))
-    for grad in ("float64", "float32", "bfloat16", "float16"):
-        units.append((f"reduce/{grad}", reduce_source(grad), reduction))
+    for grad, state in sorted({reduce_key(key) for key in COMBINATIONS}):
+        label = grad if grad == state else f"{grad}:{state}"
+        units.append((f"reduce/{label}", reduce_source(grad, state), reduction))
     return units
 
 

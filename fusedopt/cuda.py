@@ -166,13 +166,14 @@ class CupyBackend:
 
     def function(self, rule, storage, name):
         """Kernel `name` of `rule`'s module (None: the reductions) for `storage`, a
-        (param, grad, state) dtype-name tuple (the reductions read only the grads')."""
+        (param, grad, state) dtype-name tuple (the reductions read the grads' and the
+        state's: gradient accumulation's slot)."""
         from . import _kernels
 
         storage = _kernels.as_storage(storage)
         key = (self.device_id, rule, storage, name)
         if key not in self._functions:
-            source = (_kernels.reduce_source(storage[1]) if rule is None
+            source = (_kernels.reduce_source(*_kernels.reduce_key(storage)) if rule is None
                       else _kernels.rule_source(rule, *storage))
             cubin = _kernels.cached_cubin(source, self.arch, f"{rule or 'reduce'}.cu")
             with on_device(self.device):

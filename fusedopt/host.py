@@ -452,11 +452,8 @@ class HostPlan:
         if self.optimizer.rule == "muon":  # uniform float32/float64: no master copy
             return self._muon_step(fn, grads, params_data, s, average, accumulator, plan,
                                    hyper, state)
-        if fn(params_data.ctypes.data, grads.ctypes.data, s[0], s[1], s[2], master, average,
-              accumulator, plan, hyper, state) < 0:
-            # fusedopt.optimizer refuses these before any buffer exists (_precision_for).
-            raise RuntimeError("use_ema and gradient_accumulation_steps run on float32 or "
-                               "float64 buffers only")
+        fn(params_data.ctypes.data, grads.ctypes.data, s[0], s[1], s[2], master, average,
+           accumulator, plan, hyper, state)
 
     def _muon_step(self, fn, grads, params_data, s, average, accumulator, plan, hyper, state):
         """Muon: the element-wise pass (AdamW segments done, d for the Muon ones),

@@ -151,7 +151,11 @@ class FusedOptimizer:
             to nearest, in the same pass. Only for 16-bit params.
         state_dtype: the dtype of the state slots: None (default: float32, float64
             for float64 params), "float32" or "bfloat16" (float64 params: float64).
-            Slots are updated in float32 and stored rounded to nearest.
+            Slots are updated in float32 and stored rounded to nearest; so are
+            use_ema's `average` and the `gradient_accumulator`. The average is of
+            what the model holds after the step (the master, else the params as
+            stored), and an overwrite writes the stored average into the master and
+            the params (kernels/options.cuh).
         stochastic_rounding: bfloat16 params without a master copy are stored
             rounded stochastically (unbiased), from a hash of `seed`, the step count
             and the element's index: deterministic, nothing else to checkpoint.
@@ -259,6 +263,7 @@ class FusedOptimizer:
         self._slots = None    # rule-ordered list: a 1-D array per slot, None where absent
         self._option_slots = None  # {"average": EMA, "gradient_accumulator": ...} present
         self._ema_swapped = False  # params hold the moving average (swap_ema_weights)
+        self._ema_saved_params = None  # the params meanwhile, when their dtype is not the average's
         self._pending_state = None
         self._plan = None     # the executor's plan (fusedopt.executor) once built
         self._grads_dtype = None  # the latest step's grads dtype (_reference_only)
@@ -336,15 +341,8 @@ class FusedOptimizer:
         """The checked fusedopt.precision.Precision of this optimizer on params of
         `param_dtype` (and grads of `grad_dtype`, default the params'); ValueError
         naming the argument when the combination is refused."""
-        result = precision.resolve_precision(param_dtype, grad_dtype, self.state_dtype,
-                                             self.master_weights, self.stochastic_rounding)
-        narrow = {result.param, result.grad, result.state} & set(precision.SIXTEEN_BIT)
-        for option in ("use_ema", "gradient_accumulation_steps"):
-            if narrow and getattr(self, option):
-                raise ValueError(
-                    f"`{option}` is not implemented with {'/'.join(sorted(narrow))} buffers "
-                    "yet (params, grads and state must be float32 or float64)")
-        return result
+        return precision.resolve_precision(param_dtype, grad_dtype, self.state_dtype,
+                                           self.master_weights, self.stochastic_rounding)
 
     def _slot_dtype(self, name, param_dtype):
         """A slot's dtype name: the master copy's float32, every other slot's the state
@@ -638,9 +636,20 @@ class FusedOptimizer:
         average = self._option_slots["average"]
         self._plan.join_current_stream()
         with cuda.on_device(self._device):
-            saved = params.data.copy()
-            params.data[...] = average
-            average[...] = saved
+            if average.dtype != params.data.dtype:
+                # 16-bit params or state: an exchange would round the one into the
+                # other's dtype. The params are kept aside (the average stays as it is)
+                # and hold the average rounded to nearest until they come back.
+                if self._ema_swapped:
+                    params.data[...] = self._ema_saved_params
+                    self._ema_saved_params = None
+                else:
+                    self._ema_saved_params = params.data.copy()
+                    params.data[...] = average
+            else:
+                saved = params.data.copy()
+                params.data[...] = average
+                average[...] = saved
         self._ema_swapped = not self._ema_swapped
 
     def ema_weights(self, params):
@@ -659,7 +668,8 @@ class FusedOptimizer:
 
     def finalize_variable_values(self, params):
         """Keras' end of training: with use_ema, copy the moving average into the
-        params (the average is kept); without, nothing changes."""
+        params (rounded to nearest for 16-bit params) and into the float32 master copy
+        when there is one (the average is kept); without, nothing changes."""
         if not self.use_ema:
             return
         params = self._check_ema_params(params, "finalize_variable_values")
@@ -667,7 +677,10 @@ class FusedOptimizer:
             raise ValueError("`params` hold the EMA weights already (swap_ema_weights)")
         self._plan.join_current_stream()
         with cuda.on_device(self._device):
-            params.data[...] = self._option_slots["average"]
+            average = self._option_slots["average"]
+            params.data[...] = average
+            if self._option_slots.get("master") is not None:
+                self._option_slots["master"][...] = average
 
     def _check_ema_params(self, params, what):
         if not self.use_ema:

@@ -15,8 +15,10 @@ Mixed precision (fusedopt.precision): the rules always see arrays of the math dt
 (float32, or float64 for float64 buffers). ReferencePlan loads 16-bit buffers into it
 exactly, once, and stores the results back rounded, once: to nearest even, or for
 bfloat16 params with stochastic_rounding, stochastically; with master weights the rule
-updates the float32 master and the params receive it rounded. The same points as
-kernels/storage.cuh and fused.cu round.
+updates the float32 master and the params receive it rounded. Keras' options' slots
+(use_ema's average, gradient accumulation's accumulator) are state slots, rounded
+the same way; the average reads the master, or the params as stored. The same points
+as kernels/storage.cuh, options.cuh and fused.cu round.
 """
 
 import math
@@ -313,7 +315,9 @@ def newton_schulz(x, steps, a, b, c):
 def ema(average, p, momentum):
     """Keras' moving average of the weights, after the step: average <- mom*average +
     (1-mom)*p, with mom = 0 on the first update (the average starts as p) and
-    ema_momentum afterwards; 1-mom is taken in the buffer's dtype, as Keras does."""
+    ema_momentum afterwards; 1-mom is taken in the math dtype (Keras takes it in the
+    variable's: the same for float32 and float64 variables). `average` and `p` are
+    math-dtype arrays (ReferencePlan._moving_average loads and stores 16-bit storage)."""
     average[...] = momentum * average + (1 - momentum) * p
 
 
@@ -398,7 +402,9 @@ class ReferencePlan:
         # Each group's rate and scalars: m*lr, then the rule's scalars from it.
         values = [opt._step_scalars(calls, host_learning_rate, m) + (decay,)
                   for m, decay in pairs]
-        dt = params_data.dtype.type
+        # The unscale is a math-type scalar, as the kernels' (T)unscale (step.cuh):
+        # for 16-bit params float32, never rounded to the params' 16 bits.
+        dt = _math_dtype(params_data.dtype).type
         unscale = opt._unscale()
         if grad_scale is not None:  # in double, as kernels/reduce.cu's fusedopt_amp_inputs
             unscale = (1.0 if unscale is None else unscale) / float(grad_scale.reshape(-1)[0])
@@ -418,7 +424,7 @@ class ReferencePlan:
                                calls)
             average = opt._option_slots.get("average")
             if average is not None:
-                self._moving_average(params_data, average, calls // opt._accumulation)
+                self._moving_average(params_data, average, calls // opt._accumulation, calls)
         self.counters[0] += 1
         self.counters[2] = False
         if growth:
@@ -433,13 +439,30 @@ class ReferencePlan:
     def write_state(self, iterations, skipped_steps, last_step_skipped):
         self.counters = [iterations, skipped_steps, last_step_skipped]
 
-    def _moving_average(self, p, average, iterations):
-        """Keras' EMA after the update, at `iterations` updates done before this call."""
+    def _moving_average(self, params, average, iterations, calls):
+        """Keras' EMA after the update, at `iterations` updates done before this call
+        (`calls`: the calls before it, what stochastic rounding hashes).
+
+        It averages what the model holds after the step: the float32 master when there
+        is one, else the params as stored (16-bit: rounded, to nearest or
+        stochastically). The average is a state slot: computed in the math dtype and
+        stored rounded to nearest once. An overwrite copies the average as stored into
+        the master (exact) and into the params, rounded as every param store
+        (kernels/options.cuh, fo_moving_average; fused.cu; host.cpp)."""
         opt = self.optimizer
-        ema(average, p, p.dtype.type(opt.ema_momentum if iterations else 0.0))
+        master = opt._option_slots.get("master")
+        held = master if master is not None else _as_math(params)
+        value = _as_math(average)
+        ema(value, held, held.dtype.type(opt.ema_momentum if iterations else 0.0))
+        if value is not average:
+            precision.store_nearest(average, value)
+            value = _as_math(average)
         frequency = opt.ema_overwrite_frequency
         if frequency and (iterations + 1) % frequency == 0:
-            p[...] = average
+            if master is not None:
+                master[...] = value
+            _Stores(params, None, opt.stochastic_rounding, opt.seed, calls).store_params(
+                value, 0, params.size)
 
     def _pipeline(self, p_all, g_all, slots, values, segment_group, unscale, calls=0):
         """`values`: (lr, scalars, decay on) of each segment group; `segment_group`:
@@ -527,8 +550,15 @@ class _Stores:
         for dst, x in zip(state, loaded):
             if dst is not None and x is not dst:
                 precision.store_nearest(dst, x)
+        self.store_params(p, start, stop)
+
+    def store_params(self, p, start, stop):
+        """params[start:stop] <- the math values p, rounded (nothing to do when p is
+        the params' own view, updated in place)."""
         dst = self.params[start:stop]
-        if p.dtype == dst.dtype:  # the params' own view, updated in place
+        if p.dtype == dst.dtype:
+            if p is not dst and not np.shares_memory(p, dst):
+                dst[...] = p
             return
         if self.stochastic:
             precision.store_stochastic(dst, p, self.seed, self.step, start=start)
@@ -539,13 +569,19 @@ class _Stores:
 def accumulate(accumulator, g, unscale, steps, apply):
     """Keras' gradient accumulation on one call, with the (unscaled) gradient g: add
     it into the accumulator and return None; or, on the call that applies, return
-    (g + accumulator)/steps and zero the accumulator."""
+    (g + accumulator)/steps and zero the accumulator. In the math dtype: 16-bit grads
+    and accumulator are loaded exactly, the sum stored back rounded to nearest once
+    (the accumulator is a state slot); the mean is a math-dtype array."""
+    acc = _as_math(accumulator)
+    g = _as_math(g)
     if unscale is not None:
         g = g * unscale
     if not apply:
-        accumulator += g
+        acc += g
+        if acc is not accumulator:
+            precision.store_nearest(accumulator, acc)
         return None
-    mean = (g + accumulator) / accumulator.dtype.type(steps)
+    mean = (g + acc) / acc.dtype.type(steps)
     accumulator[...] = 0
     return mean
 

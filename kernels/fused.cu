@@ -66,8 +66,13 @@ __device__ __forceinline__ void update_run(long long i, P* p, float* master, con
     for (int k = 0; k < N; ++k)
         fused_element<Rule>(pv[k], gv[k], av[k], bv[k], cv[k], factor, pro, st);
     if (avg) {
+        // The average reads what the model holds: the master, or the params as stored
+        // (their store below then rewrites the same bits).
+        if constexpr (sizeof(P) == 2) {
+            if (!from_master) fo_param_stored_run<N, P>(pv, rounding, (fo_u64)i);
+        }
 #pragma unroll
-        for (int k = 0; k < N; ++k) fo_moving_average(pv[k], ev[k], o);
+        for (int k = 0; k < N; ++k) fo_moving_average<S>(pv[k], ev[k], o);
         fo_store_run<N>(avg + i, ev);
     }
     if (acc) fo_store_run<N>(acc + i, qv);
@@ -80,18 +85,25 @@ __device__ __forceinline__ void update_run(long long i, P* p, float* master, con
     if (s2) fo_store_run<N>(s2 + i, cv);
 }
 
-// Gradient accumulation's light calls: g and the accumulator, plus the params and the
-// moving average with use_ema (the params written only when the average overwrites
-// them).
+// Gradient accumulation's light calls: g and the accumulator, plus with use_ema the
+// moving average of what the model holds (the master when there is one, else the
+// params as stored), which are written only when the average overwrites them.
 template <int N, typename T, typename P, typename G, typename S>
-__device__ __forceinline__ void accumulate_run(long long i, P* p, const G* g, S* avg, S* acc,
-                                               const FoRounding& rounding,
+__device__ __forceinline__ void accumulate_run(long long i, P* p, float* master, const G* g,
+                                               S* avg, S* acc, const FoRounding& rounding,
                                                const OptionScalars<T>& o) {
     T gv[N], qv[N], pv[N] = {}, ev[N] = {};
+    bool from_master = false;
     fo_load_run<N>(g + i, gv);
     fo_load_run<N>(acc + i, qv);
     if (avg) {
-        fo_load_run<N>(p + i, pv);
+        if constexpr (sizeof(P) == 2) {
+            if (master) {
+                fo_load_run<N>(master + i, pv);
+                from_master = true;
+            }
+        }
+        if (!from_master) fo_load_run<N>(p + i, pv);
         fo_load_run<N>(avg + i, ev);
     }
 #pragma unroll
@@ -99,9 +111,13 @@ __device__ __forceinline__ void accumulate_run(long long i, P* p, const G* g, S*
     fo_store_run<N>(acc + i, qv);
     if (!avg) return;
 #pragma unroll
-    for (int k = 0; k < N; ++k) fo_moving_average(pv[k], ev[k], o);
+    for (int k = 0; k < N; ++k) fo_moving_average<S>(pv[k], ev[k], o);
     fo_store_run<N>(avg + i, ev);
-    if (o.overwrite) fo_store_param_run<N>(p + i, pv, rounding, (fo_u64)i);
+    if (!o.overwrite) return;
+    if constexpr (sizeof(P) == 2) {
+        if (from_master) fo_store_run<N>(master + i, pv);
+    }
+    fo_store_param_run<N>(p + i, pv, rounding, (fo_u64)i);
 }
 
 // Where element 0 of buffer x sits in a run of V elements of its own type: x / sizeof
@@ -216,11 +232,11 @@ __device__ __forceinline__ void fused_step(
             long long head, body_end;
             tile_split<V>(begin, end, first, &head, &body_end);
             for (long long i = begin + threadIdx.x; i < head; i += blockDim.x)
-                accumulate_run<1>(i, p, g, avg, acc, rounding, options);
+                accumulate_run<1>(i, p, master, g, avg, acc, rounding, options);
             for (long long i = head + V * threadIdx.x; i < body_end; i += V * blockDim.x)
-                accumulate_run<V>(i, p, g, avg, acc, rounding, options);
+                accumulate_run<V>(i, p, master, g, avg, acc, rounding, options);
             for (long long i = body_end + threadIdx.x; i < end; i += blockDim.x)
-                accumulate_run<1>(i, p, g, avg, acc, rounding, options);
+                accumulate_run<1>(i, p, master, g, avg, acc, rounding, options);
         }
         return;
     }

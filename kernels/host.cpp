@@ -22,13 +22,14 @@
 // kernels/whole_host.cpp includes this file for the rules with kernels of their own
 // (lamb_host.cpp, muon_host.cpp: FUSEDOPT_T only, P/G/S default to it below).
 //
-// Keras' options (kernels/options.cuh: EMA, gradient accumulation), for uniform
-// float32/float64 storage (fusedopt/optimizer.py refuses them on 16-bit buffers): a
-// call that only accumulates runs one light loop over g and the accumulator (and p
+// Keras' options (kernels/options.cuh: EMA, gradient accumulation): a call that only
+// accumulates runs one light loop over g and the accumulator (and p, or the master,
 // and the average with EMA); a call that applies forms the accumulated mean of each
 // chunk into a scratch the update reads as its gradient, and updates the moving
-// average after the chunk's update, while the chunk is still in cache. Each loop is
-// simple enough to vectorise.
+// average after the chunk's update, while the chunk is still in cache, from the params
+// (or master) just stored: what the model holds. Uniform float32/float64 storage takes
+// loops simple enough to vectorise; other storage (16-bit params, grads or state)
+// converts element by element, rounding where fused.cu rounds.
 #pragma once
 #include "options.cuh"
 #include "storage.cuh"
@@ -160,8 +161,8 @@ class Barrier {
 // Sum of (g * unscale)^2 over [begin, end) in double, as fusedopt_sumsq does (with
 // Acc, of the accumulated mean's squares, options.cuh: fo_norm_value); with Check,
 // `nonfinite` says whether a raw gradient is inf or NaN (skip_nonfinite).
-template <bool Check, bool Acc, typename G, typename T>
-static double tile_sum_of_squares(const G* __restrict__ g, const T* __restrict__ acc,
+template <bool Check, bool Acc, typename G, typename T, typename A>
+static double tile_sum_of_squares(const G* __restrict__ g, const A* __restrict__ acc,
                                   long long begin, long long end, T unscale, T steps,
                                   int* nonfinite) {
     double lane[FO_LANES];
@@ -171,8 +172,8 @@ static double tile_sum_of_squares(const G* __restrict__ g, const T* __restrict__
     for (; i + FO_LANES <= end; i += FO_LANES) {
         for (int j = 0; j < FO_LANES; ++j) {
             const T gi = fo_load(g[i + j]);
-            const double x = (double)fo_norm_value(gi, Acc ? acc[i + j] : T(0), Acc, unscale,
-                                                   steps);
+            const double x = (double)fo_norm_value(gi, Acc ? (T)fo_load(acc[i + j]) : T(0), Acc,
+                                                   unscale, steps);
             lane[j] += x * x;
             if (Check) bad[j] += gi - gi;
         }
@@ -180,7 +181,8 @@ static double tile_sum_of_squares(const G* __restrict__ g, const T* __restrict__
     double rest = 0.0;  // the last < FO_LANES elements, in order
     for (; i < end; ++i) {
         const T gi = fo_load(g[i]);
-        const double x = (double)fo_norm_value(gi, Acc ? acc[i] : T(0), Acc, unscale, steps);
+        const double x = (double)fo_norm_value(gi, Acc ? (T)fo_load(acc[i]) : T(0), Acc, unscale,
+                                               steps);
         rest += x * x;
         if (Check) bad[0] += gi - gi;
     }
@@ -202,11 +204,12 @@ static double tile_sum_of_squares(const G* g, long long begin, long long end, T 
 }
 
 // What the norm clip sums: the gradients times unscale, or on gradient accumulation's
-// applying call the mean of them and the accumulator (`acc` null otherwise).
-template <typename T, typename G>
+// applying call the mean of them and the accumulator (`acc` null otherwise; stored as
+// the state, S).
+template <typename T, typename G, typename S>
 struct NormInput {
     const G* g;
-    const T* acc;
+    const S* acc;
     T unscale;
     T steps;
 
@@ -264,10 +267,14 @@ static void update_dispatch(P* p, float* master, const G* g, S* s0, S* s1, S* s2
 
 // Gradient accumulation's applying call: mean[i] = the chunk's accumulated mean, which
 // the update then reads as its gradient; the accumulator restarts.
-template <typename T>
-static void accumulated_mean_run(T* __restrict__ mean, const T* __restrict__ g,
-                                 T* __restrict__ acc, long long n, const OptionScalars<T> o) {
-    for (long long i = 0; i < n; ++i) mean[i] = fo_accumulated_mean(g[i], acc[i], o);
+template <typename T, typename G, typename S>
+static void accumulated_mean_run(T* __restrict__ mean, const G* __restrict__ g,
+                                 S* __restrict__ acc, long long n, const OptionScalars<T> o) {
+    for (long long i = 0; i < n; ++i) {
+        T q = fo_load(acc[i]);
+        mean[i] = fo_accumulated_mean((T)fo_load(g[i]), q, o);
+        fo_store(acc[i], q);
+    }
 }
 
 // The moving average after the update of a chunk (Overwrite: the params take it).
@@ -275,7 +282,7 @@ template <bool Overwrite, typename T>
 static void moving_average_run(T* __restrict__ p, T* __restrict__ avg, long long n,
                                OptionScalars<T> o) {
     o.overwrite = Overwrite;
-    for (long long i = 0; i < n; ++i) fo_moving_average(p[i], avg[i], o);
+    for (long long i = 0; i < n; ++i) fo_moving_average<T>(p[i], avg[i], o);
 }
 
 template <typename T>
@@ -295,6 +302,36 @@ static void accumulate_only(T* p, const T* g, T* avg, T* acc, long long n,
         const T* __restrict__ x = g + a;
         for (long long i = 0; i < count; ++i) fo_accumulate(x[i], q[i], o);
         if (avg) moving_average_run(p + a, avg + a, count, o);
+    }
+}
+
+// The options on other storage (16-bit params, grads or state), element by element.
+// The moving average of [0, n) after their update: of the master, or of the params as
+// stored (read back: the rounded value); an overwrite copies the stored average into
+// the master and the params, rounded as every param store (element `first` + i).
+template <typename T, typename P, typename S>
+static void moving_average_converting(P* __restrict__ p, float* __restrict__ master,
+                                      S* __restrict__ avg, long long n, long long first,
+                                      const FoRounding& rounding, const OptionScalars<T>& o) {
+    for (long long i = 0; i < n; ++i) {
+        T pi = master ? (T)master[i] : (T)fo_load(p[i]);
+        T e = fo_load(avg[i]);
+        fo_moving_average<S>(pi, e, o);
+        fo_store(avg[i], e);
+        if (!o.overwrite) continue;
+        if (master) master[i] = (float)pi;
+        fo_store_param(p[i], pi, rounding, (fo_u64)(first + i));
+    }
+}
+
+// A call that only accumulates, on other storage: acc <- acc + g*unscale, rounded once.
+template <typename T, typename G, typename S>
+static void accumulate_converting(const G* __restrict__ g, S* __restrict__ acc, long long n,
+                                  const OptionScalars<T>& o) {
+    for (long long i = 0; i < n; ++i) {
+        T q = fo_load(acc[i]);
+        fo_accumulate((T)fo_load(g[i]), q, o);
+        fo_store(acc[i], q);
     }
 }
 
@@ -347,10 +384,10 @@ struct GroupValues {
 // cache for all but huge segments; the sums of segments shared with other threads were
 // taken before the step's barrier. Either way a segment's sum is the sum of its tiles'
 // sums in tile order, so the result does not depend on who computed what.
-template <typename T, typename G>
+template <typename T, typename G, typename S>
 struct SegmentFactors {
     const HostPlan* plan;
-    NormInput<T, G> input;
+    NormInput<T, G, S> input;
     long long begin, end;            // this thread's elements
     long long segment = -1;          // the segment of the next element, once known
     T factor = T(1);
@@ -429,8 +466,8 @@ static void thread_elements(const HostPlan& plan, int t, int n, long long* begin
 // global norm or the finite check; for per-segment norms, only the tiles of segments
 // that straddle two threads' elements (SegmentFactors sums the others on the way).
 // Thread t takes the tiles starting among its elements.
-template <typename T, typename G>
-static void thread_sums(int t, int n, const NormInput<T, G>& input, const HostPlan& plan,
+template <typename T, typename G, typename S>
+static void thread_sums(int t, int n, const NormInput<T, G, S>& input, const HostPlan& plan,
                         std::atomic<int>* any_nonfinite) {
     long long begin, end;
     thread_elements(plan, t, n, &begin, &end);
@@ -470,24 +507,32 @@ template <typename Rule, typename T, typename P, typename G, typename S>
 static void thread_update(int t, int n, P* p, float* master, const G* g, S* const s[3],
                           const HostPlan& plan, const GroupValues<T>& values,
                           const FoRounding& rounding, const StepOptions<T, S>& options,
-                          const NormInput<T, G>& norm) {
+                          const NormInput<T, G, S>& norm) {
     long long begin, end;
     thread_elements(plan, t, n, &begin, &end);
     if (begin >= end) return;
     constexpr bool uniform = sizeof(P) == sizeof(T) && sizeof(G) == sizeof(T) &&
                              sizeof(S) == sizeof(T);
-    if constexpr (uniform) {  // P, G and S are T: the options' loops (see the top)
-        if (options.acc && !options.o.apply) {
+    if (options.acc && !options.o.apply) {
+        if constexpr (uniform) {  // P, G and S are T: the options' loops (see the top)
             accumulate_only<T>(p + begin, g + begin, options.avg ? options.avg + begin : nullptr,
                                options.acc + begin, end - begin, options.o);
-            return;
+        } else {
+            for (long long a = begin, count; a < end; a += count) {
+                count = end - a < FO_CHUNK ? end - a : FO_CHUNK;
+                accumulate_converting<T>(g + a, options.acc + a, count, options.o);
+                if (options.avg)
+                    moving_average_converting<T>(p + a, master ? master + a : nullptr,
+                                                 options.avg + a, count, a, rounding, options.o);
+            }
         }
+        return;
     }
     S scratch[3 * FO_CHUNK];
     T factors[FO_CHUNK];
     T mean[FO_CHUNK];  // the accumulated mean of a chunk, on the call that applies
     const T factor = plan.clip_mode == FO_CLIP_GLOBAL ? global_factor<T>(plan) : T(1);
-    SegmentFactors<T, G> segments = {&plan, norm, begin, end};
+    SegmentFactors<T, G, S> segments = {&plan, norm, begin, end};
     const bool per_segment = plan.clip_mode == FO_CLIP_SEGMENT;
     long long run = first_tile_at(plan.run_start, plan.nruns, begin + 1) - 1;  // holds begin
     for (long long a = begin, count; a < end; a += count) {
@@ -508,22 +553,30 @@ static void thread_update(int t, int n, P* p, float* master, const G* g, S* cons
         float* m = master ? master + a : nullptr;
         // The segments' norms first: they read the accumulator the mean restarts.
         if (per_segment) segments.fill(a, count, factors);
-        const G* ga = g + a;
-        if constexpr (uniform) {
-            if (options.acc) {
-                accumulated_mean_run<T>(mean, g + a, options.acc + a, count, options.o);
-                ga = mean;
+        // The gradients the update reads: g's, or the accumulated mean (math type).
+        auto update = [&](const auto* ga) {
+            if (per_segment) {
+                update_dispatch<Rule, true>(p + a, m, ga, slot[0], slot[1], slot[2], factors,
+                                            count, factor, pro, st, rounding, a);
+            } else {
+                update_dispatch<Rule, false>(p + a, m, ga, slot[0], slot[1], slot[2],
+                                             (const T*)nullptr, count, factor, pro, st,
+                                             rounding, a);
             }
-        }
-        if (per_segment) {
-            update_dispatch<Rule, true>(p + a, m, ga, slot[0], slot[1], slot[2], factors,
-                                        count, factor, pro, st, rounding, a);
+        };
+        if (options.acc) {
+            accumulated_mean_run<T>(mean, g + a, options.acc + a, count, options.o);
+            update(static_cast<const T*>(mean));
         } else {
-            update_dispatch<Rule, false>(p + a, m, ga, slot[0], slot[1], slot[2],
-                                         (const T*)nullptr, count, factor, pro, st, rounding, a);
+            update(g + a);
         }
-        if constexpr (uniform) {
-            if (options.avg) moving_average_run<T>(p + a, options.avg + a, count, options.o);
+        if (options.avg) {
+            if constexpr (uniform) {
+                moving_average_run<T>(p + a, options.avg + a, count, options.o);
+            } else {
+                moving_average_converting<T>(p + a, m, options.avg + a, count, a, rounding,
+                                             options.o);
+            }
         }
     }
 }
@@ -535,7 +588,7 @@ template <typename Rule, typename T, typename P, typename G, typename S>
 static void thread_step(int t, int n, P* p, float* master, const G* g, S* const slots[3],
                         const HostPlan& plan, const GroupValues<T>& values,
                         const FoRounding& rounding, const StepOptions<T, S>& options,
-                        const NormInput<T, G>& norm, fo_pool::Barrier* barrier,
+                        const NormInput<T, G, S>& norm, fo_pool::Barrier* barrier,
                         std::atomic<int>* any_nonfinite) {
     const bool norms = plan.clip_mode != FO_CLIP_NONE && (options.o.apply || !options.acc);
     if (norms || plan.skip_nonfinite) {
@@ -600,14 +653,10 @@ static bool start_step(HostPlan* plan, const Hyper* block, StepState* state,
 // One optimizer step: its values from the hyperparameters and the counters (the
 // functions the GPU runs), the update, then the counters advanced (fo_advance), as the
 // GPU does on the device. Returns 1 if the step was applied, 0 if it was skipped
-// (skip_nonfinite, found_inf, a loss scale of 0: then no buffer was written), -1 if
-// Keras' options came with storage they do not run on (nothing written or counted).
+// (skip_nonfinite, found_inf, a loss scale of 0: then no buffer was written).
 template <typename Rule, typename T, typename P, typename G, typename S>
 static int host_step(P* p, const G* g, S* s0, S* s1, S* s2, float* master, S* average,
                      S* accumulator, HostPlan* plan, const Hyper* block, StepState* state) {
-    if constexpr (!(sizeof(P) == sizeof(T) && sizeof(G) == sizeof(T) && sizeof(S) == sizeof(T))) {
-        if (average || accumulator) return -1;
-    }
     StepStart<T> start;
     if (!start_step<Rule>(plan, block, state, &start)) return 0;
     const Hyper* h = start.h;
@@ -615,9 +664,8 @@ static int host_step(P* p, const G* g, S* s0, S* s1, S* s2, float* master, S* av
     const StepPhase& phase = start.phase;
     const GroupValues<T>& groups = start.groups;
     const StepOptions<T, S> options = {average, accumulator, fo_options<T>(phase)};
-    const NormInput<T, G> norm = {
-        g, phase.apply ? (const T*)(const void*)accumulator : nullptr, options.o.unscale,
-        options.o.steps};
+    const NormInput<T, G, S> norm = {g, phase.apply ? accumulator : nullptr, options.o.unscale,
+                                     options.o.steps};
     plan->clipnorm = h->clipnorm;
     S* const slots[3] = {s0, s1, s2};
     FoRounding rounding;

@@ -6,11 +6,19 @@
 //   use_ema: after the rule, on every call, avg <- mom*avg + (1-mom)*p (mom 0 on the
 //     first update), and p <- avg when ema_overwrite_frequency says so.
 // Which call does what comes from the step state (step.cuh, fo_phase), so a captured
-// step replays every phase. The slots are loaded and stored like the rule's
-// (kernels/storage.cuh); the optimizers take these options on float32 or float64
-// buffers only (fusedopt/optimizer.py, _precision_for).
+// step replays every phase.
+//
+// 16-bit storage (ARCHITECTURE.md, principle 8): `avg` and `acc` are state slots,
+// stored in the state dtype, loaded to the math type once and rounded to nearest once
+// when stored, as the rule's slots. The p the average reads is what the model holds
+// after the step: the float32 master when there is one, else the params as stored
+// (rounded to nearest or stochastically: storage.cuh, fo_param_stored). An overwrite
+// copies the average as stored into the master (exact) and into the params, rounded
+// as every param store. The NumPy twin: fusedopt/reference.py (accumulate,
+// ReferencePlan._moving_average).
 #pragma once
 #include "step.cuh"
+#include "storage.cuh"
 
 // One call's options in the math type, rounded once (as NumPy casts its scalars).
 template <typename T>
@@ -50,10 +58,12 @@ FO_HD void fo_accumulate(T g, T& acc, const OptionScalars<T>& o) {
     acc = acc + g * o.unscale;
 }
 
-// Keras' moving average after the rule (on every call, accumulating ones included).
-template <typename T>
+// Keras' moving average after the rule (on every call, accumulating ones included),
+// for an average slot of storage S: `avg` becomes the value the slot will hold (the
+// store that follows is then exact), which an overwrite copies into p.
+template <typename S, typename T>
 FO_HD void fo_moving_average(T& p, T& avg, const OptionScalars<T>& o) {
-    avg = o.ema_momentum * avg + o.one_minus_ema_momentum * p;
+    avg = fo_stored<S>(o.ema_momentum * avg + o.one_minus_ema_momentum * p);
     if (o.overwrite) p = avg;
 }
 

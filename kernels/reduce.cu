@@ -13,8 +13,9 @@
 //                         by value, so they are stream-ordered and need no staging.
 // Deterministic by construction: the tiles are fixed by the layout, each thread sums a
 // fixed set of elements in a fixed order and blocks combine them in a fixed tree; there
-// are no floating-point atomics. Built once per gradient dtype with FUSEDOPT_G (the
-// grads' storage type) and FUSEDOPT_T (its math type) defined.
+// are no floating-point atomics. Built once per gradient and state dtype with FUSEDOPT_G
+// (the grads' storage type), FUSEDOPT_S (the state's: gradient accumulation's slot)
+// and FUSEDOPT_T (the math type) defined.
 #pragma once
 #include "options.cuh"
 #include "storage.cuh"
@@ -72,10 +73,9 @@ __device__ __forceinline__ double square(T x, T a, bool accumulated, T unscale, 
 // C1*V + t of the tail after the last. Which element goes into which sum in which
 // order depends only on the layout, never on the buffer's address: the same bits on
 // the vector and the scalar path. `acc` (null unless this call applies accumulated
-// gradients; of the math type: accumulation takes float32/float64 state only) is read
-// alongside g.
-template <typename G, typename T>
-__device__ __forceinline__ double tile_sumsq(const G* __restrict__ g, const T* __restrict__ acc,
+// gradients; in the state's storage type A) is read alongside g.
+template <typename G, typename T, typename A>
+__device__ __forceinline__ double tile_sumsq(const G* __restrict__ g, const A* __restrict__ acc,
                                              long long begin, long long end, T unscale,
                                              T steps, bool vector, int& nonfinite) {
     constexpr int V = Chunk<G>::V, UNROLL = 4;
@@ -93,7 +93,7 @@ __device__ __forceinline__ double tile_sumsq(const G* __restrict__ g, const T* _
     }
     for (long long c = c0 + t; c < c1; c += UNROLL * B) {
         Chunk<G> chunks[UNROLL];
-        Chunk<T> accs[UNROLL];
+        Chunk<A> accs[UNROLL];
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {  // all loads first: UNROLL in flight per thread
             if (c + u * B < c1) {
@@ -128,7 +128,7 @@ __device__ __forceinline__ double tile_sumsq(const G* __restrict__ g, const T* _
 // only the finite check). The unscale is the call's (step.cuh, fo_phase: with a
 // LossScaleOptimizer's scale from the step state).
 extern "C" __global__ void __launch_bounds__(FO_BLOCK) fusedopt_sumsq(
-        const FUSEDOPT_G* __restrict__ g, const FUSEDOPT_T* __restrict__ accumulator,
+        const FUSEDOPT_G* __restrict__ g, const FUSEDOPT_S* __restrict__ accumulator,
         const long long* __restrict__ tile_start, long long ntiles,
         const Hyper* __restrict__ hyper, const StepState* __restrict__ state,
         double* __restrict__ partial, int* __restrict__ tile_nonfinite) {
@@ -137,10 +137,10 @@ extern "C" __global__ void __launch_bounds__(FO_BLOCK) fusedopt_sumsq(
     const StepPhase phase = fo_phase(*hyper, *state);
     const FUSEDOPT_T unscale = (FUSEDOPT_T)phase.unscale;
     const FUSEDOPT_T steps = (FUSEDOPT_T)phase.accumulation;
-    const FUSEDOPT_T* acc = phase.apply ? accumulator : nullptr;
+    const FUSEDOPT_S* acc = phase.apply ? accumulator : nullptr;
     const bool vector =
         (unsigned long long)g % (16 / sizeof(FUSEDOPT_T) * sizeof(FUSEDOPT_G)) == 0 &&
-        (unsigned long long)acc % 16 == 0;
+        (unsigned long long)acc % (16 / sizeof(FUSEDOPT_T) * sizeof(FUSEDOPT_S)) == 0;
     for (long long k = blockIdx.x; k < ntiles; k += gridDim.x) {
         int nonfinite = 0;
         const double total = tile_sumsq(g, acc, tile_start[k], tile_start[k + 1], unscale,

@@ -199,6 +199,26 @@ FO_HD void fo_store_param(fo_bf16& dst, float x, const FoRounding& r, fo_u64 ind
     else fo_store(dst, x);
 }
 
+// The value a state slot of storage S holds once x is stored in it (rounded to nearest
+// once when S is narrower than T; x itself otherwise): what use_ema's average is after
+// its store, so an overwrite copies the average as stored (kernels/options.cuh).
+template <typename S, typename T>
+FO_HD T fo_stored(T x) {
+    S s;
+    fo_store(s, x);
+    return (T)fo_load(s);
+}
+
+// The value params of storage P hold once x is stored at flat position `index` with
+// rounding r (to nearest, or stochastically): what use_ema averages without a master.
+template <typename P>
+FO_HD typename fo_math<P>::type fo_param_stored(typename fo_math<P>::type x,
+                                                const FoRounding& r, fo_u64 index) {
+    P s;
+    fo_store_param(s, x, r, index);
+    return fo_load(s);
+}
+
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)
 // The raw type of one access to N consecutive elements of storage type S: what
 // the GPU loads or stores in one instruction (the vector path of fused.cu and
@@ -235,21 +255,20 @@ FO_HD void fo_store_run(S* dst, const T* in) {
     fo_store(reinterpret_cast<typename fo_raw<S, N>::type*>(dst), v.raw);
 }
 
-// The params' store: element `index` (its flat position) is dst[0].
+// The params' rounding of N elements into lanes: element `index` (its flat position)
+// is v.x[0].
 template <int N, typename S, typename T>
-FO_HD void fo_store_param_run(S* dst, const T* in, const FoRounding& r, fo_u64 index) {
-    fo_lanes<S, N> v;
+FO_HD void fo_round_param_lanes(fo_lanes<S, N>& v, const T* in, const FoRounding& r,
+                                fo_u64 index) {
 #pragma unroll
     for (int k = 0; k < N; ++k) fo_store_param(v.x[k], in[k], r, index + k);
-    fo_store(reinterpret_cast<typename fo_raw<S, N>::type*>(dst), v.raw);
 }
 
 // bfloat16 params: stochastic rounding hashes once per aligned group of four elements
 // (fo_random_word), the same bits as fo_store_stochastic element by element.
 template <int N>
-FO_HD void fo_store_param_run(fo_bf16* dst, const float* in, const FoRounding& r,
-                              fo_u64 index) {
-    fo_lanes<fo_bf16, N> v;
+FO_HD void fo_round_param_lanes(fo_lanes<fo_bf16, N>& v, const float* in, const FoRounding& r,
+                                fo_u64 index) {
     fo_u64 word = 0;
 #pragma unroll
     for (int k = 0; k < N; ++k) {
@@ -261,6 +280,23 @@ FO_HD void fo_store_param_run(fo_bf16* dst, const float* in, const FoRounding& r
         if (k == 0 || (i & 3u) == 0) word = fo_random_word(r.seed, r.step, i >> 2);
         v.x[k].bits = fo_float_to_bf16_sr(in[k], fo_dither_of(word, i));
     }
-    fo_store(reinterpret_cast<typename fo_raw<fo_bf16, N>::type*>(dst), v.raw);
+}
+
+// The params' store: element `index` (its flat position) is dst[0].
+template <int N, typename S, typename T>
+FO_HD void fo_store_param_run(S* dst, const T* in, const FoRounding& r, fo_u64 index) {
+    fo_lanes<S, N> v;
+    fo_round_param_lanes<N>(v, in, r, index);
+    fo_store(reinterpret_cast<typename fo_raw<S, N>::type*>(dst), v.raw);
+}
+
+// x[k] <- the value params of storage S hold once x[k] is stored (fo_param_stored, N at
+// a time: the same bits as fo_store_param_run writes).
+template <int N, typename S, typename T>
+FO_HD void fo_param_stored_run(T* x, const FoRounding& r, fo_u64 index) {
+    fo_lanes<S, N> v;
+    fo_round_param_lanes<N>(v, x, r, index);
+#pragma unroll
+    for (int k = 0; k < N; ++k) x[k] = fo_load(v.x[k]);
 }
 #endif  // __CUDACC__: the runs are the GPU kernels' (host.cpp loops element by element)

@@ -87,11 +87,11 @@ __device__ __forceinline__ void whole_accumulate(T* p, const T* g, T* avg, T* ac
         long long head, body_end;
         tile_split<V>(begin, end, first, &head, &body_end);
         for (long long i = begin + threadIdx.x; i < head; i += blockDim.x)
-            accumulate_run<1>(i, p, g, avg, acc, rounding, o);
+            accumulate_run<1>(i, p, (float*)nullptr, g, avg, acc, rounding, o);
         for (long long i = head + V * threadIdx.x; i < body_end; i += V * blockDim.x)
-            accumulate_run<V>(i, p, g, avg, acc, rounding, o);
+            accumulate_run<V>(i, p, (float*)nullptr, g, avg, acc, rounding, o);
         for (long long i = body_end + threadIdx.x; i < end; i += blockDim.x)
-            accumulate_run<1>(i, p, g, avg, acc, rounding, o);
+            accumulate_run<1>(i, p, (float*)nullptr, g, avg, acc, rounding, o);
     }
 }
 
@@ -117,7 +117,7 @@ __device__ __forceinline__ void whole_average(T& p, T* avg, long long i,
                                               const OptionScalars<T>& o) {
     if (avg == nullptr) return;
     T e = fo_load(avg + i);
-    fo_moving_average(p, e, o);
+    fo_moving_average<T>(p, e, o);
     fo_store(avg + i, e);
 }
 

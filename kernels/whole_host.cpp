@@ -85,7 +85,7 @@ static bool gradient_phase(const HostPlan& pl, const T* g, const Options<T>& opt
     auto wait = [&] { if (barrier) barrier->wait(); };
     const bool norms = pl.clip_mode != FO_CLIP_NONE && !opts.adds_only();
     if (!norms && !pl.skip_nonfinite) return true;
-    const NormInput<T, T> input = {g, opts.adds_only() ? nullptr : opts.acc, opts.o.unscale,
+    const NormInput<T, T, T> input = {g, opts.adds_only() ? nullptr : opts.acc, opts.o.unscale,
                                    opts.o.steps};
     int bad = 0;
     for (long long k = first; k < last; ++k) {

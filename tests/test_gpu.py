@@ -670,6 +670,22 @@ def _mixed_cases():
                                id=f"{rule}-{precision_case[0]}")
     yield pytest.param(("adam+clipnorm", "Adam", {"clipnorm": 0.5, "loss_scale_factor": 4.0}),
                        PRECISIONS[1], id="adam-clipnorm-scale-bf16-master")
+    # Keras' options on 16-bit buffers (kernels/options.cuh): bitwise, 8 calls of N = 3
+    # (two updates, overwrites at the second); and an unscale of 1/3, a float32 scalar.
+    options = {"use_ema": True, "ema_overwrite_frequency": 2, "ema_momentum": 0.8,
+               "gradient_accumulation_steps": 3}
+    for rule in ("adam", "sgd-momentum", "lion"):
+        _, cls_name, kwargs = rules[rule]
+        for precision_case in PRECISIONS:
+            yield pytest.param((f"{rule}+ema+accumulate", cls_name, {**kwargs, **options}),
+                               precision_case, id=f"{rule}-ema-accumulate-{precision_case[0]}")
+    yield pytest.param(("adam+accumulate+clipnorm", "Adam",
+                        {"gradient_accumulation_steps": 3, "clipnorm": 0.5}),
+                       PRECISIONS[3], id="adam-accumulate-clipnorm-bf16-all")
+    for precision_case in PRECISIONS[:3]:
+        yield pytest.param(("sgd+loss_scale", "SGD", {"learning_rate": 1.0,
+                                                       "loss_scale_factor": 3.0}),
+                           precision_case, id=f"sgd-loss-scale-3-{precision_case[0]}")
 
 
 @pytest.mark.parametrize("case,precision_case", list(_mixed_cases()))

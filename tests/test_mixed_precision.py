@@ -118,9 +118,6 @@ def test_refused_grad_dtypes_name_grads(param, grad):
     ({"state_dtype": "bfloat16"}, "float64", ValueError, "`state_dtype` bfloat16 is not "
                                                          "accepted with float64"),
     ({"state_dtype": "float64"}, "float32", ValueError, "`state_dtype` float64"),
-    ({"use_ema": True}, "bfloat16", ValueError, "`use_ema` is not implemented"),
-    ({"gradient_accumulation_steps": 2, "state_dtype": "bfloat16"}, "float32", ValueError,
-     "`gradient_accumulation_steps` is not implemented"),
 ])
 def test_refused_options_name_the_argument(kwargs, param, error, match):
     if param is None:
@@ -133,6 +130,47 @@ def test_refused_options_name_the_argument(kwargs, param, error, match):
     with pytest.raises(error, match=match):
         opt.apply(np.ones(4, dtype_of(param)), params)
     assert not opt.built and np.array_equal(bits(params.data), before)
+
+
+@pytest.mark.parametrize("param,grad,kwargs", [
+    ("bfloat16", "bfloat16", {"use_ema": True}),
+    ("float16", "float32", {"use_ema": True, "master_weights": True}),
+    ("float32", "float32", {"gradient_accumulation_steps": 2, "state_dtype": "bfloat16"}),
+    ("float32", "bfloat16", {"gradient_accumulation_steps": 2}),
+    ("bfloat16", "bfloat16", {"gradient_accumulation_steps": 2, "use_ema": True,
+                              "state_dtype": "bfloat16", "stochastic_rounding": True}),
+])
+def test_ema_and_accumulation_take_16_bit_buffers(param, grad, kwargs, host_ok):
+    """Once refused on 16-bit buffers: now built on the host executor under "auto",
+    the options' slots stored in the state dtype, the counters as in Keras."""
+    params = fusedopt.FlatBuffer.from_arrays([np.linspace(-1, 1, 9, dtype=np.float32)],
+                                             dtype=dtype_of(param))
+    opt = fusedopt.Adam(**kwargs)
+    for _ in range(4):
+        opt.apply(np.full(9, 0.5, dtype_of(grad)), params)
+    assert opt.executor_name == "host"
+    state = opt._precision_for(param).state
+    for name in ("average", "gradient_accumulator"):
+        if name in opt.slot_names:
+            assert opt.slots()[name].dtype == dtype_of(state), name
+    assert opt.iterations == 4 // (kwargs.get("gradient_accumulation_steps") or 1)
+
+
+@pytest.mark.parametrize("cls_name", ["Lamb", "Muon"])
+def test_own_kernel_rules_with_options_on_16_bit_params_run_on_numpy_only(cls_name, host_ok):
+    """Lamb's and Muon's own kernels take uniform float32/float64 storage: with use_ema
+    or gradient accumulation on bfloat16 params "auto" picks the NumPy executor, and
+    executor="host" is refused with a ValueError, before anything is built."""
+    init = random_params([(6, 5), (7,)], np.float32, seed=42)
+    for kwargs in ({"use_ema": True}, {"gradient_accumulation_steps": 2}):
+        auto = getattr(fusedopt, cls_name)(learning_rate=0.01, **kwargs)
+        params = fusedopt.FlatBuffer.from_arrays(init, dtype=BF16)
+        auto.apply(np.full(params.size, 0.5, BF16), params)
+        assert auto.executor_name == "numpy", kwargs
+        explicit = getattr(fusedopt, cls_name)(learning_rate=0.01, executor="host", **kwargs)
+        with pytest.raises(ValueError, match="use_ema|gradient_accumulation_steps|bfloat16"):
+            explicit.build(fusedopt.FlatBuffer.from_arrays(init, dtype=BF16))
+        assert not explicit.built
 
 
 def test_state_dtype_and_master_are_fixed_once_there_is_state():
@@ -238,12 +276,19 @@ def test_float16_params_checkpoint_with_stochastic_state(tmp_path):
 EXECUTORS = ["numpy", "host", "emulated"]
 
 
-def make(cls_name, executor, params, libraries, **kwargs):
+def make(cls_name, executor, params, libraries, loss_scale=None, **kwargs):
+    """`cls_name` on `executor`; with `loss_scale` (LossScaleOptimizer's arguments)
+    wrapped in a LossScaleOptimizer (returned; its inner optimizer runs the steps)."""
     opt = getattr(fusedopt, cls_name)(executor="numpy" if executor == "emulated" else executor,
                                       **kwargs)
+    outer = opt if loss_scale is None else fusedopt.LossScaleOptimizer(opt, **loss_scale)
     if executor == "emulated":
         emulate(opt, params, libraries)
-    return opt
+    return outer
+
+
+def inner(opt):
+    return getattr(opt, "inner_optimizer", opt)
 
 
 @pytest.fixture
@@ -313,6 +358,112 @@ def test_golden_bf16_state_is_rounded_after_the_rule_used_float32(executor, host
     assert opt.slots()["momentum"].astype(np.float32)[0] != m[0]  # 0.1 is not a bfloat16
 
 
+@pytest.mark.parametrize("executor", EXECUTORS)
+@pytest.mark.parametrize("param", ["float32", "bfloat16"])
+def test_golden_bf16_accumulator_rounds_once_per_call(param, executor, host_ok, libraries):
+    """Gradient accumulation (N = 3) with bfloat16 state: the accumulator is a state
+    slot, rounded to nearest once per call. g = 1 + 2^-9 each call: after one call it
+    holds bf16(1 + 2^-9) = 1, after two bf16(2 + 2^-9) = 2 (float32 state: 1 + 2^-9,
+    2 + 2^-8); the third call's gradient is (g + 2)/3 in float32, not float32 state's
+    1 + 2^-9, and the accumulator restarts at 0. SGD with lr 1 from 0 (bfloat16 params
+    with a master copy: the master holds -mean, the params its rounding)."""
+    f32 = np.float32
+    g = np.array([1 + 2 ** -9], f32)
+    extra = {"master_weights": True} if param == "bfloat16" else {}
+    results = {}
+    for state in ("bfloat16", None):
+        params = fusedopt.FlatBuffer.from_arrays([np.zeros(1, f32)], dtype=dtype_of(param))
+        opt = make("SGD", executor, params, libraries, learning_rate=1.0, state_dtype=state,
+                   gradient_accumulation_steps=3, **extra)
+        seen = []
+        for _ in range(3):
+            opt.apply(g, params)
+            seen.append(opt.slots()["gradient_accumulator"].astype(np.float64)[0])
+        source = opt.slots()["master"] if extra else params.data
+        results[state] = (seen, float(np.asarray(source, np.float64)[0]),
+                          params.data.astype(np.float64)[0])
+    mean = f32(f32(g[0] + f32(2.0)) / f32(3.0))
+    assert mean != f32(1 + 2 ** -9)
+    assert results["bfloat16"][0] == [1.0, 2.0, 0.0]
+    assert results["bfloat16"][1] == -float(mean)
+    assert results[None][0] == [1 + 2 ** -9, 2 + 2 ** -8, 0.0]
+    assert results[None][1] == -(1 + 2 ** -9)
+    if param == "bfloat16":  # the params: the master rounded to nearest
+        assert results["bfloat16"][2] == float(np.array([-mean], f32).astype(BF16)[0])
+
+
+@pytest.mark.parametrize("executor", EXECUTORS)
+def test_golden_ema_reads_the_stored_params_and_overwrites_master_and_params(
+        executor, host_ok, libraries):
+    """SGD on bfloat16 params at 1 with steps of 2^-8 (half of bfloat16's spacing 2^-7
+    there), ema_momentum 0.5. Without a master copy the params stay 1 (a tie, to even)
+    and the average, of the params as stored, stays 1 (not 1 + 2^-8). With a master the
+    average reads it: 1 + 2^-8, then (1 + 2^-8 + 1 + 2^-7)/2 = 1 + 3*2^-9, which the
+    overwrite (ema_overwrite_frequency=2) copies into the master exactly and into the
+    params rounded to 1 + 2^-7; the third step goes on from it. With bfloat16 state the
+    average is stored rounded (1 + 2^-8, a tie, to 1 both times) and the overwrite copies
+    that stored 1 into the master."""
+    start = [np.ones(1, np.float32)]
+    g = np.array([-1.0], BF16)
+    common = {"learning_rate": 2.0 ** -8, "use_ema": True, "ema_momentum": 0.5}
+
+    def run(steps, **kwargs):
+        params = fusedopt.FlatBuffer.from_arrays(start, dtype=BF16)
+        opt = make("SGD", executor, params, libraries, **common, **kwargs)
+        out = []
+        for _ in range(steps):
+            opt.apply(g, params)
+            slots = {k: float(v.astype(np.float64)[0]) for k, v in opt.slots().items()}
+            out.append((float(params.data.astype(np.float64)[0]), slots))
+        return out
+
+    plain = run(2)
+    assert [(p, s["average"]) for p, s in plain] == [(1.0, 1.0), (1.0, 1.0)]
+    stochastic = run(2, stochastic_rounding=True, seed=3)
+    for p, s in stochastic:  # whatever the rounding gave (bfloat16 values), the average is of it
+        assert p in (1.0, 1 + 2 ** -7, 1 + 2 ** -6)
+    assert stochastic[0][1]["average"] == stochastic[0][0]
+    assert stochastic[1][1]["average"] == 0.5 * stochastic[0][0] + 0.5 * stochastic[1][0]
+    kept = run(3, master_weights=True, ema_overwrite_frequency=2)
+    assert kept[0] == (1.0, {"average": 1 + 2 ** -8, "master": 1 + 2 ** -8})
+    assert kept[1] == (1 + 2 ** -7, {"average": 1 + 3 * 2 ** -9, "master": 1 + 3 * 2 ** -9})
+    assert kept[2] == (1 + 2 ** -7, {"average": 1 + 2 ** -7, "master": 1 + 5 * 2 ** -9})
+    small = run(2, master_weights=True, ema_overwrite_frequency=2, state_dtype="bfloat16")
+    assert small[0] == (1.0, {"average": 1.0, "master": 1 + 2 ** -8})
+    assert small[1] == (1.0, {"average": 1.0, "master": 1.0})
+
+
+@pytest.mark.parametrize("executor", ["numpy", "host"])
+def test_ema_weights_of_16_bit_params_swap_back_bitwise_and_finalize_into_the_master(
+        executor, host_ok):
+    """bfloat16 params, a float32 average and master: swapping the average in rounds it
+    to nearest into the params and leaves it untouched (an exchange would round it to
+    bfloat16); swapping back restores the params bit for bit. finalize_variable_values
+    writes the average into the master too, so the next step goes on from it."""
+    layout = [(50,), (3, 4)]
+    params = fusedopt.FlatBuffer.from_arrays(random_params(layout, np.float32, seed=50),
+                                             dtype=BF16)
+    opt = fusedopt.Adam(learning_rate=0.05, use_ema=True, ema_momentum=0.5,
+                        master_weights=True, executor=executor)
+    grads = [fusedopt.FlatBuffer.from_arrays(g, dtype=BF16).data
+             for g in random_grads(layout, np.float32, seed=51, steps=4)]
+    for g in grads[:3]:
+        opt.apply(g, params)
+    average, trained = opt.slots()["average"].copy(), params.data.copy()
+    assert average.dtype == np.float32
+    assert not np.array_equal(bits(average.astype(BF16)), bits(trained))
+    with opt.ema_weights(params):
+        np.testing.assert_array_equal(bits(params.data), bits(average.astype(BF16)))
+        np.testing.assert_array_equal(bits(opt.slots()["average"]), bits(average))
+        with pytest.raises(ValueError, match="swap them back"):
+            opt.apply(grads[3], params)
+    np.testing.assert_array_equal(bits(params.data), bits(trained))
+    np.testing.assert_array_equal(bits(opt.slots()["average"]), bits(average))
+    opt.finalize_variable_values(params)
+    np.testing.assert_array_equal(opt.slots()["master"], average)
+    np.testing.assert_array_equal(bits(params.data), bits(average.astype(BF16)))
+
+
 # ----------------------------------------------------- executors against the oracle
 def executors_for(case, precision_case):
     """The emulated GPU path always; the host build for Adam and for the bfloat16
@@ -325,9 +476,12 @@ def executors_for(case, precision_case):
     return ("emulated",)
 
 
-def run_three(case, precision_case, libraries, executors=None, layout=LAYOUT, steps=STEPS):
+def run_three(case, precision_case, libraries, executors=None, layout=LAYOUT, steps=STEPS,
+              amp=None, nonfinite_at=()):
     """The same steps on the NumPy reference and `executors`; params and every slot
-    compared after every step (bitwise unless a norm sum may move a rounding)."""
+    compared after every step (bitwise unless a norm sum may move a rounding).
+    `amp`: per step a GradScaler's (scale, found_inf) for apply(); `nonfinite_at`: steps
+    whose gradient gets an inf (skipped with skip_nonfinite, or found_inf)."""
     _, cls_name, kwargs = case
     _, param, grad, options = precision_case
     executors = executors or executors_for(case, precision_case)
@@ -342,18 +496,31 @@ def run_three(case, precision_case, libraries, executors=None, layout=LAYOUT, st
     exact = bitwise_expected(kwargs)
     for step, g in enumerate(grads):
         g = fusedopt.FlatBuffer.from_arrays(g, dtype=dtype_of(grad)).data
+        if step in nonfinite_at:
+            g[len(g) // 2] = np.inf
+        extra = {}
+        if amp is not None:
+            scale, found = amp[step]
+            extra = {"grad_scale": np.array([scale], np.float32),
+                     "found_inf": np.array([found], np.float32)}
         for opt, params in runs.values():
-            opt.apply(g, params)
+            opt.apply(g, params, **extra)
         ref, ref_params = runs["numpy"]
         for executor in executors:
             opt, params = runs[executor]
             what = f"{executor}, step {step}"
             assert_matches(params.data, ref_params.data, exact, f"params, {what}")
-            for name in ref.slot_names:
-                assert opt.slots()[name].dtype == ref.slots()[name].dtype
-                assert_matches(opt.slots()[name], ref.slots()[name], exact, f"{name}, {what}")
-    for executor in executors:
-        assert runs[executor][0].iterations == steps
+            for name in inner(ref).slot_names:
+                actual, desired = inner(opt).slots()[name], inner(ref).slots()[name]
+                assert actual.dtype == desired.dtype
+                assert_matches(actual, desired, exact, f"{name}, {what}")
+            assert opt.iterations == ref.iterations, what
+            assert inner(opt).skipped_steps == inner(ref).skipped_steps, what
+    n = kwargs.get("gradient_accumulation_steps") or 1
+    skipped = len(set(nonfinite_at) | {k for k, (_, found) in enumerate(amp or []) if found})
+    for executor, (opt, _) in runs.items():
+        assert (opt.iterations, inner(opt).skipped_steps) == ((steps - skipped) // n,
+                                                              skipped), executor
     return runs
 
 
@@ -388,6 +555,86 @@ OPTION_CASES = [
 @pytest.mark.parametrize("case", OPTION_CASES, ids=[c[0] for c in OPTION_CASES])
 def test_pipeline_options_in_mixed_precision(case, precision_case, host_ok, libraries):
     run_three(case, precision_case, libraries)
+
+
+# The unscale (1/loss_scale_factor, a LossScaleOptimizer's 1/scale, GradScaler's
+# 1/grad_scale) is a float32 scalar for 16-bit params, as the kernels' (T)unscale:
+# rounding it to the params' 16 bits moved about a third of the params of a bfloat16
+# SGD step with loss_scale_factor=3 (the NumPy executor did so until it was fixed).
+F16_CASE = ("f16", "float16", "float16", {})
+UNSCALE_PRECISIONS = [PRECISIONS[0], PRECISIONS[1], PRECISIONS[2], F16_CASE, PRECISIONS[4]]
+UNSCALE_CASES = [
+    ("sgd+loss_scale_factor", "SGD", {"learning_rate": 1.0, "loss_scale_factor": 3.0}),
+    ("adam+loss_scale_optimizer", "Adam",
+     {"loss_scale": {"initial_scale": 3.0, "dynamic_growth_steps": 2}}),
+]
+
+
+@pytest.mark.parametrize("precision_case", UNSCALE_PRECISIONS,
+                         ids=[p[0] for p in UNSCALE_PRECISIONS])
+@pytest.mark.parametrize("case", UNSCALE_CASES, ids=[c[0] for c in UNSCALE_CASES])
+def test_16_bit_params_unscale_in_float32_bitwise(case, precision_case, host_ok, libraries):
+    run_three(case, precision_case, libraries, executors=("host", "emulated"), steps=4)
+
+
+@pytest.mark.parametrize("precision_case", [PRECISIONS[0], F16_CASE],
+                         ids=["bf16", "f16"])
+def test_16_bit_params_with_grad_scaler_inputs_bitwise(precision_case, host_ok, libraries):
+    """torch.amp.GradScaler's scale and inf flag (apply's grad_scale, found_inf) with
+    16-bit params: a scale of 3 (1/3 is not a bfloat16) and a flagged step."""
+    amp = [(3.0, 0.0), (3.0, 1.0), (6.0, 0.0), (6.0, 0.0)]
+    run_three(("sgd-momentum", "SGD", {"momentum": 0.9}), precision_case, libraries,
+              executors=("host", "emulated"), steps=4, amp=amp)
+
+
+# Keras' options on 16-bit buffers (kernels/options.cuh): use_ema with overwrites,
+# gradient accumulation over several cycles (N = 3, 9 calls), both with a non-finite
+# call skipped in the middle; bitwise on the host build and the emulated kernels, with
+# every precision (float32 and bfloat16 state, master weights, stochastic rounding,
+# float16 params). Adam and SGD take every precision, Lion and Schedule-Free AdamW the
+# bfloat16 ones with and without master and float16's.
+KERAS_OPTIONS = [
+    ("ema-overwrite", {"use_ema": True, "ema_overwrite_frequency": 3, "ema_momentum": 0.9}, ()),
+    ("accumulate", {"gradient_accumulation_steps": 3}, ()),
+    ("accumulate-ema-skip", {"gradient_accumulation_steps": 3, "use_ema": True,
+                             "ema_overwrite_frequency": 2, "ema_momentum": 0.8,
+                             "skip_nonfinite": True}, (4,)),
+]
+OPTION_PRECISIONS = PRECISIONS + [F16_CASE]
+
+
+def _keras_option_cases():
+    for rule in PRECISION_RULES:
+        for precision_case in OPTION_PRECISIONS:
+            if rule not in ("adam", "sgd-momentum") and precision_case[0] not in (
+                    "bf16", "bf16-master", "bf16-stochastic", "f16"):
+                continue
+            for option in KERAS_OPTIONS:
+                yield pytest.param(rule, precision_case, option,
+                                   id=f"{rule}-{precision_case[0]}-{option[0]}")
+
+
+@pytest.mark.parametrize("rule,precision_case,option", list(_keras_option_cases()))
+def test_keras_options_on_16_bit_buffers_bitwise(rule, precision_case, option, host_ok,
+                                                 libraries):
+    name, options, nonfinite_at = option
+    _, cls_name, kwargs = RULES[rule]
+    case = (rule, cls_name, {**kwargs, **options})
+    run_three(case, precision_case, libraries, executors=("host", "emulated"), steps=9,
+              nonfinite_at=nonfinite_at)
+
+
+@pytest.mark.parametrize("precision_case", [PRECISIONS[3], PRECISIONS[5], PRECISIONS[1]],
+                         ids=[PRECISIONS[i][0] for i in (3, 5, 1)])
+@pytest.mark.parametrize("clip", [{"clipnorm": 0.5}, {"global_clipnorm": 1.0}],
+                         ids=["clipnorm", "global_clipnorm"])
+def test_accumulation_with_norm_clipping_on_16_bit_state(precision_case, clip, host_ok,
+                                                         libraries):
+    """The applying call's norm is the accumulated mean's, read from the accumulator in
+    the state dtype (reduce.cu's fusedopt_sumsq, host.cpp's NormInput); within the
+    storage tolerance (the sums are added in another order)."""
+    case = ("adam", "Adam", {"gradient_accumulation_steps": 3, "use_ema": True, **clip})
+    run_three(case, precision_case, libraries, executors=("host", "emulated"), steps=9)
 
 
 def test_unaligned_16_bit_buffers_take_the_scalar_path_with_the_same_bits(libraries):

@@ -213,12 +213,14 @@ class EmulatorBackend:
         """As CupyBackend.function: `storage` is the (param, grad, state) key. The
         reductions of a grad dtype are in every library built for it."""
         storage = _kernels.as_storage(storage)
-        if rule is None:  # the reductions read only the grads: any library of that grad
-            storage = next((k for k in self.libraries.keys() if k[1] == storage[1]),
-                           (storage[1],) * 3)
+        if rule is None:  # the reductions read the grads and the state (the accumulator):
+            # any library of that pair
+            pair = _kernels.reduce_key(storage)
+            storage = next((k for k in self.libraries.keys() if _kernels.reduce_key(k) == pair),
+                           _kernels.storage_key(pair[0], *pair))
         key = (rule, storage)
         if key not in self._signatures:
-            source = (_kernels.reduce_source(storage[1]) if rule is None
+            source = (_kernels.reduce_source(*_kernels.reduce_key(storage)) if rule is None
                       else _kernels.rule_source(rule, *storage))
             self._signatures[key] = signatures(source, rule)
         return EmulatedKernel(self, self.libraries[storage], storage, name,

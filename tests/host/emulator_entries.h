@@ -18,7 +18,7 @@
     }
 
 extern "C" void emu_fusedopt_sumsq(unsigned grid, unsigned block, const FUSEDOPT_G* g,
-                                   const FUSEDOPT_T* accumulator, const long long* tile_start,
+                                   const FUSEDOPT_S* accumulator, const long long* tile_start,
                                    long long ntiles, const Hyper* hyper, const StepState* state,
                                    double* partial, int* tile_nonfinite) {
     emu::launch(grid, block, [&] {
