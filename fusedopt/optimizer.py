@@ -545,8 +545,9 @@ class FusedOptimizer:
         every rule with a kernel: in fused.cu's pass and host.cpp, and in the own
         kernels of Lamb, Adafactor and Muon (kernels/whole.cuh, whole_host.cpp), all
         with kernels/options.cuh's per-element functions; a LossScaleOptimizer's
-        dynamic scale likewise (kernels/step.cuh: fo_phase, fo_advance). Those options
-        on 16-bit buffers are refused for every executor (`_precision_for`)."""
+        dynamic scale likewise (kernels/step.cuh: fo_phase, fo_advance). On 16-bit
+        buffers those options run wherever the rule does: every storage in the fused
+        pass, float32/float64 of one dtype in the own kernels (`_own_kernel_storage`)."""
         if self.rule not in _kernels.rule_names():
             return f"the {type(self).__name__} rule has no kernel yet"
         if _kernels.own_kernels(self.rule) and param_dtype is not None:

@@ -150,6 +150,20 @@ FUSEDOPT_ONLY_CASES = [
 ]
 
 KERAS_CASES = RULE_CASES + OPTION_CASES + COMBINED_CASES
+
+# Keras' options in the rules with kernels of their own (kernels/whole.cuh,
+# whole_host.cpp), each with a norm clip and skip_nonfinite, over enough calls for EMA
+# overwrites inside accumulation cycles: (class name, options), for the emulated, host
+# and GPU tests of those kernels (test_emulated_options.py, test_gpu.py).
+OWN_KERNEL_OPTIONS = [
+    ("Lamb", {"gradient_accumulation_steps": 3, "use_ema": True, "ema_overwrite_frequency": 2,
+              "clipnorm": 0.5, "weight_decay": 0.1, "skip_nonfinite": True}),
+    ("Adafactor", {"gradient_accumulation_steps": 2, "use_ema": True, "ema_momentum": 0.9,
+                   "ema_overwrite_frequency": 3, "global_clipnorm": 1.0, "skip_nonfinite": True,
+                   "loss_scale_factor": 4.0}),
+    ("Muon", {"gradient_accumulation_steps": 3, "use_ema": True, "ema_overwrite_frequency": 2,
+              "clipnorm": 0.5, "skip_nonfinite": True, "exclude_layers": ["^skip"]}),
+]
 CASES = KERAS_CASES + FUSEDOPT_ONLY_CASES
 
 

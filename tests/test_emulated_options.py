@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import fusedopt
-from conftest import random_grads, random_params
+from conftest import OWN_KERNEL_OPTIONS, random_grads, random_params
 from emulator import emulate
 
 LAYOUT = [(5000,), (3,), (0,), (9001,), (1,)]
@@ -390,15 +390,6 @@ def test_changing_the_accumulation_steps_mid_run_agrees_with_numpy(libraries, wh
 # (rank >= 2) and unfactored segments for Adafactor; for Muon matrices, a vector, a
 # rank-3 variable and a scalar (AdamW), and the last matrix excluded by its name.
 OWN_NAMES = ["dense_kernel", "bias", "conv_kernel", "scale", "skip_kernel"]
-OWN_OPTIONS = [
-    ("Lamb", {"gradient_accumulation_steps": 3, "use_ema": True, "ema_overwrite_frequency": 2,
-              "clipnorm": 0.5, "weight_decay": 0.1, "skip_nonfinite": True}),
-    ("Adafactor", {"gradient_accumulation_steps": 2, "use_ema": True, "ema_momentum": 0.9,
-                   "ema_overwrite_frequency": 3, "global_clipnorm": 1.0, "skip_nonfinite": True,
-                   "loss_scale_factor": 4.0}),
-    ("Muon", {"gradient_accumulation_steps": 3, "use_ema": True, "ema_overwrite_frequency": 2,
-              "clipnorm": 0.5, "skip_nonfinite": True, "exclude_layers": ["^skip"]}),
-]
 # float64 within 1e-10 of the NumPy executor (Lamb's and Adafactor's sums are added in
 # another order); float32 as test_emulated_kernels.py's Adafactor.
 OWN_RTOL = {np.float64: 1e-10, np.float32: 2e-6}
@@ -444,7 +435,8 @@ def host_or_skip(rule):
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("cls_name,kwargs", OWN_OPTIONS, ids=[c for c, _ in OWN_OPTIONS])
+@pytest.mark.parametrize("cls_name,kwargs", OWN_KERNEL_OPTIONS,
+                         ids=[c for c, _ in OWN_KERNEL_OPTIONS])
 def test_own_kernel_rules_with_options_match_numpy(libraries, cls_name, kwargs, dtype):
     """EMA (with overwrites) and gradient accumulation, a norm clip of the mean, skipped
     calls and a changed ema_momentum, in Lamb's, Adafactor's and Muon's own kernels:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import fusedopt
-from conftest import GRAPH_CASES, KERNEL_CASES, case_ids
+from conftest import GRAPH_CASES, KERNEL_CASES, OWN_KERNEL_OPTIONS, case_ids
 from fusedopt import cuda
 from fusedopt import schedules as S
 
@@ -912,15 +912,8 @@ OWN_OPTION_NAMES = ["dense_kernel", "bias", "conv_kernel", "scale", "out_kernel"
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("cls_name, kwargs", [
-    ("Lamb", {"gradient_accumulation_steps": 3, "use_ema": True, "ema_overwrite_frequency": 2,
-              "clipnorm": 0.5, "weight_decay": 0.1, "skip_nonfinite": True}),
-    ("Adafactor", {"gradient_accumulation_steps": 2, "use_ema": True, "ema_momentum": 0.9,
-                   "ema_overwrite_frequency": 3, "global_clipnorm": 1.0, "skip_nonfinite": True,
-                   "loss_scale_factor": 4.0}),
-    ("Muon", {"gradient_accumulation_steps": 3, "use_ema": True, "ema_overwrite_frequency": 2,
-              "clipnorm": 0.5, "skip_nonfinite": True, "exclude_layers": ["^skip"]}),
-], ids=["lamb", "adafactor", "muon"])
+@pytest.mark.parametrize("cls_name, kwargs", OWN_KERNEL_OPTIONS,
+                         ids=["lamb", "adafactor", "muon"])
 def test_gpu_own_kernel_rules_with_options_match_numpy(cls_name, kwargs, dtype):
     """use_ema (with overwrites) and gradient accumulation in Lamb's, Adafactor's and
     Muon's own kernels (kernels/whole.cuh), with a norm clip of the accumulated mean and

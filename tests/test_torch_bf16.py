@@ -324,6 +324,41 @@ def test_keras_rule_optimizer_takes_the_options():
     assert {v.dtype for k, v in state.items() if k != "step"} == {torch.bfloat16}
 
 
+@pytest.mark.parametrize("options", [{}, {"master_weights": True},
+                                     {"state_dtype": "bfloat16", "ema_overwrite_frequency": 3}],
+                         ids=["f32-average", "master", "bf16-average-overwrite"])
+def test_bf16_model_ema_equals_fusedopt_and_swaps_back_bitwise(options):
+    """use_ema on a bfloat16 model: the steps and the average are fusedopt's on the same
+    bfloat16 buffer bit for bit, the swap puts the average (rounded to bfloat16) in the
+    model, and swapping back restores the trained bfloat16 weights exactly."""
+    import fusedopt
+
+    model = mlp(torch.bfloat16)
+    start = [p.detach().clone() for p in model.parameters()]
+    opt = ft.FusedOptimizer(model.parameters(), "adam", lr=1e-2, use_ema=True,
+                            ema_momentum=0.8, **options)
+    (flat,) = opt.flat_parameters
+    reference = fusedopt.Adam(learning_rate=1e-2, use_ema=True, ema_momentum=0.8,
+                              executor="numpy", **options)
+    buffer = fusedopt.FlatBuffer.from_arrays(  # the start, bfloat16 bits as they are
+        [p.view(torch.int16).numpy().view(flat.flat_params.dtype) for p in start])
+    for t in range(7):
+        train_step(model, opt, t)
+        reference.apply(flat.flat_grads.data.copy(), buffer)
+        assert np.array_equal(flat.flat_params.data.view(np.int16), buffer.data.view(np.int16))
+    average = reference.slots()["average"]
+    trained = [bits(p) for p in model.parameters()]
+    with opt.ema_weights():
+        held = flat.flat_params.data.astype(np.float32)
+        np.testing.assert_array_equal(held, average.astype(flat.flat_params.dtype)
+                                      .astype(np.float32))
+        assert not np.array_equal(held, buffer.data.astype(np.float32))
+    for p, b in zip(model.parameters(), trained):
+        assert torch.equal(bits(p), b)
+    assert np.array_equal(opt._buckets[0].optimizer.slots()["average"].view(np.uint8),
+                          average.view(np.uint8))
+
+
 # ================================================================= GradScaler
 @pytest.mark.parametrize("unscale_first", [False, True], ids=["scaled", "unscale-clip"])
 def test_grad_scaler_with_bf16_params(unscale_first):
