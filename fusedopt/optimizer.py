@@ -683,6 +683,13 @@ class FusedOptimizer:
             if self._option_slots.get("master") is not None:
                 self._option_slots["master"][...] = average
 
+    def _refuse_while_swapped(self, what, doing):
+        """While the params hold the EMA weights the average slot (or a copy kept
+        aside) holds the params: a state saved or loaded then would mix the two."""
+        if self._ema_swapped:
+            raise ValueError(f"{what}: `params` hold the EMA weights (swap_ema_weights); "
+                             f"swap them back before {doing} the state")
+
     def _check_ema_params(self, params, what):
         if not self.use_ema:
             raise ValueError(f"{what} needs an optimizer built with `use_ema=True`")
@@ -984,6 +991,7 @@ class FusedOptimizer:
             raise ValueError(
                 "this optimizer has no state yet: call build(params) or apply() first"
             )
+        self._refuse_while_swapped("state_dict", "saving")
         if self.built:
             layout = self._layout
             self._plan.join_current_stream()  # copies queue on the current stream
@@ -1012,6 +1020,7 @@ class FusedOptimizer:
     def load_state_dict(self, state):
         """Restore a `state_dict()`; refused, with nothing changed, if it comes from
         another optimizer, slot configuration, layout or dtype."""
+        self._refuse_while_swapped("load_state_dict", "loading")
         parsed = self._parse_state(state)
         table = parsed["segment_table"]  # None: the optimizer keeps its own
         if self.built:

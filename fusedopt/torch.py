@@ -786,7 +786,10 @@ class FusedOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------- state
     def state_dict(self):
         """torch's layout: {"state": {index: {"step": tensor, slot: tensor}},
-        "param_groups": [...]}, with copies of the state (not live views)."""
+        "param_groups": [...]}, with copies of the state (not live views). Refused
+        while the parameters hold the EMA weights (swap_ema_weights)."""
+        for bucket in self._buckets:
+            bucket.optimizer._refuse_while_swapped("state_dict", "saving")
         state_dict = super().state_dict()
         state_dict["state"] = {
             index: {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in s.items()}
@@ -796,7 +799,10 @@ class FusedOptimizer(torch.optim.Optimizer):
     def load_state_dict(self, state_dict):
         """Restore a state_dict() of this optimizer (or torch.optim's Adam/AdamW for
         this module's Adam/AdamW): hyperparameters of every group, the step count and
-        every state tensor. Refused, with nothing changed, if it does not fit."""
+        every state tensor. Refused, with nothing changed, if it does not fit (or
+        while the parameters hold the EMA weights)."""
+        for bucket in self._buckets:
+            bucket.optimizer._refuse_while_swapped("load_state_dict", "loading")
         for hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = hook(self, state_dict)
             if result is not None:

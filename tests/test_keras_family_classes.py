@@ -248,6 +248,28 @@ def test_swap_ema_weights_is_its_own_inverse_and_blocks_steps():
     assert bits(params.data) == average == bits(opt.slots()["average"])
 
 
+def test_state_is_neither_saved_nor_loaded_while_the_ema_weights_are_in(tmp_path):
+    """Swapped in, the average slot (or a copy kept aside) holds the params: a state
+    saved then would store the two the wrong way round. Refused, nothing changed."""
+    params, grads = params_and_grads(steps=3)
+    opt = fusedopt.Adam(learning_rate=0.1, use_ema=True)
+    for g in grads:
+        opt.apply(g, params)
+    state = opt.state_dict()
+    with opt.ema_weights(params):
+        held = bits(params.data)
+        with pytest.raises(ValueError, match="state_dict: `params` hold the EMA weights"):
+            opt.state_dict()
+        with pytest.raises(ValueError, match="swap them back before saving"):
+            fusedopt.save(tmp_path / "run.safetensors", opt, params)
+        with pytest.raises(ValueError, match="load_state_dict: .*before loading"):
+            opt.load_state_dict(state)
+        assert bits(params.data) == held and not (tmp_path / "run.safetensors").exists()
+    after = opt.state_dict()
+    for name, slot in state["slots"].items():
+        assert bits(after["slots"][name]) == bits(slot), name
+
+
 def test_ema_methods_refuse_without_ema_or_before_a_step():
     params, grads = params_and_grads()
     with pytest.raises(ValueError, match="use_ema"):

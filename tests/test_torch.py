@@ -938,6 +938,8 @@ def test_ema_weights_swap_into_the_model_and_back(options):
             opt.step()
         with pytest.raises(ValueError, match="already"):
             opt.finalize_variable_values()
+        with pytest.raises(ValueError, match="state_dict: .*swap them back before saving"):
+            opt.state_dict()
         for p, average in zip(params, averages):  # refused with nothing changed
             assert np.array_equal(p.detach().numpy().ravel(), average)
     for p, o in zip(params, own):
