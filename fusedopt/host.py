@@ -198,10 +198,10 @@ def rule_source(rule, dtype, grad=None, state=None):
     combination (params of `dtype`, grads of `grad`, state of `state`; both default to
     `dtype`), with every local include inlined (so the cache key sees every line). A
     rule with a step of its own (kernels/<rule>_host.cpp, LAMB's two passes) exports
-    that, for uniform float32/float64 storage only (fusedopt.precision)."""
+    that, for the storage its kernels take (fusedopt._kernels.own_kernel_keys)."""
     key = _kernels.storage_key(dtype, grad, state)
     if (_kernels.kernel_dir() / f"{rule}_host.cpp").is_file():
-        if key not in _kernels.OWN_KERNEL_KEYS:
+        if key not in _kernels.own_kernel_keys(rule):
             raise ValueError(f"{rule} has a host step for uniform float32/float64 storage "
                              f"only, not {_kernels.key_label(key)}")
         return _kernels.expand_includes(
@@ -452,8 +452,10 @@ class HostPlan:
         if self.optimizer.rule == "muon":  # uniform float32/float64: no master copy
             return self._muon_step(fn, grads, params_data, s, average, accumulator, plan,
                                    hyper, state)
-        fn(params_data.ctypes.data, grads.ctypes.data, s[0], s[1], s[2], master, average,
-           accumulator, plan, hyper, state)
+        if fn(params_data.ctypes.data, grads.ctypes.data, s[0], s[1], s[2], master, average,
+              accumulator, plan, hyper, state) < 0:
+            raise RuntimeError(f"the host step of {self.optimizer.rule} refused Keras' options "
+                               "on this storage (fusedopt.optimizer should have)")
 
     def _muon_step(self, fn, grads, params_data, s, average, accumulator, plan, hyper, state):
         """Muon: the element-wise pass (AdamW segments done, d for the Muon ones),

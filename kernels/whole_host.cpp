@@ -3,7 +3,9 @@
 // (sum_start, sum_segment, segment_tiles) split across threads, a tile's segment group,
 // the gradient phase before the update (norm sums, the finite check, per-segment or
 // global clip factors), and Keras' options around the rule (kernels/options.cuh, as
-// whole.cuh on the GPU; float32/float64 buffers only):
+// whole.cuh on the GPU; on float32/float64 buffers of one dtype: the rules' other
+// storage (lamb_host.cpp's 16-bit params, grads or state) runs without them, which
+// fusedopt.optimizer refuses):
 //   a call of gradient accumulation that only adds runs no rule: after the finite check
 //     (skip_nonfinite), each thread runs host.cpp's accumulate_only over its tiles;
 //   on the call that applies, the norms are those of the accumulated mean; each thread
@@ -63,11 +65,12 @@ struct Options {
 
     // On the call that applies, the accumulator over [b, e) becomes the mean the rule
     // reads: (g*unscale + acc)/N (options.cuh).
-    void mean_in_place(const T* g, long long b, long long e) const {
+    template <typename G>
+    void mean_in_place(const G* g, long long b, long long e) const {
         if (acc == nullptr || !o.apply) return;
         for (long long i = b; i < e; ++i) {
             T q = acc[i];
-            acc[i] = fo_accumulated_mean(g[i], q, o);
+            acc[i] = fo_accumulated_mean((T)fo_load(g[i]), q, o);
         }
     }
 };
@@ -78,14 +81,14 @@ struct Options {
 // factors[0] (global_clipnorm), and a barrier. A call that only accumulates needs no
 // norms, only the finite check. Returns false when a gradient is not finite under
 // skip_nonfinite (every thread returns the same).
-template <typename T>
-static bool gradient_phase(const HostPlan& pl, const T* g, const Options<T>& opts, int t,
+template <typename T, typename G>
+static bool gradient_phase(const HostPlan& pl, const G* g, const Options<T>& opts, int t,
                            int n, long long first, long long last, T* factors,
                            std::atomic<int>* any_nonfinite, fo_pool::Barrier* barrier) {
     auto wait = [&] { if (barrier) barrier->wait(); };
     const bool norms = pl.clip_mode != FO_CLIP_NONE && !opts.adds_only();
     if (!norms && !pl.skip_nonfinite) return true;
-    const NormInput<T, T, T> input = {g, opts.adds_only() ? nullptr : opts.acc, opts.o.unscale,
+    const NormInput<T, G, T> input = {g, opts.adds_only() ? nullptr : opts.acc, opts.o.unscale,
                                    opts.o.steps};
     int bad = 0;
     for (long long k = first; k < last; ++k) {
@@ -128,8 +131,8 @@ static void segment_sums(const HostPlan& pl, const double* sums, long long s, do
 // (gradient_phase) and, on gradient accumulation's applying call, with the thread's
 // tiles of the accumulator holding the mean; false when the step is skipped (every
 // thread returns the same).
-template <typename T>
-static bool start_phases(const HostPlan& pl, const T* g, const Options<T>& opts, int t, int n,
+template <typename T, typename G>
+static bool start_phases(const HostPlan& pl, const G* g, const Options<T>& opts, int t, int n,
                          T* factors, std::atomic<int>* any_nonfinite, fo_pool::Barrier* barrier,
                          long long* first, long long* last) {
     tiles_of(pl, t, n, first, last);
@@ -182,8 +185,10 @@ static void run_threads(int n, const Job& job) {
 // accumulate_phase instead of the rule; then the counters (and the scale) advanced
 // once, as host.cpp's host_step does. Returns 1 if the rule was applied, 0 if the step
 // was skipped (then no buffer was written) or only accumulated.
-template <typename Rule, typename T, typename Run>
-static int whole_step(T* p, const T* g, T* average, T* accumulator, HostPlan* plan,
+// P and G: the params' and grads' storage; the options (average, accumulator) only
+// with both T (else they must be null).
+template <typename Rule, typename T, typename P, typename G, typename Run>
+static int whole_step(P* p, const G* g, T* average, T* accumulator, HostPlan* plan,
                       const Hyper* block, StepState* state, const Run& run) {
     StepStart<T> start;
     if (!start_step<Rule>(plan, block, state, &start)) return 0;  // host.cpp
@@ -193,13 +198,16 @@ static int whole_step(T* p, const T* g, T* average, T* accumulator, HostPlan* pl
     const Options<T> opts = {average, accumulator, fo_options<T>(start.phase)};
     plan->clipnorm = h->clipnorm;
     std::atomic<int> any_nonfinite(0);
-    if (opts.adds_only()) {
-        run_threads(threads_for(plan), [&](int t, int n, fo_pool::Barrier* barrier) {
-            accumulate_phase(*plan, p, g, opts, t, n, &any_nonfinite, barrier);
-        });
-    } else {
-        run(h, groups, values, opts, &any_nonfinite);
+    bool added = false;
+    if constexpr (sizeof(P) == sizeof(T) && sizeof(G) == sizeof(T)) {
+        if (opts.adds_only()) {
+            run_threads(threads_for(plan), [&](int t, int n, fo_pool::Barrier* barrier) {
+                accumulate_phase(*plan, p, g, opts, t, n, &any_nonfinite, barrier);
+            });
+            added = true;
+        }
     }
+    if (!added) run(h, groups, values, opts, &any_nonfinite);
     const bool skipped = any_nonfinite.load() != 0;
     fo_advance(*state, *h, values, skipped);
     return skipped || opts.adds_only() ? 0 : 1;
