@@ -156,7 +156,8 @@ def rule_source(rule, dtype, grad=None, state=None):
     key = storage_key(dtype, grad, state)
     if own_kernels(rule):
         if key not in own_kernel_keys(rule):
-            raise ValueError(f"{rule} has kernels for uniform float32/float64 storage only, "
+            raise ValueError(f"{rule} has kernels for the storage keys "
+                             f"{[key_label(k) for k in own_kernel_keys(rule)]}, "
                              f"not {key_label(key)}")
         return expand_includes(storage_prelude(key)
                                + f'#include "{rule}.cuh"\n#include "{rule}.cu"\n')
