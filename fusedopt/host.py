@@ -452,10 +452,8 @@ class HostPlan:
         if self.optimizer.rule == "muon":  # uniform float32/float64: no master copy
             return self._muon_step(fn, grads, params_data, s, average, accumulator, plan,
                                    hyper, state)
-        if fn(params_data.ctypes.data, grads.ctypes.data, s[0], s[1], s[2], master, average,
-              accumulator, plan, hyper, state) < 0:
-            raise RuntimeError(f"the host step of {self.optimizer.rule} refused Keras' options "
-                               "on this storage (fusedopt.optimizer should have)")
+        fn(params_data.ctypes.data, grads.ctypes.data, s[0], s[1], s[2], master, average,
+           accumulator, plan, hyper, state)
 
     def _muon_step(self, fn, grads, params_data, s, average, accumulator, plan, hyper, state):
         """Muon: the element-wise pass (AdamW segments done, d for the Muon ones),

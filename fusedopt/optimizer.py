@@ -546,8 +546,9 @@ class FusedOptimizer:
         fused.cu's pass and host.cpp, and in the own kernels of Lamb, Adafactor and Muon
         (kernels/whole.cuh, whole_host.cpp), all with kernels/options.cuh's per-element
         functions; a LossScaleOptimizer's dynamic scale likewise (kernels/step.cuh:
-        fo_phase, fo_advance). On 16-bit buffers those options run in the fused pass
-        only: the own kernels run them on float32/float64 of one dtype."""
+        fo_phase, fo_advance). On 16-bit buffers those options run wherever the rule
+        does: every storage in the fused pass and Lamb's kernels, float32/float64 of one
+        dtype in Adafactor's and Muon's."""
         if self.rule not in _kernels.rule_names():
             return f"the {type(self).__name__} rule has no kernel yet"
         if _kernels.own_kernels(self.rule) and param_dtype is not None:
@@ -557,24 +558,13 @@ class FusedOptimizer:
     def _own_kernel_storage(self, param_dtype, grad_dtype):
         """For a rule with kernels of its own: the storage options its kernels do not
         run ('' when they run them). Lamb's kernels take every accepted storage
-        combination (fusedopt._kernels.own_kernel_keys), but Keras' options (use_ema,
-        gradient accumulation) only on float32/float64 buffers of one dtype; Adafactor's
-        and Muon's take float32 or float64 params, grads and state of one dtype."""
+        combination, Keras' options included (fusedopt._kernels.own_kernel_keys);
+        Adafactor's and Muon's take float32 or float64 params, grads and state of one
+        dtype."""
         param = np.dtype(param_dtype).name
         p = self._precision_for(param, None if grad_dtype is None else np.dtype(grad_dtype).name)
-        uniform = (p.param, p.grad, p.state) in _kernels.OWN_KERNEL_KEYS
         if _kernels.own_kernel_keys(self.rule) is not _kernels.OWN_KERNEL_KEYS:
-            if uniform:
-                return ""
-            options = [f"`{name}`" for name, on in (
-                ("use_ema=True", self.use_ema),
-                (f"gradient_accumulation_steps={self.gradient_accumulation_steps}",
-                 (self.gradient_accumulation_steps or 1) > 1)) if on]
-            if not options:
-                return ""
-            storage = "/".join(dict.fromkeys((p.param, p.grad, p.state)))
-            return (" and ".join(options) + f" on {storage} storage (its kernels run Keras' "
-                    "options on float32 or float64 params, grads and state of one dtype)")
+            return ""
         reasons = []
         if p.param not in ("float32", "float64"):
             reasons.append(f"{p.param} params")
@@ -956,17 +946,13 @@ class FusedOptimizer:
         Muon) runs its host/CUDA plan on grads of the params' dtype only (the plan was
         chosen at the first step's grads); others are refused, naming `grads`, before
         anything changes. Lamb's kernels take every accepted grads dtype (checked with
-        the params' by _check_grad_dtype), except with Keras' options on other storage."""
+        the params' by _check_grad_dtype)."""
         plan = self._plan
         if plan is None or getattr(plan, "name", None) not in ("host", "cuda") or \
                 not _kernels.own_kernels(self.rule):
             return
         grad, param = np.dtype(grad_dtype).name, np.dtype(self._layout.dtype).name
         if _kernels.own_kernel_keys(self.rule) is not _kernels.OWN_KERNEL_KEYS:
-            reason = self._own_kernel_storage(param, grad)
-            if reason:
-                raise ValueError(f"`grads` dtype {grad}: {type(self).__name__} with {reason} "
-                                 f"runs only on the NumPy executor; use executor='numpy'")
             return
         if grad != param:
             raise ValueError(

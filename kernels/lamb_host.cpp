@@ -14,8 +14,9 @@
 // Storage as lamb.cu's: params P (16-bit ones with the float32 master copy when there
 // is one, else stored rounded to nearest or stochastically from the flat index), grads
 // G, state S (m and v stored rounded to nearest; pass 1's r from the values stored,
-// which pass 2 reads back). Keras' options run on float32/float64 storage of one dtype
-// only (whole_host.cpp).
+// which pass 2 reads back). Keras' options as whole_host.cpp runs them on any storage:
+// pass 1 reads the accumulated mean (from the accumulator in place, or formed from g
+// and a 16-bit accumulator), the average is of the master or of the params as stored.
 // Built with FUSEDOPT_T and FUSEDOPT_P/G/S defined and lamb.cuh included
 // (fusedopt/host.py).
 #pragma once
@@ -37,7 +38,7 @@ struct Step {
     T* factors;       // per segment (clipnorm), else factors[0] for every element
     T* ratios;        // per segment
     std::atomic<int>* any_nonfinite;
-    Options<T> opts;  // use_ema, gradient accumulation (float32/float64 storage of one dtype)
+    Options<T, S> opts;  // use_ema, gradient accumulation
     FoRounding rounding;
 
     // p as the rule reads it: the master's when there is one, else the params'.
@@ -48,10 +49,10 @@ struct Step {
         return (T)fo_load(pp[i]);
     }
 
-    // Pass 1 over tile k: m and v, and the tile's sums; `g` the gradient it reads (the
-    // grads, or the accumulated mean).
-    template <typename GA>
-    void moments(const GA* __restrict__ g, long long k) const {
+    // Pass 1 over tile k: m and v, and the tile's sums; `grad(i)` the gradient it reads
+    // (the grads', or the accumulated mean).
+    template <typename Grad>
+    void moments(const Grad& grad, long long k) const {
         const HostPlan& pl = *plan;
         const long long b = pl.sum_start[k], e = pl.sum_start[k + 1];
         const int group = group_at(pl, b);
@@ -68,7 +69,7 @@ struct Step {
         // Element i: its decayed p and its r, from m and v as stored.
         auto element = [&](long long i, double& sum_p, double& sum_r) {
             T pi = load_param(p, i);
-            const T gi = fo_prepare_gradient((T)fo_load(g[i]), pi, factor, pro);
+            const T gi = fo_prepare_gradient(grad(i), pi, factor, pro);
             fo_decay(pi, pro, st.lr);
             T mi = fo_load(m[i]), vi = fo_load(v[i]);
             lamb::moments(gi, mi, vi, st.c);
@@ -125,9 +126,16 @@ struct Step {
         long long first, last;
         if (!start_phases(pl, g, opts, t, n, factors, any_nonfinite, barrier, &first, &last))
             return;
+        const G* __restrict__ gg = g;
+        const S* __restrict__ acc = opts.acc;
         for (long long k = first; k < last; ++k) {
-            if (opts.acc) moments(static_cast<const T*>(opts.acc), k);
-            else moments(g, k);
+            if (acc == nullptr) {
+                moments([&](long long i) { return (T)fo_load(gg[i]); }, k);
+            } else if constexpr (Options<T, S>::in_place) {  // the mean is in acc
+                moments([&](long long i) { return (T)fo_load(acc[i]); }, k);
+            } else {
+                moments([&](long long i) { return opts.mean_at(gg, i); }, k);
+            }
             opts.restart(pl.sum_start[k], pl.sum_start[k + 1]);  // the tile's mean is read
         }
         wait();
@@ -139,46 +147,27 @@ struct Step {
         wait();
         for (long long k = first; k < last; ++k) {
             apply(k);
-            if constexpr (sizeof(P) == sizeof(T))  // the tile in cache
-                opts.average(p, pl.sum_start[k], pl.sum_start[k + 1]);
+            opts.average(p, master, rounding, pl.sum_start[k], pl.sum_start[k + 1]);  // in cache
         }
     }
 };
 
-// `average` and `accumulator` (T: float32/float64 storage of one dtype) must be null
-// for other storage.
 template <typename T, typename P, typename G, typename S>
-static int step(P* p, const G* g, S* m, S* v, float* master, T* average, T* accumulator,
+static int step(P* p, const G* g, S* m, S* v, float* master, S* average, S* accumulator,
                 HostPlan* plan, const Hyper* block, StepState* state) {
     return whole_step<lamb, T>(p, g, average, accumulator, plan, block, state, [&](
             const Hyper* h, const GroupValues<T>& groups, const StepValues&,
-            const Options<T>& opts, std::atomic<int>* any_nonfinite) {
+            const Options<T, S>& opts, std::atomic<int>* any_nonfinite) {
         std::vector<double> sums(2 * plan->nsums + 2);
         std::vector<T> factors(plan->nsegments + 1, T(1)), ratios(plan->nsegments + 1, T(1));
-        FoRounding rounding;
-        rounding.stochastic = h->stochastic_rounding != 0;
-        rounding.seed = h->seed;
-        rounding.step = (fo_u64)state->iterations;
+        const FoRounding rounding = whole_rounding(*h, *state);
         const Step<T, P, G, S> work = {p, g, m, v, master, plan, &groups, sums.data(),
                                        factors.data(), ratios.data(), any_nonfinite, opts,
                                        rounding};
         run_threads(threads_for(plan), [&](int t, int n, fo_pool::Barrier* barrier) {
             work.run(t, n, barrier);
         });
-    });
-}
-
-// host.cpp's entry for any storage: Keras' options' slots on float32/float64 storage of
-// one dtype only (fusedopt.optimizer refuses them with other storage; -1 if passed).
-template <typename T, typename P, typename G, typename S>
-static int entry(P* p, const G* g, S* m, S* v, float* master, S* average, S* accumulator,
-                 HostPlan* plan, const Hyper* hyper, StepState* state) {
-    if constexpr (sizeof(P) == sizeof(T) && sizeof(G) == sizeof(T) && sizeof(S) == sizeof(T)) {
-        return step<T>(p, g, m, v, (float*)nullptr, average, accumulator, plan, hyper, state);
-    } else {
-        if (average || accumulator) return -1;
-        return step<T>(p, g, m, v, master, (T*)nullptr, (T*)nullptr, plan, hyper, state);
-    }
+    }, master);
 }
 
 }  // namespace fo_lamb
@@ -189,7 +178,7 @@ extern "C" int fusedopt_host_step(FUSEDOPT_P* p, const FUSEDOPT_G* g, FUSEDOPT_S
                                   FUSEDOPT_S* s1, FUSEDOPT_S*, float* master,
                                   FUSEDOPT_S* average, FUSEDOPT_S* accumulator, HostPlan* plan,
                                   const Hyper* hyper, StepState* state) {
-    return fo_lamb::entry<FUSEDOPT_T>(p, g, s0, s1, master, average, accumulator, plan, hyper,
-                                      state);
+    return fo_lamb::step<FUSEDOPT_T>(p, g, s0, s1, master, average, accumulator, plan, hyper,
+                                     state);
 }
 #endif

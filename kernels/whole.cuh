@@ -1,10 +1,8 @@
 // whole.cuh: what the GPU kernels of the whole-variable rules share (lamb.cu,
 // adafactor.cu, muon.cu): each segment group's values at a block's start, a fixed-tree
 // block sum (deterministic: the order depends only on the block size), and Keras'
-// options around the rule (kernels/options.cuh), written for any storage types (P, G,
-// S: the params', grads' and state's; the options' slots are state), though
-// fusedopt.optimizer passes the options only with float32/float64 buffers of one dtype
-// (the host's whole_host.cpp takes no other; with 16-bit buffers they run on NumPy):
+// options around the rule (kernels/options.cuh), on any storage types (P, G, S: the
+// params', grads' and state's; the options' slots are state; lamb.cu takes them all):
 //   a call of gradient accumulation that only adds is the rule's first kernel running
 //     fused.cu's accumulate_run over the tiles (g and the accumulator; p and the
 //     average with use_ema); the rule's other kernels return at once (the last after
