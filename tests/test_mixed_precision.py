@@ -558,6 +558,18 @@ LAMB_CASES = [
 ]
 
 
+def assert_lamb_params_mostly_bitwise(runs):
+    """The trust ratio may differ in its last bit between executors, which moves a
+    variable's params by a spacing here and there, never most of them: a rounding of
+    the wrong element or step (stochastic rounding's index or count) would move about
+    half, within STORAGE_RTOL still. (On these layouts the runs are in fact bitwise.)"""
+    desired = bits(runs["numpy"][1].data).reshape(len(runs["numpy"][1].data), -1)
+    for executor in ("host", "emulated"):
+        actual = bits(runs[executor][1].data).reshape(desired.shape)
+        same = np.all(actual == desired, axis=1).mean()
+        assert same >= 0.95, f"{executor}: {same:.0%} of the params bitwise"
+
+
 @pytest.mark.parametrize("precision_case", PRECISIONS, ids=[p[0] for p in PRECISIONS])
 @pytest.mark.parametrize("case", LAMB_CASES, ids=[c[0] for c in LAMB_CASES])
 def test_lamb_in_every_precision_matches_the_reference(case, precision_case, host_ok,
@@ -566,6 +578,7 @@ def test_lamb_in_every_precision_matches_the_reference(case, precision_case, hos
     runs = run_three(case, precision_case, libraries, executors=("host", "emulated"),
                      steps=4, nonfinite_at=skip, exact=False)
     assert inner(runs["host"][0]).executor_name == "host"
+    assert_lamb_params_mostly_bitwise(runs)
 
 
 OPTION_CASES = [
@@ -668,8 +681,9 @@ LAMB_OPTION_CASES = (
 def test_lamb_keras_options_on_16_bit_buffers(precision_case, option, host_ok, libraries):
     _, options, nonfinite_at = option
     case = ("lamb", "Lamb", {"learning_rate": 0.05, "weight_decay": 0.1, **options})
-    run_three(case, precision_case, libraries, executors=("host", "emulated"), steps=9,
-              nonfinite_at=nonfinite_at, exact=False)
+    runs = run_three(case, precision_case, libraries, executors=("host", "emulated"), steps=9,
+                     nonfinite_at=nonfinite_at, exact=False)
+    assert_lamb_params_mostly_bitwise(runs)
 
 
 @pytest.mark.parametrize("precision_case", [PRECISIONS[3], PRECISIONS[5], PRECISIONS[1]],
