@@ -131,20 +131,33 @@ def own_kernels(rule):
     return (kernel_dir() / f"{rule}.cu").is_file()
 
 
-# The storage keys a rule with kernels of its own is built for: uniform float32 and
-# float64 (fusedopt.precision sends every other combination to the NumPy executor).
+# The storage keys a rule with kernels of its own is built for when its kernels take
+# one type (FUSEDOPT_T): uniform float32 and float64 (fusedopt.optimizer sends every
+# other combination to the NumPy executor).
 OWN_KERNEL_KEYS = (("float64",) * 3, ("float32",) * 3)
+
+
+def own_kernel_keys(rule):
+    """The storage keys the kernels of `rule` (a rule with kernels of its own) are built
+    for: every accepted combination (COMBINATIONS) when its kernels/<rule>.cu takes the
+    storage types FUSEDOPT_P, FUSEDOPT_G and FUSEDOPT_S (lamb.cu), else OWN_KERNEL_KEYS.
+    Read from the source, as rule_names does, so no second table names the rules."""
+    source = read_source(f"{rule}.cu")
+    if all(f"FUSEDOPT_{x}" in source for x in "PGS"):
+        return COMBINATIONS
+    return OWN_KERNEL_KEYS
 
 
 def rule_source(rule, dtype, grad=None, state=None):
     """The translation unit exporting `fusedopt_<rule>` for one storage combination:
     params of `dtype`, grads of `grad` and state of `state` (both default to `dtype`),
-    or, for a rule with kernels of its own (uniform float32/float64 keys only), the
+    or, for a rule with kernels of its own (the keys of `own_kernel_keys`), the
     kernels of kernels/<rule>.cu (`rule_kernels`)."""
     key = storage_key(dtype, grad, state)
     if own_kernels(rule):
-        if key not in OWN_KERNEL_KEYS:
-            raise ValueError(f"{rule} has kernels for uniform float32/float64 storage only, "
+        if key not in own_kernel_keys(rule):
+            raise ValueError(f"{rule} has kernels for the storage keys "
+                             f"{[key_label(k) for k in own_kernel_keys(rule)]}, "
                              f"not {key_label(key)}")
         return expand_includes(storage_prelude(key)
                                + f'#include "{rule}.cuh"\n#include "{rule}.cu"\n')
@@ -213,26 +226,33 @@ COMBINATIONS = (
 # The rule built for every combination in the compile check (the others: float64,
 # float32 and one bfloat16 combination, which all share the same load/store code).
 CROSS_PRODUCT_RULE = "adam"
+# The keys a rule with kernels of its own for every combination is compiled for in the
+# check besides those: each 16-bit storage type in each role at least once.
+OWN_KERNEL_CHECK_KEYS = (("float16", "float32", "bfloat16"),
+                         ("float32", "float16", "bfloat16"))
 
 
 def translation_units(full=False):
     """(label, source, kernel names) for the kernel modules the library compiles: every
     rule for float64, float32 and bfloat16 params, grads with float32 state; every
     combination for CROSS_PRODUCT_RULE (every rule with `full`); a rule with kernels of
-    its own for OWN_KERNEL_KEYS only, with its `rule_kernels`; the reductions for each
-    accepted pair of gradient and state dtypes."""
+    its own, with its `rule_kernels`, for its `own_kernel_keys` (those that take every
+    combination: for the same three and OWN_KERNEL_CHECK_KEYS, all with `full`); the
+    reductions for each accepted pair of gradient and state dtypes."""
     units = []
     reduction = ["fusedopt_sumsq", "fusedopt_clip_factors", "fusedopt_skip_check",
                  "fusedopt_write_hyper", "fusedopt_write_state"]
     for key in COMBINATIONS:
+        everywhere = key in (("float64",) * 3, ("float32",) * 3,
+                             ("bfloat16", "bfloat16", "float32"))
         for rule in rule_names():
             if own_kernels(rule):
-                if key in OWN_KERNEL_KEYS:
+                keys = own_kernel_keys(rule)
+                if key in keys and (full or keys is OWN_KERNEL_KEYS or everywhere
+                                    or key in OWN_KERNEL_CHECK_KEYS):
                     units.append((f"{rule}/{key_label(key)}", rule_source(rule, *key),
                                   rule_kernels(rule)))
                 continue
-            everywhere = key in (("float64",) * 3, ("float32",) * 3,
-                                 ("bfloat16", "bfloat16", "float32"))
             if full or everywhere or rule == CROSS_PRODUCT_RULE:
                 units.append((f"{rule}/{key_label(key)}", rule_source(rule, *key),
                               [f"fusedopt_{rule}"]))

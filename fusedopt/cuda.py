@@ -384,7 +384,7 @@ class StepPlan:
         xp, nsegments = self.backend.xp, len(tiles.segment_tiles) - 1
         self.lamb_segment_tiles = xp.asarray(tiles.segment_tiles)
         self.lamb_partial = xp.zeros(2 * max(1, tiles.count), dtype=np.float64)
-        self.lamb_ratios = xp.ones(max(1, nsegments), dtype=self.dtype)
+        self.lamb_ratios = xp.ones(max(1, nsegments), dtype=self.math_dtype)
         self.update_grid = self._grid("lamb", "fusedopt_lamb_moments")
         self.apply_grid = self._grid("lamb", "fusedopt_lamb_apply")
         blocks = self.backend.blocks_per_sm(self._function("lamb", "fusedopt_lamb_ratios"),
@@ -440,21 +440,22 @@ class StepPlan:
         n = self.optimizer.gradient_accumulation_steps or 1
         return (calls + 1) % n == 0
 
-    def _enqueue_lamb(self, grads, params_data, slots, nfactors, options):
+    def _enqueue_lamb(self, grads, params_data, slots, nfactors, options, master, key):
         """LAMB's update: two passes with the per-segment trust ratios between them;
         only the last launch advances the step state. `options`: use_ema's average and
-        the gradient accumulator (or None)."""
+        the gradient accumulator (or None); `master`: 16-bit params' float32 copy (or
+        None); `key`: the storage key of the step's grads."""
         k, groups = self._k, (self.groups, np.int32(self.groups.size // 2))
         tiles = (self.tile_start, self.tile_segment, self.tile_group, np.int64(self.tiles.count))
         self._enqueue("lamb", "fusedopt_lamb_moments", self.update_grid, k.BLOCK, (
-            params_data, grads, slots[0], slots[1], *options, *tiles, self.factors, nfactors,
-            *groups, self.hyper, self.state, self.lamb_partial))
+            params_data, grads, slots[0], slots[1], master, *options, *tiles, self.factors,
+            nfactors, *groups, self.hyper, self.state, self.lamb_partial), key)
         self._enqueue("lamb", "fusedopt_lamb_ratios", self.ratios_grid, k.BLOCK, (
             self.lamb_partial, self.lamb_segment_tiles,
-            np.int64(len(self.lamb_segment_tiles) - 1), self.lamb_ratios))
+            np.int64(len(self.lamb_segment_tiles) - 1), self.lamb_ratios), key)
         self._enqueue("lamb", "fusedopt_lamb_apply", self.apply_grid, k.BLOCK, (
-            params_data, slots[0], slots[1], options[0], *tiles, self.lamb_ratios, *groups,
-            self.hyper, self.state))
+            params_data, slots[0], slots[1], master, options[0], *tiles, self.lamb_ratios,
+            *groups, self.hyper, self.state), key)
 
     def _build_adafactor_tables(self, tiles):
         """Adafactor's segment table and scratch (kernels/adafactor.cu): two sums per
@@ -629,11 +630,11 @@ class StepPlan:
         s = list(slots) + [None] * (3 - len(slots))
         nfactors = np.int32(1 if mode == "global" else self.nsegments)
         master, average = (opt._option_slots.get(k) for k in ("master", "average"))
-        # The rules with kernels of their own (uniform float32/float64 storage only,
-        # fusedopt.precision) take use_ema's average and the accumulator too.
+        # The rules with kernels of their own take use_ema's average and the accumulator
+        # too (Lamb, on any storage, the master copy as well).
         options = (average, accumulator)
         if opt.rule == "lamb":
-            return self._enqueue_lamb(grads, params_data, s, nfactors, options)
+            return self._enqueue_lamb(grads, params_data, s, nfactors, options, master, key)
         if opt.rule == "muon":
             return self._enqueue_muon(grads, params_data, s, nfactors, options)
         if opt.rule == "adafactor":

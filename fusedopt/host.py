@@ -198,10 +198,10 @@ def rule_source(rule, dtype, grad=None, state=None):
     combination (params of `dtype`, grads of `grad`, state of `state`; both default to
     `dtype`), with every local include inlined (so the cache key sees every line). A
     rule with a step of its own (kernels/<rule>_host.cpp, LAMB's two passes) exports
-    that, for uniform float32/float64 storage only (fusedopt.precision)."""
+    that, for the storage its kernels take (fusedopt._kernels.own_kernel_keys)."""
     key = _kernels.storage_key(dtype, grad, state)
     if (_kernels.kernel_dir() / f"{rule}_host.cpp").is_file():
-        if key not in _kernels.OWN_KERNEL_KEYS:
+        if key not in _kernels.own_kernel_keys(rule):
             raise ValueError(f"{rule} has a host step for uniform float32/float64 storage "
                              f"only, not {_kernels.key_label(key)}")
         return _kernels.expand_includes(

@@ -540,14 +540,15 @@ class FusedOptimizer:
         """Why only the NumPy executor can run this configuration ('' when any can):
         what the kernels do not implement yet. Other executors refuse it. With
         `param_dtype` (and the latest step's grads dtype), also the storage a rule with
-        kernels of its own (Lamb, Adafactor, Muon: uniform float32/float64 only) cannot
-        run. Keras' options use_ema and gradient accumulation run on every executor for
-        every rule with a kernel: in fused.cu's pass and host.cpp, and in the own
-        kernels of Lamb, Adafactor and Muon (kernels/whole.cuh, whole_host.cpp), all
-        with kernels/options.cuh's per-element functions; a LossScaleOptimizer's
-        dynamic scale likewise (kernels/step.cuh: fo_phase, fo_advance). On 16-bit
-        buffers those options run wherever the rule does: every storage in the fused
-        pass, float32/float64 of one dtype in the own kernels (`_own_kernel_storage`)."""
+        kernels of its own cannot run (`_own_kernel_storage`: Lamb every storage,
+        Adafactor and Muon uniform float32/float64 only). Keras' options use_ema and
+        gradient accumulation run on every executor for every rule with a kernel: in
+        fused.cu's pass and host.cpp, and in the own kernels of Lamb, Adafactor and Muon
+        (kernels/whole.cuh, whole_host.cpp), all with kernels/options.cuh's per-element
+        functions; a LossScaleOptimizer's dynamic scale likewise (kernels/step.cuh:
+        fo_phase, fo_advance). On 16-bit buffers those options run wherever the rule
+        does: every storage in the fused pass and Lamb's kernels, float32/float64 of one
+        dtype in Adafactor's and Muon's."""
         if self.rule not in _kernels.rule_names():
             return f"the {type(self).__name__} rule has no kernel yet"
         if _kernels.own_kernels(self.rule) and param_dtype is not None:
@@ -556,9 +557,14 @@ class FusedOptimizer:
 
     def _own_kernel_storage(self, param_dtype, grad_dtype):
         """For a rule with kernels of its own: the storage options its kernels do not
-        run ('' when params, grads and state are all float32 or all float64)."""
+        run ('' when they run them). Lamb's kernels take every accepted storage
+        combination, Keras' options included (fusedopt._kernels.own_kernel_keys);
+        Adafactor's and Muon's take float32 or float64 params, grads and state of one
+        dtype."""
         param = np.dtype(param_dtype).name
         p = self._precision_for(param, None if grad_dtype is None else np.dtype(grad_dtype).name)
+        if _kernels.own_kernel_keys(self.rule) is not _kernels.OWN_KERNEL_KEYS:
+            return ""
         reasons = []
         if p.param not in ("float32", "float64"):
             reasons.append(f"{p.param} params")
@@ -943,14 +949,18 @@ class FusedOptimizer:
         return grads
 
     def _check_own_kernel_grads(self, grad_dtype):
-        """A rule with kernels of its own runs its host/CUDA plan on grads of the params'
-        dtype only (the plan was chosen at the first step's grads); others are refused,
-        naming `grads`, before anything changes."""
+        """A rule with kernels of its own for float32/float64 of one dtype (Adafactor,
+        Muon) runs its host/CUDA plan on grads of the params' dtype only (the plan was
+        chosen at the first step's grads); others are refused, naming `grads`, before
+        anything changes. Lamb's kernels take every accepted grads dtype (checked with
+        the params' by _check_grad_dtype)."""
         plan = self._plan
         if plan is None or getattr(plan, "name", None) not in ("host", "cuda") or \
                 not _kernels.own_kernels(self.rule):
             return
         grad, param = np.dtype(grad_dtype).name, np.dtype(self._layout.dtype).name
+        if _kernels.own_kernel_keys(self.rule) is not _kernels.OWN_KERNEL_KEYS:
+            return
         if grad != param:
             raise ValueError(
                 f"`grads` dtype {grad}: {type(self).__name__} runs on the {plan.name} executor "

@@ -178,16 +178,23 @@ def schedule_free_adamw(p, g, z, v, lr, beta_1, one_minus_beta_1, one_minus_beta
 # reductions the kernels compute on the device, per segment.
 
 def lamb(shape, p, g, m, v, lr, one_minus_beta_1, one_minus_beta_2, one_minus_beta_1_power,
-         one_minus_beta_2_power, epsilon):
+         one_minus_beta_2_power, epsilon, stored=None):
     """LAMB (You et al., 2020) as Keras 3 writes it: an Adam direction r, scaled per
     variable by the trust ratio ||p||/||r|| (1 when either norm is 0 or NaN). There is
     no weight-decay term inside r: decoupled decay has already been applied to p.
 
     m <- m + (g-m)(1-beta_1);  v <- v + (g^2-v)(1-beta_2);
     r = (m/(1-beta_1^t)) / (sqrt(v/(1-beta_2^t)) + eps);  p <- p - ratio*lr*r
+
+    `stored(x)` (16-bit state) rounds x in place to what its slot holds once stored: r
+    is computed from the m and v stored, as Keras reads its variables back after
+    assigning them (and as kernels/lamb.cu's second pass reads them).
     """
     m += (g - m) * one_minus_beta_1
     v += (g * g - v) * one_minus_beta_2
+    if stored is not None:
+        stored(m)
+        stored(v)
     r = (m / one_minus_beta_1_power) / (np.sqrt(v / one_minus_beta_2_power) + epsilon)
     ratio = trust_ratio(sum_of_squares(p), sum_of_squares(r))
     p -= (p.dtype.type(ratio) * lr) * r
@@ -232,8 +239,9 @@ def factored_shapes(shape):
 
 
 def adafactor(shape, p, g, r, c, v, rho, beta_2, one_minus_beta_2, epsilon_1, epsilon_2,
-              clip_threshold):
+              clip_threshold, stored=None):
     """Adafactor (Shazeer & Stern, 2018) as Keras 3 writes it, on one variable.
+    (`stored`: as lamb's, not used yet: its 16-bit state runs on this executor only.)
 
     `r` and `c` are the variable's row and column statistics (factored_shapes; empty
     below rank 2), `v` the full-size second moment, which for rank >= 2 is rebuilt
@@ -276,8 +284,9 @@ def _rms(x):
 
 
 def muon(shape, p, g, m, v, use_adamw, rms_scale, lr, momentum, nesterov, ns_steps, muon_a,
-         muon_b, muon_c, alpha, one_minus_beta_1, one_minus_beta_2, epsilon):
+         muon_b, muon_c, alpha, one_minus_beta_1, one_minus_beta_2, epsilon, stored=None):
     """Muon (Jordan et al., 2024) as Keras 3 writes it, on one variable.
+    (`stored`: as lamb's, not used yet: its 16-bit state runs on this executor only.)
 
     A variable Muon does not handle (use_adamw: not 2-D, or excluded by name) takes
     the Adam step with alpha = lr*adam_lr_ratio*sqrt(1-beta_2^t)/(1-beta_1^t); `v` is
@@ -514,7 +523,10 @@ class ReferencePlan:
             state = [None if s is None else s[o[segment]:o[segment + 1]]
                      for s, o in zip(slots, self.slot_offsets)]
             loaded = [None if s is None else _as_math(s) for s in state]
-            rule(shape, p, g, *loaded, *opt._segment_arguments(segment, shape), *c)
+            narrow = [s for s, x in zip(state, loaded) if s is not None and x is not s]
+            stored = _stored_as(narrow[0].dtype) if narrow else None
+            rule(shape, p, g, *loaded, *opt._segment_arguments(segment, shape), *c,
+                 stored=stored)
             stores.store(p, start, stop, state, loaded)
 
 
@@ -527,6 +539,17 @@ def _as_math(x):
     """x itself when stored in its math dtype, else a new math-dtype array of its
     values (exact: every 16-bit value is a float32 value)."""
     return x if x.dtype == _math_dtype(x.dtype) else precision.load(x)
+
+
+def _stored_as(dtype):
+    """x -> x rounded in place to the values a slot of 16-bit `dtype` holds once x is
+    stored in it (rounded to nearest once: _Stores.store's rounding, which then keeps
+    them as they are)."""
+    def stored(x):
+        slot = np.empty(x.shape, dtype)
+        precision.store_nearest(slot, x)
+        x[...] = precision.load(slot)
+    return stored
 
 
 class _Stores:

@@ -162,7 +162,8 @@ extern "C" __global__ void __launch_bounds__(FO_BLOCK) fusedopt_adafactor_pass(
     const OptionScalars<T> options = shared_options;
     if (accumulator && !options.apply) {  // gradient accumulation: this call only adds
         if (phase == FO_ADAFACTOR_MOMENTS)
-            whole_accumulate(p, g, average, accumulator, tile_start, ntiles, options);
+            whole_accumulate(p, (float*)nullptr, g, average, accumulator, tile_start, ntiles,
+                             FoRounding{}, options);
         return;
     }
     // On the call that applies, MOMENTS leaves the accumulated mean in the accumulator;

@@ -20,7 +20,8 @@
 // and loads the exported fusedopt_host_step with ctypes. Loads and stores convert
 // between storage and math type exactly as fused.cu does (kernels/storage.cuh).
 // kernels/whole_host.cpp includes this file for the rules with kernels of their own
-// (lamb_host.cpp, muon_host.cpp: FUSEDOPT_T only, P/G/S default to it below).
+// (lamb_host.cpp for every storage key; adafactor_host.cpp, muon_host.cpp for uniform
+// float32/float64 ones).
 //
 // Keras' options (kernels/options.cuh: EMA, gradient accumulation): a call that only
 // accumulates runs one light loop over g and the accumulator (and p, or the master,

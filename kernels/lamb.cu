@@ -14,6 +14,14 @@
 // written, p only on an overwrite), the other two return at once; the call that
 // applies reads the accumulator beside g in pass 1 and restarts it (+8 bytes), and
 // with use_ema pass 2 moves the average (+8 bytes).
+// Storage (ARCHITECTURE.md, principle 8; fused.cu's): params FUSEDOPT_P, grads
+// FUSEDOPT_G, state FUSEDOPT_S, math FUSEDOPT_T. 16-bit params may have a float32
+// master copy (`master`, null without), which the passes read and write as p, the
+// params receiving it rounded; else they are stored rounded to nearest or
+// stochastically (FoRounding, seeded by the step's count and the flat index, as
+// fused.cu). m and v are stored rounded to nearest, and pass 1's r is computed from
+// the values stored (fo_stored), which pass 2 reads back: both passes see one r, and
+// it is Keras' (its update reads m and v back after assigning them).
 // The tiles lie inside segments (fusedopt/_kernels.py, TileTable(per_segment=True)).
 // Each thread takes a fixed set of a tile's elements in a fixed order and blocks add
 // in a fixed tree, so the sums depend only on the layout: deterministic, no atomics.
@@ -24,26 +32,29 @@
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)
 
 extern "C" __global__ void __launch_bounds__(FO_BLOCK) fusedopt_lamb_moments(
-        FUSEDOPT_T* __restrict__ p, const FUSEDOPT_T* __restrict__ g,
-        FUSEDOPT_T* __restrict__ m, FUSEDOPT_T* __restrict__ v,
-        FUSEDOPT_T* __restrict__ average, FUSEDOPT_T* __restrict__ accumulator,
+        FUSEDOPT_P* __restrict__ p, const FUSEDOPT_G* __restrict__ g,
+        FUSEDOPT_S* __restrict__ m, FUSEDOPT_S* __restrict__ v, float* __restrict__ master,
+        FUSEDOPT_S* __restrict__ average, FUSEDOPT_S* __restrict__ accumulator,
         const long long* __restrict__ tile_start, const int* __restrict__ tile_segment,
         const int* __restrict__ tile_group, long long ntiles,
         const FUSEDOPT_T* __restrict__ factors, int nfactors, const double* __restrict__ groups,
         int ngroups, const Hyper* __restrict__ hyper, const StepState* __restrict__ state,
         double* __restrict__ partial) {
     typedef FUSEDOPT_T T;
+    typedef FUSEDOPT_S S;
     __shared__ StepScalars<T> shared_st[FO_MAX_GROUPS];
     __shared__ Prologue<T> shared_pro[FO_MAX_GROUPS];
     __shared__ StepValues shared_values;
     __shared__ OptionScalars<T> shared_options;
+    __shared__ FoRounding shared_rounding;
     __shared__ double sums_p[FO_BLOCK], sums_r[FO_BLOCK];
     if (whole_group_values<lamb, T>(shared_st, shared_pro, &shared_values, &shared_options,
-                                    groups, ngroups, hyper, state))
+                                    groups, ngroups, hyper, state, &shared_rounding))
         return;  // a skipped step writes nothing
     const OptionScalars<T> options = shared_options;
     if (accumulator && !options.apply) {  // gradient accumulation: this call only adds
-        whole_accumulate(p, g, average, accumulator, tile_start, ntiles, options);
+        whole_accumulate(p, master, g, average, accumulator, tile_start, ntiles,
+                         shared_rounding, options);
         return;
     }
     for (long long k = blockIdx.x; k < ntiles; k += gridDim.x) {
@@ -53,13 +64,17 @@ extern "C" __global__ void __launch_bounds__(FO_BLOCK) fusedopt_lamb_moments(
         const Prologue<T> pro = shared_pro[tile_group[k]];
         double sp = 0.0, sr = 0.0;
         for (long long i = begin + threadIdx.x; i < end; i += blockDim.x) {
-            T pi = fo_load(p + i), mi = fo_load(m + i), vi = fo_load(v + i);
+            T pi = whole_load_param<T>(p, master, i);
+            T mi = whole_load<T>(m, i), vi = whole_load<T>(v, i);
             const T gi = fo_prepare_gradient(whole_gradient(g, accumulator, i, options, false),
                                              pi, factor, pro);
             fo_decay(pi, pro, st.lr);
-            const T r = lamb::moments(gi, mi, vi, st.c);
-            fo_store(m + i, mi);
-            fo_store(v + i, vi);
+            lamb::moments(gi, mi, vi, st.c);
+            mi = fo_stored<S>(mi);  // what pass 2 reads back
+            vi = fo_stored<S>(vi);
+            const T r = lamb::direction(mi, vi, st.c);
+            whole_store(m, i, mi);
+            whole_store(v, i, vi);
             sp += (double)pi * (double)pi;
             sr += (double)r * (double)r;
         }
@@ -85,34 +100,42 @@ extern "C" __global__ void __launch_bounds__(FO_BLOCK) fusedopt_lamb_ratios(
 }
 
 extern "C" __global__ void __launch_bounds__(FO_BLOCK) fusedopt_lamb_apply(
-        FUSEDOPT_T* __restrict__ p, const FUSEDOPT_T* __restrict__ m,
-        const FUSEDOPT_T* __restrict__ v, FUSEDOPT_T* __restrict__ average,
-        const long long* __restrict__ tile_start,
+        FUSEDOPT_P* __restrict__ p, const FUSEDOPT_S* __restrict__ m,
+        const FUSEDOPT_S* __restrict__ v, float* __restrict__ master,
+        FUSEDOPT_S* __restrict__ average, const long long* __restrict__ tile_start,
         const int* __restrict__ tile_segment, const int* __restrict__ tile_group,
         long long ntiles, const FUSEDOPT_T* __restrict__ ratios,
         const double* __restrict__ groups, int ngroups, const Hyper* __restrict__ hyper,
         StepState* state) {
     typedef FUSEDOPT_T T;
+    typedef FUSEDOPT_P P;
     __shared__ StepScalars<T> shared_st[FO_MAX_GROUPS];
     __shared__ Prologue<T> shared_pro[FO_MAX_GROUPS];
     __shared__ StepValues shared_values;
     __shared__ OptionScalars<T> shared_options;
+    __shared__ FoRounding shared_rounding;
     const bool skip = whole_group_values<lamb, T>(shared_st, shared_pro, &shared_values,
-                                                  &shared_options, groups, ngroups, hyper, state);
+                                                  &shared_options, groups, ngroups, hyper, state,
+                                                  &shared_rounding);
     if (threadIdx.x == 0) take_ticket(state, shared_values, skip, hyper);
     const OptionScalars<T> options = shared_options;
     if (skip || !options.apply) return;  // skipped, or a call that only accumulates
+    const FoRounding rounding = shared_rounding;
     for (long long k = blockIdx.x; k < ntiles; k += gridDim.x) {
         const long long begin = tile_start[k], end = tile_start[k + 1];
         const T ratio = ratios[tile_segment[k]];
         const StepScalars<T> st = shared_st[tile_group[k]];
         const Prologue<T> pro = shared_pro[tile_group[k]];
         for (long long i = begin + threadIdx.x; i < end; i += blockDim.x) {
-            T pi = fo_load(p + i);
+            T pi = whole_load_param<T>(p, master, i);
             fo_decay(pi, pro, st.lr);
-            lamb::apply(pi, lamb::direction(fo_load(m + i), fo_load(v + i), st.c), ratio, st.c);
-            whole_average(pi, average, i, options);
-            fo_store(p + i, pi);
+            lamb::apply(pi, lamb::direction(whole_load<T>(m, i), whole_load<T>(v, i), st.c),
+                        ratio, st.c);
+            if (average) {
+                pi = whole_param_stored<P>(pi, master != nullptr, rounding, i);
+                whole_average(pi, average, i, options);
+            }
+            whole_store_param(p, master, pi, rounding, i);
         }
     }
 }

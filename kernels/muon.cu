@@ -71,7 +71,8 @@ extern "C" __global__ void __launch_bounds__(FO_BLOCK) fusedopt_muon_moments(
         return;  // a skipped step writes nothing
     const OptionScalars<T> options = shared_options;
     if (accumulator && !options.apply) {  // gradient accumulation: this call only adds
-        whole_accumulate(p, g, average, accumulator, tile_start, ntiles, options);
+        whole_accumulate(p, (float*)nullptr, g, average, accumulator, tile_start, ntiles,
+                             FoRounding{}, options);
         return;
     }
     for (long long k = blockIdx.x; k < ntiles; k += gridDim.x) {

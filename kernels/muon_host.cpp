@@ -84,7 +84,8 @@ static int moments(T* p, const T* g, T* m, T* v, T* d, T* average, T* accumulato
     std::atomic<int> any_nonfinite(0);
     run_threads(threads_for(plan), [&](int t, int n, fo_pool::Barrier* barrier) {
         if (opts.adds_only()) {
-            accumulate_phase(*plan, p, g, opts, t, n, &any_nonfinite, barrier);
+            accumulate_phase(*plan, p, (float*)nullptr, g, opts, FoRounding{}, t, n,
+                             &any_nonfinite, barrier);
             return;
         }
         long long first, last;

@@ -686,6 +686,20 @@ def _mixed_cases():
         yield pytest.param(("sgd+loss_scale", "SGD", {"learning_rate": 1.0,
                                                        "loss_scale_factor": 3.0}),
                            precision_case, id=f"sgd-loss-scale-3-{precision_case[0]}")
+    # Lamb's kernels (kernels/lamb.cu) on every precision: weight decay, and clipnorm
+    # with a loss scale (its trust ratio is a norm sum: within one 16-bit spacing).
+    for precision_case in PRECISIONS:
+        yield pytest.param(("lamb+decay", "Lamb", {"learning_rate": 0.05,
+                                                   "weight_decay": 0.1}),
+                           precision_case, id=f"lamb-decay-{precision_case[0]}")
+    for precision_case in PRECISIONS[1:4]:
+        yield pytest.param(("lamb+clipnorm", "Lamb", {"learning_rate": 0.05, "clipnorm": 0.5,
+                                                      "loss_scale_factor": 4.0}),
+                           precision_case, id=f"lamb-clipnorm-{precision_case[0]}")
+    # and with Keras' options (8 calls of N = 3, overwrites at the second update).
+    for precision_case in PRECISIONS:
+        yield pytest.param(("lamb+ema+accumulate", "Lamb", {"learning_rate": 0.05, **options}),
+                           precision_case, id=f"lamb-ema-accumulate-{precision_case[0]}")
 
 
 @pytest.mark.parametrize("case,precision_case", list(_mixed_cases()))
@@ -702,7 +716,7 @@ def test_gpu_mixed_precision_matches_numpy_every_step(case, precision_case, n):
     _, cls_name, kwargs = case
     _, param, grad, options = precision_case
     kwargs = {**kwargs, **options}
-    exact = not (kwargs.get("clipnorm") or kwargs.get("global_clipnorm"))
+    exact = not (kwargs.get("clipnorm") or kwargs.get("global_clipnorm") or cls_name == "Lamb")
     rng = np.random.default_rng(n)
     layout = [(n - 20,), (7,), (0,), (1,), (12,)]
     init = rng.normal(size=n).astype(np.float32).astype(dtype_of(param))
@@ -794,10 +808,11 @@ def test_torch_16_bit_model_on_the_gpu(dtype_name):
         assert torch.equal(master.to(dtype), p.detach())
 
 
-@pytest.mark.parametrize("cls_name", ["Lamb", "Muon", "Adafactor"])
+@pytest.mark.parametrize("cls_name", ["Muon", "Adafactor"])
 def test_gpu_own_kernel_rules_refuse_16_bit_buffers(cls_name):
-    """Their kernels take uniform float32/float64 storage only: bfloat16 CuPy buffers
-    are refused at the first apply, naming them, with nothing built."""
+    """Muon's and Adafactor's kernels take uniform float32/float64 storage only:
+    bfloat16 CuPy buffers are refused at the first apply, naming them, with nothing
+    built. (Lamb's take them: test_gpu_mixed_precision_matches_numpy_every_step.)"""
     import cupy as cp
 
     from conftest import dtype_of

@@ -468,8 +468,9 @@ STEPS_OF = {"muon": ("moments", "apply")}  # the entries of a rule's own host st
 
 def test_host_source_compiles_without_warnings(host_ok, tmp_path):
     """kernels/host.cpp with every rule, both math types and a bfloat16 combination
-    (every storage combination for Adam; the rules with a step of their own, Lamb and
-    Muon, for float and double) under -Wall -Wextra -Werror."""
+    (every storage combination for Adam and for Lamb's step of its own; the other rules
+    with a step of their own, Adafactor and Muon, for float and double) under -Wall
+    -Wextra -Werror."""
     rules = _kernels.rule_names()
     source = "".join(f'#include "{r}.cuh"\n' for r in rules) + '#include "host.cpp"\n'
     combinations = [("double",) * 4, ("float",) * 4, ("float", "fo_bf16", "fo_bf16", "float")]
@@ -477,8 +478,12 @@ def test_host_source_compiles_without_warnings(host_ok, tmp_path):
                   for key in _kernels.COMBINATIONS if key[0] != "float64"]
     for rule in rules:
         if (_kernels.kernel_dir() / f"{rule}_host.cpp").is_file():
-            # A step of its own (uniform float32/float64 storage only).
+            # A step of its own: for every storage key its kernels take.
             source += f'#include "{rule}_host.cpp"\n'
+            if _kernels.own_kernel_keys(rule) is _kernels.COMBINATIONS:
+                for k, types in enumerate([("double",) * 4] + everything):
+                    source += (f"auto step_{rule}_{k} = &fo_{rule}::step<{', '.join(types)}>;\n")
+                continue
             for t in ("float", "double"):
                 for entry in STEPS_OF.get(rule, ("step",)):
                     source += f"auto {entry}_{rule}_{t} = &fo_{rule}::{entry}<{t}>;\n"

@@ -45,11 +45,10 @@ def build_one(key):
     source += "".join(f'#include "{r}.cuh"\n' for r in rules)
     source += '#include "fused.cu"\n#include "reduce.cu"\n#include "emulator_entries.h"\n'
     source += "".join(f"EMU_RULE({r})\n" for r in rules if not _kernels.own_kernels(r))
-    if key in _kernels.OWN_KERNEL_KEYS:
-        # Rules with kernels of their own (kernels/<rule>.cu, uniform float32/float64
-        # only): entries in emulator_<rule>.h.
-        source += "".join(f'#include "{r}.cu"\n#include "emulator_{r}.h"\n'
-                          for r in rules if _kernels.own_kernels(r))
+    # Rules with kernels of their own (kernels/<rule>.cu, for the keys of
+    # fusedopt._kernels.own_kernel_keys): entries in emulator_<rule>.h.
+    source += "".join(f'#include "{r}.cu"\n#include "emulator_{r}.h"\n' for r in rules
+                      if _kernels.own_kernels(r) and key in _kernels.own_kernel_keys(r))
     name = "emulator_" + _kernels.key_label(key).replace(":", "_")
     path = host.compile_library(source, name, flags=FLAGS,
                                 include_dirs=[_kernels.kernel_dir(), HERE])

@@ -1,17 +1,18 @@
 // emulator_lamb.h: entry points for LAMB's kernels (kernels/lamb.cu), with exactly the
-// arguments fusedopt.cuda.StepPlan passes (tests/host/emulator.py checks them).
+// arguments fusedopt.cuda.StepPlan passes (tests/host/emulator.py checks them), for
+// every storage key (FUSEDOPT_P/G/S).
 #pragma once
 
 extern "C" void emu_fusedopt_lamb_moments(
-        unsigned grid, unsigned block, FUSEDOPT_T* p, const FUSEDOPT_T* g, FUSEDOPT_T* m,
-        FUSEDOPT_T* v, FUSEDOPT_T* average, FUSEDOPT_T* accumulator, const long long* tile_start,
-        const int* tile_segment, const int* tile_group, long long ntiles,
-        const FUSEDOPT_T* factors, int nfactors, const double* groups, int ngroups,
-        const Hyper* hyper, const StepState* state, double* partial) {
+        unsigned grid, unsigned block, FUSEDOPT_P* p, const FUSEDOPT_G* g, FUSEDOPT_S* m,
+        FUSEDOPT_S* v, float* master, FUSEDOPT_S* average, FUSEDOPT_S* accumulator,
+        const long long* tile_start, const int* tile_segment, const int* tile_group,
+        long long ntiles, const FUSEDOPT_T* factors, int nfactors, const double* groups,
+        int ngroups, const Hyper* hyper, const StepState* state, double* partial) {
     emu::launch(grid, block, [&] {
-        fusedopt_lamb_moments(p, g, m, v, average, accumulator, tile_start, tile_segment,
-                              tile_group, ntiles, factors, nfactors, groups, ngroups, hyper,
-                              state, partial);
+        fusedopt_lamb_moments(p, g, m, v, master, average, accumulator, tile_start,
+                              tile_segment, tile_group, ntiles, factors, nfactors, groups,
+                              ngroups, hyper, state, partial);
     });
 }
 
@@ -23,12 +24,12 @@ extern "C" void emu_fusedopt_lamb_ratios(unsigned grid, unsigned block, const do
 }
 
 extern "C" void emu_fusedopt_lamb_apply(
-        unsigned grid, unsigned block, FUSEDOPT_T* p, const FUSEDOPT_T* m, const FUSEDOPT_T* v,
-        FUSEDOPT_T* average, const long long* tile_start, const int* tile_segment,
+        unsigned grid, unsigned block, FUSEDOPT_P* p, const FUSEDOPT_S* m, const FUSEDOPT_S* v,
+        float* master, FUSEDOPT_S* average, const long long* tile_start, const int* tile_segment,
         const int* tile_group, long long ntiles, const FUSEDOPT_T* ratios, const double* groups,
         int ngroups, const Hyper* hyper, StepState* state) {
     emu::launch(grid, block, [&] {
-        fusedopt_lamb_apply(p, m, v, average, tile_start, tile_segment, tile_group, ntiles,
-                            ratios, groups, ngroups, hyper, state);
+        fusedopt_lamb_apply(p, m, v, master, average, tile_start, tile_segment, tile_group,
+                            ntiles, ratios, groups, ngroups, hyper, state);
     });
 }
