@@ -27,9 +27,11 @@
 // and the average with EMA); a call that applies forms the accumulated mean of each
 // chunk into a scratch the update reads as its gradient, and updates the moving
 // average after the chunk's update, while the chunk is still in cache, from the params
-// (or master) just stored: what the model holds. Uniform float32/float64 storage takes
-// loops simple enough to vectorise; other storage (16-bit params, grads or state)
-// converts element by element, rounding where fused.cu rounds.
+// (or master) just stored: what the model holds. Every loop runs on the math type:
+// uniform float32/float64 storage on the buffers themselves, other storage (16-bit
+// params, grads or state, the float32 master) on math-type scratch that each chunk is
+// converted into and rounded back from where fused.cu rounds ("other storage" below),
+// so the conversions and the rule's loop vectorise alike.
 #pragma once
 #include "options.cuh"
 #include "storage.cuh"
