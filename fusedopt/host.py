@@ -217,12 +217,9 @@ def rule_source(rule, dtype, grad=None, state=None):
 def _load(rule, key):
     source = rule_source(rule, *key)
     name = f"fusedopt_{rule}_{_kernels.key_label(key).replace(':', '_')}"
+    # 16-bit storage runs the same math-type loops as uniform storage (kernels/host.cpp,
+    # "other storage"), so it builds with the same flags in about the same time.
     flags = default_flags(find_compiler()[2])
-    if len(set(key)) > 1 or key[0] not in ("float32", "float64"):
-        # 16-bit storage: GCC's deep unswitching of the loops with their conversions
-        # (and the master and stochastic variants) takes minutes to build instead of
-        # seconds; plain -O3 it is.
-        flags = tuple(f for f in flags if f not in GCC_FLAGS)
     try:
         path = compile_library(source, name, flags=flags + NATIVE_FLAGS)
     except HostBuildError:

@@ -28,9 +28,11 @@
 // and the average with EMA); a call that applies forms the accumulated mean of each
 // chunk into a scratch the update reads as its gradient, and updates the moving
 // average after the chunk's update, while the chunk is still in cache, from the params
-// (or master) just stored: what the model holds. Uniform float32/float64 storage takes
-// loops simple enough to vectorise; other storage (16-bit params, grads or state)
-// converts element by element, rounding where fused.cu rounds.
+// (or master) just stored: what the model holds. Every loop runs on the math type:
+// uniform float32/float64 storage on the buffers themselves, other storage (16-bit
+// params, grads or state, the float32 master) on math-type scratch that each chunk is
+// converted into and rounded back from where fused.cu rounds ("other storage" below),
+// so the conversions and the rule's loop vectorise alike.
 #pragma once
 #include "options.cuh"
 #include "storage.cuh"
@@ -222,60 +224,31 @@ struct NormInput {
     }
 };
 
-// The fused update of n contiguous elements: every element read once, written once.
-// `factor` is the norm-clip factor of every element, or, with Factors, of each one.
-// Master: p is read from and written to the float32 master copy, and stored into the
-// params rounded; Stochastic: that store rounds stochastically (element `first` + i).
-template <typename Rule, bool Factors, bool Master, bool Stochastic, typename T, typename P,
-          typename G, typename S>
-static void update_run(P* __restrict__ p, float* __restrict__ master, const G* __restrict__ g,
-                       S* __restrict__ s0, S* __restrict__ s1, S* __restrict__ s2,
-                       const T* __restrict__ factors, long long n, T factor, const Prologue<T> pro,
-                       const StepScalars<T> st, const FoRounding rounding, long long first) {
-    for (long long i = 0; i < n; ++i) {
-        T pi = Master ? (T)master[i] : (T)fo_load(p[i]);
-        T a = fo_load(s0[i]), b = fo_load(s1[i]), c = fo_load(s2[i]);
-        fused_element<Rule>(pi, (T)fo_load(g[i]), a, b, c, Factors ? factors[i] : factor, pro,
+// The fused update of n contiguous elements of the math type: every element read once,
+// written once. `factor` is the norm-clip factor of every element, or, with Factors, of
+// each one. Other storage runs this on its chunks' scratch (see "other storage").
+template <typename Rule, bool Factors, typename T>
+static void update_run(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ s0,
+                       T* __restrict__ s1, T* __restrict__ s2, const T* __restrict__ factors,
+                       long long n, T factor, const Prologue<T> pro, const StepScalars<T> st) {
+    for (long long i = 0; i < n; ++i)
+        fused_element<Rule>(p[i], g[i], s0[i], s1[i], s2[i], Factors ? factors[i] : factor, pro,
                             st);
-        if (Master) master[i] = (float)pi;
-        if (Stochastic) fo_store_param(p[i], pi, rounding, (fo_u64)(first + i));
-        else fo_store(p[i], pi);
-        fo_store(s0[i], a), fo_store(s1[i], b), fo_store(s2[i], c);
-    }
-}
-
-// update_run for a run's options (loop invariants, so each loop stays branch-free).
-template <typename Rule, bool Factors, typename T, typename P, typename G, typename S>
-static void update_dispatch(P* p, float* master, const G* g, S* s0, S* s1, S* s2,
-                            const T* factors, long long n, T factor, const Prologue<T>& pro,
-                            const StepScalars<T>& st, const FoRounding& rounding,
-                            long long first) {
-    if constexpr (sizeof(P) == 2) {
-        if (master) {
-            update_run<Rule, Factors, true, false>(p, master, g, s0, s1, s2, factors, n, factor,
-                                                   pro, st, rounding, first);
-            return;
-        }
-        if (rounding.stochastic) {
-            update_run<Rule, Factors, false, true>(p, master, g, s0, s1, s2, factors, n, factor,
-                                                   pro, st, rounding, first);
-            return;
-        }
-    }
-    update_run<Rule, Factors, false, false>(p, master, g, s0, s1, s2, factors, n, factor, pro,
-                                            st, rounding, first);
 }
 
 // Gradient accumulation's applying call: mean[i] = the chunk's accumulated mean, which
 // the update then reads as its gradient; the accumulator restarts.
-template <typename T, typename G, typename S>
-static void accumulated_mean_run(T* __restrict__ mean, const G* __restrict__ g,
-                                 S* __restrict__ acc, long long n, const OptionScalars<T> o) {
-    for (long long i = 0; i < n; ++i) {
-        T q = fo_load(acc[i]);
-        mean[i] = fo_accumulated_mean((T)fo_load(g[i]), q, o);
-        fo_store(acc[i], q);
-    }
+template <typename T>
+static void accumulated_mean_run(T* __restrict__ mean, const T* __restrict__ g,
+                                 T* __restrict__ acc, long long n, const OptionScalars<T> o) {
+    for (long long i = 0; i < n; ++i) mean[i] = fo_accumulated_mean(g[i], acc[i], o);
+}
+
+// One of gradient accumulation's calls that only add.
+template <typename T>
+static void accumulate_run(const T* __restrict__ g, T* __restrict__ acc, long long n,
+                           const OptionScalars<T> o) {
+    for (long long i = 0; i < n; ++i) fo_accumulate(g[i], acc[i], o);
 }
 
 // The moving average after the update of a chunk (Overwrite: the params take it).
@@ -299,40 +272,107 @@ static void accumulate_only(T* p, const T* g, T* avg, T* acc, long long n,
                             const OptionScalars<T>& o) {
     for (long long a = 0; a < n; a += FO_CHUNK) {
         const long long count = n - a < FO_CHUNK ? n - a : FO_CHUNK;
-        T* __restrict__ q = acc + a;
-        const T* __restrict__ x = g + a;
-        for (long long i = 0; i < count; ++i) fo_accumulate(x[i], q[i], o);
+        accumulate_run(g + a, acc + a, count, o);
         if (avg) moving_average_run(p + a, avg + a, count, o);
     }
 }
 
-// The options on other storage (16-bit params, grads or state), element by element.
-// The moving average of [0, n) after their update: of the master, or of the params as
-// stored (read back: the rounded value); an overwrite copies the stored average into
-// the master and the params, rounded as every param store (element `first` + i).
-template <typename T, typename P, typename S>
-static void moving_average_converting(P* __restrict__ p, float* __restrict__ master,
-                                      S* __restrict__ avg, long long n, long long first,
-                                      const FoRounding& rounding, const OptionScalars<T>& o) {
+// ------------------------------------------------------------------ other storage
+// 16-bit params, grads or state (and the float32 master copy) take the same loops as
+// uniform storage: each chunk of a 16-bit buffer is converted into math-type scratch
+// (loads are exact), the uniform loops run on the scratch, and the chunk is stored
+// back, rounded once where fused.cu rounds (storage.cuh: to nearest, or the params
+// stochastically from the same (seed, step, element index)). The same values in the
+// same operations: the same bits as element by element, but the conversions are
+// branch-free loops of their own that vectorise, and so do the rule's.
+
+// out[i] = in[i] in the math type (exact).
+template <typename S, typename T>
+static void load_run(T* __restrict__ out, const S* __restrict__ in, long long n) {
+    for (long long i = 0; i < n; ++i) out[i] = (T)fo_load(in[i]);
+}
+
+// out[i] <- in[i], rounded to nearest.
+template <typename S, typename T>
+static void store_run(S* __restrict__ out, const T* __restrict__ in, long long n) {
+    for (long long i = 0; i < n; ++i) fo_store(out[i], in[i]);
+}
+
+// The params' store of [0, n) (element `first` + i): rounded as fo_store_param rounds.
+template <typename P, typename T>
+static void store_param_run(P* out, const T* in, long long n, const FoRounding&, long long) {
+    store_run(out, in, n);
+}
+
+// bfloat16 params, stochastically: one random word per aligned group of four elements
+// (fo_random_word, as fo_dither), then the rounding itself, a vector loop.
+static void store_param_run(fo_bf16* __restrict__ out, const float* __restrict__ in,
+                            long long n, const FoRounding& r, long long first) {
+    if (!r.stochastic) {
+        store_run(out, in, n);
+        return;
+    }
+    const fo_u64 g0 = (fo_u64)first >> 2;
+    const long long groups = (long long)(((fo_u64)(first + n - 1) >> 2) - g0) + 1;
+    fo_u64 word[FO_CHUNK / 4 + 2];
+    for (long long k = 0; k < groups; ++k) word[k] = fo_random_word(r.seed, r.step, g0 + k);
     for (long long i = 0; i < n; ++i) {
-        T pi = master ? (T)master[i] : (T)fo_load(p[i]);
-        T e = fo_load(avg[i]);
-        fo_moving_average<S>(pi, e, o);
-        fo_store(avg[i], e);
-        if (!o.overwrite) continue;
-        if (master) master[i] = (float)pi;
-        fo_store_param(p[i], pi, rounding, (fo_u64)(first + i));
+        const fo_u64 index = (fo_u64)(first + i);
+        out[i].bits = fo_float_to_bf16_sr(in[i], fo_dither_of(word[(index >> 2) - g0], index));
     }
 }
 
-// A call that only accumulates, on other storage: acc <- acc + g*unscale, rounded once.
-template <typename T, typename G, typename S>
-static void accumulate_converting(const G* __restrict__ g, S* __restrict__ acc, long long n,
-                                  const OptionScalars<T>& o) {
-    for (long long i = 0; i < n; ++i) {
-        T q = fo_load(acc[i]);
-        fo_accumulate((T)fo_load(g[i]), q, o);
-        fo_store(acc[i], q);
+// Math-type views of one chunk of a buffer of storage S: the buffer itself when S is
+// the math type, else `scratch`, loaded from it (load) and stored back (store).
+template <typename T, typename S>
+static T* chunk_view(S* x, T* scratch, long long n) {
+    if constexpr (sizeof(S) == sizeof(T)) {
+        (void)scratch, (void)n;
+        return reinterpret_cast<T*>(x);
+    } else {
+        load_run(scratch, x, n);
+        return scratch;
+    }
+}
+
+template <typename T, typename S>
+static const T* chunk_view(const S* x, T* scratch, long long n) {
+    if constexpr (sizeof(S) == sizeof(T)) {
+        (void)scratch, (void)n;
+        return reinterpret_cast<const T*>(x);
+    } else {
+        load_run(scratch, x, n);
+        return scratch;
+    }
+}
+
+template <typename T, typename S>
+static void chunk_store(S* x, const T* view, long long n) {
+    if constexpr (sizeof(S) != sizeof(T)) store_run(x, view, n);
+}
+
+// The moving average of a chunk on other storage (n elements at flat position `first`)
+// after its update: of the master, or of the params as stored (read back: the rounded
+// value); an overwrite copies the stored average into the master and the params,
+// rounded as every param store.
+template <bool Overwrite, typename S, typename T>
+static void moving_average_stored_run(T* __restrict__ p, T* __restrict__ avg, long long n,
+                                      OptionScalars<T> o) {
+    o.overwrite = Overwrite;
+    for (long long i = 0; i < n; ++i) fo_moving_average<S>(p[i], avg[i], o);
+}
+
+template <typename T, typename P, typename S>
+static void moving_average_chunk(P* p, float* master, S* avg, long long n, long long first,
+                                 const FoRounding& rounding, const OptionScalars<T>& o,
+                                 T* p_scratch, T* avg_scratch) {
+    T* pv = master ? reinterpret_cast<T*>(master) : chunk_view<T>(p, p_scratch, n);
+    T* av = chunk_view<T>(avg, avg_scratch, n);
+    if (o.overwrite) moving_average_stored_run<true, S>(pv, av, n, o);
+    else moving_average_stored_run<false, S>(pv, av, n, o);
+    chunk_store(avg, av, n);  // exact: av holds the values as stored
+    if constexpr (sizeof(P) != sizeof(T)) {
+        if (o.overwrite) store_param_run(p, pv, n, rounding, first);
     }
 }
 
@@ -503,7 +543,9 @@ struct StepOptions {
 };
 
 // Thread t's update of its tiles, in chunks of at most FO_CHUNK elements that never
-// cross from one run of a segment group to the next.
+// cross from one run of a segment group to the next. Other storage than the math type
+// runs the same loops on math-type views of each chunk (chunk_view: the buffer itself
+// when it is of the math type).
 template <typename Rule, typename T, typename P, typename G, typename S>
 static void thread_update(int t, int n, P* p, float* master, const G* g, S* const s[3],
                           const HostPlan& plan, const GroupValues<T>& values,
@@ -514,22 +556,29 @@ static void thread_update(int t, int n, P* p, float* master, const G* g, S* cons
     if (begin >= end) return;
     constexpr bool uniform = sizeof(P) == sizeof(T) && sizeof(G) == sizeof(T) &&
                              sizeof(S) == sizeof(T);
+    constexpr long long CONVERT = uniform ? 1 : FO_CHUNK;  // the scratch other storage needs
+    T p_scratch[CONVERT], g_scratch[CONVERT], avg_scratch[CONVERT], acc_scratch[CONVERT];
     if (options.acc && !options.o.apply) {
         if constexpr (uniform) {  // P, G and S are T: the options' loops (see the top)
-            accumulate_only<T>(p + begin, g + begin, options.avg ? options.avg + begin : nullptr,
-                               options.acc + begin, end - begin, options.o);
+            accumulate_only<T>(reinterpret_cast<T*>(p) + begin,
+                               reinterpret_cast<const T*>(g) + begin,
+                               options.avg ? reinterpret_cast<T*>(options.avg) + begin : nullptr,
+                               reinterpret_cast<T*>(options.acc) + begin, end - begin, options.o);
         } else {
             for (long long a = begin, count; a < end; a += count) {
                 count = end - a < FO_CHUNK ? end - a : FO_CHUNK;
-                accumulate_converting<T>(g + a, options.acc + a, count, options.o);
+                T* q = chunk_view<T>(options.acc + a, acc_scratch, count);
+                accumulate_run<T>(chunk_view<T>(g + a, g_scratch, count), q, count, options.o);
+                chunk_store(options.acc + a, q, count);
                 if (options.avg)
-                    moving_average_converting<T>(p + a, master ? master + a : nullptr,
-                                                 options.avg + a, count, a, rounding, options.o);
+                    moving_average_chunk<T>(p + a, master ? master + a : nullptr,
+                                            options.avg + a, count, a, rounding, options.o,
+                                            p_scratch, avg_scratch);
             }
         }
         return;
     }
-    S scratch[3 * FO_CHUNK];
+    T scratch[3][FO_CHUNK];  // the slots' views: absent slots (zeros) or converted chunks
     T factors[FO_CHUNK];
     T mean[FO_CHUNK];  // the accumulated mean of a chunk, on the call that applies
     const T factor = plan.clip_mode == FO_CLIP_GLOBAL ? global_factor<T>(plan) : T(1);
@@ -542,43 +591,43 @@ static void thread_update(int t, int n, P* p, float* master, const G* g, S* cons
         count = stop - a < FO_CHUNK ? stop - a : FO_CHUNK;
         const Prologue<T>& pro = values.pro[plan.run_group[run]];
         const StepScalars<T>& st = values.st[plan.run_group[run]];
-        S* slot[3];
+        T* slot[3];
         for (int k = 0; k < 3; ++k) {
             if (s[k]) {
-                slot[k] = s[k] + a;
+                slot[k] = chunk_view<T>(s[k] + a, scratch[k], count);
             } else {
-                slot[k] = scratch + k * FO_CHUNK;
-                memset(slot[k], 0, sizeof(S) * count);  // +0 in every storage type
+                slot[k] = scratch[k];
+                memset(slot[k], 0, sizeof(T) * count);  // +0
             }
         }
-        float* m = master ? master + a : nullptr;
+        // The master copy is the params' math-type view (float32: 16-bit params only).
+        T* pv = master ? reinterpret_cast<T*>(master + a) : chunk_view<T>(p + a, p_scratch, count);
         // The segments' norms first: they read the accumulator the mean restarts.
         if (per_segment) segments.fill(a, count, factors);
-        // The gradients the update reads: g's, or the accumulated mean (math type).
-        auto update = [&](const auto* ga) {
-            if (per_segment) {
-                update_dispatch<Rule, true>(p + a, m, ga, slot[0], slot[1], slot[2], factors,
-                                            count, factor, pro, st, rounding, a);
-            } else {
-                update_dispatch<Rule, false>(p + a, m, ga, slot[0], slot[1], slot[2],
-                                             (const T*)nullptr, count, factor, pro, st,
-                                             rounding, a);
-            }
-        };
+        // The gradients the update reads: g's, or the accumulated mean.
+        const T* gv = chunk_view<T>(g + a, g_scratch, count);
         if (options.acc) {
-            accumulated_mean_run<T>(mean, g + a, options.acc + a, count, options.o);
-            update(static_cast<const T*>(mean));
+            T* q = chunk_view<T>(options.acc + a, acc_scratch, count);
+            accumulated_mean_run<T>(mean, gv, q, count, options.o);
+            chunk_store(options.acc + a, q, count);
+            gv = mean;
+        }
+        if (per_segment) {
+            update_run<Rule, true>(pv, gv, slot[0], slot[1], slot[2], factors, count, factor,
+                                   pro, st);
         } else {
-            update(g + a);
+            update_run<Rule, false>(pv, gv, slot[0], slot[1], slot[2], (const T*)nullptr,
+                                    count, factor, pro, st);
         }
-        if (options.avg) {
-            if constexpr (uniform) {
-                moving_average_run<T>(p + a, options.avg + a, count, options.o);
-            } else {
-                moving_average_converting<T>(p + a, m, options.avg + a, count, a, rounding,
-                                             options.o);
-            }
+        if constexpr (sizeof(P) != sizeof(T)) {  // round the params once
+            if (master) store_run(p + a, pv, count);  // to nearest from the master
+            else store_param_run(p + a, pv, count, rounding, a);
         }
+        for (int k = 0; k < 3; ++k)
+            if (s[k]) chunk_store(s[k] + a, slot[k], count);
+        if (options.avg)
+            moving_average_chunk<T>(p + a, master ? master + a : nullptr, options.avg + a, count,
+                                    a, rounding, options.o, p_scratch, avg_scratch);
     }
 }
 

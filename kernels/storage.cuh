@@ -299,4 +299,4 @@ FO_HD void fo_param_stored_run(T* x, const FoRounding& r, fo_u64 index) {
 #pragma unroll
     for (int k = 0; k < N; ++k) x[k] = fo_load(v.x[k]);
 }
-#endif  // __CUDACC__: the runs are the GPU kernels' (host.cpp loops element by element)
+#endif  // __CUDACC__: the runs are the GPU kernels' (host.cpp converts chunks in loops of its own)

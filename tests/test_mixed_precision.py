@@ -699,6 +699,51 @@ def test_accumulation_with_norm_clipping_on_16_bit_state(precision_case, clip, h
     run_three(case, precision_case, libraries, executors=("host", "emulated"), steps=9)
 
 
+# Big enough for the host's thread pool (kernels/host.cpp, FO_MIN_PARALLEL): each thread
+# count splits the buffer elsewhere, and segment groups (their own learning rates) start
+# runs at odd offsets, so the chunks 16-bit storage converts (host.cpp, "other storage")
+# start misaligned (stochastic rounding's groups of four straddle them) and end inside
+# segments, with odd lengths.
+THREAD_LAYOUT = [(70001,), (3,), (0,), (5003,), (1,), (30000,)]
+THREAD_MULTIPLIERS = [1.0, 0.5, 1.0, 2.0, 1.0, 0.25]
+
+
+@pytest.mark.parametrize("precision_case", PRECISIONS + [F16_CASE],
+                         ids=[p[0] for p in PRECISIONS + [F16_CASE]])
+def test_16_bit_host_steps_are_the_references_bits_for_every_thread_count(precision_case,
+                                                                           host_ok):
+    """The host build on 16-bit buffers with 1 to 3 threads, segment groups, use_ema with
+    overwrites and gradient accumulation: params and every slot bitwise the NumPy
+    reference's after every call."""
+    _, param, grad, options = precision_case
+    kwargs = {"learning_rate": 0.01, "weight_decay": 0.02, "use_ema": True,
+              "ema_overwrite_frequency": 2, "ema_momentum": 0.7,
+              "gradient_accumulation_steps": 2, **options}
+    init = random_params(THREAD_LAYOUT, np.float32, seed=41)
+    grads = random_grads(THREAD_LAYOUT, np.float32, seed=42, steps=6, scale=0.7)
+    runs = []
+    for executor, threads in (("numpy", None), ("host", 1), ("host", 2), ("host", 3)):
+        params = fusedopt.FlatBuffer.from_arrays(init, dtype=dtype_of(param))
+        opt = fusedopt.Adam(executor=executor, num_threads=threads, **kwargs)
+        opt.set_segment_attributes(lr_multipliers=THREAD_MULTIPLIERS)
+        runs.append((opt, params, threads))
+    for step, g in enumerate(grads):
+        g = fusedopt.FlatBuffer.from_arrays(g, dtype=dtype_of(grad)).data
+        for opt, params, _ in runs:
+            opt.apply(g, params)
+        ref, ref_params, _ = runs[0]
+        for opt, params, threads in runs[1:]:
+            what = f"{threads} threads, call {step}"
+            assert opt.executor_name == "host"
+            assert opt._plan.threads_used == threads, what
+            np.testing.assert_array_equal(bits(params.data), bits(ref_params.data),
+                                          err_msg=f"params, {what}")
+            for name in ref.slot_names:
+                np.testing.assert_array_equal(bits(opt.slots()[name]), bits(ref.slots()[name]),
+                                              err_msg=f"{name}, {what}")
+    assert ref.iterations == 3
+
+
 def test_unaligned_16_bit_buffers_take_the_scalar_path_with_the_same_bits(libraries):
     """One element in, no buffer shares the others' alignment: every element takes the
     scalar path of fused.cu, and gives the vector path's bits."""

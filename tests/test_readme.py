@@ -321,3 +321,33 @@ def test_readme_adafactor_and_muon_figures_are_the_record():
                 assert value.strip() == f"{expected:.1f}", (label, impl, n)
                 checked += 1
     assert checked == 8, checked
+
+
+def test_readme_mixed_precision_cpu_figures_are_the_record():
+    """The CPU figures of the mixed-precision paragraph ("Bytes per element") are the
+    medians of the record it links: Adam in float32, the range over the 16-bit
+    configurations (bench.PRECISIONS) and torch's fused bfloat16 Adam, at 2²⁰ / 2²²."""
+    from fusedopt import bench
+
+    section = README.split("**Bytes per element**")[1].split("\n## ")[0]
+    text = " ".join(section.split())
+    record_path = re.search(r"\]\((bench/results/[^)]+)\.md\)", text).group(1)
+    record = json.loads((ROOT / f"{record_path}.json").read_text())
+    medians = {(r["optimizer"], r["impl"], r["dtype"], r["n"]): r["median_ms"]
+               for r in record["rows"] if r["layout"] == "flat" and r["clip"] is None}
+    figures = re.search(r"Adam on 2²⁰ / 2²² elements took ([\d.]+) / ([\d.]+) ms in float32 "
+                        r"and ([\d.]+) to ([\d.]+) / ([\d.]+) to ([\d.]+) ms in the 16-bit "
+                        r"configurations, against ([\d.]+) / ([\d.]+) ms for torch's fused "
+                        r"bfloat16 Adam", text)
+    assert figures, text
+    f32, f32_big, low, high, low_big, high_big, peer, peer_big = figures.groups()
+    for n, (a, lo, hi, t) in ((2 ** 20, (f32, low, high, peer)),
+                              (2 ** 22, (f32_big, low_big, high_big, peer_big))):
+        sixteen = [medians[("adam", "fusedopt", label, n)] for label in bench.PRECISIONS]
+        assert a == f"{medians[('adam', 'fusedopt', 'float32', n)]:.1f}", n
+        assert (lo, hi) == (f"{min(sixteen):.1f}", f"{max(sixteen):.1f}"), n
+        assert t == f"{medians[('adam', 'torch-fused', 'bf16-state', n)]:.1f}", n
+    state = re.search(r"bfloat16 state with float32 params \(([\d.]+) / ([\d.]+) ms\)", text)
+    assert state, text
+    for n, value in zip((2 ** 20, 2 ** 22), state.groups()):
+        assert value == f"{medians[('adam', 'fusedopt', 'f32-bf16state', n)]:.1f}", n
