@@ -376,6 +376,32 @@ static void moving_average_chunk(P* p, float* master, S* avg, long long n, long 
     }
 }
 
+// The same over [0, n) (flat position `first` on), chunk by chunk, for a caller with
+// no chunks of its own (kernels/whole_host.cpp's Lamb on other storage).
+template <typename T, typename P, typename S>
+static void moving_average_converted(P* p, float* master, S* avg, long long n, long long first,
+                                     const FoRounding& rounding, const OptionScalars<T>& o) {
+    T p_scratch[FO_CHUNK], avg_scratch[FO_CHUNK];
+    for (long long a = 0, count; a < n; a += count) {
+        count = n - a < FO_CHUNK ? n - a : FO_CHUNK;
+        moving_average_chunk<T>(p + a, master ? master + a : nullptr, avg + a, count, first + a,
+                                rounding, o, p_scratch, avg_scratch);
+    }
+}
+
+// A call that only accumulates, on other storage: acc <- acc + g*unscale over [0, n),
+// on math-type views of each chunk, the accumulator rounded once.
+template <typename T, typename G, typename S>
+static void accumulate_converted(const G* g, S* acc, long long n, const OptionScalars<T>& o) {
+    T g_scratch[FO_CHUNK], acc_scratch[FO_CHUNK];
+    for (long long a = 0, count; a < n; a += count) {
+        count = n - a < FO_CHUNK ? n - a : FO_CHUNK;
+        T* q = chunk_view<T>(acc + a, acc_scratch, count);
+        accumulate_run<T>(chunk_view<T>(g + a, g_scratch, count), q, count, o);
+        chunk_store(acc + a, q, count);
+    }
+}
+
 // ------------------------------------------------------------------ the step
 // What a step needs besides the buffers, the hyperparameters and the counters; built
 // once per layout and clip mode by fusedopt/host.py (HostPlan), which mirrors it as a

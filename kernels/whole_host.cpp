@@ -74,8 +74,8 @@ struct Options {
         if constexpr (in_place && sizeof(P) == sizeof(T)) {
             average(p, b, e);
         } else {
-            moving_average_converting<T>(p + b, master ? master + b : nullptr, avg + b, e - b, b,
-                                         r, o);
+            moving_average_converted<T>(p + b, master ? master + b : nullptr, avg + b, e - b, b,
+                                        r, o);
         }
     }
 
@@ -185,7 +185,7 @@ static void accumulate_phase(const HostPlan& pl, P* p, float* master, const G* g
         accumulate_only<T>(p + b, g + b, opts.avg ? opts.avg + b : nullptr, opts.acc + b,
                            e - b, opts.o);
     } else {
-        accumulate_converting<T>(g + b, opts.acc + b, e - b, opts.o);
+        accumulate_converted<T>(g + b, opts.acc + b, e - b, opts.o);
         opts.average(p, master, rounding, b, e);
     }
 }
