@@ -187,6 +187,28 @@ __device__ __forceinline__ void tile_split(long long begin, long long end, long 
     }
 }
 
+// Gradient accumulation's calls that only add, over every tile: accumulate_run V
+// elements at a time from `first` (common_boundary) on, one at a time around that.
+// Also the first kernel of Lamb's, Adafactor's and Muon's (whole.cuh, whole_accumulate).
+template <int V, typename T, typename P, typename G, typename S>
+__device__ __forceinline__ void accumulate_tiles(P* p, float* master, const G* g, S* avg,
+                                                 S* acc, const long long* tile_start,
+                                                 long long ntiles, long long first,
+                                                 const FoRounding& rounding,
+                                                 const OptionScalars<T>& o) {
+    for (long long k = blockIdx.x; k < ntiles; k += gridDim.x) {
+        const long long begin = tile_start[k], end = tile_start[k + 1];
+        long long head, body_end;
+        tile_split<V>(begin, end, first, &head, &body_end);
+        for (long long i = begin + threadIdx.x; i < head; i += blockDim.x)
+            accumulate_run<1>(i, p, master, g, avg, acc, rounding, o);
+        for (long long i = head + V * threadIdx.x; i < body_end; i += V * blockDim.x)
+            accumulate_run<V>(i, p, master, g, avg, acc, rounding, o);
+        for (long long i = body_end + threadIdx.x; i < end; i += blockDim.x)
+            accumulate_run<1>(i, p, master, g, avg, acc, rounding, o);
+    }
+}
+
 // `groups` holds [multiplier, decay (1 or 0)] per segment group, `tile_group` each
 // tile's group (fusedopt/segments.py); ngroups <= FO_MAX_GROUPS <= FO_BLOCK.
 template <typename Rule, typename T, typename P, typename G, typename S>
@@ -227,17 +249,8 @@ __device__ __forceinline__ void fused_step(
     const OptionScalars<T> options = shared_options;
     const long long first = common_boundary<V>(p, master, g, s0, s1, s2, avg, acc);
     if (acc && !options.apply) {  // gradient accumulation: this call only adds
-        for (long long k = blockIdx.x; k < ntiles; k += gridDim.x) {
-            const long long begin = tile_start[k], end = tile_start[k + 1];
-            long long head, body_end;
-            tile_split<V>(begin, end, first, &head, &body_end);
-            for (long long i = begin + threadIdx.x; i < head; i += blockDim.x)
-                accumulate_run<1>(i, p, master, g, avg, acc, rounding, options);
-            for (long long i = head + V * threadIdx.x; i < body_end; i += V * blockDim.x)
-                accumulate_run<V>(i, p, master, g, avg, acc, rounding, options);
-            for (long long i = body_end + threadIdx.x; i < end; i += blockDim.x)
-                accumulate_run<1>(i, p, master, g, avg, acc, rounding, options);
-        }
+        accumulate_tiles<V>(p, master, g, avg, acc, tile_start, ntiles, first, rounding,
+                            options);
         return;
     }
     for (long long k = blockIdx.x; k < ntiles; k += gridDim.x) {

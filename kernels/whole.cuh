@@ -95,7 +95,7 @@ __device__ __forceinline__ bool whole_group_values(StepScalars<T>* st, Prologue<
 }
 
 // Gradient accumulation's calls that only add (no clip, no rule): fused.cu's
-// accumulate_run over every tile, 16 bytes at a time where the buffers allow, with
+// accumulate_tiles, 16 bytes at a time where the buffers allow, with
 // use_ema the moving average too (of the master when there is one, else of the params
 // as stored; p and the master written only when the average overwrites them).
 template <typename T, typename P, typename G, typename S>
@@ -106,17 +106,7 @@ __device__ __forceinline__ void whole_accumulate(P* p, float* master, const G* g
     constexpr int V = 16 / sizeof(T);
     const long long first = common_boundary<V>(p, master, g, (const S*)nullptr,
                                                (const S*)nullptr, (const S*)nullptr, avg, acc);
-    for (long long k = blockIdx.x; k < ntiles; k += gridDim.x) {
-        const long long begin = tile_start[k], end = tile_start[k + 1];
-        long long head, body_end;
-        tile_split<V>(begin, end, first, &head, &body_end);
-        for (long long i = begin + threadIdx.x; i < head; i += blockDim.x)
-            accumulate_run<1>(i, p, master, g, avg, acc, rounding, o);
-        for (long long i = head + V * threadIdx.x; i < body_end; i += V * blockDim.x)
-            accumulate_run<V>(i, p, master, g, avg, acc, rounding, o);
-        for (long long i = body_end + threadIdx.x; i < end; i += blockDim.x)
-            accumulate_run<1>(i, p, master, g, avg, acc, rounding, o);
-    }
+    accumulate_tiles<V>(p, master, g, avg, acc, tile_start, ntiles, first, rounding, o);
 }
 
 // The gradient element i the rule's first pass reads: g's, or on gradient
