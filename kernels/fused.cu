@@ -236,9 +236,7 @@ __device__ __forceinline__ void fused_step(
             shared_options = fo_options<T>(phase);
             // skip_nonfinite: the gradients are not finite (or the loss scale is 0)
             shared_skip = state->skip != 0 || phase.underflow;
-            shared_rounding.stochastic = hyper->stochastic_rounding != 0;
-            shared_rounding.seed = hyper->seed;
-            shared_rounding.step = (fo_u64)state->iterations;
+            shared_rounding = fo_rounding(*hyper, *state);
         }
     }
     __syncthreads();

@@ -744,10 +744,7 @@ static int host_step(P* p, const G* g, S* s0, S* s1, S* s2, float* master, S* av
                                      options.o.steps};
     plan->clipnorm = h->clipnorm;
     S* const slots[3] = {s0, s1, s2};
-    FoRounding rounding;
-    rounding.stochastic = h->stochastic_rounding != 0;
-    rounding.seed = h->seed;
-    rounding.step = (fo_u64)state->iterations;
+    const FoRounding rounding = fo_rounding(*h, *state);
     std::atomic<int> any_nonfinite(0);
     const long long size = plan->tile_start[plan->ntiles];
     long long n = plan->num_threads;

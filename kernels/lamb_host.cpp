@@ -160,7 +160,7 @@ static int step(P* p, const G* g, S* m, S* v, float* master, S* average, S* accu
             const Options<T, S>& opts, std::atomic<int>* any_nonfinite) {
         std::vector<double> sums(2 * plan->nsums + 2);
         std::vector<T> factors(plan->nsegments + 1, T(1)), ratios(plan->nsegments + 1, T(1));
-        const FoRounding rounding = whole_rounding(*h, *state);
+        const FoRounding rounding = fo_rounding(*h, *state);  // options.cuh
         const Step<T, P, G, S> work = {p, g, m, v, master, plan, &groups, sums.data(),
                                        factors.data(), ratios.data(), any_nonfinite, opts,
                                        rounding};

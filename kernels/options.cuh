@@ -20,6 +20,16 @@
 #include "step.cuh"
 #include "storage.cuh"
 
+// The params' rounding of a step (storage.cuh): to nearest, or stochastically from the
+// seed and the step's count before it. Every executor's step takes it from here.
+FO_HD FoRounding fo_rounding(const Hyper& h, const StepState& s) {
+    FoRounding r;
+    r.stochastic = h.stochastic_rounding != 0;
+    r.seed = h.seed;
+    r.step = (fo_u64)s.iterations;
+    return r;
+}
+
 // One call's options in the math type, rounded once (as NumPy casts its scalars).
 template <typename T>
 struct OptionScalars {

@@ -83,11 +83,7 @@ __device__ __forceinline__ bool whole_group_values(StepScalars<T>* st, Prologue<
             *values = v;
             *options = fo_options<T>(phase);
             skip = state->skip != 0 || phase.underflow;
-            if (rounding) {
-                rounding->stochastic = hyper->stochastic_rounding != 0;
-                rounding->seed = hyper->seed;
-                rounding->step = (fo_u64)state->iterations;
-            }
+            if (rounding) *rounding = fo_rounding(*hyper, *state);
         }
     }
     __syncthreads();

@@ -190,16 +190,6 @@ static void accumulate_phase(const HostPlan& pl, P* p, float* master, const G* g
     }
 }
 
-// The params' rounding of a step (fused_step's, host_step's): to nearest, or
-// stochastically from the seed and the step's count before it.
-static FoRounding whole_rounding(const Hyper& h, const StepState& state) {
-    FoRounding r;
-    r.stochastic = h.stochastic_rounding != 0;
-    r.seed = h.seed;
-    r.step = (fo_u64)state.iterations;
-    return r;
-}
-
 // The threads a step over `plan`'s per-segment tiles runs on (host_step's rule).
 static int threads_for(HostPlan* plan) {
     long long n = plan->num_threads;
@@ -230,7 +220,7 @@ static void run_threads(int n, const Job& job) {
 // was skipped (then no buffer was written) or only accumulated.
 // P, G, S: the params', grads' and state's storage (the options' slots are state);
 // `master`: 16-bit params' float32 master copy, or null; `rounding` the step's param
-// rounding (whole_rounding), for the average's overwrite on a call that only adds.
+// rounding (options.cuh, fo_rounding), for the average's overwrite on a call that only adds.
 template <typename Rule, typename T, typename P, typename G, typename S, typename Run>
 static int whole_step(P* p, const G* g, S* average, S* accumulator, HostPlan* plan,
                       const Hyper* block, StepState* state, const Run& run,
@@ -241,7 +231,7 @@ static int whole_step(P* p, const G* g, S* average, S* accumulator, HostPlan* pl
     const StepValues& values = start.values;
     const GroupValues<T>& groups = start.groups;
     const Options<T, S> opts = {average, accumulator, fo_options<T>(start.phase)};
-    const FoRounding rounding = whole_rounding(*h, *state);
+    const FoRounding rounding = fo_rounding(*h, *state);  // options.cuh
     plan->clipnorm = h->clipnorm;
     std::atomic<int> any_nonfinite(0);
     if (opts.adds_only()) {
